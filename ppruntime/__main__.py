@@ -1,0 +1,3 @@
+from ppruntime.cli import main
+
+raise SystemExit(main())

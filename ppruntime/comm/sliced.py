@@ -1,0 +1,98 @@
+"""Large payloads cut into slices so they never block the pipeline (DESIGN §2.4).
+
+An object is pickled with protocol 5; its large buffers (numpy arrays: logits,
+log-probs) travel out-of-band. Buffers over `slice_bytes` (2 MiB by default) are
+cut into slices, and the slices for every destination are issued round-robin as
+one batch of non-blocking sends: no single transfer holds a link or MPI's progress
+engine for long, so small activation and sample-state messages pass in between.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from mpi4py import MPI
+
+from ppruntime.comm.waiting import WaitTracker, recv_object, wait_all
+
+DEFAULT_SLICE_BYTES = 2 * 1024 * 1024
+
+
+@dataclass
+class SendHandles:
+    """Requests of one sliced send and the buffers they read from."""
+
+    requests: list[MPI.Request] = field(default_factory=list)
+    keep_alive: list[object] = field(default_factory=list)
+
+    def test(self) -> bool:
+        self.requests = [r for r in self.requests if not r.Test()]
+        if not self.requests:
+            self.keep_alive.clear()
+        return not self.requests
+
+
+def _slice_bounds(size: int, slice_bytes: int) -> list[tuple[int, int]]:
+    if size == 0:
+        return []
+    return [(start, min(start + slice_bytes, size)) for start in range(0, size, slice_bytes)]
+
+
+def _round_robin(per_queue: list[list[tuple[int, int]]]) -> list[tuple[int, int, int]]:
+    """(queue index, start, end) taking one slice from each queue in turn."""
+    order = []
+    depth = max((len(q) for q in per_queue), default=0)
+    for level in range(depth):
+        for index, queue in enumerate(per_queue):
+            if level < len(queue):
+                order.append((index, *queue[level]))
+    return order
+
+
+def isend_object_sliced(
+    comm: MPI.Comm,
+    obj: object,
+    dests: Sequence[int],
+    meta_tag: int,
+    slice_tag: int,
+    slice_bytes: int = DEFAULT_SLICE_BYTES,
+) -> SendHandles:
+    """Start sending `obj` to every rank in `dests`; wait on the handles later."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [np.frombuffer(buffer.raw(), dtype=np.uint8) for buffer in buffers]
+    meta = (data, [raw.shape[0] for raw in raws])
+    handles = SendHandles(keep_alive=[buffers, raws])
+    for dest in dests:
+        handles.requests.append(comm.isend(meta, dest, meta_tag))
+    queues = [(dest, raw) for dest in dests for raw in raws]
+    bounds = [_slice_bounds(raw.shape[0], slice_bytes) for _, raw in queues]
+    for index, start, end in _round_robin(bounds):
+        dest, raw = queues[index]
+        handles.requests.append(comm.Isend([raw[start:end], MPI.BYTE], dest, slice_tag))
+    return handles
+
+
+def recv_object_sliced(
+    comm: MPI.Comm,
+    source: int,
+    meta_tag: int,
+    slice_tag: int,
+    what: str,
+    slice_bytes: int = DEFAULT_SLICE_BYTES,
+    tracker: WaitTracker | None = None,
+    should_stop=None,
+) -> object:
+    """Receive an object sent by `isend_object_sliced` (same slice size)."""
+    data, sizes = recv_object(comm, source, meta_tag, what, tracker, should_stop)
+    targets = [np.empty(size, dtype=np.uint8) for size in sizes]
+    bounds = [_slice_bounds(size, slice_bytes) for size in sizes]
+    requests = [
+        comm.Irecv([targets[index][start:end], MPI.BYTE], source, slice_tag)
+        for index, start, end in _round_robin(bounds)
+    ]
+    wait_all(requests, what, tracker, should_stop)
+    return pickle.loads(data, buffers=targets)

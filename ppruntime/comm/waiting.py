@@ -1,0 +1,190 @@
+"""Waiting on MPI without spinning.
+
+Open MPI's blocking calls poll the network at full speed, which steals one of the
+two cores from the rank doing the real work. Every wait in ppruntime therefore
+tests its request and sleeps with exponential backoff in between: the GIL is
+released while sleeping, and each poll also drives MPI's progress engine for the
+other messages of this process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from mpi4py import MPI
+from mpi4py.util import pkl5
+
+_FIRST_SLEEP_S = 20e-6
+_MAX_SLEEP_S = float(os.environ.get("PPRUNTIME_POLL_MAX_US", "500")) * 1e-6
+
+
+class WaitAborted(RuntimeError):
+    """The wait was given up because its stop condition became true."""
+
+
+class Backoff:
+    """Sleep durations that double from 20 us up to a cap (500 us by default)."""
+
+    __slots__ = ("_next", "_max")
+
+    def __init__(self, max_sleep_s: float = _MAX_SLEEP_S) -> None:
+        self._max = max_sleep_s
+        self._next = 0.0
+
+    def reset(self) -> None:
+        self._next = 0.0
+
+    def sleep(self) -> None:
+        if self._next == 0.0:
+            time.sleep(0)  # first miss: just yield the GIL and the core
+            self._next = _FIRST_SLEEP_S
+            return
+        time.sleep(self._next)
+        self._next = min(self._next * 2.0, self._max)
+
+
+class WaitTracker:
+    """Tells the watchdog what this thread is waiting for, and since when."""
+
+    __slots__ = ("waiting_for", "since", "progress_at")
+
+    def __init__(self) -> None:
+        self.waiting_for: str | None = None
+        self.since = time.monotonic()
+        self.progress_at = time.monotonic()
+
+    def begin(self, what: str) -> None:
+        self.waiting_for = what
+        self.since = time.monotonic()
+
+    def end(self) -> None:
+        self.waiting_for = None
+        self.progress_at = time.monotonic()
+
+
+def wait_request(
+    request: MPI.Request | pkl5.Request,
+    what: str,
+    tracker: WaitTracker | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> None:
+    """Wait for one request to complete, polling with backoff."""
+    if request.Test():
+        return
+    _poll(request.Test, what, tracker, should_stop)
+
+
+def wait_all(
+    requests: Sequence[MPI.Request | pkl5.Request],
+    what: str,
+    tracker: WaitTracker | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> None:
+    """Wait until every request in `requests` has completed."""
+    pending = [r for r in requests if not r.Test()]
+    if not pending:
+        return
+
+    def all_done() -> bool:
+        pending[:] = [r for r in pending if not r.Test()]
+        return not pending
+
+    _poll(all_done, what, tracker, should_stop)
+
+
+def wait_message(
+    comm: pkl5.Intracomm,
+    source: int,
+    tag: int,
+    what: str,
+    tracker: WaitTracker | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> pkl5.Message:
+    """Wait until a message from `source` with `tag` is matched; return it."""
+    matched: list[pkl5.Message] = []
+
+    def probe() -> bool:
+        message = comm.improbe(source, tag)
+        if message is None:
+            return False
+        matched.append(message)
+        return True
+
+    if not probe():
+        _poll(probe, what, tracker, should_stop)
+    return matched[0]
+
+
+def recv_object(
+    comm: pkl5.Intracomm,
+    source: int,
+    tag: int,
+    what: str,
+    tracker: WaitTracker | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> object:
+    """Receive one pickled object (out-of-band buffers included) without spinning."""
+    return wait_message(comm, source, tag, what, tracker, should_stop).recv()
+
+
+def _poll(
+    done: Callable[[], bool],
+    what: str,
+    tracker: WaitTracker | None,
+    should_stop: Callable[[], bool] | None,
+) -> None:
+    if tracker is not None:
+        tracker.begin(what)
+    backoff = Backoff()
+    try:
+        while not done():
+            if should_stop is not None and should_stop():
+                raise WaitAborted(f"stopped while waiting for {what}")
+            backoff.sleep()
+    finally:
+        if tracker is not None:
+            tracker.end()
+
+
+def wait_raw_message(
+    comm: MPI.Comm,
+    source: int,
+    tag: int,
+    what: str,
+    out: np.ndarray | None = None,
+    dtype: np.dtype | type = np.int32,
+    tracker: WaitTracker | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Receive one raw (unpickled) message without spinning.
+
+    With `out`, the message lands in a prefix of that preallocated buffer (a view
+    is returned); without it, a new array of the message's size is returned.
+    """
+    status = MPI.Status()
+    matched: list[MPI.Message] = []
+
+    def probe() -> bool:
+        message = comm.Improbe(source, tag, status)
+        if message is None:
+            return False
+        matched.append(message)
+        return True
+
+    if not probe():
+        _poll(probe, what, tracker, should_stop)
+    buffer_dtype = np.dtype(dtype if out is None else out.dtype)
+    count = status.Get_count(MPI.BYTE) // buffer_dtype.itemsize
+    if out is None:
+        target = np.empty(count, dtype=buffer_dtype)
+    else:
+        if count > out.shape[0]:
+            raise RuntimeError(
+                f"{what}: message of {count} elements does not fit the {out.shape[0]}-element buffer"
+            )
+        target = out[:count]
+    matched[0].Recv([target, MPI.BYTE])
+    return target

@@ -1,0 +1,132 @@
+"""One config object for the parallel layout, one for the engine.
+
+Both validate at construction; every message says what to change.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+MIN_ASYNC_MICROBATCHES = 4
+"""Floor on microbatch slots in async mode (like TensorRT-LLM's
+MIN_ASYNC_MICRO_BATCH_NUM): slots only hold send handles, requests bound what is
+in flight, so more slots than stages never hurt and keep rank 0 from waiting on a
+slot whose sends are still draining."""
+
+DEFAULT_WATCHDOG_TIMEOUT_S = 300.0
+
+
+class ConfigError(ValueError):
+    """An engine or parallel-layout setting is invalid."""
+
+
+def env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is laid out over MPI ranks.
+
+    pp_size: number of pipeline stages = MPI ranks.
+    layer_partition: decoder layers per stage, e.g. (3, 5, 5, 3); None = balanced.
+    deterministic: no relay thread; each batch is handled in a fixed iteration and
+        num_microbatches = pp_size (PPRUNTIME_DETERMINISTIC=1 sets it too).
+    num_microbatches: microbatch slots; None = pp_size (deterministic) or
+        max(pp_size, MIN_ASYNC_MICROBATCHES) (async).
+    """
+
+    pp_size: int = 1
+    layer_partition: tuple[int, ...] | None = None
+    deterministic: bool = False
+    num_microbatches: int | None = None
+    watchdog_timeout_s: float = DEFAULT_WATCHDOG_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pp_size, bool) or not isinstance(self.pp_size, int) or self.pp_size < 1:
+            raise ConfigError(f"pp_size must be a positive integer, got {self.pp_size!r}")
+        if self.layer_partition is not None:
+            partition = tuple(self.layer_partition)
+            object.__setattr__(self, "layer_partition", partition)
+            if len(partition) != self.pp_size:
+                raise ConfigError(
+                    f"layer_partition {','.join(map(str, partition))} has {len(partition)} "
+                    f"stages but pp_size is {self.pp_size}; give one layer count per stage"
+                )
+        if self.num_microbatches is not None:
+            if self.num_microbatches < self.pp_size:
+                raise ConfigError(
+                    f"num_microbatches={self.num_microbatches} is less than pp_size="
+                    f"{self.pp_size}; use at least {self.pp_size} so every stage can be busy"
+                )
+            if self.deterministic and self.num_microbatches != self.pp_size:
+                raise ConfigError(
+                    f"deterministic mode uses exactly pp_size={self.pp_size} microbatches; "
+                    f"drop num_microbatches={self.num_microbatches} or turn deterministic off"
+                )
+        if not self.watchdog_timeout_s > 0:
+            raise ConfigError(
+                f"watchdog_timeout_s must be positive, got {self.watchdog_timeout_s!r}"
+            )
+
+    @property
+    def microbatch_slots(self) -> int:
+        if self.num_microbatches is not None:
+            return self.num_microbatches
+        if self.deterministic:
+            return self.pp_size
+        return max(self.pp_size, MIN_ASYNC_MICROBATCHES)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What to run and how much of it at once.
+
+    model: checkpoint directory or preset name ("tiny", "bench-small", "null").
+    max_batch_size: most sequences in one microbatch.
+    max_num_tokens: token budget of one microbatch (prefill chunks + decode tokens).
+    kv_cache_blocks: KV blocks per rank; None = from kv_cache_memory_mb. The blocks
+        actually used are the minimum over all ranks.
+    """
+
+    model: str = "tiny"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    dtype: str = "auto"
+    device: str | None = None
+    max_batch_size: int = 64
+    max_num_tokens: int = 1024
+    block_size: int = 16
+    kv_cache_blocks: int | None = None
+    kv_cache_memory_mb: int = 512
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_num_tokens", "block_size", "kv_cache_memory_mb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_num_tokens < self.max_batch_size:
+            raise ConfigError(
+                f"max_num_tokens={self.max_num_tokens} is smaller than max_batch_size="
+                f"{self.max_batch_size}; every sequence of a full batch needs one token: "
+                f"raise max_num_tokens to at least {self.max_batch_size}"
+            )
+        if self.kv_cache_blocks is not None and (
+            isinstance(self.kv_cache_blocks, bool)
+            or not isinstance(self.kv_cache_blocks, int)
+            or self.kv_cache_blocks < 1
+        ):
+            raise ConfigError(
+                f"kv_cache_blocks must be a positive integer, got {self.kv_cache_blocks!r}"
+            )
+        if self.max_model_len is not None and (
+            not isinstance(self.max_model_len, int) or self.max_model_len < 2
+        ):
+            raise ConfigError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")

@@ -1,0 +1,1 @@
+"""Request-level engine pieces: parameters, validation, detokenizing, stop strings."""

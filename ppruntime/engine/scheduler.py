@@ -1,0 +1,195 @@
+"""Rank 0's scheduler: continuous batching, chunked prefill, FCFS, preemption.
+
+Pure Python + numpy (no torch, no MPI). It decides one microbatch at a time from
+the sequences that are not in flight, touching the running sequences only through
+array operations. The decision (`ScheduledBatch`: slots, token counts, block ids,
+admissions, preemptions) is what travels to the other ranks, which apply it with
+`apply_schedule` exactly as rank 0 does.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from ppruntime.engine.seq_table import SeqInfo, SequenceTable
+
+_EMPTY_I32 = np.zeros(0, dtype=np.int32)
+_EMPTY_I64 = np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class ScheduledBatch:
+    """One microbatch as decided by rank 0."""
+
+    batch_id: int
+    slots: np.ndarray  # [B] int32
+    num_new: np.ndarray  # [B] int32: tokens computed for each sequence
+    starts: np.ndarray  # [B] int32: position of each sequence's first new token
+    sample_mask: np.ndarray  # [B] bool: the chunk reaches the end -> sample a token
+    block_counts: np.ndarray  # [B] int32: new blocks per sequence
+    block_ids: np.ndarray  # [sum(block_counts)] int32, in batch order
+    admit_seq_ids: np.ndarray  # [A] int64: sequences entering the table...
+    admit_slots: np.ndarray  # [A] int32: ...into these slots (before the batch starts)
+    preempt_slots: np.ndarray  # [Pm] int32: blocks freed before the batch starts
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.slots.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.num_new.sum())
+
+
+def apply_schedule(
+    table: SequenceTable, batch: ScheduledBatch, pending: dict[int, SeqInfo]
+) -> None:
+    """Replay rank 0's decision on another rank (same order as rank 0 made it)."""
+    if batch.preempt_slots.shape[0]:
+        table.preempt(batch.preempt_slots)
+    for seq_id, slot in zip(batch.admit_seq_ids.tolist(), batch.admit_slots.tolist()):
+        table.admit(pending.pop(seq_id), slot)
+    if batch.block_ids.shape[0]:
+        table.blocks.take(batch.block_ids)
+    _start(table, batch)
+
+
+def _start(table: SequenceTable, batch: ScheduledBatch) -> None:
+    table.append_blocks(batch.slots, batch.block_counts, batch.block_ids)
+    table.start_batch(batch.slots, batch.starts, batch.num_new)
+
+
+class Scheduler:
+    """Chooses the next microbatch on rank 0.
+
+    max_batch_size / max_num_tokens bound one microbatch. With pp_size stages a
+    microbatch takes at most ceil(unfinished / pp_size) sequences, so the requests
+    spread over pp_size microbatches and every stage has work.
+    """
+
+    def __init__(
+        self, table: SequenceTable, max_batch_size: int, max_num_tokens: int, pp_size: int
+    ) -> None:
+        self.table = table
+        self.blocks = table.blocks
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max_num_tokens
+        self.pp_size = pp_size
+        self.waiting: deque[SeqInfo] = deque()
+        self._next_batch_id = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + self.table.num_active
+
+    def add(self, info: SeqInfo) -> None:
+        self.waiting.append(info)
+
+    def remove_waiting(self, info: SeqInfo) -> bool:
+        try:
+            self.waiting.remove(info)
+        except ValueError:
+            return False
+        return True
+
+    def schedule(self) -> ScheduledBatch | None:
+        """Decide the next microbatch and apply it to rank 0's table."""
+        table = self.table
+        cap = min(self.max_batch_size, max(1, -(-self.num_unfinished // self.pp_size)))
+        slots, num_new = self._pick_running(cap)
+        counts = table.blocks_needed(slots, num_new)
+        preempted: list[int] = []
+        while int(counts.sum()) > self.blocks.num_free_blocks:
+            victim = self._pick_victim(exclude=slots)
+            if victim is not None:
+                table.preempt(np.array([victim], dtype=np.int32))
+                preempted.append(victim)
+                continue
+            # nothing left to preempt: schedule fewer sequences this time
+            slots, num_new, counts = slots[:-1], num_new[:-1], counts[:-1]
+        block_ids = self.blocks.allocate(int(counts.sum()))
+
+        budget = self.max_num_tokens - int(num_new.sum())
+        admitted = self._admit(cap - slots.shape[0], budget)
+        if admitted:
+            admit_slots = np.array([info.slot for info, _, _ in admitted], dtype=np.int32)
+            slots = np.concatenate([slots, admit_slots])
+            num_new = np.concatenate(
+                [num_new, np.array([n for _, n, _ in admitted], dtype=np.int32)]
+            )
+            counts = np.concatenate(
+                [counts, np.array([b.shape[0] for _, _, b in admitted], dtype=np.int32)]
+            )
+            block_ids = np.concatenate([block_ids] + [b for _, _, b in admitted])
+            admit_seq_ids = np.array([info.seq_id for info, _, _ in admitted], dtype=np.int64)
+        else:
+            admit_slots, admit_seq_ids = _EMPTY_I32, _EMPTY_I64
+        if slots.shape[0] == 0:
+            return None
+        starts = table.num_computed[slots].copy()
+        total = table.num_prompt[slots] + table.num_output[slots]
+        batch = ScheduledBatch(
+            batch_id=self._next_batch_id,
+            slots=slots.astype(np.int32, copy=False),
+            num_new=num_new.astype(np.int32, copy=False),
+            starts=starts,
+            sample_mask=starts + num_new == total,
+            block_counts=counts.astype(np.int32, copy=False),
+            block_ids=block_ids.astype(np.int32, copy=False),
+            admit_seq_ids=admit_seq_ids,
+            admit_slots=admit_slots,
+            preempt_slots=np.array(preempted, dtype=np.int32),
+        )
+        self._next_batch_id += 1
+        _start(table, batch)
+        return batch
+
+    def _pick_running(self, cap: int) -> tuple[np.ndarray, np.ndarray]:
+        """Running sequences to continue, oldest first, within cap and token budget."""
+        table = self.table
+        ready = np.flatnonzero(table.active & ~table.in_flight & ~table.abort_requested)
+        if ready.shape[0] == 0:
+            return _EMPTY_I32, _EMPTY_I32
+        ready = ready[np.argsort(table.seq_id[ready], kind="stable")][:cap]
+        want = table.num_prompt[ready] + table.num_output[ready] - table.num_computed[ready]
+        cumulative = np.cumsum(want)
+        fitting = int(np.searchsorted(cumulative, self.max_num_tokens, side="right"))
+        if fitting == ready.shape[0]:
+            return ready.astype(np.int32), want.astype(np.int32)
+        # the first sequence that does not fit gets a chunk of what is left
+        used = int(cumulative[fitting - 1]) if fitting else 0
+        take = fitting + (1 if used < self.max_num_tokens else 0)
+        num_new = want[:take].astype(np.int32)
+        if take > fitting:
+            num_new[fitting] = self.max_num_tokens - used
+        return ready[:take].astype(np.int32), num_new
+
+    def _pick_victim(self, exclude: np.ndarray) -> int | None:
+        """The slot of the latest-arrived sequence that holds blocks and is idle."""
+        table = self.table
+        candidates = table.active & ~table.in_flight & (table.num_blocks > 0)
+        candidates[exclude] = False
+        idle = np.flatnonzero(candidates)
+        if idle.shape[0] == 0:
+            return None
+        return int(idle[np.argmax(table.seq_id[idle])])
+
+    def _admit(self, room: int, budget: int) -> list[tuple[SeqInfo, int, np.ndarray]]:
+        """Waiting requests enter the table in arrival order while they fit."""
+        admitted = []
+        table = self.table
+        while self.waiting and room > 0 and budget > 0 and table.has_free_slot():
+            info = self.waiting[0]
+            num_new = min(int(info.prompt_token_ids.shape[0]), budget)
+            needed = self.blocks.blocks_for_tokens(num_new)
+            if not self.blocks.can_allocate(needed):
+                break  # FCFS: later arrivals do not overtake the head of the queue
+            self.waiting.popleft()
+            table.admit(info, table.next_free_slot())
+            admitted.append((info, num_new, self.blocks.allocate(needed)))
+            room -= 1
+            budget -= num_new
+        return admitted

@@ -1,0 +1,194 @@
+"""Per-sequence state that every rank keeps identically, as arrays (pure numpy).
+
+A sequence gets a *slot* (a row in every array) when it is first scheduled and
+keeps it until it finishes. Rank 0 decides; every rank applies the same decisions
+in the same iteration, so the tables of all ranks stay equal: same slots, same
+computed-token counts, same KV blocks, same in-flight set. Hot-path updates are
+array operations over the slots of a batch, never a Python loop over requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ppruntime.engine.block_manager import BlockManager
+from ppruntime.engine.sampling_params import SamplingParams
+
+
+@dataclass(eq=False)
+class SeqInfo:
+    """What does not change while a request runs (touched once per request)."""
+
+    seq_id: int  # dense integer id, assigned by rank 0 in arrival order
+    request_id: str
+    prompt_token_ids: np.ndarray  # [P] int32
+    params: SamplingParams
+    slot: int = -1
+
+
+@dataclass
+class BlockTableCounters:
+    """Writes into the block table, by cause (DESIGN §2.3)."""
+
+    row_writes: int = 0  # a sequence joined (admitted, or back after preemption)
+    entry_writes: int = 0  # a sequence crossed a page boundary
+    bytes_written: int = 0
+
+
+class SequenceTable:
+    """Arrays indexed by slot, plus the block table rows the stages read."""
+
+    def __init__(
+        self,
+        max_slots: int,
+        max_blocks_per_seq: int,
+        block_manager: BlockManager,
+        token_table_len: int | None = None,
+    ) -> None:
+        """token_table_len: keep every slot's prompt + output tokens (rank 0 only)."""
+        self.blocks = block_manager
+        self.block_size = block_manager.block_size
+        self.max_slots = max_slots
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.active = np.zeros(max_slots, dtype=np.bool_)
+        self.in_flight = np.zeros(max_slots, dtype=np.bool_)
+        self.abort_requested = np.zeros(max_slots, dtype=np.bool_)
+        self.seq_id = np.full(max_slots, -1, dtype=np.int64)
+        self.num_prompt = np.zeros(max_slots, dtype=np.int32)
+        self.num_output = np.zeros(max_slots, dtype=np.int32)
+        self.num_computed = np.zeros(max_slots, dtype=np.int32)
+        self.num_blocks = np.zeros(max_slots, dtype=np.int32)
+        self.block_table = np.zeros((max_slots, max_blocks_per_seq), dtype=np.int32)
+        self.counters = BlockTableCounters()
+        self.token_table = (
+            np.zeros((max_slots, token_table_len), dtype=np.int32)
+            if token_table_len is not None
+            else None
+        )
+        self.infos: list[SeqInfo | None] = [None] * max_slots
+        self._free_slots = list(range(max_slots - 1, -1, -1))
+        self.num_in_flight_batches = 0
+
+    # -- membership ---------------------------------------------------------------
+    @property
+    def num_active(self) -> int:
+        return self.max_slots - len(self._free_slots)
+
+    def has_free_slot(self) -> bool:
+        return bool(self._free_slots)
+
+    def next_free_slot(self) -> int:
+        return self._free_slots[-1]
+
+    def admit(self, info: SeqInfo, slot: int) -> None:
+        """Give `info` the slot rank 0 chose (the same on every rank)."""
+        if not self._free_slots or self._free_slots[-1] != slot:
+            raise RuntimeError(
+                f"slot divergence: rank 0 admitted sequence {info.seq_id} into slot {slot} "
+                f"but this rank's next free slot is "
+                f"{self._free_slots[-1] if self._free_slots else None}"
+            )
+        self._free_slots.pop()
+        info.slot = slot
+        self.infos[slot] = info
+        self.active[slot] = True
+        self.in_flight[slot] = False
+        self.abort_requested[slot] = False
+        self.seq_id[slot] = info.seq_id
+        self.num_prompt[slot] = info.prompt_token_ids.shape[0]
+        self.num_output[slot] = 0
+        self.num_computed[slot] = 0
+        self.num_blocks[slot] = 0
+        if self.token_table is not None:
+            self.token_table[slot, : self.num_prompt[slot]] = info.prompt_token_ids
+
+    def output_tokens(self, slot: int) -> np.ndarray:
+        """The generated tokens of `slot` so far (rank 0 only): a copy."""
+        assert self.token_table is not None
+        start = int(self.num_prompt[slot])
+        return self.token_table[slot, start : start + int(self.num_output[slot])].copy()
+
+    def release(self, slot: int) -> SeqInfo:
+        """The sequence finished or was aborted: free its blocks and its slot."""
+        info = self.infos[slot]
+        assert info is not None, f"slot {slot} is not in use"
+        self.blocks.free(self.block_table[slot, : self.num_blocks[slot]])
+        self.num_blocks[slot] = 0
+        self.active[slot] = False
+        self.in_flight[slot] = False
+        self.seq_id[slot] = -1
+        self.infos[slot] = None
+        self._free_slots.append(slot)
+        return info
+
+    def preempt(self, slots: np.ndarray) -> None:
+        """Free the blocks of `slots`; they recompute prompt + output later."""
+        for slot in slots.tolist():
+            self.blocks.free(self.block_table[slot, : self.num_blocks[slot]])
+        self.num_blocks[slots] = 0
+        self.num_computed[slots] = 0
+
+    # -- blocks -------------------------------------------------------------------
+    def blocks_needed(self, slots: np.ndarray, num_new: np.ndarray) -> np.ndarray:
+        """Extra blocks each slot needs to hold `num_new` more tokens."""
+        after = (self.num_computed[slots] + num_new + (self.block_size - 1)) // self.block_size
+        return np.maximum(after - self.num_blocks[slots], 0).astype(np.int32)
+
+    def append_blocks(self, slots: np.ndarray, counts: np.ndarray, block_ids: np.ndarray) -> None:
+        """Write newly allocated blocks after each slot's existing ones.
+
+        Only the new entries are written: one entry per slot at a page boundary,
+        a whole row when a sequence (re)joins with an empty row.
+        """
+        if block_ids.shape[0] == 0:
+            return
+        with_blocks = counts > 0
+        target_slots = slots[with_blocks]
+        target_counts = counts[with_blocks]
+        counters = self.counters
+        if int(target_counts.max()) == 1:
+            columns = self.num_blocks[target_slots]
+            self.block_table[target_slots, columns] = block_ids
+            joined = int(np.count_nonzero(columns == 0))
+            counters.row_writes += joined
+            counters.entry_writes += target_slots.shape[0] - joined
+        else:
+            offset = 0
+            for slot, count in zip(target_slots.tolist(), target_counts.tolist()):
+                have = int(self.num_blocks[slot])
+                self.block_table[slot, have : have + count] = block_ids[offset : offset + count]
+                offset += count
+                if have == 0:
+                    counters.row_writes += 1
+                else:
+                    counters.entry_writes += count
+        counters.bytes_written += block_ids.shape[0] * 4
+        self.num_blocks[target_slots] += target_counts
+
+    # -- a batch's life -----------------------------------------------------------
+    def start_batch(self, slots: np.ndarray, starts: np.ndarray, num_new: np.ndarray) -> None:
+        if self.in_flight[slots].any():
+            raise RuntimeError(f"slots {slots[self.in_flight[slots]].tolist()} already in flight")
+        if not np.array_equal(self.num_computed[slots], starts):
+            raise RuntimeError(
+                f"schedule divergence: rank 0 starts slots {slots.tolist()} at "
+                f"{starts.tolist()} but this rank has {self.num_computed[slots].tolist()}"
+            )
+        self.num_computed[slots] += num_new
+        self.in_flight[slots] = True
+        self.num_in_flight_batches += 1
+
+    def land_batch(self, slots: np.ndarray, sampled: np.ndarray, token_ids: np.ndarray) -> None:
+        """The batch's results are handled: sampled sequences gain one token."""
+        self.in_flight[slots] = False
+        gained = slots[sampled]
+        if self.token_table is not None:
+            positions = self.num_prompt[gained] + self.num_output[gained]
+            self.token_table[gained, positions] = token_ids[sampled]
+        self.num_output[gained] += 1
+        self.num_in_flight_batches -= 1
+
+    def all_blocks_free(self) -> bool:
+        return self.blocks.all_free()

@@ -1,0 +1,55 @@
+"""Model layer of ppruntime: configs, partitioning, stage models, weights, tokenizers.
+
+Knows nothing about MPI: a stage model is an ordinary torch module for a slice of layers.
+"""
+
+from ppruntime.model.attention import AttentionMetadata, paged_attention
+from ppruntime.model.config import ModelConfig, config_from_dict, load_model_config
+from ppruntime.model.errors import ModelLoadError
+from ppruntime.model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
+from ppruntime.model.loader import SUPPORTED_DTYPES, load_config, load_stage_model, resolve_dtype
+from ppruntime.model.partition import (
+    PartitionError,
+    StageSpec,
+    parse_layer_partition,
+    partition_layers,
+    stage_extra_costs,
+)
+from ppruntime.model.presets import PRESETS, is_preset, preset_config
+from ppruntime.model.stage_model import StageModel
+from ppruntime.model.tokenizer import (
+    ByteTokenizer,
+    Tokenizer,
+    TokenizerUnavailableError,
+    load_tokenizer,
+    require_tokenizer,
+)
+
+__all__ = [
+    "PRESETS",
+    "SUPPORTED_DTYPES",
+    "AttentionMetadata",
+    "ByteTokenizer",
+    "ModelConfig",
+    "ModelLoadError",
+    "PartitionError",
+    "StageModel",
+    "StageSpec",
+    "Tokenizer",
+    "TokenizerUnavailableError",
+    "allocate_kv_cache",
+    "config_from_dict",
+    "is_preset",
+    "kv_cache_bytes_per_block",
+    "load_config",
+    "load_model_config",
+    "load_stage_model",
+    "load_tokenizer",
+    "paged_attention",
+    "parse_layer_partition",
+    "partition_layers",
+    "preset_config",
+    "require_tokenizer",
+    "resolve_dtype",
+    "stage_extra_costs",
+]

@@ -1,0 +1,106 @@
+"""StageModel: the part of a decoder-only model that one pipeline stage runs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ppruntime.model.attention import AttentionMetadata, batch_layout
+from ppruntime.model.config import ModelConfig
+from ppruntime.model.layers import DecoderLayer, RMSNorm
+from ppruntime.model.partition import StageSpec
+from ppruntime.model.rope import rope_cos_sin, rope_inverse_frequencies
+
+EMBED_NAME = "model.embed_tokens.weight"
+NORM_NAME = "model.norm.weight"
+LM_HEAD_NAME = "lm_head.weight"
+
+
+class StageModel(nn.Module):
+    """Embedding (first stage), layers [layer_start, layer_end), final norm + LM head (last).
+
+    When embeddings are tied and one stage is both first and last, lm_head shares the
+    embedding parameter; otherwise the last stage holds its own copy of the weight.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        stage: StageSpec,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.stage = stage
+        self.dtype = dtype
+        self.loaded_tensor_names: tuple[str, ...] = ()
+        hidden, vocab = config.hidden_size, config.vocab_size
+
+        def matrix(rows: int, cols: int) -> nn.Parameter:
+            weight = torch.empty(rows, cols, dtype=dtype, device=device)
+            return nn.Parameter(weight, requires_grad=False)
+
+        self.embed_tokens = matrix(vocab, hidden) if stage.is_first_stage else None
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, index, dtype, device)
+            for index in range(stage.layer_start, stage.layer_end)
+        )
+        self.norm = (
+            RMSNorm(hidden, config.rms_norm_eps, dtype, device) if stage.is_last_stage else None
+        )
+        self.lm_head: nn.Parameter | None = None
+        if stage.is_last_stage:
+            shares_embedding = config.tie_word_embeddings and self.embed_tokens is not None
+            self.lm_head = self.embed_tokens if shares_embedding else matrix(vocab, hidden)
+        inv_freq = rope_inverse_frequencies(config).to(device)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+
+    def checkpoint_parameters(self) -> dict[str, nn.Parameter]:
+        """Checkpoint tensor name -> the parameter it fills, for this stage only.
+
+        A tied lm_head that shares the embedding parameter is not listed separately.
+        """
+        params: dict[str, nn.Parameter] = {}
+        if self.embed_tokens is not None:
+            params[EMBED_NAME] = self.embed_tokens
+        for offset, layer in enumerate(self.layers):
+            prefix = f"model.layers.{self.stage.layer_start + offset}."
+            for name, param in layer.named_parameters():
+                params[prefix + name] = param
+        if self.norm is not None:
+            params[NORM_NAME] = self.norm.weight
+        if self.lm_head is not None and self.lm_head is not self.embed_tokens:
+            params[LM_HEAD_NAME] = self.lm_head
+        return params
+
+    def forward(
+        self,
+        inputs: torch.Tensor,  # first stage: token ids [T]; other stages: hidden [T, H]
+        positions: torch.Tensor,  # [T] int64 absolute positions
+        attn: AttentionMetadata,
+        kv_cache: torch.Tensor,  # [num_layers_in_stage, 2, NB, BS, Hkv, D]
+    ) -> torch.Tensor:
+        """Hidden states [T, H]; on the last stage, after the final norm."""
+        if self.embed_tokens is not None:
+            hidden = F.embedding(inputs.to(torch.int64), self.embed_tokens)
+        else:
+            hidden = inputs.to(self.dtype)
+        positions = positions.to(torch.int64)
+        rope = rope_cos_sin(self.rope_inv_freq, positions, self.dtype)
+        layout = batch_layout(attn, kv_cache.shape[3], positions)
+        for offset, layer in enumerate(self.layers):
+            hidden = layer(hidden, rope, attn, layout, kv_cache[offset])
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Last stage only: normed hidden [N, H] -> logits [N, V] float32."""
+        if self.lm_head is None:
+            raise RuntimeError(
+                f"compute_logits called on stage {self.stage.stage_index} of "
+                f"{self.stage.num_stages}; only the last stage holds the LM head"
+            )
+        return F.linear(hidden.to(self.dtype), self.lm_head).to(torch.float32)

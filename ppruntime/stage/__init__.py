@@ -1,0 +1,1 @@
+"""Per-stage pieces that run on one pipeline rank."""

@@ -1,0 +1,187 @@
+"""Pooled, preallocated step inputs, written only where they change (DESIGN §2.3).
+
+Every buffer is allocated once, sized for the largest microbatch. The block table
+is the sequence table's own array (one row per slot, written only when a sequence
+joins or crosses a page boundary); per step, token ids, positions, sequence
+lengths and the slot mapping are derived from it with array operations into the
+prefixes of their buffers. `StepCounters` make allocations and bytes written
+visible to tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ppruntime.model.attention import AttentionMetadata
+
+
+@dataclass
+class StepCounters:
+    allocations: int = 0  # pooled buffers created: all at construction, none per step
+    steps: int = 0
+    decode_steps: int = 0
+    decode_step_allocations: int = 0  # pooled-buffer allocations during decode steps
+    bytes_written: dict[str, int] = field(default_factory=dict)
+
+    def add_bytes(self, kind: str, count: int) -> None:
+        self.bytes_written[kind] = self.bytes_written.get(kind, 0) + count
+
+
+@dataclass
+class StepInputs:
+    """Views into the pooled buffers for one microbatch (no copies)."""
+
+    token_ids: torch.Tensor | None  # [T] int64, first stage only
+    positions: torch.Tensor  # [T] int64
+    attn: AttentionMetadata
+    sample_token_index: torch.Tensor  # [S] int64: last flat token of each sampling sequence
+    num_tokens: int
+    is_decode: bool
+
+
+class StepInputPool:
+    """The persistent step-input buffers of one stage.
+
+    block_table: the sequence table's [slots, max_blocks] int32 array (shared).
+    token_table: [slots, max_model_len] int32 prompt + output tokens per slot,
+        first stage only (None elsewhere).
+    """
+
+    def __init__(
+        self,
+        block_table: np.ndarray,
+        block_size: int,
+        max_num_tokens: int,
+        max_batch_size: int,
+        token_table: np.ndarray | None,
+        device: torch.device,
+    ) -> None:
+        self.block_size = block_size
+        self.block_table = block_table
+        self.max_blocks_per_seq = block_table.shape[1]
+        self.token_table = token_table
+        self.device = device
+        self.counters = StepCounters()
+        self.token_ids = self._buffer(max_num_tokens)
+        self.positions = self._buffer(max_num_tokens)
+        self.slot_mapping = self._buffer(max_num_tokens)
+        self.seq_lens = self._buffer(max_batch_size)
+        self.query_start_loc = self._buffer(max_batch_size + 1)
+        self.rows = self._buffer(max_batch_size)
+        self.sample_index = self._buffer(max_batch_size)
+        self._flat_index = self._buffer(max_num_tokens)
+        self._remainder = self._buffer(max_num_tokens)
+        self._token_rows = self._buffer(max_num_tokens)
+        names = (
+            "token_ids", "positions", "slot_mapping", "seq_lens", "query_start_loc", "rows",
+            "sample_index",
+        )
+        self._host = {name: torch.from_numpy(getattr(self, name)) for name in names}
+        self._host["block_table"] = torch.from_numpy(block_table)
+        if device.type == "cpu":
+            self._device = self._host
+        else:  # one device copy of each buffer; per step only the used prefix is copied
+            self._device = {
+                name: tensor.to(device) for name, tensor in self._host.items()
+            }
+            self.counters.allocations += len(self._device)
+
+    def _buffer(self, size: int) -> np.ndarray:
+        self.counters.allocations += 1
+        return np.zeros(size, dtype=np.int64)
+
+    def prepare(self, batch) -> StepInputs:
+        """Fill the pooled buffers for one microbatch."""
+        counters = self.counters
+        allocations_before = counters.allocations
+        num_seqs = batch.slots.shape[0]
+        q_lens = batch.num_new
+        starts = batch.starts
+        num_tokens = int(q_lens.sum())
+        is_decode = num_tokens == num_seqs
+
+        rows = self.rows[:num_seqs]
+        rows[:] = batch.slots
+        seq_lens = self.seq_lens[:num_seqs]
+        np.add(starts, q_lens, out=seq_lens)
+        query_start_loc = self.query_start_loc[: num_seqs + 1]
+        np.cumsum(q_lens, out=query_start_loc[1:])
+        positions = self.positions[:num_tokens]
+        token_rows = self._token_rows[:num_tokens]
+        if is_decode:
+            positions[:] = starts
+            token_rows[:] = rows
+        else:
+            # position of token t of sequence b = start_b + (t - query_start_loc[b])
+            positions[:] = np.repeat(starts - query_start_loc[:-1], q_lens)
+            positions += np.arange(num_tokens)
+            token_rows[:] = np.repeat(rows, q_lens)
+
+        # slot = block_table[row, pos // block_size] * block_size + pos % block_size
+        flat_index = self._flat_index[:num_tokens]
+        np.floor_divide(positions, self.block_size, out=flat_index)
+        np.multiply(token_rows, self.max_blocks_per_seq, out=self._remainder[:num_tokens])
+        flat_index += self._remainder[:num_tokens]
+        slot_mapping = self.slot_mapping[:num_tokens]
+        np.take(self.block_table.reshape(-1), flat_index, out=slot_mapping)
+        slot_mapping *= self.block_size
+        np.remainder(positions, self.block_size, out=self._remainder[:num_tokens])
+        slot_mapping += self._remainder[:num_tokens]
+
+        if self.token_table is not None:
+            # token of (row, position) = token_table.flat[row * max_model_len + position]
+            np.multiply(token_rows, self.token_table.shape[1], out=flat_index)
+            flat_index += positions
+            np.take(self.token_table.reshape(-1), flat_index, out=self.token_ids[:num_tokens])
+            counters.add_bytes("token_ids", num_tokens * 8)
+
+        num_samples = int(np.count_nonzero(batch.sample_mask))
+        sample_index = self.sample_index[:num_samples]
+        np.compress(batch.sample_mask, query_start_loc[1:], out=sample_index)
+        sample_index -= 1
+
+        counters.add_bytes("rows", num_seqs * 8)
+        counters.add_bytes("seq_lens", num_seqs * 8)
+        counters.add_bytes("query_start_loc", (num_seqs + 1) * 8)
+        counters.add_bytes("positions", num_tokens * 8)
+        counters.add_bytes("slot_mapping", num_tokens * 8)
+        counters.steps += 1
+        if is_decode:
+            counters.decode_steps += 1
+            counters.decode_step_allocations += counters.allocations - allocations_before
+        return self._views(num_seqs, num_tokens, num_samples, int(q_lens.max()), is_decode)
+
+    def _views(
+        self, num_seqs: int, num_tokens: int, num_samples: int, max_query_len: int, is_decode: bool
+    ) -> StepInputs:
+        host, dev = self._host, self._device
+        sizes = {
+            "token_ids": num_tokens, "positions": num_tokens, "slot_mapping": num_tokens,
+            "seq_lens": num_seqs, "query_start_loc": num_seqs + 1, "rows": num_seqs,
+            "sample_index": num_samples,
+        }
+        if dev is not host:
+            for name, size in sizes.items():
+                dev[name][:size].copy_(host[name][:size], non_blocking=True)
+            dev["block_table"].copy_(host["block_table"], non_blocking=True)
+        max_seq_len = int(self.seq_lens[:num_seqs].max())
+        attn = AttentionMetadata(
+            query_start_loc=dev["query_start_loc"][: num_seqs + 1],
+            seq_lens=dev["seq_lens"][:num_seqs],
+            block_table=dev["block_table"],
+            slot_mapping=dev["slot_mapping"][:num_tokens],
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+            block_table_rows=dev["rows"][:num_seqs],
+        )
+        return StepInputs(
+            token_ids=dev["token_ids"][:num_tokens] if self.token_table is not None else None,
+            positions=dev["positions"][:num_tokens],
+            attn=attn,
+            sample_token_index=dev["sample_index"][:num_samples],
+            num_tokens=num_tokens,
+            is_decode=is_decode,
+        )
