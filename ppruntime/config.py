@@ -101,7 +101,7 @@ class EngineConfig:
     max_num_tokens: int = 1024
     block_size: int = 16
     kv_cache_blocks: int | None = None
-    kv_cache_memory_mb: int = 512
+    kv_cache_memory_mb: int = 256
     max_model_len: int | None = None
     seed: int = 0
 

@@ -26,8 +26,8 @@ def setup_logging(info: RankInfo, level: str | None = None, log_dir: str | None 
     formatter = logging.Formatter(
         f"{info.prefix} %(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
     )
-    console_level = _parse_level(level) if level else (
-        logging.INFO if info.rank == 0 else logging.WARNING
+    console_level = (
+        _parse_level(level) if level else (logging.INFO if info.rank == 0 else logging.WARNING)
     )
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(formatter)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from mpi4py import MPI
 
-from ppruntime.comm.waiting import WaitTracker, recv_object, wait_all
+from ppruntime.comm.waiting import WaitTracker, recv_object, request_done, wait_all
 
 DEFAULT_SLICE_BYTES = 2 * 1024 * 1024
 
@@ -29,7 +29,7 @@ class SendHandles:
     keep_alive: list[object] = field(default_factory=list)
 
     def test(self) -> bool:
-        self.requests = [r for r in self.requests if not r.Test()]
+        self.requests = [r for r in self.requests if not request_done(r)]
         if not self.requests:
             self.keep_alive.clear()
         return not self.requests

@@ -65,6 +65,13 @@ class WaitTracker:
         self.progress_at = time.monotonic()
 
 
+def request_done(request: MPI.Request | pkl5.Request) -> bool:
+    """Test a request of either kind (pkl5 requests are lowercase-only)."""
+    if isinstance(request, MPI.Request):
+        return request.Test()
+    return request.test()[0]
+
+
 def wait_request(
     request: MPI.Request | pkl5.Request,
     what: str,
@@ -72,9 +79,9 @@ def wait_request(
     should_stop: Callable[[], bool] | None = None,
 ) -> None:
     """Wait for one request to complete, polling with backoff."""
-    if request.Test():
+    if request_done(request):
         return
-    _poll(request.Test, what, tracker, should_stop)
+    _poll(lambda: request_done(request), what, tracker, should_stop)
 
 
 def wait_all(
@@ -84,12 +91,12 @@ def wait_all(
     should_stop: Callable[[], bool] | None = None,
 ) -> None:
     """Wait until every request in `requests` has completed."""
-    pending = [r for r in requests if not r.Test()]
+    pending = [r for r in requests if not request_done(r)]
     if not pending:
         return
 
     def all_done() -> bool:
-        pending[:] = [r for r in pending if not r.Test()]
+        pending[:] = [r for r in pending if not request_done(r)]
         return not pending
 
     _poll(all_done, what, tracker, should_stop)
@@ -183,7 +190,8 @@ def wait_raw_message(
     else:
         if count > out.shape[0]:
             raise RuntimeError(
-                f"{what}: message of {count} elements does not fit the {out.shape[0]}-element buffer"
+                f"{what}: message of {count} elements exceeds the "
+                f"{out.shape[0]}-element receive buffer"
             )
         target = out[:count]
     matched[0].Recv([target, MPI.BYTE])

@@ -40,6 +40,8 @@ class BlockManager:
 
     def allocate(self, count: int) -> np.ndarray:
         """Pop `count` free blocks; returns a new int32 array."""
+        if count < 0:
+            raise ValueError(f"cannot allocate a negative number of KV blocks ({count})")
         if count > self._num_free:
             raise BlockAccountingError(
                 f"asked for {count} KV blocks but only {self._num_free} are free"
@@ -63,6 +65,8 @@ class BlockManager:
         count = int(block_ids.shape[0])
         if count == 0:
             return
+        if int(block_ids.min()) < 0 or int(block_ids.max()) >= self.num_blocks:
+            raise BlockAccountingError(f"KV block ids out of range: {block_ids.tolist()}")
         if self._is_free[block_ids].any() or np.unique(block_ids).shape[0] != count:
             raise BlockAccountingError(f"KV blocks freed twice: {block_ids.tolist()}")
         self._is_free[block_ids] = True

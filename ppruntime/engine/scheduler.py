@@ -103,13 +103,18 @@ class Scheduler:
         counts = table.blocks_needed(slots, num_new)
         preempted: list[int] = []
         while int(counts.sum()) > self.blocks.num_free_blocks:
-            victim = self._pick_victim(exclude=slots)
-            if victim is not None:
+            # preempt only when it makes the whole batch fit: a preemption that ends
+            # in an empty batch would never reach the other ranks (they would diverge)
+            victims = self._victims(exclude=slots)
+            reclaimable = int(table.num_blocks[victims].sum())
+            if victims.shape[0] and self.blocks.num_free_blocks + reclaimable >= counts.sum():
+                victim = int(victims[np.argmax(table.seq_id[victims])])
                 table.preempt(np.array([victim], dtype=np.int32))
                 preempted.append(victim)
                 continue
-            # nothing left to preempt: schedule fewer sequences this time
+            # not enough to reclaim: schedule fewer sequences this time
             slots, num_new, counts = slots[:-1], num_new[:-1], counts[:-1]
+        assert slots.shape[0] or not preempted
         block_ids = self.blocks.allocate(int(counts.sum()))
 
         budget = self.max_num_tokens - int(num_new.sum())
@@ -167,15 +172,15 @@ class Scheduler:
             num_new[fitting] = self.max_num_tokens - used
         return ready[:take].astype(np.int32), num_new
 
-    def _pick_victim(self, exclude: np.ndarray) -> int | None:
-        """The slot of the latest-arrived sequence that holds blocks and is idle."""
+    def _victims(self, exclude: np.ndarray) -> np.ndarray:
+        """Slots that may be preempted: idle, holding blocks, not in `exclude`.
+
+        The latest-arrived of them (largest seq_id) is preempted first.
+        """
         table = self.table
         candidates = table.active & ~table.in_flight & (table.num_blocks > 0)
         candidates[exclude] = False
-        idle = np.flatnonzero(candidates)
-        if idle.shape[0] == 0:
-            return None
-        return int(idle[np.argmax(table.seq_id[idle])])
+        return np.flatnonzero(candidates)
 
     def _admit(self, room: int, budget: int) -> list[tuple[SeqInfo, int, np.ndarray]]:
         """Waiting requests enter the table in arrival order while they fit."""

@@ -46,7 +46,9 @@ class MicrobatchHeader:
         return self.batch is not None and self.num_tokens > 0 and self.hidden_size > 0
 
 
-def microbatch_capacity(max_batch_size: int, max_num_tokens: int, block_size: int, max_slots: int) -> int:
+def microbatch_capacity(
+    max_batch_size: int, max_num_tokens: int, block_size: int, max_slots: int
+) -> int:
     """Largest MICROBATCH message, in int32 words."""
     max_blocks = max_num_tokens // block_size + 2 * max_batch_size
     return HEADER_LEN + 8 * max_batch_size + max_blocks + max_slots
@@ -107,9 +109,14 @@ def unpack_microbatch(message: np.ndarray) -> MicrobatchHeader:
         return header
     num_seqs = int(message[H_NUM_SEQS])
     sizes = (
-        num_seqs, num_seqs, num_seqs, num_seqs, num_seqs,
+        num_seqs,
+        num_seqs,
+        num_seqs,
+        num_seqs,
+        num_seqs,
         int(message[H_NUM_BLOCKS]),
-        int(message[H_NUM_ADMIT]), int(message[H_NUM_ADMIT]),
+        int(message[H_NUM_ADMIT]),
+        int(message[H_NUM_ADMIT]),
         int(message[H_NUM_PREEMPT]),
     )
     arrays = []

@@ -75,8 +75,15 @@ class StepInputPool:
         self._flat_index = self._buffer(max_num_tokens)
         self._remainder = self._buffer(max_num_tokens)
         self._token_rows = self._buffer(max_num_tokens)
+        self._gathered = np.zeros(max_num_tokens, dtype=np.int32)  # int32 table lookups
+        self.counters.allocations += 1
         names = (
-            "token_ids", "positions", "slot_mapping", "seq_lens", "query_start_loc", "rows",
+            "token_ids",
+            "positions",
+            "slot_mapping",
+            "seq_lens",
+            "query_start_loc",
+            "rows",
             "sample_index",
         )
         self._host = {name: torch.from_numpy(getattr(self, name)) for name in names}
@@ -84,9 +91,7 @@ class StepInputPool:
         if device.type == "cpu":
             self._device = self._host
         else:  # one device copy of each buffer; per step only the used prefix is copied
-            self._device = {
-                name: tensor.to(device) for name, tensor in self._host.items()
-            }
+            self._device = {name: tensor.to(device) for name, tensor in self._host.items()}
             self.counters.allocations += len(self._device)
 
     def _buffer(self, size: int) -> np.ndarray:
@@ -126,8 +131,9 @@ class StepInputPool:
         np.multiply(token_rows, self.max_blocks_per_seq, out=self._remainder[:num_tokens])
         flat_index += self._remainder[:num_tokens]
         slot_mapping = self.slot_mapping[:num_tokens]
-        np.take(self.block_table.reshape(-1), flat_index, out=slot_mapping)
-        slot_mapping *= self.block_size
+        gathered = self._gathered[:num_tokens]
+        np.take(self.block_table.reshape(-1), flat_index, out=gathered)
+        np.multiply(gathered, self.block_size, out=slot_mapping)
         np.remainder(positions, self.block_size, out=self._remainder[:num_tokens])
         slot_mapping += self._remainder[:num_tokens]
 
@@ -135,7 +141,8 @@ class StepInputPool:
             # token of (row, position) = token_table.flat[row * max_model_len + position]
             np.multiply(token_rows, self.token_table.shape[1], out=flat_index)
             flat_index += positions
-            np.take(self.token_table.reshape(-1), flat_index, out=self.token_ids[:num_tokens])
+            np.take(self.token_table.reshape(-1), flat_index, out=gathered)
+            self.token_ids[:num_tokens] = gathered
             counters.add_bytes("token_ids", num_tokens * 8)
 
         num_samples = int(np.count_nonzero(batch.sample_mask))
@@ -159,8 +166,12 @@ class StepInputPool:
     ) -> StepInputs:
         host, dev = self._host, self._device
         sizes = {
-            "token_ids": num_tokens, "positions": num_tokens, "slot_mapping": num_tokens,
-            "seq_lens": num_seqs, "query_start_loc": num_seqs + 1, "rows": num_seqs,
+            "token_ids": num_tokens,
+            "positions": num_tokens,
+            "slot_mapping": num_tokens,
+            "seq_lens": num_seqs,
+            "query_start_loc": num_seqs + 1,
+            "rows": num_seqs,
             "sample_index": num_samples,
         }
         if dev is not host:

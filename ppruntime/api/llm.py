@@ -1,0 +1,284 @@
+"""The Python API: `LLM` and its `generate`, streaming, `abort` and `shutdown`.
+
+Under `mpirun -n N python script.py` every rank runs the script. `LLM(...)` is
+collective: each rank loads its own pipeline stage. On rank 0 the constructor
+returns and the script goes on to call `generate`; on every other rank the
+constructor serves the pipeline until rank 0 shuts it down (`llm.shutdown()`, the
+end of a `with` block, or the end of the script) and then ends the process, so
+code after `LLM(...)` runs on rank 0 only. Pass `exit_workers=False` to get the
+object back on the other ranks instead (`llm.is_driver` is then False).
+Without mpirun, one process runs the whole model (pp_size=1).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ppruntime.api.progress import ProgressBar
+from ppruntime.bootstrap import bootstrap
+from ppruntime.config import DEFAULT_WATCHDOG_TIMEOUT_S, EngineConfig, ParallelConfig, env_flag
+from ppruntime.engine.engine import PipelineEngine, RankReport
+from ppruntime.engine.errors import InvalidRequestError
+from ppruntime.engine.outputs import RequestOutput
+from ppruntime.engine.sampling_params import SamplingParams, validate_prompt_token_ids
+from ppruntime.engine.trace import write_chrome_trace
+from ppruntime.model import parse_layer_partition
+from ppruntime.model.tokenizer import require_tokenizer
+
+Prompt = str | Sequence[int] | np.ndarray
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        preset: str | None = None,
+        pp_size: int | None = None,
+        layer_partition: str | Sequence[int] | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_batch_size: int = 64,
+        max_num_tokens: int = 1024,
+        block_size: int = 16,
+        kv_cache_blocks: int | None = None,
+        kv_cache_memory_mb: int = 256,
+        max_model_len: int | None = None,
+        deterministic: bool | None = None,
+        num_microbatches: int | None = None,
+        seed: int = 0,
+        watchdog_timeout_s: float | None = None,
+        trace: str | None = None,
+        log_level: str | None = None,
+        log_dir: str | None = None,
+        exit_workers: bool = True,
+    ) -> None:
+        if model is not None and preset is not None:
+            raise ValueError("give either model=DIR or preset=NAME, not both")
+        source = model if model is not None else (preset or "tiny")
+        self.info = bootstrap(log_level, log_dir)
+        if deterministic is None:
+            deterministic = bool(env_flag("PPRUNTIME_DETERMINISTIC"))
+        if isinstance(layer_partition, str):
+            layer_partition = parse_layer_partition(layer_partition)
+        parallel = ParallelConfig(
+            pp_size=self.info.size if pp_size is None else pp_size,
+            layer_partition=tuple(layer_partition) if layer_partition is not None else None,
+            deterministic=deterministic,
+            num_microbatches=num_microbatches,
+            watchdog_timeout_s=watchdog_timeout_s or DEFAULT_WATCHDOG_TIMEOUT_S,
+        )
+        self.config = EngineConfig(
+            model=str(source),
+            parallel=parallel,
+            dtype=dtype,
+            device=device,
+            max_batch_size=max_batch_size,
+            max_num_tokens=max_num_tokens,
+            block_size=block_size,
+            kv_cache_blocks=kv_cache_blocks,
+            kv_cache_memory_mb=kv_cache_memory_mb,
+            max_model_len=max_model_len,
+            seed=seed,
+        )
+        self.trace_path = trace
+        self.reports: list[RankReport] | None = None
+        self._engine = PipelineEngine(self.config, self.info, trace=trace is not None)
+        self._executor = self._engine.executor
+        self._request_counter = itertools.count()
+        self._closed = False
+        if not self.is_driver:
+            self._engine.serve()
+            self._close()
+            if exit_workers:
+                sys.stdout.flush()
+                sys.exit(0)
+            return
+        atexit.register(self.shutdown)
+
+    # -- properties ------------------------------------------------------------------
+    @property
+    def is_driver(self) -> bool:
+        return self.info.rank == 0
+
+    @property
+    def tokenizer(self):
+        return self._engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self._engine.model_config.vocab_size
+
+    @property
+    def model_config(self):
+        return self._engine.model_config
+
+    # -- requests --------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt) -> np.ndarray:
+        """Text or token ids -> validated contiguous int32 token ids (converted once)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty")
+            ids = require_tokenizer(self.tokenizer, self.config.model).encode(prompt)
+        else:
+            ids = prompt
+        return validate_prompt_token_ids(ids, self.vocab_size, self.max_model_len)
+
+    def validate_request(self, prompt_ids: np.ndarray, params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(
+                f"sampling_params must be a SamplingParams, got {type(params).__name__}"
+            )
+        params.validate_for_model(self.vocab_size, self.max_model_len, prompt_ids.shape[0])
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError(
+                f"SamplingParams.stop={params.stop!r} needs a tokenizer; this model has none"
+            )
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        stream: bool = False,
+    ) -> str:
+        """Queue one request (validated here, on rank 0); returns its id."""
+        self._require_driver("add_request")
+        params = sampling_params or SamplingParams()
+        prompt_ids = self.encode_prompt(prompt)
+        self.validate_request(prompt_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._request_counter)}"
+        self._executor.add_request(request_id, prompt_ids, params, stream=stream)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; it finishes with finish_reason="abort" and frees its blocks."""
+        self._require_driver("abort")
+        return self._executor.abort(request_id)
+
+    def step(self) -> tuple[list[RequestOutput], list[RequestOutput]]:
+        """Run one iteration: (finished outputs, streaming deltas)."""
+        self._require_driver("step")
+        self._executor.step()
+        return self._executor.take_finished(), self._executor.take_events()
+
+    # -- batch API -------------------------------------------------------------------
+    def _submit_all(
+        self,
+        prompts: Prompt | Iterable[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        stream: bool,
+    ) -> list[str]:
+        self._require_driver("generate")
+        if isinstance(prompts, (str, np.ndarray)) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], (int, np.integer))
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise InvalidRequestError(
+                    f"got {len(prompts)} prompts but {len(params_list)} sampling params"
+                )
+        encoded = []
+        for index, (prompt, params) in enumerate(zip(prompts, params_list)):
+            try:
+                prompt_ids = self.encode_prompt(prompt)
+                self.validate_request(prompt_ids, params)
+            except InvalidRequestError as error:
+                raise InvalidRequestError(f"prompt {index}: {error}") from None
+            encoded.append((prompt_ids, params))
+        ids = []
+        for prompt_ids, params in encoded:
+            request_id = f"req-{next(self._request_counter)}"
+            self._executor.add_request(request_id, prompt_ids, params, stream=stream)
+            ids.append(request_id)
+        return ids
+
+    def generate(
+        self,
+        prompts: Prompt | Iterable[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs in input order."""
+        ids = self._submit_all(prompts, sampling_params, stream=False)
+        wanted = set(ids)
+        results: dict[str, RequestOutput] = {}
+        progress = ProgressBar(len(ids), enabled=use_tqdm)
+        executor = self._executor
+        while wanted - results.keys():
+            executor.step()
+            for output in executor.take_finished():
+                if output.request_id in wanted:
+                    results[output.request_id] = output
+                    progress.advance()
+            executor.take_events()
+        progress.close()
+        return [results[request_id] for request_id in ids]
+
+    def generate_stream(
+        self,
+        prompts: Prompt | Iterable[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[RequestOutput]:
+        """Yield per-step deltas (new tokens and text) as they are produced.
+
+        The deltas of a request concatenate to its final output; its last delta has
+        `finished=True` and the `finish_reason`.
+        """
+        ids = self._submit_all(prompts, sampling_params, stream=True)
+        remaining = set(ids)
+        executor = self._executor
+        while remaining:
+            executor.step()
+            executor.take_finished()
+            for delta in executor.take_events():
+                if delta.request_id in remaining:
+                    if delta.finished:
+                        remaining.discard(delta.request_id)
+                    yield delta
+
+    # -- lifecycle -------------------------------------------------------------------
+    def shutdown(self) -> list[RankReport] | None:
+        """Stop every rank (requests still running finish with "abort")."""
+        if self._closed:
+            return self.reports
+        if self.is_driver:
+            self._executor.shutdown()
+        self._close()
+        return self.reports
+
+    def _close(self) -> None:
+        self._closed = True
+        self.reports = self._engine.finalize()
+        if self.is_driver and self.trace_path and self.reports:
+            write_chrome_trace(
+                self.trace_path, [report.events for report in self.reports], origin=0.0
+            )
+        if self.is_driver:
+            atexit.unregister(self.shutdown)
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def _require_driver(self, what: str) -> None:
+        if not self.is_driver:
+            raise RuntimeError(f"{what}() runs on rank 0 only; this is rank {self.info.rank}")
+        if self._closed:
+            raise RuntimeError(f"{what}(): this LLM has been shut down")

@@ -1,0 +1,272 @@
+"""Builds everything one rank needs for one model, and takes it down again.
+
+Every rank calls `PipelineEngine(config, rank_info)` (SPMD). Start-up is collective:
+the communicators are duplicated here, in the main thread; each rank loads only its
+own stage; KV capacity is agreed as the minimum over ranks; and if any rank fails
+to start, every rank raises the same error naming that rank (no rank is left
+waiting for a peer that died during loading).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from mpi4py import MPI
+
+from ppruntime.comm.communicators import PipelineComms
+from ppruntime.comm.mpi_env import RankInfo, check_world_size, require_thread_multiple
+from ppruntime.comm.waiting import WaitTracker
+from ppruntime.config import ConfigError, EngineConfig
+from ppruntime.device import select_device
+from ppruntime.engine.block_manager import BlockManager
+from ppruntime.engine.executor import PipelineExecutor
+from ppruntime.engine.last_stage import LastStage
+from ppruntime.engine.relay import ResponseRelay
+from ppruntime.engine.seq_table import SequenceTable
+from ppruntime.engine.trace import Tracer
+from ppruntime.engine.watchdog import Watchdog
+from ppruntime.logs import get_logger
+from ppruntime.model import (
+    ModelConfig,
+    allocate_kv_cache,
+    kv_cache_bytes_per_block,
+    load_config,
+    load_stage_model,
+    load_tokenizer,
+    partition_layers,
+    resolve_dtype,
+    stage_extra_costs,
+)
+from ppruntime.model.partition import StageSpec
+from ppruntime.stage.debug_knobs import StageKnobs
+from ppruntime.stage.null_model import NullStageModel
+from ppruntime.stage.runner import StageRunner
+from ppruntime.stage.step_inputs import StepInputPool
+
+log = get_logger("engine")
+
+NULL_PRESET = "null"
+
+
+class StartupError(RuntimeError):
+    """A rank could not start; raised on every rank with the failing rank's message."""
+
+
+@dataclass
+class RankReport:
+    """What a rank reports at shutdown (gathered on rank 0)."""
+
+    rank: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    iterations: int
+    batches: int
+    tokens_computed: int
+    busy_s: dict
+    step_counters: dict
+    block_table_counters: dict
+    events: list
+
+
+class PipelineEngine:
+    def __init__(self, config: EngineConfig, info: RankInfo, trace: bool = False) -> None:
+        parallel = config.parallel
+        self.config = config
+        self.info = info
+        check_world_size(parallel.pp_size, info.size)
+        if not parallel.deterministic and info.size > 1:
+            require_thread_multiple(info)
+        self.comms = PipelineComms.create()
+        try:
+            self._collectively(lambda: self._load_stage(config, info))
+            self.num_blocks = self.comms.pipeline.allreduce(self._local_blocks, op=MPI.MIN)
+            self._collectively(lambda: self._build_executor(config, info, trace))
+        except BaseException:
+            self.comms.free()
+            raise
+        self.watchdog.start()
+        log.info(
+            "stage %d/%d: layers [%d, %d), %d KV blocks of %d tokens, %s mode, %d microbatch slots",
+            self.stage.stage_index,
+            self.stage.num_stages,
+            self.stage.layer_start,
+            self.stage.layer_end,
+            self.num_blocks,
+            config.block_size,
+            "deterministic" if parallel.deterministic else "async",
+            parallel.microbatch_slots,
+        )
+
+    def _collectively(self, step) -> None:
+        """Run `step` on every rank; if it failed anywhere, raise on every rank."""
+        error = None
+        try:
+            step()
+        except Exception as exc:
+            error = exc
+        errors = self.comms.pipeline.allgather(
+            None if error is None else f"{type(error).__name__}: {error}"
+        )
+        failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
+        if not failed:
+            return
+        if error is not None and len(failed) == len(errors) and len(set(errors)) == 1:
+            raise error  # the same error on every rank: report it as it is
+        details = "; ".join(f"rank {rank}: {text}" for rank, text in failed)
+        raise StartupError(f"pipeline start-up failed: {details}") from error
+
+    def _load_stage(self, config: EngineConfig, info: RankInfo) -> None:
+        """Everything a rank can do alone: config, partition, its stage's weights."""
+        parallel = config.parallel
+        model_config: ModelConfig = load_config(config.model)
+        self.model_config = model_config
+        self.max_model_len = min(
+            config.max_model_len or model_config.max_position_embeddings,
+            model_config.max_position_embeddings,
+        )
+        if config.max_model_len and config.max_model_len > model_config.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len={config.max_model_len} exceeds the model's "
+                f"max_position_embeddings={model_config.max_position_embeddings}"
+            )
+        first_cost, last_cost = stage_extra_costs(model_config)
+        stages = partition_layers(
+            model_config.num_hidden_layers,
+            parallel.pp_size,
+            parallel.layer_partition,
+            first_stage_extra_cost=first_cost,
+            last_stage_extra_cost=last_cost,
+        )
+        self.stages = stages
+        stage: StageSpec = stages[info.rank]
+        self.stage = stage
+        device = select_device(info.local_rank, config.device)
+        self.device = device
+        dtype = resolve_dtype(config.dtype, model_config)
+        self.tokenizer = load_tokenizer(config.model)
+        if config.model == NULL_PRESET:
+            model = NullStageModel(
+                model_config, stage, config.max_num_tokens, config.max_batch_size
+            )
+            dtype = torch.float32
+        else:
+            model = load_stage_model(config.model, stage, dtype, device)
+        self.activation_dtype = dtype
+        self.model = model
+        bytes_per_block = kv_cache_bytes_per_block(model_config, stage, config.block_size, dtype)
+        if config.kv_cache_blocks is not None:
+            self._local_blocks = config.kv_cache_blocks
+        else:
+            # what the memory budget allows, but no more than every slot can use
+            max_useful = self._max_slots(config) * math.ceil(self.max_model_len / config.block_size)
+            budget = config.kv_cache_memory_mb * 2**20 // max(bytes_per_block, 1)
+            self._local_blocks = max(1, min(budget, max_useful))
+
+    @staticmethod
+    def _max_slots(config: EngineConfig) -> int:
+        parallel = config.parallel
+        return config.max_batch_size * max(parallel.microbatch_slots, parallel.pp_size)
+
+    def _build_executor(self, config: EngineConfig, info: RankInfo, trace: bool) -> None:
+        """With the agreed KV capacity: cache, tables, step inputs, relay, executor."""
+        parallel = config.parallel
+        model_config, stage, dtype = self.model_config, self.stage, self.activation_dtype
+        model, device = self.model, self.device
+        block_size = config.block_size
+        max_blocks_per_seq = math.ceil(self.max_model_len / block_size)
+        if self.num_blocks < max_blocks_per_seq:
+            raise ConfigError(
+                f"a KV cache of {self.num_blocks} blocks x {block_size} tokens cannot hold one "
+                f"request of max_model_len={self.max_model_len} ({max_blocks_per_seq} blocks): "
+                f"raise --kv-cache-blocks to at least {max_blocks_per_seq} or lower --max-model-len"
+            )
+        kv_cache = allocate_kv_cache(
+            model_config, stage, self.num_blocks, block_size, dtype, device
+        )
+        max_slots = self._max_slots(config)
+        table = SequenceTable(
+            max_slots,
+            max_blocks_per_seq,
+            BlockManager(self.num_blocks, block_size),
+            token_table_len=self.max_model_len if stage.is_first_stage else None,
+        )
+        pool = StepInputPool(
+            table.block_table,
+            block_size,
+            config.max_num_tokens,
+            config.max_batch_size,
+            table.token_table,
+            device,
+        )
+        runner = StageRunner(
+            model, stage, kv_cache, pool, info.rank, StageKnobs.from_env(info.rank)
+        )
+        last_stage = None
+        if stage.is_last_stage:
+            last_stage = LastStage(
+                table,
+                runner,
+                self.tokenizer,
+                model_config.eos_token_ids,
+                self.max_model_len,
+                config.seed,
+            )
+        self.tracker = WaitTracker()
+        self.tracer = Tracer(info.rank, trace)
+        relay = ResponseRelay(
+            self.comms.relay, threaded=not parallel.deterministic, tracker=self.tracker
+        )
+        self.executor = PipelineExecutor(
+            comms=self.comms,
+            runner=runner,
+            table=table,
+            relay=relay,
+            num_slots=parallel.microbatch_slots,
+            deterministic=parallel.deterministic,
+            max_batch_size=config.max_batch_size,
+            max_num_tokens=config.max_num_tokens,
+            hidden_size=model_config.hidden_size,
+            activation_dtype=dtype,
+            last_stage=last_stage,
+            tokenizer=self.tokenizer,
+            tracer=self.tracer,
+            tracker=self.tracker,
+        )
+        self.watchdog = Watchdog(
+            self.comms.watchdog, info, self.tracker, self._has_work, parallel.watchdog_timeout_s
+        )
+
+    def _has_work(self) -> bool:
+        executor = self.executor
+        return not executor.stopped and executor.table.num_in_flight_batches > 0
+
+    @property
+    def is_driver(self) -> bool:
+        return self.info.rank == 0
+
+    def serve(self) -> None:
+        """Ranks > 0: run the executor loop until rank 0 shuts the pipeline down."""
+        self.executor.serve()
+
+    def finalize(self) -> list[RankReport] | None:
+        """After shutdown (rank 0) / serve (others): gather reports, free communicators."""
+        executor = self.executor
+        table = executor.table
+        report = RankReport(
+            rank=self.info.rank,
+            kv_blocks_free=table.blocks.num_free_blocks,
+            kv_blocks_total=table.blocks.num_blocks,
+            iterations=executor.stats.iterations,
+            batches=executor.stats.batches,
+            tokens_computed=executor.stats.tokens_computed,
+            busy_s=dict(self.tracer.busy_s),
+            step_counters=vars(executor.runner.pool.counters).copy(),
+            block_table_counters=vars(table.counters).copy(),
+            events=self.tracer.events,
+        )
+        reports = self.comms.pipeline.gather(report, root=0)
+        self.watchdog.stop()
+        self.comms.free()
+        return reports

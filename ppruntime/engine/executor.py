@@ -1,0 +1,497 @@
+"""The non-blocking pipeline executor loop, run by every rank (DESIGN §1).
+
+One iteration of rank r:
+  rank 0  handles the batches that are ready (it counts them: that count travels
+          in the MICROBATCH header, the broadcast every rank obeys), takes new
+          requests and cancellations, schedules one microbatch, sends the header
+          (+ control) downstream, runs its stage and sends the activations;
+  rank r  receives the header from rank r-1 and forwards it at once, handles the
+          same number of ready batches, applies the same control and schedule,
+          then runs its stage on the activations of rank r-1 and sends its own
+          (the last rank samples and publishes the result to the relay).
+Sends are non-blocking; their handles live in the microbatch slot and are waited
+on only when the slot is reused, so uneven stages do not stall each other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from ppruntime.comm.communicators import PipelineComms
+from ppruntime.comm.tags import Tag
+from ppruntime.comm.waiting import (
+    WaitTracker,
+    recv_object,
+    wait_all,
+    wait_raw_message,
+    wait_request,
+)
+from ppruntime.engine.last_stage import LastStage
+from ppruntime.engine.outputs import OutputCollector, RequestOutput
+from ppruntime.engine.relay import ResponseRelay
+from ppruntime.engine.scheduler import ScheduledBatch, Scheduler, apply_schedule
+from ppruntime.engine.seq_table import SeqInfo, SequenceTable
+from ppruntime.engine.trace import Tracer
+from ppruntime.engine.wire import (
+    DTYPE_CODES,
+    FINISH_ABORT,
+    FINISH_NONE,
+    MicrobatchHeader,
+    SampleState,
+    microbatch_capacity,
+    pack_microbatch,
+    unpack_microbatch,
+)
+from ppruntime.stage.runner import StageRunner
+
+
+@dataclass
+class NewRequests:
+    """Requests entering in one iteration: all prompts in ONE int32 buffer."""
+
+    seq_ids: np.ndarray  # [N] int64
+    request_ids: list[str]
+    prompt_lengths: np.ndarray  # [N] int64
+    prompt_tokens: np.ndarray  # [sum(lengths)] int32, travels out-of-band
+    params: list
+
+    def infos(self) -> list[SeqInfo]:
+        bounds = np.concatenate([[0], np.cumsum(self.prompt_lengths)])
+        return [
+            SeqInfo(int(seq_id), request_id, self.prompt_tokens[start:end], params)
+            for seq_id, request_id, start, end, params in zip(
+                self.seq_ids.tolist(),
+                self.request_ids,
+                bounds[:-1].tolist(),
+                bounds[1:].tolist(),
+                self.params,
+            )
+        ]
+
+
+@dataclass
+class Control:
+    """New requests and cancellations, applied by every rank in the same iteration."""
+
+    new: NewRequests | None = None
+    aborts: list[int] = field(default_factory=list)  # seq ids
+
+
+@dataclass
+class MicrobatchSlot:
+    """Send handles of one microbatch slot, and the buffers they read from."""
+
+    requests: list[MPI.Request] = field(default_factory=list)
+    keep_alive: list[object] = field(default_factory=list)
+    header_buffer: np.ndarray | None = None
+    pending_batch: int | None = None  # deterministic mode: batch whose result is due here
+
+
+class ExecutorStats:
+    def __init__(self) -> None:
+        self.iterations = 0
+        self.batches = 0
+        self.tokens_computed = 0
+
+
+class PipelineExecutor:
+    def __init__(
+        self,
+        comms: PipelineComms,
+        runner: StageRunner,
+        table: SequenceTable,
+        relay: ResponseRelay,
+        num_slots: int,
+        deterministic: bool,
+        max_batch_size: int,
+        max_num_tokens: int,
+        hidden_size: int,
+        activation_dtype: torch.dtype,
+        last_stage: LastStage | None,
+        tokenizer,
+        tracer: Tracer,
+        tracker: WaitTracker,
+    ) -> None:
+        self.comms = comms
+        self.comm = comms.pipeline
+        self.rank = comms.rank
+        self.size = comms.size
+        self.runner = runner
+        self.table = table
+        self.relay = relay
+        self.num_slots = num_slots
+        self.deterministic = deterministic
+        self.last_stage = last_stage
+        self.tracer = tracer
+        self.tracker = tracker
+        self.stats = ExecutorStats()
+        self.hidden_size = hidden_size
+        self.activation_dtype = activation_dtype
+        self.iteration = 0
+        self.stopped = False
+        capacity = microbatch_capacity(
+            max_batch_size, max_num_tokens, table.block_size, table.max_slots
+        )
+        self.slots = [
+            MicrobatchSlot(header_buffer=np.zeros(capacity, dtype=np.int32))
+            for _ in range(num_slots)
+        ]
+        self.header_in = np.zeros(capacity, dtype=np.int32)
+        self.infos: dict[int, SeqInfo] = {}  # every known, unfinished sequence by id
+        self.pending: dict[int, SeqInfo] = {}  # registered, not yet admitted (ranks > 0)
+        self.is_first = runner.is_first_stage
+        self.is_last = runner.is_last_stage
+        if not self.is_first:
+            self.activation_buffer = torch.empty(
+                max_num_tokens * hidden_size, dtype=activation_dtype
+            )
+        # rank 0 only
+        self.scheduler = (
+            Scheduler(table, max_batch_size, max_num_tokens, self.size) if self.rank == 0 else None
+        )
+        self.outputs = OutputCollector(table, tokenizer) if self.rank == 0 else None
+        self._new_requests: list[tuple[SeqInfo, bool]] = []
+        self._aborts: list[int] = []
+        self._next_seq_id = 0
+        self._seq_by_request: dict[str, int] = {}
+        self._events: list[RequestOutput] = []
+        self._finished: list[RequestOutput] = []
+        self.relay.start()
+
+    # ===================================================================================
+    # rank 0: the API side
+    # ===================================================================================
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: np.ndarray,
+        params,
+        stream: bool = False,
+    ) -> None:
+        if request_id in self._seq_by_request:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        info = SeqInfo(self._next_seq_id, request_id, prompt_token_ids, params)
+        self._next_seq_id += 1
+        self._seq_by_request[request_id] = info.seq_id
+        self.outputs.add(info, stream, time.monotonic())
+        self._new_requests.append((info, stream))
+
+    def abort(self, request_id: str) -> bool:
+        seq_id = self._seq_by_request.get(request_id)
+        if seq_id is None:
+            return False
+        self._aborts.append(seq_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seq_by_request)
+
+    def take_finished(self) -> list[RequestOutput]:
+        finished, self._finished = self._finished, []
+        return finished
+
+    def take_events(self) -> list[RequestOutput]:
+        events, self._events = self._events, []
+        return events
+
+    def step(self) -> None:
+        """One iteration of rank 0 (returns without sending if nothing can happen)."""
+        if self.stopped:
+            raise RuntimeError("the engine has been shut down")
+        slot = self.slots[self.iteration % self.num_slots]
+        self._wait_slot(slot)
+        ready = self._count_ready(slot)
+        with self.tracer.span("handle"):
+            self._handle_ready(ready)
+        control, infos = self._take_control()
+        if control is not None:
+            self._apply_control(control, infos)
+        with self.tracer.span("schedule"):
+            batch = self.scheduler.schedule()
+        nothing_happened = batch is None and ready == 0 and control is None
+        # deterministic mode runs empty iterations to reach the slot of a pending batch
+        if nothing_happened and (not self.deterministic or not self.table.num_in_flight_batches):
+            self._idle_until_ready()
+            return
+        self._run_iteration(slot, ready, control, batch, shutdown=False)
+
+    def shutdown(self) -> None:
+        """Abort what is unfinished, drain in-flight microbatches, stop every rank."""
+        if self.stopped:
+            return
+        for request_id in list(self._seq_by_request):
+            self.abort(request_id)
+        while self.table.num_in_flight_batches or self._aborts or self._new_requests:
+            self.step()
+        slot = self.slots[self.iteration % self.num_slots]
+        self._wait_slot(slot)
+        self._run_iteration(slot, 0, None, None, shutdown=True)
+        self._teardown()
+
+    def _idle_until_ready(self) -> None:
+        """Nothing to schedule or handle: wait for a result instead of spinning."""
+        with self.tracer.span("idle"):
+            if self.table.num_in_flight_batches and not self.deterministic:
+                self.relay.ready.wait_for(1, timeout=0.05)
+
+    def _count_ready(self, slot: MicrobatchSlot) -> int:
+        if self.deterministic:
+            if slot.pending_batch is None:
+                return 0
+            slot.pending_batch = None
+            if not self.is_last:
+                with self.tracer.span("relay"):
+                    self.relay.receive_inline()
+            return 1
+        return len(self.relay.ready)
+
+    def _take_control(self) -> tuple[Control | None, list[SeqInfo]]:
+        if not self._new_requests and not self._aborts:
+            return None, []
+        new = None
+        infos: list[SeqInfo] = []
+        if self._new_requests:
+            infos = [info for info, _ in self._new_requests]
+            lengths = np.array([i.prompt_token_ids.shape[0] for i in infos], dtype=np.int64)
+            new = NewRequests(
+                seq_ids=np.array([i.seq_id for i in infos], dtype=np.int64),
+                request_ids=[i.request_id for i in infos],
+                prompt_lengths=lengths,
+                prompt_tokens=np.concatenate([i.prompt_token_ids for i in infos]),
+                params=[i.params for i in infos],
+            )
+        control = Control(new=new, aborts=self._aborts)
+        self._new_requests, self._aborts = [], []
+        return control, infos
+
+    # ===================================================================================
+    # ranks > 0: serve until rank 0 shuts the pipeline down
+    # ===================================================================================
+    def serve(self) -> None:
+        while not self.stopped:
+            self._serve_one()
+
+    def _serve_one(self) -> None:
+        source = self.rank - 1
+        with self.tracer.span("receive-wait"):
+            message = wait_raw_message(
+                self.comm,
+                source,
+                Tag.MICROBATCH,
+                f"microbatch header from rank {source}",
+                out=self.header_in,
+                tracker=self.tracker,
+            )
+        header = unpack_microbatch(message)
+        control = None
+        if header.has_control:
+            control = recv_object(
+                self.comm,
+                source,
+                Tag.MICROBATCH_CONTROL,
+                f"control from rank {source}",
+                tracker=self.tracker,
+            )
+        slot = self.slots[header.iteration % self.num_slots]
+        self._wait_slot(slot)
+        activation_request = None
+        if header.has_activations:
+            count = header.num_tokens * header.hidden_size
+            activation_bytes = self.activation_buffer[:count].view(torch.uint8).numpy()
+            activation_request = self.comm.Irecv(
+                [activation_bytes, MPI.BYTE], source, Tag.ACTIVATIONS
+            )
+        if not self.is_last:
+            self._forward_header(slot, message, control)
+        with self.tracer.span("handle"):
+            self._wait_ready_for(header.ready_count)
+            self._handle_ready(header.ready_count)
+        if control is not None:
+            self._apply_control(control)
+        batch = header.batch
+        if batch is not None:
+            apply_schedule(self.table, batch, self.pending)
+            self._on_admitted(batch)
+            hidden_in = None
+            if activation_request is not None:
+                with self.tracer.span("receive-wait", batch.batch_id):
+                    wait_request(
+                        activation_request, f"activations from rank {source}", self.tracker
+                    )
+                hidden_in = self.activation_buffer[: header.num_tokens * header.hidden_size].view(
+                    header.num_tokens, header.hidden_size
+                )
+            self._compute(slot, batch, hidden_in)
+        self.iteration = header.iteration + 1
+        self.stats.iterations += 1
+        if header.shutdown:
+            self._teardown()
+
+    def _forward_header(self, slot: MicrobatchSlot, message: np.ndarray, control) -> None:
+        size = message.shape[0]
+        slot.header_buffer[:size] = message
+        out = slot.header_buffer[:size]
+        slot.requests.append(self.comm.Isend([out, MPI.BYTE], self.rank + 1, Tag.MICROBATCH))
+        if control is not None:
+            slot.requests.append(self.comm.isend(control, self.rank + 1, Tag.MICROBATCH_CONTROL))
+
+    def _wait_ready_for(self, count: int) -> None:
+        if count == 0:
+            return
+        if self.deterministic:
+            if not self.is_last:
+                for _ in range(count):
+                    self.relay.receive_inline()
+            return
+        while not self.relay.ready.wait_for(count, timeout=1.0):
+            self.tracker.begin(f"{count} ready batch(es) from the relay")
+        self.tracker.end()
+
+    # ===================================================================================
+    # shared by all ranks
+    # ===================================================================================
+    def _run_iteration(
+        self,
+        slot: MicrobatchSlot,
+        ready: int,
+        control: Control | None,
+        batch: ScheduledBatch | None,
+        shutdown: bool,
+    ) -> None:
+        """Rank 0: send this iteration's header downstream, then compute."""
+        num_tokens = batch.num_tokens if batch is not None else 0
+        header = MicrobatchHeader(
+            iteration=self.iteration,
+            ready_count=ready,
+            shutdown=shutdown,
+            has_control=control is not None,
+            batch=batch,
+            num_tokens=num_tokens if self.size > 1 else 0,
+            hidden_size=self.hidden_size if self.size > 1 else 0,
+            dtype_code=DTYPE_CODES.get(np.dtype(_numpy_dtype(self.activation_dtype)), 0),
+        )
+        if self.size > 1:
+            message = pack_microbatch(header, slot.header_buffer)
+            slot.requests.append(self.comm.Isend([message, MPI.BYTE], 1, Tag.MICROBATCH))
+            if control is not None:
+                slot.requests.append(self.comm.isend(control, 1, Tag.MICROBATCH_CONTROL))
+        if batch is not None:
+            self._on_admitted(batch)
+            self._compute(slot, batch, None)
+        self.iteration += 1
+        self.stats.iterations += 1
+
+    def _compute(self, slot: MicrobatchSlot, batch: ScheduledBatch, hidden_in) -> None:
+        with self.tracer.span("forward", batch.batch_id):
+            hidden, inputs = self.runner.forward(batch, hidden_in)
+        self.stats.batches += 1
+        self.stats.tokens_computed += inputs.num_tokens
+        if self.deterministic:
+            slot.pending_batch = batch.batch_id
+        if self.is_last:
+            with self.tracer.span("sample", batch.batch_id):
+                state, diff = self.last_stage.sample(batch, hidden, inputs)
+            with self.tracer.span("relay", batch.batch_id):
+                self.relay.publish(state, diff)
+            return
+        with self.tracer.span("send", batch.batch_id):
+            outgoing = hidden if hidden.device.type == "cpu" else hidden.cpu()
+            outgoing = outgoing.contiguous()
+            payload = outgoing.view(torch.uint8).numpy()
+            slot.requests.append(
+                self.comm.Isend([payload, MPI.BYTE], self.rank + 1, Tag.ACTIVATIONS)
+            )
+            slot.keep_alive.append(outgoing)
+
+    def _wait_slot(self, slot: MicrobatchSlot) -> None:
+        if slot.requests:
+            with self.tracer.span("send-wait"):
+                wait_all(slot.requests, "sends of a reused microbatch slot", self.tracker)
+            slot.requests.clear()
+            slot.keep_alive.clear()
+
+    def _on_admitted(self, batch: ScheduledBatch) -> None:
+        """Per-request set-up for sequences that entered the table with this batch."""
+        if batch.admit_slots.shape[0] == 0:
+            return
+        for slot in batch.admit_slots.tolist():
+            info = self.table.infos[slot]
+            if self.last_stage is not None:
+                self.last_stage.admit(info)
+            if self.outputs is not None:
+                self.outputs.on_admit(info)
+
+    def _apply_control(self, control: Control, local_infos: list[SeqInfo] | None = None) -> None:
+        """Register new requests and apply cancellations (rank 0 passes its own infos)."""
+        if control.new is not None:
+            infos = local_infos if local_infos is not None else control.new.infos()
+            for info in infos:
+                self.infos[info.seq_id] = info
+                if self.rank == 0:
+                    self.scheduler.add(info)
+                else:
+                    self.pending[info.seq_id] = info
+        for seq_id in control.aborts:
+            self._abort_sequence(seq_id)
+
+    def _abort_sequence(self, seq_id: int) -> None:
+        info = self.infos.get(seq_id)
+        if info is None:
+            return  # finished in the meantime
+        if info.slot < 0:  # never admitted
+            if self.rank == 0:
+                self.scheduler.remove_waiting(info)
+            else:
+                self.pending.pop(seq_id, None)
+            self._finish(info, FINISH_ABORT)
+        elif self.table.in_flight[info.slot]:
+            self.table.abort_requested[info.slot] = True
+        else:
+            self._finish(info, FINISH_ABORT)
+
+    def _handle_ready(self, count: int) -> None:
+        for _ in range(count):
+            state, diff = self.relay.ready.pop()
+            self._land(state, diff)
+
+    def _land(self, state: SampleState, diff) -> None:
+        table = self.table
+        table.land_batch(state.slots, state.sampled, state.token_ids)
+        if self.outputs is not None:
+            self._events.extend(self.outputs.on_batch(state, diff))
+        finish = state.finish.copy()
+        aborted = table.abort_requested[state.slots]
+        finish[aborted] = FINISH_ABORT
+        done = np.flatnonzero(finish != FINISH_NONE)
+        for index in done.tolist():
+            info = table.infos[int(state.slots[index])]
+            self._finish(info, int(finish[index]))
+
+    def _finish(self, info: SeqInfo, code: int) -> None:
+        """Release a sequence everywhere on this rank (same iteration on every rank)."""
+        if self.rank == 0:
+            output, last_delta = self.outputs.finish(info, code)
+            self._finished.append(output)
+            if last_delta is not None:
+                self._events.append(last_delta)
+            self._seq_by_request.pop(info.request_id, None)
+        if info.slot >= 0:
+            if self.last_stage is not None:
+                self.last_stage.release(info.slot)
+            self.table.release(info.slot)
+        self.infos.pop(info.seq_id, None)
+
+    def _teardown(self) -> None:
+        for slot in self.slots:
+            self._wait_slot(slot)
+        self.relay.stop()
+        self.stopped = True
+
+
+def _numpy_dtype(dtype: torch.dtype) -> type:
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[dtype]

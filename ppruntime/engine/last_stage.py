@@ -1,0 +1,222 @@
+"""What the last rank does with a microbatch's hidden states.
+
+It samples one token for every sequence whose chunk reached its end, decides which
+sequences finish (eos, stop ids, stop strings, max_tokens, model length) and builds
+the batch's sample state (tokens + finish codes, for every rank) and response diff
+(log-probs, logits, stop strings: what changed since the last send, for rank 0).
+Per-request parameters live in arrays indexed by slot, so a step costs array
+operations, plus Python work only for the rows that asked for something special.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ppruntime.engine.detokenizer import IncrementalDetokenizer
+from ppruntime.engine.scheduler import ScheduledBatch
+from ppruntime.engine.seq_table import SeqInfo, SequenceTable
+from ppruntime.engine.stop import StopStringMatcher
+from ppruntime.engine.wire import FINISH_LENGTH, FINISH_NONE, FINISH_STOP, SampleState
+from ppruntime.stage.runner import StageRunner
+from ppruntime.stage.sampler import Sampler, SamplingBatch, make_generator
+from ppruntime.stage.step_inputs import StepInputs
+
+_EMPTY_I32 = np.zeros(0, dtype=np.int32)
+
+
+@dataclass
+class ResponseDiff:
+    """Per-batch extras that only rank 0 needs (travel sliced when large)."""
+
+    stop_strings: dict[int, str] = field(default_factory=dict)  # slot -> matched stop string
+    logprob_slots: np.ndarray = field(default_factory=lambda: _EMPTY_I32)  # [L]
+    chosen_logprobs: np.ndarray | None = None  # [L] float32
+    top_token_ids: np.ndarray | None = None  # [L, K] int32
+    top_logprobs: np.ndarray | None = None  # [L, K] float32
+    generation_logit_slots: np.ndarray = field(default_factory=lambda: _EMPTY_I32)  # [G]
+    generation_logits: np.ndarray | None = None  # [G, V] float32
+    prompt_logits: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+    # (slot, first prompt position, logits [n, V] float32)
+
+    def is_empty(self) -> bool:
+        return (
+            not self.stop_strings
+            and self.logprob_slots.shape[0] == 0
+            and self.generation_logit_slots.shape[0] == 0
+            and not self.prompt_logits
+        )
+
+
+class LastStage:
+    def __init__(
+        self,
+        table: SequenceTable,
+        runner: StageRunner,
+        tokenizer,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
+        seed: int,
+    ) -> None:
+        self.table = table
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = np.asarray(eos_token_ids, dtype=np.int32)
+        self.max_model_len = max_model_len
+        self.seed = seed
+        self.sampler = Sampler()
+        slots = table.max_slots
+        self.temperature = np.zeros(slots, dtype=np.float32)
+        self.top_k = np.zeros(slots, dtype=np.int32)
+        self.top_p = np.ones(slots, dtype=np.float32)
+        self.min_p = np.zeros(slots, dtype=np.float32)
+        self.max_tokens = np.zeros(slots, dtype=np.int32)
+        self.ignore_eos = np.zeros(slots, dtype=np.bool_)
+        self.num_logprobs = np.full(slots, -1, dtype=np.int32)
+        self.wants_generation_logits = np.zeros(slots, dtype=np.bool_)
+        self.wants_prompt_logits = np.zeros(slots, dtype=np.bool_)
+        self.prompt_logits_sent = np.zeros(slots, dtype=np.int32)
+        self.special = np.zeros(slots, dtype=np.bool_)  # stop ids or stop strings
+        self.generators: list[torch.Generator | None] = [None] * slots
+        self.stop_ids: list[frozenset[int]] = [frozenset()] * slots
+        self.stop_matchers: list[tuple[IncrementalDetokenizer, StopStringMatcher] | None] = [
+            None
+        ] * slots
+
+    # -- per request, once --------------------------------------------------------
+    def admit(self, info: SeqInfo) -> None:
+        slot, params = info.slot, info.params
+        self.temperature[slot] = params.temperature
+        self.top_k[slot] = max(params.top_k, 0)
+        self.top_p[slot] = params.top_p
+        self.min_p[slot] = params.min_p
+        self.max_tokens[slot] = params.max_tokens
+        self.ignore_eos[slot] = params.ignore_eos
+        self.num_logprobs[slot] = -1 if params.logprobs is None else params.logprobs
+        self.wants_generation_logits[slot] = params.generation_logits
+        self.wants_prompt_logits[slot] = params.prompt_logits
+        self.prompt_logits_sent[slot] = 0
+        seed = params.seed if params.seed is not None else hash((self.seed, info.seq_id))
+        self.generators[slot] = None if params.is_greedy else make_generator(seed & (2**63 - 1))
+        self.stop_ids[slot] = frozenset(params.stop_token_ids)
+        matcher = None
+        if params.stop:
+            if self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer")
+            matcher = (
+                IncrementalDetokenizer(self.tokenizer, info.prompt_token_ids),
+                StopStringMatcher(params.stop),
+            )
+        self.stop_matchers[slot] = matcher
+        self.special[slot] = bool(params.stop_token_ids) or matcher is not None
+
+    def release(self, slot: int) -> None:
+        self.generators[slot] = None
+        self.stop_matchers[slot] = None
+
+    # -- per step -----------------------------------------------------------------
+    def sample(
+        self, batch: ScheduledBatch, hidden: torch.Tensor, inputs: StepInputs
+    ) -> tuple[SampleState, ResponseDiff | None]:
+        num_seqs = batch.num_seqs
+        sampled = batch.sample_mask
+        slots = batch.slots[sampled]
+        token_ids = np.full(num_seqs, -1, dtype=np.int32)
+        finish = np.zeros(num_seqs, dtype=np.int32)
+        diff = ResponseDiff()
+        if slots.shape[0]:
+            logits = self.runner.logits(hidden, inputs.sample_token_index)  # [S, V]
+            result = self._sample(slots, logits)
+            tokens = result.token_ids
+            token_ids[sampled] = tokens
+            finish[sampled] = self._finish_codes(slots, tokens, diff)
+            self._collect_sample_extras(slots, logits, result, diff)
+        if self.wants_prompt_logits[batch.slots].any():
+            self._collect_prompt_logits(batch, hidden, diff)
+        state = SampleState(
+            batch_id=batch.batch_id,
+            slots=batch.slots,
+            sampled=sampled,
+            token_ids=token_ids,
+            finish=finish,
+            has_diff=not diff.is_empty(),
+        )
+        return state, (None if diff.is_empty() else diff)
+
+    def _sample(self, slots: np.ndarray, logits: torch.Tensor):
+        temperature = self.temperature[slots]
+        if temperature.any():
+            generators = [self.generators[slot] for slot in slots.tolist()]
+        else:
+            generators = [None] * slots.shape[0]
+        logprob_counts = self.num_logprobs[slots]
+        batch = SamplingBatch(
+            temperature=temperature,
+            top_k=self.top_k[slots],
+            top_p=self.top_p[slots],
+            min_p=self.min_p[slots],
+            generators=generators,
+            num_logprobs=int(logprob_counts.max()) if (logprob_counts >= 0).any() else 0,
+        )
+        if (logprob_counts == 0).any() and batch.num_logprobs == 0:
+            batch.num_logprobs = 1  # chosen-token log-probs are computed with the top-n
+        return self.sampler.sample(logits, batch)
+
+    def _finish_codes(
+        self, slots: np.ndarray, tokens: np.ndarray, diff: ResponseDiff
+    ) -> np.ndarray:
+        table = self.table
+        outputs_after = table.num_output[slots] + 1
+        codes = np.zeros(slots.shape[0], dtype=np.int32)
+        length = (outputs_after >= self.max_tokens[slots]) | (
+            table.num_prompt[slots] + outputs_after >= self.max_model_len
+        )
+        codes[length] = FINISH_LENGTH
+        stop = np.isin(tokens, self.eos_token_ids) & ~self.ignore_eos[slots]
+        special_rows = np.flatnonzero(self.special[slots])
+        for row in special_rows.tolist():
+            slot = int(slots[row])
+            token = int(tokens[row])
+            if token in self.stop_ids[slot]:
+                stop[row] = True
+            matcher = self.stop_matchers[slot]
+            if matcher is not None and not stop[row]:
+                detokenizer, stop_strings = matcher
+                check = stop_strings.feed(detokenizer.append([token]))
+                if check.matched is not None:
+                    stop[row] = True
+                    diff.stop_strings[slot] = check.matched
+        codes[stop] = FINISH_STOP
+        return codes
+
+    def _collect_sample_extras(self, slots, logits, result, diff: ResponseDiff) -> None:
+        wants_logprobs = self.num_logprobs[slots] >= 0
+        if wants_logprobs.any():
+            rows = np.flatnonzero(wants_logprobs)
+            diff.logprob_slots = slots[rows]
+            diff.chosen_logprobs = result.logprobs[rows]
+            diff.top_token_ids = result.top_token_ids[rows]
+            diff.top_logprobs = result.top_logprobs[rows]
+        wants_logits = self.wants_generation_logits[slots]
+        if wants_logits.any():
+            rows = np.flatnonzero(wants_logits)
+            diff.generation_logit_slots = slots[rows]
+            diff.generation_logits = logits[torch.from_numpy(rows)].numpy()
+
+    def _collect_prompt_logits(self, batch: ScheduledBatch, hidden: torch.Tensor, diff) -> None:
+        """Logits of the prompt positions in this chunk, sent once per position."""
+        offsets = np.concatenate([[0], np.cumsum(batch.num_new)])
+        for index in np.flatnonzero(self.wants_prompt_logits[batch.slots]).tolist():
+            slot = int(batch.slots[index])
+            start = int(batch.starts[index])
+            end = min(start + int(batch.num_new[index]), int(self.table.num_prompt[slot]))
+            if start >= end or start != self.prompt_logits_sent[slot]:
+                continue  # not a prompt chunk, or recomputed after preemption
+            rows = torch.arange(offsets[index], offsets[index] + (end - start))
+            diff.prompt_logits.append((slot, start, self.runner.logits(hidden, rows).numpy()))
+            self.prompt_logits_sent[slot] = end
+
+
+__all__ = ["FINISH_NONE", "LastStage", "ResponseDiff"]

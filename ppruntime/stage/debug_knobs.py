@@ -1,0 +1,63 @@
+"""Debug knobs that make one stage slow, stall or fail (tests and benchmarks).
+
+PPRUNTIME_STAGE_DELAY_MS=rank:ms[,rank:ms]  sleep `ms` in every forward of `rank`
+PPRUNTIME_FAULT=rank:step                   raise in the forward number `step` of `rank`
+PPRUNTIME_STALL=rank:step                   hang (sleep forever) at forward `step` of `rank`
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the PPRUNTIME_FAULT knob."""
+
+
+def _parse_pairs(name: str, text: str | None, value_type: type) -> dict[int, float]:
+    if not text:
+        return {}
+    pairs: dict[int, float] = {}
+    for item in text.split(","):
+        rank, sep, value = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            pairs[int(rank)] = value_type(value)
+        except ValueError:
+            raise ValueError(f"{name}={text!r}: expected rank:value[,rank:value]") from None
+    return pairs
+
+
+@dataclass(frozen=True)
+class StageKnobs:
+    delay_s: float = 0.0
+    fault_step: int | None = None
+    stall_step: int | None = None
+
+    @classmethod
+    def from_env(cls, rank: int, environ: dict[str, str] | None = None) -> StageKnobs:
+        env = os.environ if environ is None else environ
+        delays = _parse_pairs(
+            "PPRUNTIME_STAGE_DELAY_MS", env.get("PPRUNTIME_STAGE_DELAY_MS"), float
+        )
+        faults = _parse_pairs("PPRUNTIME_FAULT", env.get("PPRUNTIME_FAULT"), int)
+        stalls = _parse_pairs("PPRUNTIME_STALL", env.get("PPRUNTIME_STALL"), int)
+        return cls(
+            delay_s=delays.get(rank, 0.0) / 1000.0,
+            fault_step=int(faults[rank]) if rank in faults else None,
+            stall_step=int(stalls[rank]) if rank in stalls else None,
+        )
+
+    def before_forward(self, rank: int, step: int) -> None:
+        if self.fault_step is not None and step == self.fault_step:
+            raise InjectedFault(
+                f"PPRUNTIME_FAULT: injected failure in forward {step} of rank {rank}"
+            )
+        if self.stall_step is not None and step == self.stall_step:
+            while True:  # a stalled stage, for the watchdog to find
+                time.sleep(1.0)
+        if self.delay_s:
+            time.sleep(self.delay_s)

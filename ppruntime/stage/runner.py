@@ -1,0 +1,51 @@
+"""Runs one stage's forward for a microbatch: step inputs, model, KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from ppruntime.model.partition import StageSpec
+from ppruntime.stage.debug_knobs import StageKnobs
+from ppruntime.stage.step_inputs import StepInputPool, StepInputs
+
+
+class StageRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        stage: StageSpec,
+        kv_cache: torch.Tensor,
+        pool: StepInputPool,
+        rank: int,
+        knobs: StageKnobs | None = None,
+    ) -> None:
+        self.model = model
+        self.stage = stage
+        self.kv_cache = kv_cache
+        self.pool = pool
+        self.rank = rank
+        self.knobs = knobs or StageKnobs()
+        self.num_forwards = 0
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage.is_first_stage
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage.is_last_stage
+
+    def forward(self, batch, hidden_in: torch.Tensor | None) -> tuple[torch.Tensor, StepInputs]:
+        """hidden_in: [T, H] from the previous stage (None on the first stage)."""
+        self.knobs.before_forward(self.rank, self.num_forwards)
+        self.num_forwards += 1
+        inputs = self.pool.prepare(batch)
+        model_input = inputs.token_ids if self.is_first_stage else hidden_in
+        with torch.inference_mode():
+            hidden = self.model(model_input, inputs.positions, inputs.attn, self.kv_cache)
+        return hidden, inputs
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits [N, V] float32 of the given flat token rows (last stage)."""
+        with torch.inference_mode():
+            return self.model.compute_logits(hidden.index_select(0, rows)).float()
