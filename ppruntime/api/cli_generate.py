@@ -1,9 +1,259 @@
-"""`ppruntime generate` (filled in by the engine work)."""
+"""`ppruntime generate`: generate from the command line, under mpirun or alone.
+
+Every rank parses the same arguments. Rank 0 reads and validates the prompts
+(file lines, flag values) and tells the other ranks whether to go on, so bad input
+ends every rank with status 2 before anything is loaded or generated. With
+`--json`, stdout carries exactly one JSON object per request, in input order;
+logs go to stderr.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from dataclasses import dataclass
 
-def add_generate_parser(sub, add_common) -> None:
-    parser = sub.add_parser("generate", help="generate text")
+from ppruntime.engine.errors import InvalidRequestError
+from ppruntime.engine.sampling_params import SamplingParams
+
+EXIT_BAD_INPUT = 2
+EXIT_TERMINATED = 143  # 128 + SIGTERM: stopped early, running requests were aborted
+
+
+class CliInputError(ValueError):
+    pass
+
+
+@dataclass
+class PromptSpec:
+    source: str  # "--prompt 2" or "prompts.jsonl:7"
+    prompt: object  # str or list[int]
+
+
+def add_generate_parser(sub, add_common) -> None:  # noqa: ANN001
+    parser = sub.add_parser("generate", help="generate text for prompts")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", help="Hugging Face checkpoint directory")
+    model.add_argument("--preset", help="built-in model: tiny (default), bench-small, null")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument(
+        "--prompts-file",
+        help='JSON lines, each {"prompt": "..."} or {"prompt_token_ids": [...]}',
+    )
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--max-tokens", type=int, default=16)
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sampling.add_argument("--top-k", type=int, default=0)
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--min-p", type=float, default=0.0)
+    sampling.add_argument("--seed", type=int, default=None)
+    sampling.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    sampling.add_argument(
+        "--stop-token-ids", default="", help="comma-separated token ids that end a request"
+    )
+    sampling.add_argument("--ignore-eos", action="store_true")
+    sampling.add_argument("--logprobs", type=int, default=None, help="top-n log-probs per token")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--pp-size", type=int, default=None, help="default: the MPI world size")
+    engine.add_argument("--layer-partition", default=None, help="layers per stage, e.g. 3,5,5,3")
+    engine.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    engine.add_argument("--device", default=None, help="cpu, cuda (default: GPU per local rank)")
+    engine.add_argument("--max-batch-size", type=int, default=64)
+    engine.add_argument("--max-num-tokens", type=int, default=1024)
+    engine.add_argument("--max-model-len", type=int, default=None)
+    engine.add_argument("--block-size", type=int, default=16)
+    engine.add_argument("--kv-cache-blocks", type=int, default=None)
+    engine.add_argument("--deterministic", action="store_true", default=None)
+    engine.add_argument("--num-microbatches", type=int, default=None)
+    engine.add_argument("--watchdog-timeout", type=float, default=None, help="seconds")
+    engine.add_argument("--engine-seed", type=int, default=0)
+    output = parser.add_argument_group("output")
+    output.add_argument("--stream", action="store_true", help="print text as it is generated")
+    output.add_argument("--json", action="store_true", help="one JSON object per request")
+    output.add_argument("--trace", default=None, help="write a Chrome trace of all ranks here")
+    output.add_argument("--quiet", action="store_true", help="no progress bar")
     add_common(parser)
-    parser.set_defaults(run=lambda args: 2)
+    parser.set_defaults(run=run_generate)
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    try:
+        stop_ids = [int(t) for t in args.stop_token_ids.split(",") if t.strip()]
+    except ValueError:
+        raise InvalidRequestError(
+            f"--stop-token-ids must be comma-separated integers, got {args.stop_token_ids!r}"
+        ) from None
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        stop_token_ids=stop_ids,
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
+    )
+
+
+def read_prompts(args: argparse.Namespace) -> list[PromptSpec]:
+    prompts = [PromptSpec(f"--prompt #{i + 1}", text) for i, text in enumerate(args.prompt)]
+    if args.prompts_file:
+        prompts.extend(read_prompts_file(args.prompts_file))
+    if not prompts:
+        raise CliInputError("no prompts: give --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def read_prompts_file(path: str) -> list[PromptSpec]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.readlines()
+    except OSError as error:
+        raise CliInputError(f"--prompts-file {path}: {error.strerror}") from None
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        where = f"{path}:{number}"
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise CliInputError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise CliInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        has_text, has_ids = "prompt" in record, "prompt_token_ids" in record
+        if has_text == has_ids:
+            raise CliInputError(
+                f"{where}: give exactly one of the fields 'prompt' or 'prompt_token_ids'"
+            )
+        if has_text:
+            value = record["prompt"]
+            if not isinstance(value, str) or not value:
+                raise CliInputError(f"{where}: field 'prompt' must be a non-empty string")
+        else:
+            value = record["prompt_token_ids"]
+            if not isinstance(value, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in value
+            ):
+                raise CliInputError(f"{where}: field 'prompt_token_ids' must be a list of integers")
+        prompts.append(PromptSpec(where, value))
+    return prompts
+
+
+def _agree_on_input(error: str | None) -> str | None:
+    """Rank 0's verdict on the input, known to every rank."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.bcast(error, root=0)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from ppruntime.bootstrap import bootstrap
+
+    info = bootstrap(args.log_level, args.log_dir)
+    error = None
+    prompts: list[PromptSpec] = []
+    params = None
+    if info.rank == 0:
+        try:
+            params = sampling_params_from_args(args)
+            prompts = read_prompts(args)
+        except (InvalidRequestError, CliInputError) as exc:
+            error = str(exc)
+    error = _agree_on_input(error)
+    if error is not None:
+        if info.rank == 0:
+            print(f"ppruntime generate: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    from ppruntime.api.llm import LLM
+    from ppruntime.config import ConfigError
+    from ppruntime.engine.engine import StartupError
+    from ppruntime.model import ModelLoadError, PartitionError
+
+    try:
+        llm = LLM(
+            args.model,
+            preset=args.preset,
+            pp_size=args.pp_size,
+            layer_partition=args.layer_partition,
+            dtype=args.dtype,
+            device=args.device,
+            max_batch_size=args.max_batch_size,
+            max_num_tokens=args.max_num_tokens,
+            block_size=args.block_size,
+            kv_cache_blocks=args.kv_cache_blocks,
+            max_model_len=args.max_model_len,
+            deterministic=args.deterministic,
+            num_microbatches=args.num_microbatches,
+            seed=args.engine_seed,
+            watchdog_timeout_s=args.watchdog_timeout,
+            trace=args.trace,
+            log_level=args.log_level,
+            log_dir=args.log_dir,
+            exit_workers=False,
+        )
+    except (ConfigError, ModelLoadError, PartitionError, StartupError, ValueError) as exc:
+        if info.rank == 0:
+            print(f"ppruntime generate: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not llm.is_driver:
+        return 0
+    with llm:
+        try:
+            encoded = [_encode(llm, spec, params) for spec in prompts]
+        except CliInputError as exc:
+            print(f"ppruntime generate: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if args.stream:
+            outputs = _generate_streaming(llm, encoded, params, print_text=not args.json)
+        else:
+            outputs = llm.generate(encoded, params, use_tqdm=False if args.quiet else None)
+        for spec, output in zip(prompts, outputs):
+            if args.json:
+                print(json.dumps(output.to_json()), flush=True)
+            elif not args.stream:
+                print(f"[{spec.source}] {output.text}", flush=True)
+    from ppruntime.comm.failure import termination_requested
+
+    return EXIT_TERMINATED if termination_requested.is_set() else 0
+
+
+def _encode(llm, spec: PromptSpec, params: SamplingParams):  # noqa: ANN001, ANN202
+    try:
+        ids = llm.encode_prompt(spec.prompt)
+        llm.validate_request(ids, params)
+    except (InvalidRequestError, ValueError) as exc:
+        raise CliInputError(f"{spec.source}: {exc}") from None
+    return ids
+
+
+def _generate_streaming(llm, encoded, params, print_text: bool) -> list:  # noqa: ANN001
+    """Print deltas as they come; return final outputs (reassembled) in input order."""
+    from ppruntime.engine.outputs import RequestOutput
+
+    pieces: dict[str, RequestOutput] = {}
+    order: list[str] = []
+    single = len(encoded) == 1
+    for delta in llm.generate_stream(encoded, params):
+        if delta.request_id not in pieces:
+            order.append(delta.request_id)
+            pieces[delta.request_id] = RequestOutput(delta.request_id, [], [], "", logprobs=None)
+        whole = pieces[delta.request_id]
+        whole.token_ids.extend(delta.token_ids)
+        whole.text += delta.text
+        if delta.logprobs is not None:
+            whole.logprobs = (whole.logprobs or []) + delta.logprobs
+        if delta.finished:
+            whole.finished = True
+            whole.finish_reason = delta.finish_reason
+        if print_text and delta.text:
+            prefix = "" if single else f"[{delta.request_id}] "
+            sys.stdout.write(prefix + delta.text + ("" if single else "\n"))
+            sys.stdout.flush()
+    if print_text and single:
+        sys.stdout.write("\n")
+    return [pieces[request_id] for request_id in sorted(order, key=lambda r: int(r.split("-")[1]))]

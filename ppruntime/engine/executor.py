@@ -23,6 +23,7 @@ import torch
 from mpi4py import MPI
 
 from ppruntime.comm.communicators import PipelineComms
+from ppruntime.comm.failure import termination_requested
 from ppruntime.comm.tags import Tag
 from ppruntime.comm.waiting import (
     WaitTracker,
@@ -161,6 +162,7 @@ class PipelineExecutor:
         self._seq_by_request: dict[str, int] = {}
         self._events: list[RequestOutput] = []
         self._finished: list[RequestOutput] = []
+        self._terminated = False
         self.relay.start()
 
     # ===================================================================================
@@ -203,6 +205,10 @@ class PipelineExecutor:
         """One iteration of rank 0 (returns without sending if nothing can happen)."""
         if self.stopped:
             raise RuntimeError("the engine has been shut down")
+        if self.terminating and not self._terminated:
+            self._terminated = True
+            for request_id in list(self._seq_by_request):
+                self.abort(request_id)
         slot = self.slots[self.iteration % self.num_slots]
         self._wait_slot(slot)
         ready = self._count_ready(slot)

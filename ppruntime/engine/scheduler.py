@@ -102,6 +102,7 @@ class Scheduler:
         slots, num_new = self._pick_running(cap)
         counts = table.blocks_needed(slots, num_new)
         preempted: list[int] = []
+        starved = False  # a running sequence waits for blocks: admit nothing new
         while int(counts.sum()) > self.blocks.num_free_blocks:
             # preempt only when it makes the whole batch fit: a preemption that ends
             # in an empty batch would never reach the other ranks (they would diverge)
@@ -114,11 +115,12 @@ class Scheduler:
                 continue
             # not enough to reclaim: schedule fewer sequences this time
             slots, num_new, counts = slots[:-1], num_new[:-1], counts[:-1]
+            starved = True
         assert slots.shape[0] or not preempted
         block_ids = self.blocks.allocate(int(counts.sum()))
 
         budget = self.max_num_tokens - int(num_new.sum())
-        admitted = self._admit(cap - slots.shape[0], budget)
+        admitted = [] if starved else self._admit(cap - slots.shape[0], budget)
         if admitted:
             admit_slots = np.array([info.slot for info, _, _ in admitted], dtype=np.int32)
             slots = np.concatenate([slots, admit_slots])
