@@ -31,7 +31,7 @@ class PromptSpec:
     prompt: object  # str or list[int]
 
 
-def add_generate_parser(sub, add_common) -> None:  # noqa: ANN001
+def add_generate_parser(sub, add_common) -> None:
     parser = sub.add_parser("generate", help="generate text for prompts")
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", help="Hugging Face checkpoint directory")
@@ -222,7 +222,7 @@ def run_generate(args: argparse.Namespace) -> int:
     return EXIT_TERMINATED if termination_requested.is_set() else 0
 
 
-def _encode(llm, spec: PromptSpec, params: SamplingParams):  # noqa: ANN001, ANN202
+def _encode(llm, spec: PromptSpec, params: SamplingParams):
     try:
         ids = llm.encode_prompt(spec.prompt)
         llm.validate_request(ids, params)
@@ -231,7 +231,7 @@ def _encode(llm, spec: PromptSpec, params: SamplingParams):  # noqa: ANN001, ANN
     return ids
 
 
-def _generate_streaming(llm, encoded, params, print_text: bool) -> list:  # noqa: ANN001
+def _generate_streaming(llm, encoded, params, print_text: bool) -> list:
     """Print deltas as they come; return final outputs (reassembled) in input order."""
     from ppruntime.engine.outputs import RequestOutput
 

@@ -168,6 +168,11 @@ class PipelineExecutor:
     # ===================================================================================
     # rank 0: the API side
     # ===================================================================================
+    @property
+    def terminating(self) -> bool:
+        """SIGTERM was received: no new requests; running ones end with "abort"."""
+        return termination_requested.is_set()
+
     def add_request(
         self,
         request_id: str,
@@ -175,6 +180,8 @@ class PipelineExecutor:
         params,
         stream: bool = False,
     ) -> None:
+        if self.terminating:
+            raise RuntimeError("the engine is stopping (SIGTERM received): no new requests")
         if request_id in self._seq_by_request:
             raise ValueError(f"request_id {request_id!r} is already in use")
         info = SeqInfo(self._next_seq_id, request_id, prompt_token_ids, params)
