@@ -22,6 +22,22 @@ DEFAULT_SLICE_BYTES = 2 * 1024 * 1024
 
 
 @dataclass
+class SliceStats:
+    """Counters of this process's sliced transfers (tests check the sliced path ran).
+
+    sliced_sends / sliced_recvs: out-of-band buffers cut into more than one slice;
+    slices_sent: slices issued in all (one per buffer and destination at least).
+    """
+
+    sliced_sends: int = 0
+    sliced_recvs: int = 0
+    slices_sent: int = 0
+
+
+SLICE_STATS = SliceStats()
+
+
+@dataclass
 class SendHandles:
     """Requests of one sliced send and the buffers they read from."""
 
@@ -70,7 +86,10 @@ def isend_object_sliced(
         handles.requests.append(comm.isend(meta, dest, meta_tag))
     queues = [(dest, raw) for dest in dests for raw in raws]
     bounds = [_slice_bounds(raw.shape[0], slice_bytes) for _, raw in queues]
-    for index, start, end in _round_robin(bounds):
+    SLICE_STATS.sliced_sends += sum(1 for queue in bounds if len(queue) > 1)
+    order = _round_robin(bounds)
+    SLICE_STATS.slices_sent += len(order)
+    for index, start, end in order:
         dest, raw = queues[index]
         handles.requests.append(comm.Isend([raw[start:end], MPI.BYTE], dest, slice_tag))
     return handles
@@ -90,6 +109,7 @@ def recv_object_sliced(
     data, sizes = recv_object(comm, source, meta_tag, what, tracker, should_stop)
     targets = [np.empty(size, dtype=np.uint8) for size in sizes]
     bounds = [_slice_bounds(size, slice_bytes) for size in sizes]
+    SLICE_STATS.sliced_recvs += sum(1 for queue in bounds if len(queue) > 1)
     requests = [
         comm.Irecv([targets[index][start:end], MPI.BYTE], source, slice_tag)
         for index, start, end in _round_robin(bounds)

@@ -64,6 +64,11 @@ class WaitTracker:
         self.waiting_for = None
         self.progress_at = time.monotonic()
 
+    def progress(self) -> None:
+        """The thread completed a unit of work (an iteration)."""
+        self.waiting_for = None
+        self.progress_at = time.monotonic()
+
 
 def request_done(request: MPI.Request | pkl5.Request) -> bool:
     """Test a request of either kind (pkl5 requests are lowercase-only)."""

@@ -250,7 +250,10 @@ class PipelineExecutor:
         """Nothing to schedule or handle: wait for a result instead of spinning."""
         with self.tracer.span("idle"):
             if self.table.num_in_flight_batches and not self.deterministic:
-                self.relay.ready.wait_for(1, timeout=0.05)
+                if self.tracker.waiting_for is None:
+                    self.tracker.begin("sample states from the last rank")
+                if self.relay.ready.wait_for(1, timeout=0.05):
+                    self.tracker.end()
 
     def _count_ready(self, slot: MicrobatchSlot) -> int:
         if self.deterministic:
@@ -342,6 +345,7 @@ class PipelineExecutor:
             self._compute(slot, batch, hidden_in)
         self.iteration = header.iteration + 1
         self.stats.iterations += 1
+        self.tracker.progress()
         if header.shutdown:
             self._teardown()
 
@@ -361,8 +365,11 @@ class PipelineExecutor:
                 for _ in range(count):
                     self.relay.receive_inline()
             return
+        if self.relay.ready.wait_for(count, timeout=0):
+            return
+        self.tracker.begin(f"{count} ready batch(es) from the relay")
         while not self.relay.ready.wait_for(count, timeout=1.0):
-            self.tracker.begin(f"{count} ready batch(es) from the relay")
+            pass
         self.tracker.end()
 
     # ===================================================================================
@@ -398,6 +405,7 @@ class PipelineExecutor:
             self._compute(slot, batch, None)
         self.iteration += 1
         self.stats.iterations += 1
+        self.tracker.progress()
 
     def _compute(self, slot: MicrobatchSlot, batch: ScheduledBatch, hidden_in) -> None:
         with self.tracer.span("forward", batch.batch_id):
