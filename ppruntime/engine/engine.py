@@ -203,6 +203,7 @@ class PipelineEngine:
         runner = StageRunner(
             model, stage, kv_cache, pool, info.rank, StageKnobs.from_env(info.rank)
         )
+        runner.reserve_device_input(config.max_num_tokens * model_config.hidden_size)
         last_stage = None
         if stage.is_last_stage:
             last_stage = LastStage(

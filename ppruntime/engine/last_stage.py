@@ -128,6 +128,8 @@ class LastStage:
         diff = ResponseDiff()
         if slots.shape[0]:
             logits = self.runner.logits(hidden, inputs.sample_token_index)  # [S, V]
+            if logits.device.type != "cpu":
+                logits = logits.cpu()  # sampling and its per-request generators run on the host
             result = self._sample(slots, logits)
             tokens = result.token_ids
             token_ids[sampled] = tokens
@@ -215,7 +217,9 @@ class LastStage:
             if start >= end or start != self.prompt_logits_sent[slot]:
                 continue  # not a prompt chunk, or recomputed after preemption
             rows = torch.arange(offsets[index], offsets[index] + (end - start))
-            diff.prompt_logits.append((slot, start, self.runner.logits(hidden, rows).numpy()))
+            rows = rows.to(hidden.device)
+            values = self.runner.logits(hidden, rows).cpu().numpy()
+            diff.prompt_logits.append((slot, start, values))
             self.prompt_logits_sent[slot] = end
 
 

@@ -26,6 +26,12 @@ class StageRunner:
         self.rank = rank
         self.knobs = knobs or StageKnobs()
         self.num_forwards = 0
+        self._device_input: torch.Tensor | None = None
+        self._device_input_size = 0
+
+    def reserve_device_input(self, num_elements: int) -> None:
+        """Size of the device copy of received activations (allocated on first use)."""
+        self._device_input_size = num_elements
 
     @property
     def is_first_stage(self) -> bool:
@@ -41,9 +47,22 @@ class StageRunner:
         self.num_forwards += 1
         inputs = self.pool.prepare(batch)
         model_input = inputs.token_ids if self.is_first_stage else hidden_in
+        if model_input is not None and model_input.device != self.pool.device:
+            model_input = self._to_device(model_input)
         with torch.inference_mode():
             hidden = self.model(model_input, inputs.positions, inputs.attn, self.kv_cache)
         return hidden, inputs
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """Activations arrive in host memory (MPI buffers); copy them into a device buffer."""
+        count = host.numel()
+        if self._device_input is None or self._device_input.numel() < count:
+            self._device_input = torch.empty(
+                max(count, self._device_input_size), dtype=host.dtype, device=self.pool.device
+            )
+        view = self._device_input[:count].view(host.shape)
+        view.copy_(host, non_blocking=True)
+        return view
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Logits [N, V] float32 of the given flat token rows (last stage)."""
