@@ -170,6 +170,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
 
     from ppruntime.api.llm import LLM
+    from ppruntime.comm.mpi_env import MPIConfigurationError
     from ppruntime.config import ConfigError
     from ppruntime.engine.engine import StartupError
     from ppruntime.model import ModelLoadError, PartitionError
@@ -196,7 +197,14 @@ def run_generate(args: argparse.Namespace) -> int:
             log_dir=args.log_dir,
             exit_workers=False,
         )
-    except (ConfigError, ModelLoadError, PartitionError, StartupError, ValueError) as exc:
+    except (
+        ConfigError,
+        MPIConfigurationError,  # e.g. --pp-size differs from the rank count: same on every rank
+        ModelLoadError,
+        PartitionError,
+        StartupError,
+        ValueError,
+    ) as exc:
         if info.rank == 0:
             print(f"ppruntime generate: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -256,4 +264,8 @@ def _generate_streaming(llm, encoded, params, print_text: bool) -> list:
             sys.stdout.flush()
     if print_text and single:
         sys.stdout.write("\n")
-    return [pieces[request_id] for request_id in sorted(order, key=lambda r: int(r.split("-")[1]))]
+    in_order = sorted(order, key=lambda r: int(r.split("-")[1]))
+    outputs = [pieces[request_id] for request_id in in_order]
+    for output, prompt_ids in zip(outputs, encoded):  # deltas carry no prompt: add it back
+        output.prompt_token_ids = prompt_ids.tolist()
+    return outputs

@@ -21,13 +21,20 @@ import numpy as np
 
 from ppruntime.api.progress import ProgressBar
 from ppruntime.bootstrap import bootstrap
-from ppruntime.config import DEFAULT_WATCHDOG_TIMEOUT_S, EngineConfig, ParallelConfig, env_flag
+from ppruntime.comm.failure import format_exception, report_and_abort
+from ppruntime.config import (
+    DEFAULT_WATCHDOG_TIMEOUT_S,
+    ConfigError,
+    EngineConfig,
+    ParallelConfig,
+    env_flag,
+)
 from ppruntime.engine.engine import PipelineEngine, RankReport
 from ppruntime.engine.errors import InvalidRequestError
 from ppruntime.engine.outputs import RequestOutput
 from ppruntime.engine.sampling_params import SamplingParams, validate_prompt_token_ids
 from ppruntime.engine.trace import write_chrome_trace
-from ppruntime.model import parse_layer_partition
+from ppruntime.model import PRESETS, is_preset, parse_layer_partition
 from ppruntime.model.tokenizer import require_tokenizer
 
 Prompt = str | Sequence[int] | np.ndarray
@@ -60,6 +67,9 @@ class LLM:
     ) -> None:
         if model is not None and preset is not None:
             raise ValueError("give either model=DIR or preset=NAME, not both")
+        if preset is not None and not is_preset(preset):
+            # without this, an unknown preset name is taken for a (missing) directory
+            raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
         source = model if model is not None else (preset or "tiny")
         self.info = bootstrap(log_level, log_dir)
         if deterministic is None:
@@ -138,6 +148,7 @@ class LLM:
             raise InvalidRequestError(
                 f"sampling_params must be a SamplingParams, got {type(params).__name__}"
             )
+        params.__post_init__()  # again: fields may have been changed after construction
         params.validate_for_model(self.vocab_size, self.max_model_len, prompt_ids.shape[0])
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError(
@@ -256,6 +267,12 @@ class LLM:
         """Stop every rank (requests still running finish with "abort")."""
         if self._closed:
             return self.reports
+        if self.is_driver and self._executor.failure is not None:
+            self._stop_after_failure()
+            raise RuntimeError(
+                "this LLM cannot be shut down in order: its engine failed earlier "
+                f"({self._executor.failure!r})"
+            ) from self._executor.failure
         if self.is_driver:
             self._executor.shutdown()
         self._close()
@@ -275,7 +292,26 @@ class LLM:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if self.is_driver and self._executor.failure is not None:
+            self._stop_after_failure()
+            return  # the engine's own exception goes on
         self.shutdown()
+
+    def _stop_after_failure(self) -> None:
+        """Rank 0's executor failed: the other ranks cannot be stopped in order.
+
+        With other ranks, abort the job (naming this rank, with the traceback) rather
+        than leave them waiting; alone, just mark this LLM closed.
+        """
+        failure = self._executor.failure
+        self._closed = True
+        atexit.unregister(self.shutdown)
+        if self.info.size > 1:
+            report_and_abort(
+                self.info,
+                f"the engine failed on rank {self.info.rank}; aborting the job:\n"
+                + format_exception(failure),
+            )
 
     def _require_driver(self, what: str) -> None:
         if not self.is_driver:

@@ -32,6 +32,7 @@ from ppruntime.comm.waiting import (
     wait_raw_message,
     wait_request,
 )
+from ppruntime.engine.errors import InvalidRequestError
 from ppruntime.engine.last_stage import LastStage
 from ppruntime.engine.outputs import OutputCollector, RequestOutput
 from ppruntime.engine.relay import ResponseRelay
@@ -135,6 +136,7 @@ class PipelineExecutor:
         self.activation_dtype = activation_dtype
         self.iteration = 0
         self.stopped = False
+        self.failure: BaseException | None = None  # rank 0: what broke an iteration
         capacity = microbatch_capacity(
             max_batch_size, max_num_tokens, table.block_size, table.max_slots
         )
@@ -183,7 +185,7 @@ class PipelineExecutor:
         if self.terminating:
             raise RuntimeError("the engine is stopping (SIGTERM received): no new requests")
         if request_id in self._seq_by_request:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use")
         info = SeqInfo(self._next_seq_id, request_id, prompt_token_ids, params)
         self._next_seq_id += 1
         self._seq_by_request[request_id] = info.seq_id
@@ -209,7 +211,23 @@ class PipelineExecutor:
         return events
 
     def step(self) -> None:
-        """One iteration of rank 0 (returns without sending if nothing can happen)."""
+        """One iteration of rank 0 (returns without sending if nothing can happen).
+
+        An exception inside an iteration (a failing stage, say) leaves the pipeline in
+        an unknown state; the executor keeps it in `failure` and refuses to go on, as
+        any later step or an orderly shutdown could wait forever for the other ranks.
+        """
+        if self.failure is not None:
+            raise RuntimeError(
+                f"the engine failed earlier and cannot go on: {self.failure!r}"
+            ) from self.failure
+        try:
+            self._step()
+        except BaseException as exc:
+            self.failure = exc
+            raise
+
+    def _step(self) -> None:
         if self.stopped:
             raise RuntimeError("the engine has been shut down")
         if self.terminating and not self._terminated:

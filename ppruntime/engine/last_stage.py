@@ -89,7 +89,8 @@ class LastStage:
     def admit(self, info: SeqInfo) -> None:
         slot, params = info.slot, info.params
         self.temperature[slot] = params.temperature
-        self.top_k[slot] = max(params.top_k, 0)
+        # k >= vocab keeps every token; clamp so a huge k cannot overflow the int32 row
+        self.top_k[slot] = min(max(params.top_k, 0), np.iinfo(np.int32).max)
         self.top_p[slot] = params.top_p
         self.min_p[slot] = params.min_p
         self.max_tokens[slot] = params.max_tokens

@@ -189,7 +189,12 @@ class OutputCollector:
             tokens = np.zeros(0, dtype=np.int32)
         text = ""
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(tokens)
+            # decoded after the prompt, like the streamed deltas (which concatenate to it)
+            if request.detokenizer is not None:
+                text = request.detokenizer.text
+            else:
+                detokenizer = IncrementalDetokenizer(self.tokenizer, info.prompt_token_ids)
+                text = detokenizer.append(tokens) + detokenizer.flush()
             if request.stop_string is not None:
                 text, _ = truncate_at_stop(text, [request.stop_string])
         output = RequestOutput(

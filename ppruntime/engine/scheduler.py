@@ -80,6 +80,7 @@ class Scheduler:
         self.pp_size = pp_size
         self.waiting: deque[SeqInfo] = deque()
         self._next_batch_id = 0
+        self.num_preemptions = 0  # sequences preempted so far (they recompute later)
 
     @property
     def num_unfinished(self) -> int:
@@ -112,6 +113,7 @@ class Scheduler:
                 victim = int(victims[np.argmax(table.seq_id[victims])])
                 table.preempt(np.array([victim], dtype=np.int32))
                 preempted.append(victim)
+                self.num_preemptions += 1
                 continue
             # not enough to reclaim: schedule fewer sequences this time
             slots, num_new, counts = slots[:-1], num_new[:-1], counts[:-1]

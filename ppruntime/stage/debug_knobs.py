@@ -3,6 +3,8 @@
 PPRUNTIME_STAGE_DELAY_MS=rank:ms[,rank:ms]  sleep `ms` in every forward of `rank`
 PPRUNTIME_FAULT=rank:step                   raise in the forward number `step` of `rank`
 PPRUNTIME_STALL=rank:step                   hang (sleep forever) at forward `step` of `rank`
+PPRUNTIME_PYTHON_WORK_MS=rank:ms[,rank:ms]  busy-loop `ms` in pure Python (holding the GIL)
+                                            before every forward of `rank` (GIL pressure)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class StageKnobs:
     delay_s: float = 0.0
     fault_step: int | None = None
     stall_step: int | None = None
+    python_work_s: float = 0.0
 
     @classmethod
     def from_env(cls, rank: int, environ: dict[str, str] | None = None) -> StageKnobs:
@@ -45,10 +48,12 @@ class StageKnobs:
         )
         faults = _parse_pairs("PPRUNTIME_FAULT", env.get("PPRUNTIME_FAULT"), int)
         stalls = _parse_pairs("PPRUNTIME_STALL", env.get("PPRUNTIME_STALL"), int)
+        work = _parse_pairs("PPRUNTIME_PYTHON_WORK_MS", env.get("PPRUNTIME_PYTHON_WORK_MS"), float)
         return cls(
             delay_s=delays.get(rank, 0.0) / 1000.0,
             fault_step=int(faults[rank]) if rank in faults else None,
             stall_step=int(stalls[rank]) if rank in stalls else None,
+            python_work_s=work.get(rank, 0.0) / 1000.0,
         )
 
     def before_forward(self, rank: int, step: int) -> None:
@@ -61,3 +66,15 @@ class StageKnobs:
                 time.sleep(1.0)
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.python_work_s:
+            _busy_python(self.python_work_s)
+
+
+def _busy_python(seconds: float) -> int:
+    """Pure-Python work for `seconds`: holds the GIL but for the interpreter's switches."""
+    end = time.perf_counter() + seconds
+    total = 0
+    while time.perf_counter() < end:
+        for value in range(200):
+            total += value * value
+    return total

@@ -60,6 +60,14 @@ class Sampler:
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
         # logits: [N, V] float32
         greedy_rows = batch.temperature == 0.0  # [N] bool
+        if greedy_rows.all() and logits.device.type == "cpu":
+            # numpy's argmax is an order of magnitude faster than torch's on CPU;
+            # both return the first maximum, so ties still go to the lowest index
+            token_ids = np.argmax(logits.numpy(), axis=-1).astype(np.int32)
+            if batch.num_logprobs <= 0:
+                return SampleResult(token_ids, None, None, None)
+            chosen = torch.from_numpy(token_ids.astype(np.int64))
+            return self._with_logprobs(logits, chosen, token_ids, batch.num_logprobs)
         if greedy_rows.all():
             chosen = logits.argmax(dim=-1)  # [N]
         else:
