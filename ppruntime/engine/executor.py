@@ -27,11 +27,11 @@ from ppruntime.comm.failure import termination_requested
 from ppruntime.comm.tags import Tag
 from ppruntime.comm.waiting import (
     WaitTracker,
-    recv_object,
     wait_all,
     wait_raw_message,
     wait_request,
 )
+from ppruntime.engine.control import Control, NewRequests, isend_control, recv_control
 from ppruntime.engine.errors import InvalidRequestError
 from ppruntime.engine.last_stage import LastStage
 from ppruntime.engine.outputs import OutputCollector, RequestOutput
@@ -50,38 +50,6 @@ from ppruntime.engine.wire import (
     unpack_microbatch,
 )
 from ppruntime.stage.runner import StageRunner
-
-
-@dataclass
-class NewRequests:
-    """Requests entering in one iteration: all prompts in ONE int32 buffer."""
-
-    seq_ids: np.ndarray  # [N] int64
-    request_ids: list[str]
-    prompt_lengths: np.ndarray  # [N] int64
-    prompt_tokens: np.ndarray  # [sum(lengths)] int32, travels out-of-band
-    params: list
-
-    def infos(self) -> list[SeqInfo]:
-        bounds = np.concatenate([[0], np.cumsum(self.prompt_lengths)])
-        return [
-            SeqInfo(int(seq_id), request_id, self.prompt_tokens[start:end], params)
-            for seq_id, request_id, start, end, params in zip(
-                self.seq_ids.tolist(),
-                self.request_ids,
-                bounds[:-1].tolist(),
-                bounds[1:].tolist(),
-                self.params,
-            )
-        ]
-
-
-@dataclass
-class Control:
-    """New requests and cancellations, applied by every rank in the same iteration."""
-
-    new: NewRequests | None = None
-    aborts: list[int] = field(default_factory=list)  # seq ids
 
 
 @dataclass
@@ -324,13 +292,7 @@ class PipelineExecutor:
         header = unpack_microbatch(message)
         control = None
         if header.has_control:
-            control = recv_object(
-                self.comm,
-                source,
-                Tag.MICROBATCH_CONTROL,
-                f"control from rank {source}",
-                tracker=self.tracker,
-            )
+            control = recv_control(self.comm, source, self.tracker)
         slot = self.slots[header.iteration % self.num_slots]
         self._wait_slot(slot)
         activation_request = None
@@ -342,8 +304,9 @@ class PipelineExecutor:
             )
         if not self.is_last:
             self._forward_header(slot, message, control)
-        with self.tracer.span("handle"):
+        with self.tracer.span("relay-wait"):
             self._wait_ready_for(header.ready_count)
+        with self.tracer.span("handle"):
             self._handle_ready(header.ready_count)
         if control is not None:
             self._apply_control(control)
@@ -373,7 +336,7 @@ class PipelineExecutor:
         out = slot.header_buffer[:size]
         slot.requests.append(self.comm.Isend([out, MPI.BYTE], self.rank + 1, Tag.MICROBATCH))
         if control is not None:
-            slot.requests.append(self.comm.isend(control, self.rank + 1, Tag.MICROBATCH_CONTROL))
+            slot.requests.extend(isend_control(self.comm, control, self.rank + 1, slot.keep_alive))
 
     def _wait_ready_for(self, count: int) -> None:
         if count == 0:
@@ -417,7 +380,7 @@ class PipelineExecutor:
             message = pack_microbatch(header, slot.header_buffer)
             slot.requests.append(self.comm.Isend([message, MPI.BYTE], 1, Tag.MICROBATCH))
             if control is not None:
-                slot.requests.append(self.comm.isend(control, 1, Tag.MICROBATCH_CONTROL))
+                slot.requests.extend(isend_control(self.comm, control, 1, slot.keep_alive))
         if batch is not None:
             self._on_admitted(batch)
             self._compute(slot, batch, None)

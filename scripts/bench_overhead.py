@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Loop overhead benchmark (issue 6): null-compute stages at PP=2, batch 1 to 512.
+
+    python scripts/bench_overhead.py --json
+
+The `null` preset keeps the whole loop (scheduler, step inputs, transport, sampling,
+relay, handling) but skips the model math. For each batch size B one MPI job of two
+ranks (all batch sizes in one job, back to back) builds an engine with
+max_batch_size=B, runs 4*B requests (enough for every async microbatch slot) of
+`--output-len` tokens, and reports:
+
+  host_us_per_iteration per rank: the rank's own host work per iteration (its
+                instrumented time minus what it spent waiting: receive-wait,
+                send-wait, relay-wait, idle);
+  us_per_step:  wall microseconds per pipeline iteration (the generate window
+                divided by rank 0's iterations), which also holds the hops between
+                ranks (latency, not host work).
+Headline keys: us_per_step_b256 = the busiest rank's host_us_per_iteration at batch
+256, and growth_512_over_32 = the same at 512 over at 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _bench_common as common
+
+WAIT_SPANS = ("receive-wait", "send-wait", "relay-wait", "idle")
+DEFAULT_BATCHES = "1,2,4,8,16,32,64,128,256,512"
+
+
+def worker(args) -> None:
+    common.one_torch_thread()
+    import numpy as np
+
+    from ppruntime.api.llm import LLM
+    from ppruntime.engine.sampling_params import SamplingParams
+
+    results = []
+    rng = np.random.default_rng(0)
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        llm = LLM(
+            preset="null",
+            pp_size=2,
+            max_batch_size=batch,
+            max_num_tokens=max(batch * args.input_len, 256),
+            max_model_len=args.input_len + args.output_len + 16,
+            exit_workers=False,
+        )
+        if not llm.is_driver:
+            continue  # the constructor served until rank 0 shut the engine down
+        prompts = [
+            rng.integers(0, 256, size=args.input_len, dtype=np.int32)
+            for _ in range(args.requests_per_slot * batch)
+        ]
+        llm.generate(prompts[: 2 * batch], params, use_tqdm=False)  # warm-up, then reset
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        window = time.perf_counter() - start
+        reports = llm.shutdown()
+        # the warm-up ran the same loop: the window covers the second generate only,
+        # so count the iterations of the second generate from the totals
+        iterations = reports[0].iterations * (len(prompts) / (len(prompts) + 2 * batch))
+        ranks = []
+        for report in reports:
+            waits = sum(report.busy_s.get(name, 0.0) for name in WAIT_SPANS)
+            ranks.append(
+                {
+                    "rank": report.rank,
+                    "iterations": report.iterations,
+                    "busy_s": report.busy_s,
+                    "waits_s": waits,
+                }
+            )
+        results.append(
+            {"batch": batch, "window_s": window, "iterations": iterations, "ranks": ranks}
+        )
+    if results:
+        common.emit_worker_result({"runs": results})
+
+
+def drive(args) -> int:
+    run = common.run_mpi_worker(
+        2,
+        os.path.abspath(__file__),
+        [
+            "--batches",
+            args.batches,
+            "--input-len",
+            str(args.input_len),
+            "--output-len",
+            str(args.output_len),
+            "--requests-per-slot",
+            str(args.requests_per_slot),
+        ],
+    )
+    table = []
+    lines = ["batch   us/step   host us/iteration (rank 0, rank 1)"]
+    for entry in run["runs"]:
+        us_per_step = entry["window_s"] / entry["iterations"] * 1e6
+        host = []
+        for rank in entry["ranks"]:
+            total = sum(rank["busy_s"].values())
+            # time not spent waiting, per iteration (the whole engine life)
+            own = total - rank["waits_s"]
+            host.append(own / max(rank["iterations"], 1) * 1e6)
+        table.append(
+            {"batch": entry["batch"], "us_per_step": us_per_step, "host_us_per_iteration": host}
+        )
+        lines.append(
+            f"{entry['batch']:5d} {us_per_step:9.1f}   " + ", ".join(f"{h:.1f}" for h in host)
+        )
+    # the headline is the loop's own host time: per rank, per iteration, the busiest rank
+    by_batch = {row["batch"]: max(row["host_us_per_iteration"]) for row in table}
+    result = {"batches": table}
+    if 256 in by_batch:
+        result["us_per_step_b256"] = by_batch[256]
+    if 512 in by_batch and 32 in by_batch:
+        result["growth_512_over_32"] = by_batch[512] / by_batch[32]
+    lines.append(
+        f"us_per_step_b256 = {result.get('us_per_step_b256', float('nan')):.1f}, "
+        f"growth_512_over_32 = {result.get('growth_512_over_32', float('nan')):.2f}"
+    )
+    common.emit(lines, result, args.json)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default=DEFAULT_BATCHES)
+    parser.add_argument("--input-len", type=int, default=8)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument(
+        "--requests-per-slot",
+        type=int,
+        default=4,
+        help="requests = this * batch (4 fills the async slots)",
+    )
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    return drive(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+#!/usr/bin/env python
+"""Pipeline throughput benchmark (issue 6): a fixed workload on the bench-small preset.
+
+    python scripts/bench_pipeline.py --pp 2 --json           # one run
+    python scripts/bench_pipeline.py --compare 2 --json      # PP=1 vs PP=2: efficiency
+    python scripts/bench_pipeline.py --uneven --json         # 1:2 stages: bound_ratio, async vs det
+    ppruntime bench ...                                       # the same
+
+The driver starts each run as its own MPI job (`mpirun -n PP python this --worker`),
+back to back in one invocation, one torch thread per rank. Per run it reports
+output tokens/s, requests/s, TTFT and TPOT p50/p99, and per rank the busy fraction
+(forward + sample time / measured window) and bubble fraction (1 - busy).
+
+Throughput is counted in microbatches/s for the bound: a stage's time per
+microbatch is (forward + sample seconds) / microbatches from that rank's RankReport
+(same run), and bound_ratio = (microbatches/s) * (slowest stage's s/microbatch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _bench_common as common
+
+COMPUTE_SPANS = ("forward", "sample")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="bench-small")
+    parser.add_argument("--pp", type=int, default=2, help="pipeline size of a single run")
+    parser.add_argument(
+        "--compare",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run PP=1 then PP=N back to back; report efficiency",
+    )
+    parser.add_argument(
+        "--uneven",
+        action="store_true",
+        help="1:2 stage imbalance at PP=2, async and deterministic side by side",
+    )
+    parser.add_argument(
+        "--imbalance",
+        choices=("partition", "delay"),
+        default="partition",
+        help="how --uneven makes stage 1 twice as slow as stage 0",
+    )
+    parser.add_argument(
+        "--layer-partition",
+        default=None,
+        help="layers per stage (single run; default for --uneven: 3,5)",
+    )
+    parser.add_argument(
+        "--deterministic", action="store_true", help="single run in deterministic mode"
+    )
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--trace", default=None, help="write a Chrome trace of the (last) PP>1 run")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object as the last line"
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# worker: runs under mpirun, one rank per stage
+# ----------------------------------------------------------------------------------------
+def worker(args: argparse.Namespace) -> None:
+    common.one_torch_thread()
+    import numpy as np
+
+    from ppruntime.api.llm import LLM
+    from ppruntime.engine.sampling_params import SamplingParams
+
+    llm = LLM(
+        preset=args.preset,
+        pp_size=args.pp,
+        layer_partition=args.layer_partition,
+        deterministic=args.deterministic,
+        max_batch_size=args.max_batch_size,
+        max_num_tokens=max(1024, args.max_batch_size * args.input_len),
+        trace=args.trace,
+        exit_workers=True,
+    )
+    rng = np.random.default_rng(0)
+    prompts = [
+        rng.integers(0, 256, size=args.input_len, dtype=np.int32) for _ in range(args.num_requests)
+    ]
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
+    start = time.time()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    end = time.time()
+    reports = llm.shutdown()
+    window = end - start
+    ttft = [o.metrics.ttft for o in outputs]
+    tpot = [
+        (o.metrics.finished_time - o.metrics.first_token_time) / max(len(o.token_ids) - 1, 1)
+        for o in outputs
+    ]
+    out_tokens = sum(len(o.token_ids) for o in outputs)
+    ranks = []
+    for report in reports:
+        compute = sum(report.busy_s.get(name, 0.0) for name in COMPUTE_SPANS)
+        ranks.append(
+            {
+                "rank": report.rank,
+                "batches": report.batches,
+                "forward_s": report.busy_s.get("forward", 0.0),
+                "compute_s": compute,
+                "s_per_microbatch": compute / max(report.batches, 1),
+                "forward_s_per_microbatch": report.busy_s.get("forward", 0.0)
+                / max(report.batches, 1),
+                "busy_fraction": min(compute / window, 1.0),
+                "bubble_fraction": max(1.0 - compute / window, 0.0),
+                "busy_s": report.busy_s,
+            }
+        )
+    microbatches = reports[-1].batches
+    slowest = max(rank["s_per_microbatch"] for rank in ranks)
+    common.emit_worker_result(
+        {
+            "pp": args.pp,
+            "deterministic": args.deterministic,
+            "layer_partition": args.layer_partition,
+            "window_s": window,
+            "output_tokens": out_tokens,
+            "output_tokens_per_s": out_tokens / window,
+            "requests_per_s": len(outputs) / window,
+            "microbatches": microbatches,
+            "microbatches_per_s": microbatches / window,
+            "slowest_stage_s_per_microbatch": slowest,
+            "bound_ratio": (microbatches / window) * slowest,
+            "ttft_p50_s": common.percentile(ttft, 50),
+            "ttft_p99_s": common.percentile(ttft, 99),
+            "tpot_p50_s": common.percentile(tpot, 50),
+            "tpot_p99_s": common.percentile(tpot, 99),
+            "ranks": ranks,
+        }
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------
+def _run(
+    args,
+    pp: int,
+    deterministic: bool = False,
+    partition: str | None = None,
+    env: dict | None = None,
+    trace: str | None = None,
+) -> dict:
+    worker_args = [
+        "--preset",
+        args.preset,
+        "--pp",
+        str(pp),
+        "--num-requests",
+        str(args.num_requests),
+        "--input-len",
+        str(args.input_len),
+        "--output-len",
+        str(args.output_len),
+        "--max-batch-size",
+        str(args.max_batch_size),
+    ]
+    if deterministic:
+        worker_args.append("--deterministic")
+    if partition:
+        worker_args += ["--layer-partition", partition]
+    if trace:
+        worker_args += ["--trace", trace]
+    return common.run_mpi_worker(pp, os.path.abspath(__file__), worker_args, env=env)
+
+
+def _describe(label: str, run: dict) -> list[str]:
+    lines = [
+        f"{label}: {run['output_tokens_per_s']:.1f} out tok/s, {run['requests_per_s']:.2f} req/s, "
+        f"{run['microbatches_per_s']:.2f} microbatches/s, window {run['window_s']:.2f} s",
+        f"  TTFT p50/p99 {run['ttft_p50_s'] * 1e3:.1f}/{run['ttft_p99_s'] * 1e3:.1f} ms, "
+        f"TPOT p50/p99 {run['tpot_p50_s'] * 1e3:.1f}/{run['tpot_p99_s'] * 1e3:.1f} ms",
+    ]
+    for rank in run["ranks"]:
+        lines.append(
+            f"  rank {rank['rank']}: {rank['batches']} microbatches, "
+            f"{rank['s_per_microbatch'] * 1e3:.1f} ms compute/microbatch, "
+            f"busy {rank['busy_fraction']:.3f}, bubble {rank['bubble_fraction']:.3f}"
+        )
+    return lines
+
+
+def _headline(run: dict) -> dict:
+    keys = (
+        "output_tokens_per_s",
+        "requests_per_s",
+        "ttft_p50_s",
+        "ttft_p99_s",
+        "tpot_p50_s",
+        "tpot_p99_s",
+    )
+    result = {key: run[key] for key in keys}
+    result["busy_fraction"] = [rank["busy_fraction"] for rank in run["ranks"]]
+    result["bubble_fraction"] = [rank["bubble_fraction"] for rank in run["ranks"]]
+    return result
+
+
+def _uneven_setup(args) -> tuple[str | None, dict | None, str]:
+    if args.imbalance == "delay":
+        # stage 1 sleeps as long as a balanced stage computes: 1:2 per microbatch
+        delay = os.environ.get("BENCH_UNEVEN_DELAY_MS", "40")
+        return None, {"PPRUNTIME_STAGE_DELAY_MS": f"1:{delay}"}, f"delay 1:{delay} ms"
+    partition = args.layer_partition or "3,5"
+    return partition, None, f"layer partition {partition}"
+
+
+def drive(args: argparse.Namespace) -> int:
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        print(
+            "run the benchmark driver without mpirun: it starts its own MPI jobs", file=sys.stderr
+        )
+        return 2
+    result: dict = {
+        "preset": args.preset,
+        "num_requests": args.num_requests,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "max_batch_size": args.max_batch_size,
+    }
+    lines: list[str] = []
+    if args.compare:
+        n = args.compare
+        base = _run(args, 1)
+        piped = _run(args, n, trace=args.trace)
+        efficiency = piped["output_tokens_per_s"] / (n * base["output_tokens_per_s"])
+        lines += _describe("PP=1", base) + _describe(f"PP={n}", piped)
+        lines.append(f"efficiency = tput(PP={n}) / ({n} * tput(PP=1)) = {efficiency:.3f}")
+        result.update(efficiency=efficiency, pp1=_headline(base), **{f"pp{n}": _headline(piped)})
+        result.update(_headline(piped))
+    if args.uneven:
+        partition, env, how = _uneven_setup(args)
+        sync = _run(args, 2, deterministic=True, partition=partition, env=env)
+        asyn = _run(args, 2, deterministic=False, partition=partition, env=env, trace=args.trace)
+        lines.append(
+            f"uneven PP=2 ({how}); bound_ratio = microbatches/s * slowest stage s/microbatch"
+        )
+        lines += _describe("  async", asyn) + _describe("  deterministic", sync)
+        speedup = asyn["output_tokens_per_s"] / sync["output_tokens_per_s"]
+        lines.append(
+            f"bound_ratio_async = {asyn['bound_ratio']:.3f}, "
+            f"bound_ratio_sync = {sync['bound_ratio']:.3f}, "
+            f"async/deterministic throughput = {speedup:.3f}"
+        )
+        result.update(
+            imbalance=how,
+            bound_ratio_async=asyn["bound_ratio"],
+            bound_ratio_sync=sync["bound_ratio"],
+            async_over_sync_throughput=asyn["output_tokens_per_s"] / sync["output_tokens_per_s"],
+            stage_s_per_microbatch_async=[r["s_per_microbatch"] for r in asyn["ranks"]],
+            stage_s_per_microbatch_sync=[r["s_per_microbatch"] for r in sync["ranks"]],
+            uneven_async=_headline(asyn),
+            uneven_sync=_headline(sync),
+        )
+    if not args.compare and not args.uneven:
+        run = _run(
+            args,
+            args.pp,
+            deterministic=args.deterministic,
+            partition=args.layer_partition,
+            trace=args.trace,
+        )
+        lines += _describe(f"PP={args.pp}", run)
+        result.update(_headline(run), ranks=run["ranks"], bound_ratio=run["bound_ratio"])
+    if args.trace:
+        lines.append(f"trace written to {args.trace}")
+    common.emit(lines, result, args.json)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    return drive(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

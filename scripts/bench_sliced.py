@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Sliced-transfer benchmark (issue 6): activation latency while a 256 MiB diff is in flight.
+
+    python scripts/bench_sliced.py --json
+
+One MPI job of two ranks (started by this driver), three phases back to back,
+alternated over several rounds so that machine noise hits all three alike:
+  idle:     rank 0 ping-pongs activation-sized messages (64 KiB) with rank 1 on the
+            pipeline communicator, nothing else in flight;
+  sliced:   the same while a relay thread on rank 0 repeatedly sends a 256 MiB
+            response diff to rank 1 on the relay communicator with
+            isend_object_sliced (2 MiB slices), rank 1's relay thread receiving it;
+  unsliced: the same with one slice as large as the diff.
+Pings are sent and received the way the executor moves activations (raw Isend /
+Irecv, waited on with ppruntime's polling waits). Reports p50/p99 round-trip
+latency per phase and p99_sliced_over_idle, p99_unsliced_over_idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _bench_common as common
+
+META_TAG, SLICE_TAG, PING_TAG, PONG_TAG = 11, 12, 13, 14
+
+
+def worker(args) -> None:
+    import numpy as np
+    from mpi4py import MPI
+
+    from ppruntime.comm.communicators import PipelineComms
+    from ppruntime.comm.sliced import isend_object_sliced, recv_object_sliced
+    from ppruntime.comm.waiting import wait_all, wait_request
+
+    comms = PipelineComms.create()
+    pipe, relay = comms.pipeline, comms.relay
+    rank = pipe.Get_rank()
+    ping = np.ones(args.ping_bytes, dtype=np.uint8)
+    diff = {"generation_logits": np.ones(args.diff_mib * 2**20, dtype=np.uint8)}
+    huge = 2**62
+    phases = [("idle", None), ("sliced", args.slice_bytes), ("unsliced", huge)]
+    result = {name: {"latencies_s": [], "diff_transfers": 0} for name, _ in phases}
+    per_round = max(args.pings // args.rounds, 1)
+    for name, slice_bytes in [phase for _ in range(args.rounds) for phase in phases]:
+        stop = threading.Event()
+        transfers = [0]
+
+        def sender(slice_bytes=slice_bytes, stop=stop, transfers=transfers):
+            while not stop.is_set():
+                handles = isend_object_sliced(relay, diff, [1], META_TAG, SLICE_TAG, slice_bytes)
+                wait_all(handles.requests, "diff")
+                transfers[0] += 1
+            relay.send(None, 1, META_TAG)  # end of phase (a meta message of its own)
+
+        def receiver(slice_bytes=slice_bytes, transfers=transfers):
+            while True:
+                obj = recv_object_sliced(relay, 0, META_TAG, SLICE_TAG, "diff", slice_bytes)
+                if obj is None:
+                    return
+                transfers[0] += 1
+
+        thread = None
+        if slice_bytes is not None:
+            target = sender if rank == 0 else receiver
+            thread = threading.Thread(target=target, daemon=True)
+            thread.start()
+            time.sleep(0.2)  # let the first transfer get going
+        latencies = []
+        for i in range(per_round + 10):
+            if rank == 0:
+                start = time.perf_counter()
+                send = pipe.Isend([ping, MPI.BYTE], 1, PING_TAG)
+                wait_request(pipe.Irecv([ping, MPI.BYTE], 1, PONG_TAG), "pong")
+                wait_request(send, "ping send")
+                if i >= 10:
+                    latencies.append(time.perf_counter() - start)
+                time.sleep(args.gap_ms / 1000.0)  # pings spread over the transfer
+            else:
+                wait_request(pipe.Irecv([ping, MPI.BYTE], 0, PING_TAG), "ping")
+                wait_request(pipe.Isend([ping, MPI.BYTE], 0, PONG_TAG), "pong send")
+        if thread is not None:
+            if rank == 0:
+                stop.set()
+            thread.join()
+        pipe.Barrier()
+        if rank == 0:
+            result[name]["latencies_s"] += latencies
+            result[name]["diff_transfers"] += transfers[0]
+    comms.free()
+    if rank == 0:
+        common.emit_worker_result(result)
+
+
+def drive(args) -> int:
+    run = common.run_mpi_worker(
+        2,
+        os.path.abspath(__file__),
+        [
+            "--pings",
+            str(args.pings),
+            "--rounds",
+            str(args.rounds),
+            "--ping-bytes",
+            str(args.ping_bytes),
+            "--diff-mib",
+            str(args.diff_mib),
+            "--slice-bytes",
+            str(args.slice_bytes),
+            "--gap-ms",
+            str(args.gap_ms),
+        ],
+    )
+    result = {
+        "ping_bytes": args.ping_bytes,
+        "diff_mib": args.diff_mib,
+        "slice_bytes": args.slice_bytes,
+    }
+    lines = [
+        f"{args.ping_bytes // 1024} KiB ping round trips while a {args.diff_mib} MiB diff "
+        f"is in flight on another communicator:"
+    ]
+    for name in ("idle", "sliced", "unsliced"):
+        values = run[name]["latencies_s"]
+        p50, p99 = common.percentile(values, 50), common.percentile(values, 99)
+        result[f"{name}_p50_us"] = p50 * 1e6
+        result[f"{name}_p99_us"] = p99 * 1e6
+        result[f"{name}_diff_transfers"] = run[name]["diff_transfers"]
+        lines.append(
+            f"  {name:9s} p50 {p50 * 1e6:8.0f} us  p99 {p99 * 1e6:8.0f} us  "
+            f"({run[name]['diff_transfers']} diffs sent during the phase)"
+        )
+    result["p99_sliced_over_idle"] = result["sliced_p99_us"] / result["idle_p99_us"]
+    result["p99_unsliced_over_idle"] = result["unsliced_p99_us"] / result["idle_p99_us"]
+    lines.append(
+        f"p99_sliced_over_idle = {result['p99_sliced_over_idle']:.2f}, "
+        f"p99_unsliced_over_idle = {result['p99_unsliced_over_idle']:.2f}"
+    )
+    common.emit(lines, result, args.json)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pings", type=int, default=1200, help="per phase, over all rounds")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="idle/sliced/unsliced alternate this many times (noisy machine)",
+    )
+    parser.add_argument("--ping-bytes", type=int, default=64 * 1024)
+    parser.add_argument("--diff-mib", type=int, default=256)
+    parser.add_argument("--slice-bytes", type=int, default=2 * 1024 * 1024)
+    parser.add_argument("--gap-ms", type=float, default=1.0)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    return drive(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
