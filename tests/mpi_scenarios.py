@@ -1,0 +1,410 @@
+"""Pipeline-parallel scenarios run inside ONE MPI job (tests/test_pipeline_parallel.py).
+
+    mpirun -n N python tests/mpi_scenarios.py --scenario greedy,features \
+        --ckpt-root DIR --layer-partition 1,3,1 --out result.json
+
+Each scenario creates one or more `LLM(..., exit_workers=False)` engines one after
+another (every rank gets the object back after shutdown, so the job goes on to the
+next engine). Rank 0 writes one JSON object, keyed by scenario, to `--out`; large
+arrays (logits) go to `--out` with the suffix `.npz`, named by the JSON's "npz" keys.
+
+Checkpoint layout expected under `--ckpt-root`: `<arch>/` for each architecture
+(`greedy`), `features/` (a llama with a word tokenizer), `sliced/` (vocab 4096) and
+`long/` (max_position_embeddings >= 16400). The prompts are functions of this module
+so that the test computes its transformers reference on exactly the same ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+MODES = ("det", "async")
+GREEDY_MAX_TOKENS = 20
+LONG_PROMPT_TOKENS = 16000
+LONG_MAX_TOKENS = 6
+SLICED_PROMPT_TOKENS = 300
+SHUTDOWN_AFTER_STEPS = (0, 1, 5)  # queued only, one microbatch in, pipeline full
+MAX_STEPS = 10_000
+SMALL_BLOCK = 8  # prompts and outputs cross several KV block boundaries
+
+
+# -- prompts (shared with the test) ------------------------------------------------------
+def greedy_prompts(vocab_size: int = 300) -> list[list[int]]:
+    rng = np.random.default_rng(1234)
+    return [rng.integers(3, vocab_size, size=n).tolist() for n in (5, 11, 23, 40)]
+
+
+def sampled_prompts(vocab_size: int = 300) -> list[list[int]]:
+    rng = np.random.default_rng(99)
+    return [rng.integers(3, vocab_size, size=n).tolist() for n in (7, 19, 31)]
+
+
+def text_prompts() -> list[str]:
+    return ["w5 w17 w42 w8", "w100 w3 w77 w250 w12 w9 w31", "w64"]
+
+
+def long_prompt(vocab_size: int) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return rng.integers(3, vocab_size, size=LONG_PROMPT_TOKENS).astype(np.int32)
+
+
+def sliced_prompt(vocab_size: int) -> np.ndarray:
+    rng = np.random.default_rng(8)
+    return rng.integers(3, vocab_size, size=SLICED_PROMPT_TOKENS).astype(np.int32)
+
+
+# -- helpers ----------------------------------------------------------------------------
+class Recorder:
+    """Rank 0's results: JSON-able values plus named arrays for the .npz file."""
+
+    def __init__(self) -> None:
+        self.results: dict = {}
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, value: np.ndarray | None) -> str | None:
+        if value is None:
+            return None
+        self.arrays[name] = np.asarray(value)
+        return name
+
+
+def output_record(output, recorder: Recorder | None = None, prefix: str = "") -> dict:
+    record = {
+        "request_id": output.request_id,
+        "prompt_token_ids": list(output.prompt_token_ids),
+        "token_ids": list(output.token_ids),
+        "text": output.text,
+        "finish_reason": output.finish_reason,
+        "stop_reason": output.stop_reason,
+        "logprobs": (
+            None
+            if output.logprobs is None
+            else [{str(t): float(v) for t, v in step.items()} for step in output.logprobs]
+        ),
+    }
+    if recorder is not None:
+        record["prompt_logits"] = recorder.array(f"{prefix}/prompt_logits", output.prompt_logits)
+        record["generation_logits"] = recorder.array(
+            f"{prefix}/generation_logits", output.generation_logits
+        )
+    return record
+
+
+def report_records(reports) -> list[dict]:
+    return [
+        {
+            "rank": r.rank,
+            "kv_blocks_free": r.kv_blocks_free,
+            "kv_blocks_total": r.kv_blocks_total,
+            "iterations": r.iterations,
+            "batches": r.batches,
+        }
+        for r in reports
+    ]
+
+
+class Job:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from mpi4py import MPI
+
+        self.args = args
+        self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.root = Path(args.ckpt_root)
+        self.recorder = Recorder()
+
+    def llm(self, ckpt: str, mode: str, partition: str | None = "default", **kwargs):
+        from ppruntime import LLM
+
+        if partition == "default":
+            partition = self.args.layer_partition
+        kwargs.setdefault("block_size", SMALL_BLOCK)
+        return LLM(
+            model=str(self.root / ckpt),
+            layer_partition=partition if self.size > 1 else None,
+            deterministic=(mode == "det"),
+            device="cpu",
+            exit_workers=False,
+            watchdog_timeout_s=120,
+            **kwargs,
+        )
+
+    def finish(self, llm) -> list[dict] | None:
+        reports = llm.shutdown()
+        return report_records(reports) if self.rank == 0 else None
+
+    # -- scenarios ----------------------------------------------------------------------
+    def greedy(self) -> dict:
+        """Greedy + seeded sampled requests per architecture and mode."""
+        from ppruntime import SamplingParams
+
+        out: dict = {}
+        archs = self.args.archs.split(",")
+        modes = self.args.modes.split(",")
+        repeat = set(filter(None, self.args.repeat_det.split(",")))
+        greedy = SamplingParams(
+            max_tokens=GREEDY_MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=2
+        )
+        sampled = [
+            SamplingParams(
+                max_tokens=12,
+                temperature=0.8,
+                top_p=0.9,
+                top_k=50,
+                seed=10 + i,
+                ignore_eos=True,
+                logprobs=1,
+            )
+            for i in range(3)
+        ]
+        for arch in archs:
+            runs = [(mode, mode) for mode in modes]
+            if "det" in modes and arch in repeat:
+                runs.append(("det_repeat", "det"))
+            for key, mode in runs:
+                llm = self.llm(arch, mode)
+                record = None
+                if llm.is_driver:
+                    prompts = [np.asarray(p, dtype=np.int32) for p in greedy_prompts()]
+                    samples = [np.asarray(p, dtype=np.int32) for p in sampled_prompts()]
+                    outputs = llm.generate(
+                        prompts + samples, [greedy] * len(prompts) + sampled, use_tqdm=False
+                    )
+                    record = {
+                        "greedy": [output_record(o) for o in outputs[: len(prompts)]],
+                        "sampled": [output_record(o) for o in outputs[len(prompts) :]],
+                    }
+                reports = self.finish(llm)
+                if record is not None:
+                    record["reports"] = reports
+                    out[f"{arch}/{key}"] = record
+        return out
+
+    def features(self) -> dict:
+        """Streaming, stop strings, abort, log-probs, prompt and generation logits."""
+        from ppruntime import SamplingParams
+
+        out: dict = {}
+        for mode in self.args.modes.split(","):
+            llm = self.llm("features", mode)
+            if llm.is_driver:
+                out[mode] = self._features_on(llm, SamplingParams, f"features/{mode}")
+            reports = self.finish(llm)
+            if llm.is_driver:
+                out[mode]["reports"] = reports
+        return out
+
+    def _features_on(self, llm, SamplingParams, prefix: str) -> dict:
+        rec = self.recorder
+        result: dict = {}
+        prompts = text_prompts()
+        plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        # plain generate, then the same requests streamed
+        result["plain"] = [output_record(o) for o in llm.generate(prompts, plain, use_tqdm=False)]
+        deltas: dict[str, list] = {}
+        order: list[str] = []
+        for delta in llm.generate_stream(prompts, plain):
+            if delta.request_id not in deltas:
+                order.append(delta.request_id)
+                deltas[delta.request_id] = []
+            deltas[delta.request_id].append(
+                {
+                    "token_ids": list(delta.token_ids),
+                    "text": delta.text,
+                    "finished": delta.finished,
+                    "finish_reason": delta.finish_reason,
+                }
+            )
+        result["stream"] = [deltas[request_id] for request_id in sorted(order, key=_req_num)]
+        # stop strings: the 4th generated word of the first plain output
+        words = result["plain"][0]["text"].split()
+        stop_word = words[3] if len(words) > 3 else words[-1]
+        stop = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop_word])
+        result["stop_word"] = stop_word
+        result["stop"] = [output_record(o) for o in llm.generate(prompts[:1], stop, use_tqdm=False)]
+        stop_stream = []
+        for delta in llm.generate_stream(prompts[:1], stop):
+            stop_stream.append(
+                {
+                    "token_ids": list(delta.token_ids),
+                    "text": delta.text,
+                    "finished": delta.finished,
+                    "finish_reason": delta.finish_reason,
+                }
+            )
+        result["stop_stream"] = stop_stream
+        # log-probs and logits
+        heavy = SamplingParams(
+            max_tokens=8,
+            temperature=0.0,
+            ignore_eos=True,
+            logprobs=3,
+            prompt_logits=True,
+            generation_logits=True,
+        )
+        heavy_outputs = llm.generate(prompts, heavy, use_tqdm=False)
+        result["heavy"] = [
+            output_record(o, rec, f"{prefix}/heavy{i}") for i, o in enumerate(heavy_outputs)
+        ]
+        # abort: two long requests, abort one after a few steps, let the other finish
+        long_params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        keep_params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+        victim = llm.add_request(prompts[1], long_params, request_id="victim", stream=True)
+        keeper = llm.add_request(prompts[2], keep_params, request_id="keeper")
+        finished: dict[str, object] = {}
+        victim_tokens = 0
+        for _ in range(MAX_STEPS):  # until the victim is surely running
+            done, deltas = llm.step()
+            finished.update({o.request_id: o for o in done})
+            victim_tokens += sum(len(d.token_ids) for d in deltas if d.request_id == victim)
+            if victim_tokens >= 3:
+                break
+        result["victim_tokens_before_abort"] = victim_tokens
+        aborted = llm.abort(victim)
+        while len(finished) < 2:
+            done, _ = llm.step()
+            finished.update({o.request_id: o for o in done})
+        result["abort_accepted"] = aborted
+        result["abort"] = {k: output_record(finished[k]) for k in (victim, keeper)}
+        result["abort_unknown"] = llm.abort("no-such-request")
+        # the kept request must equal the same request run alone
+        result["keeper_alone"] = output_record(
+            llm.generate([prompts[2]], keep_params, use_tqdm=False)[0]
+        )
+        return result
+
+    def sliced(self) -> dict:
+        """Prompt logits over 2 MiB travel sliced; values must equal PP=1's."""
+        from ppruntime import SamplingParams
+        from ppruntime.comm.sliced import SLICE_STATS
+
+        out: dict = {}
+        for mode in self.args.modes.split(","):
+            before = (SLICE_STATS.sliced_sends, SLICE_STATS.sliced_recvs)
+            llm = self.llm("sliced", mode, partition=self.args.sliced_partition or "default")
+            record = None
+            if llm.is_driver:
+                params = SamplingParams(
+                    max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logits=True
+                )
+                prompt = sliced_prompt(llm.vocab_size)
+                output = llm.generate([prompt], params, use_tqdm=False)[0]
+                record = output_record(output, self.recorder, f"sliced/{mode}")
+                record["prompt_logits_bytes"] = int(output.prompt_logits.nbytes)
+            reports = self.finish(llm)
+            stats = self.comm.gather(
+                (SLICE_STATS.sliced_sends - before[0], SLICE_STATS.sliced_recvs - before[1]),
+                root=0,
+            )
+            if record is not None:
+                record["reports"] = reports
+                record["sliced_sends"] = [s for s, _ in stats]
+                record["sliced_recvs"] = [r for _, r in stats]
+                out[mode] = record
+        return out
+
+    def long(self) -> dict:
+        """A 16k-token prompt, chunked (max_num_tokens 2048)."""
+        from ppruntime import SamplingParams
+
+        llm = self.llm(
+            "long",
+            "det",
+            partition=None,
+            max_num_tokens=2048,
+            max_batch_size=4,
+            block_size=16,
+        )
+        record = None
+        if llm.is_driver:
+            params = SamplingParams(
+                max_tokens=LONG_MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=2
+            )
+            output = llm.generate([long_prompt(llm.vocab_size)], params, use_tqdm=False)[0]
+            record = output_record(output)
+            record["prompt_len"] = len(output.prompt_token_ids)
+        reports = self.finish(llm)
+        if record is None:
+            return {}
+        record["reports"] = reports
+        return record
+
+    def shutdown(self) -> dict:
+        """shutdown() with requests in flight: clean exit, all KV blocks free everywhere."""
+        from ppruntime import SamplingParams
+
+        out: dict = {}
+        for mode in self.args.modes.split(","):
+            for steps in SHUTDOWN_AFTER_STEPS:
+                llm = self.llm("llama", mode)
+                record = None
+                if llm.is_driver:
+                    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+                    for i, prompt in enumerate(greedy_prompts()):
+                        llm.add_request(np.asarray(prompt, dtype=np.int32), params, f"long-{i}")
+                    finished = []
+                    for _ in range(steps):
+                        done, _ = llm.step()
+                        finished.extend(o.request_id for o in done)
+                    record = {"finished_before_shutdown": finished}
+                reports = self.finish(llm)  # no waiting: requests are in flight
+                if record is not None:
+                    record["reports"] = reports
+                    out[f"{mode}/{steps}"] = record
+        return out
+
+
+def _req_num(request_id: str) -> int:
+    return int(request_id.rsplit("-", 1)[1])
+
+
+SCENARIOS = ("greedy", "features", "sliced", "long", "shutdown")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scenario", required=True, help="comma list of " + ",".join(SCENARIOS))
+    parser.add_argument("--ckpt-root", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--layer-partition", default=None)
+    parser.add_argument("--sliced-partition", default=None)
+    parser.add_argument("--archs", default=",".join(ARCHS))
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--repeat-det", default="", help="archs whose det run is repeated")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PPRUNTIME_DEVICE", "cpu")
+    job = Job(args)
+    results: dict = {"world_size": job.size}
+    try:
+        for name in args.scenario.split(","):
+            if name not in SCENARIOS:
+                raise SystemExit(f"unknown scenario {name!r}; choose from {SCENARIOS}")
+            results[name] = getattr(job, name)()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(1)  # never leave the other ranks waiting
+        raise
+    if job.rank == 0:
+        out = Path(args.out)
+        if job.recorder.arrays:
+            np.savez(out.with_suffix(".npz"), **job.recorder.arrays)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results))
+        tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
