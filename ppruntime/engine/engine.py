@@ -194,6 +194,7 @@ class PipelineEngine:
         )
         pool = StepInputPool(
             table.block_table,
+            table.rows_changed,
             block_size,
             config.max_num_tokens,
             config.max_batch_size,

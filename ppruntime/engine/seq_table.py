@@ -61,6 +61,8 @@ class SequenceTable:
         self.num_computed = np.zeros(max_slots, dtype=np.int32)
         self.num_blocks = np.zeros(max_slots, dtype=np.int32)
         self.block_table = np.zeros((max_slots, max_blocks_per_seq), dtype=np.int32)
+        # rows written since a device copy last took them (read and cleared by the stage)
+        self.rows_changed = np.zeros(max_slots, dtype=np.bool_)
         self.counters = BlockTableCounters()
         self.token_table = (
             np.zeros((max_slots, token_table_len), dtype=np.int32)
@@ -166,6 +168,7 @@ class SequenceTable:
                     counters.entry_writes += count
         counters.bytes_written += block_ids.shape[0] * 4
         self.num_blocks[target_slots] += target_counts
+        self.rows_changed[target_slots] = True
 
     # -- a batch's life -----------------------------------------------------------
     def start_batch(self, slots: np.ndarray, starts: np.ndarray, num_new: np.ndarray) -> None:

@@ -53,6 +53,7 @@ class StepInputPool:
     def __init__(
         self,
         block_table: np.ndarray,
+        rows_changed: np.ndarray,
         block_size: int,
         max_num_tokens: int,
         max_batch_size: int,
@@ -61,6 +62,7 @@ class StepInputPool:
     ) -> None:
         self.block_size = block_size
         self.block_table = block_table
+        self.rows_changed = rows_changed  # [slots] bool, set by the table when a row is written
         self.max_blocks_per_seq = block_table.shape[1]
         self.token_table = token_table
         self.device = device
@@ -177,7 +179,14 @@ class StepInputPool:
         if dev is not host:
             for name, size in sizes.items():
                 dev[name][:size].copy_(host[name][:size], non_blocking=True)
-            dev["block_table"].copy_(host["block_table"], non_blocking=True)
+            changed = np.flatnonzero(self.rows_changed)
+            if changed.shape[0]:  # only rows written since the last step travel
+                rows = torch.from_numpy(changed)
+                dev["block_table"][rows.to(self.device)] = host["block_table"][rows].to(self.device)
+                self.rows_changed[changed] = False
+                self.counters.add_bytes(
+                    "block_table_device", int(changed.shape[0]) * self.max_blocks_per_seq * 4
+                )
         max_seq_len = int(self.seq_lens[:num_seqs].max())
         attn = AttentionMetadata(
             query_start_loc=dev["query_start_loc"][: num_seqs + 1],
