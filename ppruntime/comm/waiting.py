@@ -18,7 +18,7 @@ from mpi4py import MPI
 from mpi4py.util import pkl5
 
 _FIRST_SLEEP_S = 20e-6
-_MAX_SLEEP_S = float(os.environ.get("PPRUNTIME_POLL_MAX_US", "500")) * 1e-6
+_MAX_SLEEP_S = float(os.environ.get("PPRUNTIME_POLL_MAX_US", "2000")) * 1e-6
 
 
 class WaitAborted(RuntimeError):
@@ -26,7 +26,7 @@ class WaitAborted(RuntimeError):
 
 
 class Backoff:
-    """Sleep durations that double from 20 us up to a cap (500 us by default)."""
+    """Sleep durations that double from 20 us up to a cap (2 ms by default)."""
 
     __slots__ = ("_next", "_max")
 
