@@ -103,7 +103,17 @@ class LLM:
         self._request_counter = itertools.count()
         self._closed = False
         if not self.is_driver:
-            self._engine.serve()
+            try:
+                self._engine.serve()
+            except Exception as exc:
+                # The pipeline cannot go on without this rank. End the job here, with
+                # the traceback: a caller catching ValueError around LLM(...) (as the
+                # CLI does for start-up errors) must not swallow it on this rank.
+                report_and_abort(
+                    self.info,
+                    f"unhandled exception on rank {self.info.rank} while serving the "
+                    f"pipeline:\n{format_exception(exc)}",
+                )
             self._close()
             if exit_workers:
                 sys.stdout.flush()

@@ -49,7 +49,10 @@ from ppruntime.engine.wire import (
     pack_microbatch,
     unpack_microbatch,
 )
+from ppruntime.logs import get_logger
 from ppruntime.stage.runner import StageRunner
+
+log = get_logger("executor")
 
 
 @dataclass
@@ -200,6 +203,10 @@ class PipelineExecutor:
             raise RuntimeError("the engine has been shut down")
         if self.terminating and not self._terminated:
             self._terminated = True
+            log.warning(
+                "SIGTERM received: no new requests; aborting %d unfinished request(s)",
+                len(self._seq_by_request),
+            )
             for request_id in list(self._seq_by_request):
                 self.abort(request_id)
         slot = self.slots[self.iteration % self.num_slots]
