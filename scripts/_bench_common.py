@@ -9,6 +9,7 @@ headline number is a ratio of such runs). A worker prints its result as one line
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -139,3 +140,15 @@ def emit(summary_lines: Sequence[str], result: dict, as_json: bool) -> None:
         print(line)
     if as_json:
         print(json.dumps(rounded(result)), flush=True)
+
+
+def run_benchmark(parser, argv, worker, drive) -> int:
+    """Parse `argv`; `--worker` runs this rank's part inside the MPI job, else drive it."""
+    if not any(action.dest == "json" for action in parser._actions):
+        parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    return drive(args)

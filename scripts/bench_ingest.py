@@ -210,13 +210,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-len", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        worker(args)
-        return 0
-    return drive(args)
+    return common.run_benchmark(parser, argv, worker, drive)
 
 
 if __name__ == "__main__":

@@ -154,13 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output-len", type=int, default=60)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        worker(args)
-        return 0
-    return drive(args)
+    return common.run_benchmark(parser, argv, worker, drive)
 
 
 if __name__ == "__main__":

@@ -142,13 +142,7 @@ def main(argv=None) -> int:
         default=4,
         help="requests = this * batch (4 fills the async slots)",
     )
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        worker(args)
-        return 0
-    return drive(args)
+    return common.run_benchmark(parser, argv, worker, drive)
 
 
 if __name__ == "__main__":

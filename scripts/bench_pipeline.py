@@ -286,12 +286,7 @@ def drive(args: argparse.Namespace) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        worker(args)
-        return 0
-    return drive(args)
+    return common.run_benchmark(parser, argv, worker, drive)
 
 
 if __name__ == "__main__":

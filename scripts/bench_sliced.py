@@ -159,13 +159,7 @@ def main(argv=None) -> int:
     parser.add_argument("--diff-mib", type=int, default=256)
     parser.add_argument("--slice-bytes", type=int, default=2 * 1024 * 1024)
     parser.add_argument("--gap-ms", type=float, default=1.0)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        worker(args)
-        return 0
-    return drive(args)
+    return common.run_benchmark(parser, argv, worker, drive)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
@@ -116,18 +117,7 @@ def wait_message(
     should_stop: Callable[[], bool] | None = None,
 ) -> pkl5.Message:
     """Wait until a message from `source` with `tag` is matched; return it."""
-    matched: list[pkl5.Message] = []
-
-    def probe() -> bool:
-        message = comm.improbe(source, tag)
-        if message is None:
-            return False
-        matched.append(message)
-        return True
-
-    if not probe():
-        _poll(probe, what, tracker, should_stop)
-    return matched[0]
+    return _wait_matched(lambda: comm.improbe(source, tag), what, tracker, should_stop)
 
 
 def recv_object(
@@ -140,6 +130,29 @@ def recv_object(
 ) -> object:
     """Receive one pickled object (out-of-band buffers included) without spinning."""
     return wait_message(comm, source, tag, what, tracker, should_stop).recv()
+
+
+def _wait_matched(
+    improbe: Callable[[], object | None],
+    what: str,
+    tracker: WaitTracker | None,
+    should_stop: Callable[[], bool] | None,
+) -> Any:  # an MPI.Message or a pkl5.Message
+    """Poll a matching probe until it returns a message."""
+    matched = improbe()
+    if matched is not None:
+        return matched
+    found: list[object] = []
+
+    def probe() -> bool:
+        message = improbe()
+        if message is None:
+            return False
+        found.append(message)
+        return True
+
+    _poll(probe, what, tracker, should_stop)
+    return found[0]
 
 
 def _poll(
@@ -177,17 +190,9 @@ def wait_raw_message(
     is returned); without it, a new array of the message's size is returned.
     """
     status = MPI.Status()
-    matched: list[MPI.Message] = []
-
-    def probe() -> bool:
-        message = comm.Improbe(source, tag, status)
-        if message is None:
-            return False
-        matched.append(message)
-        return True
-
-    if not probe():
-        _poll(probe, what, tracker, should_stop)
+    message = _wait_matched(
+        lambda: comm.Improbe(source, tag, status), what, tracker, should_stop
+    )
     buffer_dtype = np.dtype(dtype if out is None else out.dtype)
     count = status.Get_count(MPI.BYTE) // buffer_dtype.itemsize
     if out is None:
@@ -199,5 +204,5 @@ def wait_raw_message(
                 f"{out.shape[0]}-element receive buffer"
             )
         target = out[:count]
-    matched[0].Recv([target, MPI.BYTE])
+    message.Recv([target, MPI.BYTE])
     return target
