@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default=DEFAULT_BATCHES)
     parser.add_argument("--input-len", type=int, default=8)
-    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument(
         "--requests-per-slot",
         type=int,

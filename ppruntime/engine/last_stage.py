@@ -177,7 +177,10 @@ class LastStage:
             table.num_prompt[slots] + outputs_after >= self.max_model_len
         )
         codes[length] = FINISH_LENGTH
-        stop = np.isin(tokens, self.eos_token_ids) & ~self.ignore_eos[slots]
+        stop = np.zeros(slots.shape[0], dtype=np.bool_)
+        for eos in self.eos_token_ids.tolist():  # one or two ids: cheaper than np.isin
+            stop |= tokens == eos
+        stop &= ~self.ignore_eos[slots]
         special_rows = np.flatnonzero(self.special[slots])
         for row in special_rows.tolist():
             slot = int(slots[row])

@@ -91,6 +91,7 @@ class OutputCollector:
         self.tokenizer = tokenizer
         self.requests: dict[int, RequestState] = {}  # by seq_id
         self.by_slot: dict[int, RequestState] = {}
+        self.streaming = np.zeros(table.max_slots, dtype=np.bool_)  # by slot
 
     def add(self, info: SeqInfo, stream: bool, arrival_time: float) -> None:
         state = RequestState(info, RequestMetrics(arrival_time), stream)
@@ -103,7 +104,9 @@ class OutputCollector:
         self.requests[info.seq_id] = state
 
     def on_admit(self, info: SeqInfo) -> None:
-        self.by_slot[info.slot] = self.requests[info.seq_id]
+        request = self.requests[info.seq_id]
+        self.by_slot[info.slot] = request
+        self.streaming[info.slot] = request.stream
 
     # -- a handled batch --------------------------------------------------------------
     def on_batch(self, state: SampleState, diff: ResponseDiff | None) -> list[RequestOutput]:
@@ -116,12 +119,8 @@ class OutputCollector:
             self.by_slot[slot].metrics.first_token_time = now
         if diff is not None:
             self._apply_diff(diff)
-        deltas = []
-        for slot in sampled_slots.tolist():
-            request = self.by_slot[slot]
-            if request.stream:
-                deltas.append(self._delta(request, slot, finished=False))
-        return deltas
+        streamed = sampled_slots[self.streaming[sampled_slots]].tolist()
+        return [self._delta(self.by_slot[slot], slot, finished=False) for slot in streamed]
 
     def _apply_diff(self, diff: ResponseDiff) -> None:
         for slot, matched in diff.stop_strings.items():
@@ -182,6 +181,7 @@ class OutputCollector:
         last_delta = None
         if info.slot >= 0:
             self.by_slot.pop(info.slot, None)
+            self.streaming[info.slot] = False
             tokens = self.table.output_tokens(info.slot)
             if request.stream:
                 last_delta = self._delta(request, info.slot, finished=True)

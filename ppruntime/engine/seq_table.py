@@ -171,7 +171,17 @@ class SequenceTable:
         self.rows_changed[target_slots] = True
 
     # -- a batch's life -----------------------------------------------------------
-    def start_batch(self, slots: np.ndarray, starts: np.ndarray, num_new: np.ndarray) -> None:
+    def start_batch(
+        self, slots: np.ndarray, starts: np.ndarray, num_new: np.ndarray, verify: bool = True
+    ) -> None:
+        """verify: check the replay against this rank's state (ranks > 0; rank 0 decided it)."""
+        if verify:
+            self._verify_start(slots, starts)
+        self.num_computed[slots] += num_new
+        self.in_flight[slots] = True
+        self.num_in_flight_batches += 1
+
+    def _verify_start(self, slots: np.ndarray, starts: np.ndarray) -> None:
         if self.in_flight[slots].any():
             raise RuntimeError(f"slots {slots[self.in_flight[slots]].tolist()} already in flight")
         if not np.array_equal(self.num_computed[slots], starts):
@@ -179,9 +189,6 @@ class SequenceTable:
                 f"schedule divergence: rank 0 starts slots {slots.tolist()} at "
                 f"{starts.tolist()} but this rank has {self.num_computed[slots].tolist()}"
             )
-        self.num_computed[slots] += num_new
-        self.in_flight[slots] = True
-        self.num_in_flight_batches += 1
 
     def land_batch(self, slots: np.ndarray, sampled: np.ndarray, token_ids: np.ndarray) -> None:
         """The batch's results are handled: sampled sequences gain one token."""

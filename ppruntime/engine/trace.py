@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 
 class Tracer:
@@ -20,16 +18,29 @@ class Tracer:
         self.busy_s: dict[str, float] = {}
         self.origin = time.time()
 
-    @contextmanager
-    def span(self, name: str, microbatch: int = -1) -> Iterator[None]:
-        start = time.time()
-        try:
-            yield
-        finally:
-            end = time.time()
-            self.busy_s[name] = self.busy_s.get(name, 0.0) + (end - start)
-            if self.enabled:
-                self.events.append((name, start, end, microbatch))
+    def span(self, name: str, microbatch: int = -1) -> _Span:
+        """Time the block as `name` (a plain class: cheaper than a generator context)."""
+        return _Span(self, name, microbatch)
+
+
+class _Span:
+    __slots__ = ("tracer", "name", "microbatch", "start")
+
+    def __init__(self, tracer: Tracer, name: str, microbatch: int) -> None:
+        self.tracer = tracer
+        self.name = name
+        self.microbatch = microbatch
+
+    def __enter__(self) -> None:
+        self.start = time.time()
+
+    def __exit__(self, *exc_info: object) -> None:
+        end = time.time()
+        tracer = self.tracer
+        busy = tracer.busy_s
+        busy[self.name] = busy.get(self.name, 0.0) + (end - self.start)
+        if tracer.enabled:
+            tracer.events.append((self.name, self.start, end, self.microbatch))
 
 
 def chrome_trace(per_rank_events: list[list[tuple[str, float, float, int]]], origin: float) -> dict:
