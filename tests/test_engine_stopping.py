@@ -313,3 +313,26 @@ def test_shutdown_with_running_requests_aborts_them_and_frees_blocks():
     aborted = {output.request_id: output for output in llm._executor.take_finished()}
     assert sorted(aborted) == sorted(request_ids)
     assert {output.finish_reason for output in aborted.values()} == {"abort"}
+
+
+def test_stream_ends_for_a_request_aborted_before_it_ran():
+    """A streamed request aborted while still queued still gets its final delta.
+
+    Without it, generate_stream would wait forever for that request.
+    """
+    with LLM(preset="tiny", max_batch_size=1, exit_workers=False) as llm:
+        deltas: dict[str, list] = {}
+        for delta in llm.generate_stream(["a", "b", "c"], greedy(max_tokens=20)):
+            deltas.setdefault(delta.request_id, []).append(delta)
+            if delta.request_id == "req-0" and len(deltas["req-0"]) == 2:
+                llm.abort("req-1")  # both still queued behind req-0 (max_batch_size=1)
+                llm.abort("req-2")
+        first, queued = "req-0", ["req-1", "req-2"]
+        assert sorted(deltas) == [first, *queued]
+        for request_id in queued:
+            assert [d.token_ids for d in deltas[request_id]] == [[]]
+            assert deltas[request_id][-1].finished
+            assert deltas[request_id][-1].finish_reason == "abort"
+        assert deltas[first][-1].finish_reason == "length"
+        reports = llm.shutdown()
+    assert all(r.kv_blocks_free == r.kv_blocks_total for r in reports)

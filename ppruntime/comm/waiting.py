@@ -19,7 +19,11 @@ from mpi4py import MPI
 from mpi4py.util import pkl5
 
 _FIRST_SLEEP_S = 20e-6
-_MAX_SLEEP_S = float(os.environ.get("PPRUNTIME_POLL_MAX_US", "2000")) * 1e-6
+MAX_SLEEP_S = float(os.environ.get("PPRUNTIME_POLL_MAX_US", "500")) * 1e-6
+# A thread that mostly waits (the relay receiver) polls less often: its wake-ups take
+# the GIL and a core from the stage's compute; latency it adds is absorbed by the
+# microbatches in flight.
+BACKGROUND_MAX_SLEEP_S = float(os.environ.get("PPRUNTIME_BACKGROUND_POLL_MAX_US", "2000")) * 1e-6
 
 
 class WaitAborted(RuntimeError):
@@ -27,11 +31,11 @@ class WaitAborted(RuntimeError):
 
 
 class Backoff:
-    """Sleep durations that double from 20 us up to a cap (2 ms by default)."""
+    """Sleep durations that double from 20 us up to a cap (500 us by default)."""
 
     __slots__ = ("_next", "_max")
 
-    def __init__(self, max_sleep_s: float = _MAX_SLEEP_S) -> None:
+    def __init__(self, max_sleep_s: float = MAX_SLEEP_S) -> None:
         self._max = max_sleep_s
         self._next = 0.0
 
@@ -137,6 +141,7 @@ def _wait_matched(
     what: str,
     tracker: WaitTracker | None,
     should_stop: Callable[[], bool] | None,
+    max_sleep_s: float = MAX_SLEEP_S,
 ) -> Any:  # an MPI.Message or a pkl5.Message
     """Poll a matching probe until it returns a message."""
     matched = improbe()
@@ -151,7 +156,7 @@ def _wait_matched(
         found.append(message)
         return True
 
-    _poll(probe, what, tracker, should_stop)
+    _poll(probe, what, tracker, should_stop, max_sleep_s)
     return found[0]
 
 
@@ -160,10 +165,11 @@ def _poll(
     what: str,
     tracker: WaitTracker | None,
     should_stop: Callable[[], bool] | None,
+    max_sleep_s: float = MAX_SLEEP_S,
 ) -> None:
     if tracker is not None:
         tracker.begin(what)
-    backoff = Backoff()
+    backoff = Backoff(max_sleep_s)
     try:
         while not done():
             if should_stop is not None and should_stop():
@@ -183,6 +189,7 @@ def wait_raw_message(
     dtype: np.dtype | type = np.int32,
     tracker: WaitTracker | None = None,
     should_stop: Callable[[], bool] | None = None,
+    max_sleep_s: float = MAX_SLEEP_S,
 ) -> np.ndarray:
     """Receive one raw (unpickled) message without spinning.
 
@@ -191,7 +198,7 @@ def wait_raw_message(
     """
     status = MPI.Status()
     message = _wait_matched(
-        lambda: comm.Improbe(source, tag, status), what, tracker, should_stop
+        lambda: comm.Improbe(source, tag, status), what, tracker, should_stop, max_sleep_s
     )
     buffer_dtype = np.dtype(dtype if out is None else out.dtype)
     count = status.Get_count(MPI.BYTE) // buffer_dtype.itemsize

@@ -247,6 +247,10 @@ class PipelineExecutor:
                     self.tracker.begin("sample states from the last rank")
                 if self.relay.ready.wait_for(1, timeout=0.05):
                     self.tracker.end()
+            else:
+                # nothing in flight and nothing to do: a caller that keeps stepping
+                # (waiting for a request that cannot run) must not burn a core
+                time.sleep(0.001)
 
     def _count_ready(self, slot: MicrobatchSlot) -> int:
         if self.deterministic:

@@ -185,8 +185,10 @@ class OutputCollector:
             tokens = self.table.output_tokens(info.slot)
             if request.stream:
                 last_delta = self._delta(request, info.slot, finished=True)
-        else:
+        else:  # finished (aborted) before it was ever scheduled
             tokens = np.zeros(0, dtype=np.int32)
+            if request.stream:
+                last_delta = RequestOutput(info.request_id, [], [], "")
         text = ""
         if self.tokenizer is not None:
             # decoded after the prompt, like the streamed deltas (which concatenate to it)

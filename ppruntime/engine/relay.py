@@ -26,7 +26,14 @@ from mpi4py.util import pkl5
 from ppruntime.comm.communicators import current_thread_comm, thread_comm
 from ppruntime.comm.sliced import SendHandles, isend_object_sliced, recv_object_sliced
 from ppruntime.comm.tags import Tag
-from ppruntime.comm.waiting import WaitAborted, WaitTracker, wait_all, wait_raw_message
+from ppruntime.comm.waiting import (
+    BACKGROUND_MAX_SLEEP_S,
+    MAX_SLEEP_S,
+    WaitAborted,
+    WaitTracker,
+    wait_all,
+    wait_raw_message,
+)
 from ppruntime.engine.last_stage import ResponseDiff
 from ppruntime.engine.wire import SampleState, pack_sample_state, unpack_sample_state
 
@@ -162,6 +169,7 @@ class ResponseRelay:
             f"sample state from rank {self.source}",
             tracker=None,
             should_stop=should_stop,
+            max_sleep_s=BACKGROUND_MAX_SLEEP_S if self.threaded else MAX_SLEEP_S,
         )
         state = unpack_sample_state(message)
         diff = None
