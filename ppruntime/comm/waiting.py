@@ -54,9 +54,11 @@ class Backoff:
 class WaitTracker:
     """Tells the watchdog what this thread is waiting for, and since when."""
 
-    __slots__ = ("waiting_for", "since", "progress_at")
+    __slots__ = ("waiting_for", "since", "progress_at", "paused")
 
     def __init__(self) -> None:
+        # paused: rank 0 between steps, in its caller's hands (not a stall of ours)
+        self.paused = False
         self.waiting_for: str | None = None
         self.since = time.monotonic()
         self.progress_at = time.monotonic()

@@ -80,12 +80,15 @@ class PipelineEngine:
             require_thread_multiple(info)
         self.comms = PipelineComms.create()
         try:
+            self._check_same_config(config)
             self._collectively(lambda: self._load_stage(config, info))
             self.num_blocks = self.comms.pipeline.allreduce(self._local_blocks, op=MPI.MIN)
             self._collectively(lambda: self._build_executor(config, info, trace))
         except BaseException:
             self.comms.free()
             raise
+        self.tracker.paused = info.rank == 0  # rank 0 runs only when its caller steps
+        self.executor.start()
         self.watchdog.start()
         log.info(
             "stage %d/%d: layers [%d, %d), %d KV blocks of %d tokens, %s mode, %d microbatch slots",
@@ -99,12 +102,25 @@ class PipelineEngine:
             parallel.microbatch_slots,
         )
 
+    def _check_same_config(self, config: EngineConfig) -> None:
+        """Every rank must run the same configuration (PPRUNTIME_DETERMINISTIC set on
+        only some nodes, say, would give them different relay modes and hang them)."""
+        configs = self.comms.pipeline.allgather(repr(config))
+        differing = [rank for rank, text in enumerate(configs) if text != configs[0]]
+        if differing:
+            raise ConfigError(
+                f"ranks {differing} were started with a configuration different from rank "
+                f"0's: give every rank the same flags and PPRUNTIME_* environment "
+                f"(with Open MPI, export variables with -x NAME); rank 0: {configs[0]}; "
+                f"rank {differing[0]}: {configs[differing[0]]}"
+            )
+
     def _collectively(self, step) -> None:
         """Run `step` on every rank; if it failed anywhere, raise on every rank."""
         error = None
         try:
             step()
-        except Exception as exc:
+        except BaseException as exc:  # even KeyboardInterrupt: the others must hear of it
             error = exc
         errors = self.comms.pipeline.allgather(
             None if error is None else f"{type(error).__name__}: {error}"

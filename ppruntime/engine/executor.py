@@ -136,6 +136,9 @@ class PipelineExecutor:
         self._events: list[RequestOutput] = []
         self._finished: list[RequestOutput] = []
         self._terminated = False
+
+    def start(self) -> None:
+        """Start the relay thread (once every rank has started up)."""
         self.relay.start()
 
     # ===================================================================================
@@ -192,11 +195,15 @@ class PipelineExecutor:
             raise RuntimeError(
                 f"the engine failed earlier and cannot go on: {self.failure!r}"
             ) from self.failure
+        self.tracker.paused = False
         try:
             self._step()
         except BaseException as exc:
             self.failure = exc
             raise
+        finally:
+            self.tracker.progress()
+            self.tracker.paused = True  # back in the caller's hands
 
     def _step(self) -> None:
         if self.stopped:
@@ -230,6 +237,7 @@ class PipelineExecutor:
         """Abort what is unfinished, drain in-flight microbatches, stop every rank."""
         if self.stopped:
             return
+        self.tracker.paused = False
         for request_id in list(self._seq_by_request):
             self.abort(request_id)
         while self.table.num_in_flight_batches or self._aborts or self._new_requests:

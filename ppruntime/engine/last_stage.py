@@ -218,12 +218,15 @@ class LastStage:
             slot = int(batch.slots[index])
             start = int(batch.starts[index])
             end = min(start + int(batch.num_new[index]), int(self.table.num_prompt[slot]))
-            if start >= end or start != self.prompt_logits_sent[slot]:
-                continue  # not a prompt chunk, or recomputed after preemption
-            rows = torch.arange(offsets[index], offsets[index] + (end - start))
-            rows = rows.to(hidden.device)
+            sent = int(self.prompt_logits_sent[slot])
+            # send only positions not sent yet: a chunk recomputed after preemption may
+            # overlap what was sent, with other chunk boundaries than the first time
+            if not start <= sent < end:
+                continue
+            first = int(offsets[index]) + (sent - start)
+            rows = torch.arange(first, first + (end - sent)).to(hidden.device)
             values = self.runner.logits(hidden, rows).cpu().numpy()
-            diff.prompt_logits.append((slot, start, values))
+            diff.prompt_logits.append((slot, sent, values))
             self.prompt_logits_sent[slot] = end
 
 

@@ -126,11 +126,13 @@ class ResponseRelay:
         else:
             with thread_comm(self.comm):
                 self._send((state, diff), dest=0, with_diff=True)
+            self._test_pending()  # no thread reaps them in deterministic mode
 
     # -- deterministic mode: one batch, inline --------------------------------------
     def receive_inline(self) -> None:
         with thread_comm(self.comm):
-            self._receive_one(should_stop=None)
+            self._receive_one(should_stop=None, tracker=self.tracker)
+        self._test_pending()
 
     # -- thread bodies --------------------------------------------------------------
     def _run_sender(self) -> None:
@@ -160,14 +162,15 @@ class ResponseRelay:
         return self._stop.is_set()
 
     # -- steps shared by both modes --------------------------------------------------
-    def _receive_one(self, should_stop) -> None:
+    def _receive_one(self, should_stop, tracker: WaitTracker | None = None) -> None:
+        """tracker: the executor's, when this runs inline on the executor thread."""
         comm = current_thread_comm()
         message = wait_raw_message(
             comm,
             self.source,
             Tag.SAMPLE_STATE,
             f"sample state from rank {self.source}",
-            tracker=None,
+            tracker=tracker,
             should_stop=should_stop,
             max_sleep_s=BACKGROUND_MAX_SLEEP_S if self.threaded else MAX_SLEEP_S,
         )

@@ -27,6 +27,8 @@ REPLY_WINDOW_S = 5.0
 
 
 def _status(tracker: WaitTracker, now: float) -> dict:
+    if tracker.paused:
+        return {"state": "paused", "seconds": now - tracker.progress_at}
     if tracker.waiting_for is not None:
         return {"state": "waiting", "for": tracker.waiting_for, "seconds": now - tracker.since}
     return {"state": "busy", "seconds": now - tracker.progress_at}
@@ -35,6 +37,8 @@ def _status(tracker: WaitTracker, now: float) -> dict:
 def describe(rank: int, status: dict | None) -> str:
     if status is None:
         return f"rank {rank}: no answer"
+    if status["state"] == "paused":
+        return f"rank {rank}: its caller has not stepped the engine for {status['seconds']:.1f}s"
     if status["state"] == "waiting":
         return f"rank {rank}: waiting {status['seconds']:.1f}s for {status['for']}"
     return f"rank {rank}: busy for {status['seconds']:.1f}s without progress"
@@ -55,6 +59,7 @@ class Watchdog:
         self.has_work = has_work
         self.timeout_s = timeout_s
         self._stop = threading.Event()
+        self._quiet_until = 0.0  # after finding rank 0's caller paused, look again later
         self._thread = threading.Thread(
             target=self._run, name=f"ppruntime-watchdog-{info.rank}", daemon=True
         )
@@ -72,7 +77,8 @@ class Watchdog:
             self._answer_dump_requests()
             now = time.monotonic()
             idle_for = now - max(self.tracker.progress_at, self.tracker.since)
-            if self.has_work() and idle_for > self.timeout_s:
+            stalled = self.has_work() and idle_for > self.timeout_s and not self.tracker.paused
+            if stalled and now >= self._quiet_until:
                 self._diagnose_and_abort(now)
 
     def _dump_own_stacks(self, reason: str) -> None:
@@ -89,8 +95,9 @@ class Watchdog:
                 return
             requester = status.Get_source()
             message.recv()
-            self._dump_own_stacks(f"stack dump requested by rank {requester}")
             reply = _status(self.tracker, time.monotonic())
+            if reply["state"] != "paused":
+                self._dump_own_stacks(f"stack dump requested by rank {requester}")
             request = self.comm.isend(reply, requester, Tag.WATCHDOG_REPLY)
             deadline = time.monotonic() + REPLY_WINDOW_S
             while not request_done(request) and time.monotonic() < deadline:
@@ -115,6 +122,15 @@ class Watchdog:
                 continue
             statuses[probe_status.Get_source()] = message.recv()
         del requests
+        paused = [r for r, status in statuses.items() if status and status["state"] == "paused"]
+        if paused:
+            # not a stall: the driver's caller is doing something else between steps
+            sys.stderr.write(
+                f"{self.info.prefix} watchdog: waiting on rank {paused[0]}, whose caller has "
+                f"not stepped the engine for a while; not aborting\n"
+            )
+            self._quiet_until = time.monotonic() + self.timeout_s
+            return
         stalled = [
             rank for rank, status in statuses.items() if status is None or status["state"] == "busy"
         ] or sorted(statuses)
