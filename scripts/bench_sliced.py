@@ -37,7 +37,7 @@ def worker(args) -> None:
 
     from ppruntime.comm.communicators import PipelineComms
     from ppruntime.comm.sliced import isend_object_sliced, recv_object_sliced
-    from ppruntime.comm.waiting import wait_all, wait_request
+    from ppruntime.comm.waiting import wait_request
 
     comms = PipelineComms.create()
     pipe, relay = comms.pipeline, comms.relay
@@ -55,7 +55,7 @@ def worker(args) -> None:
         def sender(slice_bytes=slice_bytes, stop=stop, transfers=transfers):
             while not stop.is_set():
                 handles = isend_object_sliced(relay, diff, [1], META_TAG, SLICE_TAG, slice_bytes)
-                wait_all(handles.requests, "diff")
+                handles.wait("diff")  # drives the window of slices in flight
                 transfers[0] += 1
             relay.send(None, 1, META_TAG)  # end of phase (a meta message of its own)
 

@@ -24,14 +24,18 @@ from mpi4py import MPI
 from mpi4py.util import pkl5
 
 from ppruntime.comm.communicators import current_thread_comm, thread_comm
-from ppruntime.comm.sliced import SendHandles, isend_object_sliced, recv_object_sliced
+from ppruntime.comm.sliced import (
+    DEFAULT_WINDOW,
+    SendHandles,
+    isend_object_sliced,
+    recv_object_sliced,
+)
 from ppruntime.comm.tags import Tag
 from ppruntime.comm.waiting import (
     BACKGROUND_MAX_SLEEP_S,
     MAX_SLEEP_S,
     WaitAborted,
     WaitTracker,
-    wait_all,
     wait_raw_message,
 )
 from ppruntime.engine.last_stage import ResponseDiff
@@ -111,7 +115,7 @@ class ResponseRelay:
         with self._pending_lock:
             pending, self._pending = self._pending, []
         for handles in pending:
-            wait_all(handles.requests, "relay sends to drain at shutdown", self.tracker)
+            handles.wait("relay sends to drain at shutdown", self.tracker)
 
     # -- last rank: publish --------------------------------------------------------
     def publish(self, state: SampleState, diff: ResponseDiff | None) -> None:
@@ -140,7 +144,8 @@ class ResponseRelay:
             while True:
                 with self._outbox_signal:
                     while not self._outbox and not self._stop.is_set():
-                        self._outbox_signal.wait(timeout=0.05)
+                        # sliced sends in progress need refilling: wake up often then
+                        self._outbox_signal.wait(timeout=0.001 if self._pending else 0.05)
                         self._test_pending()
                     if not self._outbox:
                         return
@@ -203,16 +208,37 @@ class ResponseRelay:
         message = pack_sample_state(light)
         handles = SendHandles(keep_alive=[message])
         handles.requests.append(comm.Isend([message, MPI.BYTE], dest, Tag.SAMPLE_STATE))
+        sent = [handles]
         if light.has_diff:
-            sliced = isend_object_sliced(comm, diff, [dest], Tag.RESPONSE_DIFF, Tag.PAYLOAD_SLICE)
-            handles.requests.extend(sliced.requests)
-            handles.keep_alive.extend(sliced.keep_alive)
+            # the relay thread refills a bounded window of slices as they complete;
+            # inline (deterministic mode) nobody would, so every slice goes out at once
+            window = DEFAULT_WINDOW if self.threaded else 0
+            sent.append(
+                isend_object_sliced(
+                    comm,
+                    diff,
+                    [dest],
+                    Tag.RESPONSE_DIFF,
+                    Tag.PAYLOAD_SLICE,
+                    window=window,
+                    issue_now=False,
+                )
+            )
         with self._pending_lock:
-            self._pending.append(handles)
+            self._pending.extend(sent)
+        self._test_pending()
 
     def _test_pending(self) -> None:
+        """Reap finished sends; let only the oldest sliced send issue slices, so the
+        slices of consecutive diffs reach the receiver in the order it posts them."""
         with self._pending_lock:
-            self._pending = [handles for handles in self._pending if not handles.test()]
+            still_pending = []
+            earlier_has_queued = False
+            for handles in self._pending:
+                if not handles.test(issue=not earlier_has_queued):
+                    still_pending.append(handles)
+                earlier_has_queued = earlier_has_queued or bool(handles.queued)
+            self._pending = still_pending
 
 
 __all__ = ["ReadyQueue", "ResponseRelay", "np"]
