@@ -1,11 +1,12 @@
 """New requests and cancellations on their way down the ranks (DESIGN §2.1).
 
-Rank 0 sends, with an iteration's MICROBATCH header, one control message: the
-requests that entered and the cancellations. The prompts of all new requests travel
-as ONE raw int32 buffer (their concatenation, never a list of ints); the rest (ids,
-lengths, sampling parameters, cancellations) is small and pickled with the standard
-pickler. Per-request cost on the wire does not grow with the prompt's length beyond
-the bytes themselves.
+Rank 0 sends, with an iteration's MICROBATCH header, one control message: a flat
+int32 buffer holding, for every new request, its id, prompt length and numeric
+sampling parameters, then the cancellations, then all the prompts concatenated
+(never a list of ints). Only what does not fit in numbers (stop strings, stop token
+ids, a seed beyond 64 bits) goes in a second, pickled message, and only when some
+request has it. Ranks other than 0 need no request-id strings: rank 0 alone returns
+outputs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,28 @@ from mpi4py import MPI
 
 from ppruntime.comm.tags import Tag
 from ppruntime.comm.waiting import WaitTracker, wait_raw_message
+from ppruntime.engine.sampling_params import SamplingParams
 from ppruntime.engine.seq_table import SeqInfo
+
+# per-request words of the control message
+(
+    F_SEQ_ID,
+    F_LENGTH,
+    F_MAX_TOKENS,
+    F_TOP_K,
+    F_LOGPROBS,
+    F_FLAGS,
+    F_SEED_LO,
+    F_SEED_HI,
+    F_TEMPERATURE,
+    F_TOP_P,
+    F_MIN_P,
+) = range(11)
+FIELDS = 11
+HEADER = 3  # number of new requests, number of cancellations, has-extras flag
+# flags
+HAS_SEED, IGNORE_EOS, PROMPT_LOGITS, GENERATION_LOGITS = 1, 2, 4, 8
+_INT64_RANGE = (-(2**63), 2**63)
 
 
 @dataclass
@@ -29,7 +51,7 @@ class NewRequests:
     request_ids: list[str]
     prompt_lengths: np.ndarray  # [N] int64
     prompt_tokens: np.ndarray  # [sum(lengths)] int32
-    params: list
+    params: list[SamplingParams]
 
     def infos(self) -> list[SeqInfo]:
         """Per-request views into the one prompt buffer (no copies)."""
@@ -50,47 +72,121 @@ class Control:
     aborts: list[int] = field(default_factory=list)  # seq ids
 
 
+def _encode(control: Control) -> tuple[np.ndarray, dict]:
+    """The flat int32 message and the extras that numbers cannot carry."""
+    new = control.new
+    count = 0 if new is None else len(new.params)
+    prompts = np.zeros(0, np.int32) if new is None else new.prompt_tokens
+    message = np.empty(HEADER + FIELDS * count + len(control.aborts) + prompts.shape[0], np.int32)
+    extras: dict[int, tuple] = {}
+    table = message[HEADER : HEADER + FIELDS * count].reshape(count, FIELDS)
+    floats = table.view(np.float32)
+    for row, (seq_id, length, params) in enumerate(
+        zip(new.seq_ids.tolist(), new.prompt_lengths.tolist(), new.params) if new else ()
+    ):
+        seed = params.seed
+        packed_seed = seed is not None and _INT64_RANGE[0] <= seed < _INT64_RANGE[1]
+        flags = (
+            (HAS_SEED if packed_seed else 0)
+            | (IGNORE_EOS if params.ignore_eos else 0)
+            | (PROMPT_LOGITS if params.prompt_logits else 0)
+            | (GENERATION_LOGITS if params.generation_logits else 0)
+        )
+        seed64 = np.int64(seed if packed_seed else 0)
+        table[row, :F_TEMPERATURE] = (
+            seq_id,
+            length,
+            params.max_tokens,
+            params.top_k,
+            -1 if params.logprobs is None else params.logprobs,
+            flags,
+            *np.array([seed64]).view(np.int32),
+        )
+        floats[row, F_TEMPERATURE:] = (params.temperature, params.top_p, params.min_p)
+        if params.stop or params.stop_token_ids or (seed is not None and not packed_seed):
+            extras[seq_id] = (params.stop, params.stop_token_ids, None if packed_seed else seed)
+    message[:HEADER] = (count, len(control.aborts), bool(extras))
+    position = HEADER + FIELDS * count
+    message[position : position + len(control.aborts)] = control.aborts
+    message[position + len(control.aborts) :] = prompts
+    return message, extras
+
+
+def _decode(message: np.ndarray, extras: dict) -> Control:
+    count, num_aborts = int(message[0]), int(message[1])
+    table = message[HEADER : HEADER + FIELDS * count].reshape(count, FIELDS)
+    floats = table.view(np.float32)
+    position = HEADER + FIELDS * count
+    aborts = message[position : position + num_aborts].tolist()
+    if count == 0:
+        return Control(new=None, aborts=aborts)
+    params = []
+    for row, floats_row in zip(table.tolist(), floats[:, F_TEMPERATURE:].tolist()):
+        flags = row[F_FLAGS]
+        stop, stop_ids, big_seed = extras.get(row[F_SEQ_ID], ((), (), None))
+        seed = big_seed
+        if flags & HAS_SEED:
+            seed = int(np.array(row[F_SEED_LO : F_SEED_HI + 1], np.int32).view(np.int64)[0])
+        params.append(
+            SamplingParams(
+                max_tokens=row[F_MAX_TOKENS],
+                temperature=floats_row[0],
+                top_k=row[F_TOP_K],
+                top_p=floats_row[1],
+                min_p=floats_row[2],
+                seed=seed,
+                stop=stop,
+                stop_token_ids=stop_ids,
+                ignore_eos=bool(flags & IGNORE_EOS),
+                logprobs=None if row[F_LOGPROBS] < 0 else row[F_LOGPROBS],
+                prompt_logits=bool(flags & PROMPT_LOGITS),
+                generation_logits=bool(flags & GENERATION_LOGITS),
+            )
+        )
+    seq_ids = table[:, F_SEQ_ID].astype(np.int64)
+    new = NewRequests(
+        seq_ids=seq_ids,
+        request_ids=[str(seq_id) for seq_id in seq_ids.tolist()],  # rank 0 keeps the names
+        prompt_lengths=table[:, F_LENGTH].astype(np.int64),
+        prompt_tokens=message[position + num_aborts :],
+        params=params,
+    )
+    return Control(new=new, aborts=aborts)
+
+
 def isend_control(
     comm: MPI.Comm, control: Control, dest: int, keep_alive: list[object]
 ) -> list[MPI.Request]:
     """Start sending `control`; the buffers are appended to `keep_alive`."""
-    new = control.new
-    prompts = new.prompt_tokens if new is not None else None
-    meta = (
-        None if new is None else (new.seq_ids, new.request_ids, new.prompt_lengths, new.params),
-        control.aborts,
-    )
-    meta_bytes = np.frombuffer(pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
-    keep_alive.append(meta_bytes)
-    requests = [comm.Isend([meta_bytes, MPI.BYTE], dest, Tag.MICROBATCH_CONTROL)]
-    if prompts is not None:
-        prompts = np.ascontiguousarray(prompts, dtype=np.int32)
-        keep_alive.append(prompts)
-        requests.append(comm.Isend([prompts, MPI.BYTE], dest, Tag.PROMPT_TOKENS))
+    message, extras = _encode(control)
+    keep_alive.append(message)
+    requests = [comm.Isend([message, MPI.BYTE], dest, Tag.MICROBATCH_CONTROL)]
+    if extras:
+        extra_bytes = np.frombuffer(pickle.dumps(extras, pickle.HIGHEST_PROTOCOL), np.uint8)
+        keep_alive.append(extra_bytes)
+        requests.append(comm.Isend([extra_bytes, MPI.BYTE], dest, Tag.CONTROL_EXTRAS))
     return requests
 
 
 def recv_control(comm: MPI.Comm, source: int, tracker: WaitTracker | None = None) -> Control:
     """Receive a control message sent by `isend_control` (the caller knows one is due)."""
-    meta_bytes = wait_raw_message(
+    message = wait_raw_message(
         comm,
         source,
         Tag.MICROBATCH_CONTROL,
         f"control from rank {source}",
-        dtype=np.uint8,
+        dtype=np.int32,
         tracker=tracker,
     )
-    new_meta, aborts = pickle.loads(meta_bytes)
-    new = None
-    if new_meta is not None:
-        seq_ids, request_ids, lengths, params = new_meta
-        prompts = wait_raw_message(
+    extras = {}
+    if message[2]:
+        extra_bytes = wait_raw_message(
             comm,
             source,
-            Tag.PROMPT_TOKENS,
-            f"prompt tokens from rank {source}",
-            dtype=np.int32,
+            Tag.CONTROL_EXTRAS,
+            f"control extras from rank {source}",
+            dtype=np.uint8,
             tracker=tracker,
         )
-        new = NewRequests(seq_ids, request_ids, lengths, prompts, params)
-    return Control(new=new, aborts=aborts)
+        extras = pickle.loads(extra_bytes)
+    return _decode(message, extras)
