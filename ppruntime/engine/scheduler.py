@@ -162,8 +162,11 @@ class Scheduler:
         ready = np.flatnonzero(table.active & ~table.in_flight & ~table.abort_requested)
         if ready.shape[0] == 0:
             return _EMPTY_I32, _EMPTY_I32
-        ready = ready[np.argsort(table.seq_id[ready], kind="stable")][:cap]
         want = table.num_prompt[ready] + table.num_output[ready] - table.num_computed[ready]
+        if ready.shape[0] <= cap and int(want.sum()) <= self.max_num_tokens:
+            return ready.astype(np.int32), want.astype(np.int32)  # all fit: order is moot
+        order = np.argsort(table.seq_id[ready], kind="stable")[:cap]  # oldest first
+        ready, want = ready[order], want[order]
         cumulative = np.cumsum(want)
         fitting = int(np.searchsorted(cumulative, self.max_num_tokens, side="right"))
         if fitting == ready.shape[0]:
