@@ -104,10 +104,9 @@ class Watchdog:
                 time.sleep(0.01)
 
     def _diagnose_and_abort(self, now: float) -> None:
+        """Ask every rank for its state; abort only for a real stall."""
+        progress_before = self.tracker.progress_at
         mine = _status(self.tracker, now)
-        self._dump_own_stacks(
-            f"no progress for {self.timeout_s:.0f}s ({describe(self.info.rank, mine)})"
-        )
         others = [rank for rank in range(self.info.size) if rank != self.info.rank]
         requests = [self.comm.isend("dump", rank, Tag.WATCHDOG_DUMP) for rank in others]
         statuses: dict[int, dict | None] = {rank: None for rank in others}
@@ -122,6 +121,9 @@ class Watchdog:
                 continue
             statuses[probe_status.Get_source()] = message.recv()
         del requests
+        self._quiet_until = time.monotonic() + self.timeout_s
+        if self.tracker.progress_at != progress_before:
+            return  # this rank moved on while asking: whatever held it is gone
         paused = [r for r, status in statuses.items() if status and status["state"] == "paused"]
         if paused:
             # not a stall: the driver's caller is doing something else between steps
@@ -129,11 +131,19 @@ class Watchdog:
                 f"{self.info.prefix} watchdog: waiting on rank {paused[0]}, whose caller has "
                 f"not stepped the engine for a while; not aborting\n"
             )
-            self._quiet_until = time.monotonic() + self.timeout_s
             return
         stalled = [
-            rank for rank, status in statuses.items() if status is None or status["state"] == "busy"
-        ] or sorted(statuses)
+            rank
+            for rank, status in statuses.items()
+            if status is None or (status["state"] == "busy" and status["seconds"] >= self.timeout_s)
+        ]
+        if not stalled:
+            if not all(s["state"] == "waiting" for s in statuses.values()):
+                return  # some rank is working (and not for long): not a stall
+            stalled = sorted(statuses)  # everyone waits on someone: a circular wait
+        self._dump_own_stacks(
+            f"no progress for {self.timeout_s:.0f}s ({describe(self.info.rank, mine)})"
+        )
         summary = "; ".join(describe(rank, statuses[rank]) for rank in sorted(statuses))
         report_and_abort(
             self.info,
