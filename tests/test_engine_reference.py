@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from model_fixtures import ARCHITECTURES, load_reference_model, make_tiny_checkpoint
 from reference_compare import (
     compare_greedy,
@@ -31,14 +30,6 @@ PROMPTS = [
     np.random.default_rng(0).integers(3, 300, 29).tolist(),
 ]
 GREEDY = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from ppruntime import LLM, SamplingParams
 
 PROMPTS = ["hello", "once upon a time", "abc", "x", "pipeline parallel", "MPI"]
 LONG_PROMPT = np.random.default_rng(1).integers(0, 256, 150).tolist()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def seeded(seed: int, max_tokens: int = 24, **kwargs) -> SamplingParams:

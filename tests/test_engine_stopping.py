@@ -7,21 +7,12 @@ a stop condition must cut that run at the right token and change nothing before 
 from __future__ import annotations
 
 import pytest
-import torch
 from model_fixtures import make_tiny_checkpoint
 
 from ppruntime import LLM, SamplingParams
 
 PROMPTS = ["hello", "once upon a time", "abc", "x"]
 LONG = 48  # tokens of the unconstrained baseline runs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def greedy(max_tokens: int = LONG, **kwargs) -> SamplingParams:

@@ -18,14 +18,6 @@ GOOD_PROMPTS = ["hello", [256, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
 GOOD = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def llm():
     engine = LLM(preset="tiny", deterministic=True, block_size=4, max_model_len=MAX_MODEL_LEN)

@@ -29,14 +29,6 @@ SCHEDULE = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """arch -> (checkpoint dir, reference logits per sequence [L, V], token ids per sequence)."""
