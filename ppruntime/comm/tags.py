@@ -21,10 +21,6 @@ class Tag(IntEnum):
     SAMPLE_STATE = 21  # sampled tokens and finish codes of one batch (int32 raw buffer)
     RESPONSE_DIFF = 22  # log-probs, logits, stop reasons of one batch (pickled)
     PAYLOAD_SLICE = 23  # one slice of a large response-diff array
-    # start-up and diagnosis
-    STARTUP = 31
+    # diagnosis
     WATCHDOG_DUMP = 41  # "dump your stack": stall diagnosis request
     WATCHDOG_REPLY = 42
-    # benchmarks that exercise the transport alone
-    BENCH_PROBE = 51
-    BENCH_BULK = 52

@@ -41,6 +41,7 @@ from ppruntime.engine.seq_table import SeqInfo, SequenceTable
 from ppruntime.engine.trace import Tracer
 from ppruntime.engine.wire import (
     DTYPE_CODES,
+    DTYPES_BY_CODE,
     FINISH_ABORT,
     FINISH_NONE,
     MicrobatchHeader,
@@ -105,6 +106,7 @@ class PipelineExecutor:
         self.stats = ExecutorStats()
         self.hidden_size = hidden_size
         self.activation_dtype = activation_dtype
+        self.activation_dtype_code = DTYPE_CODES[np.dtype(_numpy_dtype(activation_dtype))]
         self.iteration = 0
         self.stopped = False
         self.failure: BaseException | None = None  # rank 0: what broke an iteration
@@ -316,6 +318,12 @@ class PipelineExecutor:
         self._wait_slot(slot)
         activation_request = None
         if header.has_activations:
+            if header.dtype_code != self.activation_dtype_code:
+                sent = DTYPES_BY_CODE.get(header.dtype_code)
+                raise RuntimeError(
+                    f"rank {source} sends activations as {sent} but rank {self.rank} computes "
+                    f"in {self.activation_dtype}: start every rank with the same --dtype"
+                )
             count = header.num_tokens * header.hidden_size
             activation_bytes = self.activation_buffer[:count].view(torch.uint8).numpy()
             activation_request = self.comm.Irecv(
@@ -393,7 +401,7 @@ class PipelineExecutor:
             batch=batch,
             num_tokens=num_tokens if self.size > 1 else 0,
             hidden_size=self.hidden_size if self.size > 1 else 0,
-            dtype_code=DTYPE_CODES.get(np.dtype(_numpy_dtype(self.activation_dtype)), 0),
+            dtype_code=self.activation_dtype_code,
         )
         if self.size > 1:
             message = pack_microbatch(header, slot.header_buffer)

@@ -19,7 +19,7 @@ from ppruntime.engine.detokenizer import IncrementalDetokenizer
 from ppruntime.engine.scheduler import ScheduledBatch
 from ppruntime.engine.seq_table import SeqInfo, SequenceTable
 from ppruntime.engine.stop import StopStringMatcher
-from ppruntime.engine.wire import FINISH_LENGTH, FINISH_NONE, FINISH_STOP, SampleState
+from ppruntime.engine.wire import FINISH_LENGTH, FINISH_STOP, SampleState
 from ppruntime.stage.runner import StageRunner
 from ppruntime.stage.sampler import Sampler, SamplingBatch, make_generator
 from ppruntime.stage.step_inputs import StepInputs
@@ -229,5 +229,3 @@ class LastStage:
             diff.prompt_logits.append((slot, sent, values))
             self.prompt_logits_sent[slot] = end
 
-
-__all__ = ["FINISH_NONE", "LastStage", "ResponseDiff"]

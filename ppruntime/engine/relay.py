@@ -19,7 +19,6 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-import numpy as np
 from mpi4py import MPI
 from mpi4py.util import pkl5
 
@@ -240,5 +239,3 @@ class ResponseRelay:
                 earlier_has_queued = earlier_has_queued or bool(handles.queued)
             self._pending = still_pending
 
-
-__all__ = ["ReadyQueue", "ResponseRelay", "np"]
