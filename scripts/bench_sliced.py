@@ -55,7 +55,7 @@ def worker(args) -> None:
         def sender(slice_bytes=slice_bytes, stop=stop, transfers=transfers):
             while not stop.is_set():
                 handles = isend_object_sliced(relay, diff, [1], META_TAG, SLICE_TAG, slice_bytes)
-                handles.wait("diff")  # drives the window of slices in flight
+                handles.wait("diff")
                 transfers[0] += 1
             relay.send(None, 1, META_TAG)  # end of phase (a meta message of its own)
 

@@ -5,15 +5,13 @@ log-probs) travel out-of-band. Buffers over `slice_bytes` (2 MiB by default) are
 cut into slices, and the slices for every destination are issued round-robin as
 one batch of non-blocking sends, so no single transfer holds a link or MPI's progress
 engine for long, and small activation and sample-state messages pass in between.
-A `window` can bound the slices in flight (refilled by `SendHandles.test()`); on the
-two-core machine measured so far it made small-message latency worse, so the
-default issues every slice at once (docs/benchmarks.md).
+(Bounding the slices in flight, refilled as they complete, was measured and made
+small-message latency worse on two cores: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
 
 import pickle
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +21,6 @@ from mpi4py import MPI
 from ppruntime.comm.waiting import WaitTracker, recv_object, request_done, wait_all, wait_until
 
 DEFAULT_SLICE_BYTES = 2 * 1024 * 1024
-DEFAULT_WINDOW = 0  # slices in flight per sliced send; 0 = all at once (see docs/benchmarks.md)
 
 
 @dataclass
@@ -44,30 +41,20 @@ SLICE_STATS = SliceStats()
 
 @dataclass
 class SendHandles:
-    """Requests of one (sliced) send, the buffers they read from, slices still to issue."""
+    """Requests of one send and the buffers they read from."""
 
     requests: list[MPI.Request] = field(default_factory=list)
     keep_alive: list[object] = field(default_factory=list)
-    queued: deque = field(default_factory=deque)  # (comm, buffer view, dest, tag)
-    window: int = DEFAULT_WINDOW  # 0: issue every slice at once
 
-    def test(self, issue: bool = True) -> bool:
-        """Reap completed requests, issue queued slices into the window; True when done.
-
-        issue=False: only reap (an earlier send to the same ranks still has slices to
-        issue, and slices must go out in order: receivers match them in order).
-        """
+    def test(self) -> bool:
+        """Reap completed requests; True (and the buffers released) when all are done."""
         self.requests = [r for r in self.requests if not request_done(r)]
-        while issue and self.queued and (self.window <= 0 or len(self.requests) < self.window):
-            comm, view, dest, tag = self.queued.popleft()
-            self.requests.append(comm.Isend([view, MPI.BYTE], dest, tag))
-        if not self.requests and not self.queued:
+        if not self.requests:
             self.keep_alive.clear()
-            return True
-        return False
+        return not self.requests
 
     def wait(self, what: str, tracker: WaitTracker | None = None) -> None:
-        """Drive the send to completion (polling with backoff, never spinning)."""
+        """Wait for every request (polling with backoff, never spinning)."""
         wait_until(self.test, what, tracker)
 
 
@@ -95,19 +82,13 @@ def isend_object_sliced(
     meta_tag: int,
     slice_tag: int,
     slice_bytes: int = DEFAULT_SLICE_BYTES,
-    window: int = DEFAULT_WINDOW,
-    issue_now: bool = True,
 ) -> SendHandles:
-    """Start sending `obj` to every rank in `dests`; drive it with `handles.test()`.
-
-    issue_now=False: send only the metadata now; slices start at the first `test()`
-    (for a caller that keeps several sliced sends in order).
-    """
+    """Start sending `obj` to every rank in `dests`; wait on the handles later."""
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     raws = [np.frombuffer(buffer.raw(), dtype=np.uint8) for buffer in buffers]
     meta = (data, [raw.shape[0] for raw in raws])
-    handles = SendHandles(keep_alive=[buffers, raws], window=window)
+    handles = SendHandles(keep_alive=[buffers, raws])
     for dest in dests:
         handles.requests.append(comm.isend(meta, dest, meta_tag))
     queues = [(dest, raw) for dest in dests for raw in raws]
@@ -117,9 +98,7 @@ def isend_object_sliced(
     SLICE_STATS.slices_sent += len(order)
     for index, start, end in order:
         dest, raw = queues[index]
-        handles.queued.append((comm, raw[start:end], dest, slice_tag))
-    if issue_now:
-        handles.test()  # the first `window` slices go out now
+        handles.requests.append(comm.Isend([raw[start:end], MPI.BYTE], dest, slice_tag))
     return handles
 
 

@@ -24,7 +24,6 @@ from mpi4py.util import pkl5
 
 from ppruntime.comm.communicators import current_thread_comm, thread_comm
 from ppruntime.comm.sliced import (
-    DEFAULT_WINDOW,
     SendHandles,
     isend_object_sliced,
     recv_object_sliced,
@@ -143,8 +142,7 @@ class ResponseRelay:
             while True:
                 with self._outbox_signal:
                     while not self._outbox and not self._stop.is_set():
-                        # sliced sends in progress need refilling: wake up often then
-                        self._outbox_signal.wait(timeout=0.001 if self._pending else 0.05)
+                        self._outbox_signal.wait(timeout=0.05)
                         self._test_pending()
                     if not self._outbox:
                         return
@@ -209,33 +207,12 @@ class ResponseRelay:
         handles.requests.append(comm.Isend([message, MPI.BYTE], dest, Tag.SAMPLE_STATE))
         sent = [handles]
         if light.has_diff:
-            # the relay thread refills a bounded window of slices as they complete;
-            # inline (deterministic mode) nobody would, so every slice goes out at once
-            window = DEFAULT_WINDOW if self.threaded else 0
             sent.append(
-                isend_object_sliced(
-                    comm,
-                    diff,
-                    [dest],
-                    Tag.RESPONSE_DIFF,
-                    Tag.PAYLOAD_SLICE,
-                    window=window,
-                    issue_now=False,
-                )
+                isend_object_sliced(comm, diff, [dest], Tag.RESPONSE_DIFF, Tag.PAYLOAD_SLICE)
             )
         with self._pending_lock:
             self._pending.extend(sent)
-        self._test_pending()
 
     def _test_pending(self) -> None:
-        """Reap finished sends; let only the oldest sliced send issue slices, so the
-        slices of consecutive diffs reach the receiver in the order it posts them."""
         with self._pending_lock:
-            still_pending = []
-            earlier_has_queued = False
-            for handles in self._pending:
-                if not handles.test(issue=not earlier_has_queued):
-                    still_pending.append(handles)
-                earlier_has_queued = earlier_has_queued or bool(handles.queued)
-            self._pending = still_pending
-
+            self._pending = [handles for handles in self._pending if not handles.test()]
