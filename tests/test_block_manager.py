@@ -20,7 +20,7 @@ def test_fresh_manager_is_all_free_and_allocates_in_order():
     manager = BlockManager(8, 4)
     assert manager.num_free_blocks == 8 and manager.all_free()
     first = manager.allocate(3)
-    assert first.dtype == np.int32
+    assert first.dtype == np.intp  # block ids index the free mask and the KV cache
     assert first.tolist() == [0, 1, 2]
     assert manager.allocate(2).tolist() == [3, 4]
     assert manager.num_free_blocks == 3 and not manager.all_free()

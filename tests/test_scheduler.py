@@ -292,7 +292,7 @@ def test_abort_requested_sequences_are_not_scheduled():
     scheduler.add(make_info(0, 3))
     scheduler.add(make_info(1, 3))
     land(table, scheduler.schedule())
-    table.abort_requested[0] = True
+    table.request_abort(0)
     assert sorted(by_seq(table, scheduler.schedule())) == [1]
 
 
@@ -600,8 +600,8 @@ class Simulation:
             candidates = np.flatnonzero(table.active & ~table.abort_requested)
             if candidates.shape[0]:
                 slot = int(self.rng.choice(candidates))
-                table.abort_requested[slot] = True
-                self.replica.abort_requested[slot] = True
+                table.request_abort(slot)
+                self.replica.request_abort(slot)
         for slot in np.flatnonzero(table.abort_requested & table.active & ~table.in_flight):
             self.finish(int(slot))
         if self.abort_rate and self.scheduler.waiting and self.rng.random() < self.abort_rate:
@@ -687,3 +687,85 @@ def test_burst_of_arrivals_drains_with_scarce_blocks():
         sim.arrive()
     sim.drain()
     assert sim.num_preemptions > 0
+
+
+# -- skipping work that cannot produce a batch ----------------------------------------
+def count_picks(monkeypatch, scheduler: Scheduler) -> list[int]:
+    calls = []
+    original = scheduler._pick_running
+
+    def counted(cap):
+        calls.append(cap)
+        return original(cap)
+
+    monkeypatch.setattr(scheduler, "_pick_running", counted)
+    return calls
+
+
+def test_scheduler_skips_until_something_changes(monkeypatch):
+    table, scheduler = make_rank0(max_batch_size=8)
+    picks = count_picks(monkeypatch, scheduler)
+    scheduler.add(make_info(0, 3))
+    first = scheduler.schedule()
+    assert first is not None and len(picks) == 1
+    # everything is in flight and nothing waits: further calls do no work
+    assert scheduler.schedule() is None and scheduler.schedule() is None
+    assert len(picks) == 1
+    scheduler.add(make_info(1, 3))  # a new request is a change
+    assert by_seq(table, scheduler.schedule()) == {1: (0, 3, True)}
+    assert scheduler.schedule() is None
+    calls = len(picks)
+    land(table, first)  # a landed batch is a change
+    assert by_seq(table, scheduler.schedule()) == {0: (3, 1, True)}
+    assert len(picks) == calls + 1
+
+
+def test_scheduler_does_not_skip_while_ready_sequences_were_left_out():
+    table, scheduler = make_rank0(max_batch_size=2)
+    for seq_id in range(3):
+        scheduler.add(make_info(seq_id, 3))
+    first = scheduler.schedule()
+    assert sorted(by_seq(table, first)) == [0, 1]
+    second = scheduler.schedule()  # the third request was left out by the cap
+    assert sorted(by_seq(table, second)) == [2]
+    land(table, first)
+    land(table, second)
+    # all three ready again, cap 2: the one left out comes in the next call
+    assert len(by_seq(table, scheduler.schedule())) == 2
+    assert len(by_seq(table, scheduler.schedule())) == 1
+    assert scheduler.schedule() is None
+
+
+def test_an_abort_request_counts_and_release_clears_it():
+    table, scheduler = make_rank0()
+    scheduler.add(make_info(0, 3))
+    batch = scheduler.schedule()
+    slot = int(batch.slots[0])
+    version = table.version
+    table.request_abort(slot)
+    table.request_abort(slot)  # twice is once
+    assert table.num_abort_requested == 1 and table.version == version + 1
+    land(table, batch)
+    table.release(slot)
+    assert table.num_abort_requested == 0 and not table.abort_requested[slot]
+
+
+def test_release_many_frees_like_single_releases():
+    def filled():
+        table, scheduler = make_rank0(num_blocks=40, block_size=4)
+        for seq_id in range(4):
+            scheduler.add(make_info(seq_id, 5 + 3 * seq_id))
+        land(table, scheduler.schedule())
+        return table
+
+    one_by_one, together = filled(), filled()
+    for slot in (2, 0, 3):
+        one_by_one.release(slot)
+    together.release_many([2, 0, 3])
+    for name in TABLE_ARRAYS:
+        if name != "block_table":
+            assert np.array_equal(getattr(one_by_one, name), getattr(together, name)), name
+    assert one_by_one.blocks.num_free_blocks == together.blocks.num_free_blocks
+    assert together.has_free_slot() and together.next_free_slot() == 3
+    with pytest.raises(AssertionError, match="not in use"):
+        together.release_many([0])

@@ -29,18 +29,22 @@ def i32(*values):
     return np.array(values, dtype=np.int32)
 
 
+def slots(*values):
+    return np.array(values, dtype=np.intp)
+
+
 def make_batch(**overrides) -> ScheduledBatch:
     fields = dict(
         batch_id=7,
-        slots=i32(3, 0, 5),
+        slots=slots(3, 0, 5),
         num_new=i32(1, 12, 4),
         starts=i32(40, 0, 8),
         sample_mask=np.array([True, False, True]),
         block_counts=i32(0, 3, 1),
         block_ids=i32(9, 2, 11, 4),
         admit_seq_ids=np.array([17], dtype=np.int64),
-        admit_slots=i32(0),
-        preempt_slots=i32(6, 1),
+        admit_slots=slots(0),
+        preempt_slots=slots(6, 1),
     )
     fields.update(overrides)
     return ScheduledBatch(**fields)
@@ -116,9 +120,9 @@ def test_stale_buffer_contents_do_not_leak_into_the_header():
 def test_empty_arrays_round_trip():
     empty = np.zeros(0, dtype=np.int32)
     batch = make_batch(
-        slots=i32(2), num_new=i32(1), starts=i32(9), sample_mask=np.array([True]),
+        slots=slots(2), num_new=i32(1), starts=i32(9), sample_mask=np.array([True]),
         block_counts=i32(0), block_ids=empty,
-        admit_seq_ids=np.zeros(0, dtype=np.int64), admit_slots=empty, preempt_slots=empty,
+        admit_seq_ids=np.zeros(0, dtype=np.int64), admit_slots=slots(), preempt_slots=slots(),
     )
     got = round_trip(MicrobatchHeader(0, 0, False, False, batch))
     assert_batches_equal(got.batch, batch)
@@ -178,7 +182,7 @@ def test_sample_state_round_trip():
     assert message.dtype == np.int32 and message.shape == (3 + 4 * 3,)
     got = unpack_sample_state(message)
     assert got.batch_id == 42 and got.has_diff
-    assert got.slots.tolist() == [4, 1, 7]
+    assert got.slots.tolist() == [4, 1, 7] and got.slots.dtype == np.intp
     assert got.sampled.dtype == np.bool_ and got.sampled.tolist() == [True, False, True]
     assert got.token_ids.tolist() == [1000, -1, 31999]
     assert got.finish.tolist() == [0, 0, 1]

@@ -10,6 +10,7 @@ other messages of this process.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,9 +21,9 @@ from mpi4py.util import pkl5
 
 _FIRST_SLEEP_S = 20e-6
 MAX_SLEEP_S = float(os.environ.get("PPRUNTIME_POLL_MAX_US", "500")) * 1e-6
-# A thread that mostly waits (the relay receiver) polls less often: its wake-ups take
-# the GIL and a core from the stage's compute; latency it adds is absorbed by the
-# microbatches in flight.
+# A thread that mostly waits (the relay receiver) polls less often while nobody waits
+# for what it receives: each wake-up takes the GIL and a core from the executor thread.
+BACKGROUND_FIRST_SLEEP_S = 200e-6
 BACKGROUND_MAX_SLEEP_S = float(os.environ.get("PPRUNTIME_BACKGROUND_POLL_MAX_US", "2000")) * 1e-6
 
 
@@ -49,6 +50,56 @@ class Backoff:
             return
         time.sleep(self._next)
         self._next = min(self._next * 2.0, self._max)
+
+
+class Hurry:
+    """Lets a consumer tell a background poller that it now waits for its results.
+
+    The relay thread polls slowly while the executor thread is busy (every poll takes
+    the GIL from it, measured at a third of rank 0's host time per iteration with
+    polls that restart fast after each message) and like a foreground wait while the
+    executor waits for a ready batch. One consumer thread per rank.
+    """
+
+    __slots__ = ("urgent", "_event")
+
+    def __init__(self) -> None:
+        self.urgent = False
+        self._event = threading.Event()
+
+    def begin(self) -> None:
+        """The consumer starts waiting: wake the poller if it sleeps."""
+        self.urgent = True
+        self._event.set()
+
+    def end(self) -> None:
+        self.urgent = False
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep up to `seconds`; return early when the consumer starts waiting."""
+        self._event.clear()
+        if not self.urgent:  # a begin() after this check sets the event: no lost wake-up
+            self._event.wait(seconds)
+
+
+class PacedBackoff(Backoff):
+    """A background poller's backoff: slow (200 us doubling to the background cap)
+    while its consumer is busy, a foreground `Backoff` while the consumer waits."""
+
+    __slots__ = ("_hurry", "_slow_next")
+
+    def __init__(self, hurry: Hurry) -> None:
+        super().__init__(MAX_SLEEP_S)
+        self._hurry = hurry
+        self._slow_next = BACKGROUND_FIRST_SLEEP_S
+
+    def sleep(self) -> None:
+        if self._hurry.urgent:
+            super().sleep()
+            return
+        self._next = 0.0  # the next urgent phase starts polling at once
+        self._hurry.sleep(self._slow_next)
+        self._slow_next = min(self._slow_next * 2.0, BACKGROUND_MAX_SLEEP_S)
 
 
 class WaitTracker:
@@ -151,7 +202,7 @@ def _wait_matched(
     what: str,
     tracker: WaitTracker | None,
     should_stop: Callable[[], bool] | None,
-    max_sleep_s: float = MAX_SLEEP_S,
+    backoff: Backoff | None = None,
 ) -> Any:  # an MPI.Message or a pkl5.Message
     """Poll a matching probe until it returns a message."""
     matched = improbe()
@@ -166,7 +217,7 @@ def _wait_matched(
         found.append(message)
         return True
 
-    _poll(probe, what, tracker, should_stop, max_sleep_s)
+    _poll(probe, what, tracker, should_stop, backoff)
     return found[0]
 
 
@@ -175,11 +226,12 @@ def _poll(
     what: str,
     tracker: WaitTracker | None,
     should_stop: Callable[[], bool] | None,
-    max_sleep_s: float = MAX_SLEEP_S,
+    backoff: Backoff | None = None,
 ) -> None:
     if tracker is not None:
         tracker.begin(what)
-    backoff = Backoff(max_sleep_s)
+    if backoff is None:
+        backoff = Backoff()
     try:
         while not done():
             if should_stop is not None and should_stop():
@@ -199,16 +251,17 @@ def wait_raw_message(
     dtype: np.dtype | type = np.int32,
     tracker: WaitTracker | None = None,
     should_stop: Callable[[], bool] | None = None,
-    max_sleep_s: float = MAX_SLEEP_S,
+    backoff: Backoff | None = None,
 ) -> np.ndarray:
     """Receive one raw (unpickled) message without spinning.
 
     With `out`, the message lands in a prefix of that preallocated buffer (a view
     is returned); without it, a new array of the message's size is returned.
+    backoff: how to sleep between polls (default: a fresh foreground `Backoff`).
     """
     status = MPI.Status()
     message = _wait_matched(
-        lambda: comm.Improbe(source, tag, status), what, tracker, should_stop, max_sleep_s
+        lambda: comm.Improbe(source, tag, status), what, tracker, should_stop, backoff
     )
     buffer_dtype = np.dtype(dtype if out is None else out.dtype)
     count = status.Get_count(MPI.BYTE) // buffer_dtype.itemsize

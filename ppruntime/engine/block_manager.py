@@ -24,7 +24,7 @@ class BlockManager:
             )
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._stack = np.arange(num_blocks - 1, -1, -1, dtype=np.int32)
+        self._stack = np.arange(num_blocks - 1, -1, -1, dtype=np.intp)  # intp: used as an index
         self._num_free = num_blocks
         self._is_free = np.ones(num_blocks, dtype=np.bool_)
 
@@ -39,7 +39,7 @@ class BlockManager:
         return count <= self._num_free
 
     def allocate(self, count: int) -> np.ndarray:
-        """Pop `count` free blocks; returns a new int32 array."""
+        """Pop `count` free blocks; returns a new intp array."""
         if count < 0:
             raise ValueError(f"cannot allocate a negative number of KV blocks ({count})")
         if count > self._num_free:

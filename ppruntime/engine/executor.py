@@ -43,7 +43,6 @@ from ppruntime.engine.wire import (
     DTYPE_CODES,
     DTYPES_BY_CODE,
     FINISH_ABORT,
-    FINISH_NONE,
     MicrobatchHeader,
     SampleState,
     microbatch_capacity,
@@ -479,7 +478,7 @@ class PipelineExecutor:
                 self.pending.pop(seq_id, None)
             self._finish(info, FINISH_ABORT)
         elif self.table.in_flight[info.slot]:
-            self.table.abort_requested[info.slot] = True
+            self.table.request_abort(info.slot)
         else:
             self._finish(info, FINISH_ABORT)
 
@@ -493,27 +492,34 @@ class PipelineExecutor:
         table.land_batch(state.slots, state.sampled, state.token_ids)
         if self.outputs is not None:
             self._events.extend(self.outputs.on_batch(state, diff))
-        finish = state.finish.copy()
-        aborted = table.abort_requested[state.slots]
-        finish[aborted] = FINISH_ABORT
-        done = np.flatnonzero(finish != FINISH_NONE)
-        for index in done.tolist():
-            info = table.infos[int(state.slots[index])]
-            self._finish(info, int(finish[index]))
+        finish = state.finish
+        if table.num_abort_requested:
+            finish = finish.copy()
+            finish[table.abort_requested[state.slots]] = FINISH_ABORT
+        done = np.flatnonzero(finish)  # FINISH_NONE is 0
+        if done.shape[0]:
+            infos = [table.infos[slot] for slot in state.slots[done].tolist()]
+            self._finish_many(infos, finish[done].tolist())
 
     def _finish(self, info: SeqInfo, code: int) -> None:
-        """Release a sequence everywhere on this rank (same iteration on every rank)."""
-        if self.rank == 0:
-            output, last_delta = self.outputs.finish(info, code)
-            self._finished.append(output)
-            if last_delta is not None:
-                self._events.append(last_delta)
-            self._seq_by_request.pop(info.request_id, None)
-        if info.slot >= 0:
+        self._finish_many([info], [code])
+
+    def _finish_many(self, infos: list[SeqInfo], codes: list[int]) -> None:
+        """Release sequences everywhere on this rank (same iteration on every rank)."""
+        for info, code in zip(infos, codes):
+            if self.rank == 0:
+                output, last_delta = self.outputs.finish(info, code)
+                self._finished.append(output)
+                if last_delta is not None:
+                    self._events.append(last_delta)
+                self._seq_by_request.pop(info.request_id, None)
+            self.infos.pop(info.seq_id, None)
+        slots = [info.slot for info in infos if info.slot >= 0]
+        if slots:
             if self.last_stage is not None:
-                self.last_stage.release(info.slot)
-            self.table.release(info.slot)
-        self.infos.pop(info.seq_id, None)
+                for slot in slots:
+                    self.last_stage.release(slot)
+            self.table.release_many(slots)
 
     def _teardown(self) -> None:
         for slot in self.slots:

@@ -17,6 +17,7 @@ and the main thread waits on them after joining it (DESIGN §3).
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 from mpi4py import MPI
@@ -30,8 +31,8 @@ from ppruntime.comm.sliced import (
 )
 from ppruntime.comm.tags import Tag
 from ppruntime.comm.waiting import (
-    BACKGROUND_MAX_SLEEP_S,
-    MAX_SLEEP_S,
+    Hurry,
+    PacedBackoff,
     WaitAborted,
     WaitTracker,
     wait_raw_message,
@@ -48,6 +49,7 @@ class ReadyQueue:
     def __init__(self) -> None:
         self._items: deque[ReadyBatch] = deque()
         self._condition = threading.Condition()
+        self.hurry = Hurry()  # the relay thread polls fast while wait_for blocks
 
     def __len__(self) -> int:
         return len(self._items)
@@ -55,12 +57,29 @@ class ReadyQueue:
     def put(self, item: ReadyBatch) -> None:
         with self._condition:
             self._items.append(item)
+            # the waiting consumer wakes up to work: back to slow polling (it asks
+            # again if it still waits for more)
+            self.hurry.end()
             self._condition.notify_all()
 
     def wait_for(self, count: int, timeout: float) -> bool:
         """Block (GIL released) until `count` batches are ready or `timeout` passes."""
         with self._condition:
-            return self._condition.wait_for(lambda: len(self._items) >= count, timeout)
+            if len(self._items) >= count:
+                return True
+            if timeout == 0:
+                return False
+            deadline = time.monotonic() + timeout
+            try:
+                while len(self._items) < count:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self.hurry.begin()
+                    self._condition.wait(remaining)
+                return True
+            finally:
+                self.hurry.end()
 
     def pop(self) -> ReadyBatch:
         with self._condition:
@@ -174,7 +193,7 @@ class ResponseRelay:
             f"sample state from rank {self.source}",
             tracker=tracker,
             should_stop=should_stop,
-            max_sleep_s=BACKGROUND_MAX_SLEEP_S if self.threaded else MAX_SLEEP_S,
+            backoff=PacedBackoff(self.ready.hurry) if self.threaded else None,
         )
         state = unpack_sample_state(message)
         diff = None

@@ -9,6 +9,7 @@ admissions, preemptions) is what travels to the other ranks, which apply it with
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 
@@ -18,28 +19,31 @@ from ppruntime.engine.seq_table import SeqInfo, SequenceTable
 
 _EMPTY_I32 = np.zeros(0, dtype=np.int32)
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
+# slot arrays are numpy's index type: indexing with int32 arrays converts them on
+# every call (about 4x slower for a batch of 256 slots)
+_EMPTY_SLOTS = np.zeros(0, dtype=np.intp)
 
 
 @dataclass
 class ScheduledBatch:
-    """One microbatch as decided by rank 0."""
+    """One microbatch as decided by rank 0 (slot arrays are intp, the rest int32)."""
 
     batch_id: int
-    slots: np.ndarray  # [B] int32
+    slots: np.ndarray  # [B] intp
     num_new: np.ndarray  # [B] int32: tokens computed for each sequence
     starts: np.ndarray  # [B] int32: position of each sequence's first new token
     sample_mask: np.ndarray  # [B] bool: the chunk reaches the end -> sample a token
     block_counts: np.ndarray  # [B] int32: new blocks per sequence
     block_ids: np.ndarray  # [sum(block_counts)] int32, in batch order
     admit_seq_ids: np.ndarray  # [A] int64: sequences entering the table...
-    admit_slots: np.ndarray  # [A] int32: ...into these slots (before the batch starts)
-    preempt_slots: np.ndarray  # [Pm] int32: blocks freed before the batch starts
+    admit_slots: np.ndarray  # [A] intp: ...into these slots (before the batch starts)
+    preempt_slots: np.ndarray  # [Pm] intp: blocks freed before the batch starts
 
     @property
     def num_seqs(self) -> int:
         return int(self.slots.shape[0])
 
-    @property
+    @functools.cached_property
     def num_tokens(self) -> int:
         return int(self.num_new.sum())
 
@@ -81,6 +85,11 @@ class Scheduler:
         self.waiting: deque[SeqInfo] = deque()
         self._next_batch_id = 0
         self.num_preemptions = 0  # sequences preempted so far (they recompute later)
+        # (table version, waiting-queue changes) when a call left nothing to schedule:
+        # the decision is a function of that state, so until it changes the next call
+        # would find nothing either (and is skipped)
+        self._waiting_changes = 0
+        self._settled_at: tuple[int, int] | None = None
 
     @property
     def num_unfinished(self) -> int:
@@ -88,19 +97,30 @@ class Scheduler:
 
     def add(self, info: SeqInfo) -> None:
         self.waiting.append(info)
+        self._waiting_changes += 1
 
     def remove_waiting(self, info: SeqInfo) -> bool:
         try:
             self.waiting.remove(info)
         except ValueError:
             return False
+        self._waiting_changes += 1
         return True
 
     def schedule(self) -> ScheduledBatch | None:
         """Decide the next microbatch and apply it to rank 0's table."""
+        if self._settled_at == (self.table.version, self._waiting_changes):
+            return None
+        batch, left_over = self._schedule()
+        if batch is None or (not left_over and not self.waiting):
+            self._settled_at = (self.table.version, self._waiting_changes)
+        return batch
+
+    def _schedule(self) -> tuple[ScheduledBatch | None, bool]:
+        """The batch, and whether ready running sequences were left out of it."""
         table = self.table
         cap = min(self.max_batch_size, max(1, -(-self.num_unfinished // self.pp_size)))
-        slots, num_new = self._pick_running(cap)
+        slots, num_new, num_ready = self._pick_running(cap)
         counts = table.blocks_needed(slots, num_new)
         preempted: list[int] = []
         starved = False  # a running sequence waits for blocks: admit nothing new
@@ -111,7 +131,7 @@ class Scheduler:
             reclaimable = int(table.num_blocks[victims].sum())
             if victims.shape[0] and self.blocks.num_free_blocks + reclaimable >= counts.sum():
                 victim = int(victims[np.argmax(table.seq_id[victims])])
-                table.preempt(np.array([victim], dtype=np.int32))
+                table.preempt(np.array([victim], dtype=np.intp))
                 preempted.append(victim)
                 self.num_preemptions += 1
                 continue
@@ -124,7 +144,7 @@ class Scheduler:
         budget = self.max_num_tokens - int(num_new.sum())
         admitted = [] if starved else self._admit(cap - slots.shape[0], budget)
         if admitted:
-            admit_slots = np.array([info.slot for info, _, _ in admitted], dtype=np.int32)
+            admit_slots = np.array([info.slot for info, _, _ in admitted], dtype=np.intp)
             slots = np.concatenate([slots, admit_slots])
             num_new = np.concatenate(
                 [num_new, np.array([n for _, n, _ in admitted], dtype=np.int32)]
@@ -135,14 +155,15 @@ class Scheduler:
             block_ids = np.concatenate([block_ids] + [b for _, _, b in admitted])
             admit_seq_ids = np.array([info.seq_id for info, _, _ in admitted], dtype=np.int64)
         else:
-            admit_slots, admit_seq_ids = _EMPTY_I32, _EMPTY_I64
+            admit_slots, admit_seq_ids = _EMPTY_SLOTS, _EMPTY_I64
+        left_over = slots.shape[0] - len(admitted) < num_ready
         if slots.shape[0] == 0:
-            return None
-        starts = table.num_computed[slots].copy()
+            return None, left_over
+        starts = table.num_computed[slots]  # a copy (fancy indexing)
         total = table.num_prompt[slots] + table.num_output[slots]
         batch = ScheduledBatch(
             batch_id=self._next_batch_id,
-            slots=slots.astype(np.int32, copy=False),
+            slots=slots,
             num_new=num_new.astype(np.int32, copy=False),
             starts=starts,
             sample_mask=starts + num_new == total,
@@ -150,34 +171,41 @@ class Scheduler:
             block_ids=block_ids.astype(np.int32, copy=False),
             admit_seq_ids=admit_seq_ids,
             admit_slots=admit_slots,
-            preempt_slots=np.array(preempted, dtype=np.int32),
+            preempt_slots=np.array(preempted, dtype=np.intp) if preempted else _EMPTY_SLOTS,
         )
         self._next_batch_id += 1
         _start(table, batch, verify=False)  # rank 0 took starts from its own table
-        return batch
+        return batch, left_over
 
-    def _pick_running(self, cap: int) -> tuple[np.ndarray, np.ndarray]:
-        """Running sequences to continue, oldest first, within cap and token budget."""
+    def _pick_running(self, cap: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Running sequences to continue, oldest first, within cap and token budget.
+
+        Returns their slots, their token counts, and how many sequences were ready.
+        """
         table = self.table
-        ready = np.flatnonzero(table.active & ~table.in_flight & ~table.abort_requested)
-        if ready.shape[0] == 0:
-            return _EMPTY_I32, _EMPTY_I32
+        schedulable = table.active & ~table.in_flight
+        if table.num_abort_requested:
+            schedulable &= ~table.abort_requested
+        ready = np.flatnonzero(schedulable)
+        num_ready = ready.shape[0]
+        if num_ready == 0:
+            return _EMPTY_SLOTS, _EMPTY_I32, 0
         want = table.num_prompt[ready] + table.num_output[ready] - table.num_computed[ready]
-        if ready.shape[0] <= cap and int(want.sum()) <= self.max_num_tokens:
-            return ready.astype(np.int32), want.astype(np.int32)  # all fit: order is moot
+        if num_ready <= cap and int(want.sum()) <= self.max_num_tokens:
+            return ready, want, num_ready  # all fit: order is moot
         order = np.argsort(table.seq_id[ready], kind="stable")[:cap]  # oldest first
         ready, want = ready[order], want[order]
         cumulative = np.cumsum(want)
         fitting = int(np.searchsorted(cumulative, self.max_num_tokens, side="right"))
         if fitting == ready.shape[0]:
-            return ready.astype(np.int32), want.astype(np.int32)
+            return ready, want, num_ready
         # the first sequence that does not fit gets a chunk of what is left
         used = int(cumulative[fitting - 1]) if fitting else 0
         take = fitting + (1 if used < self.max_num_tokens else 0)
-        num_new = want[:take].astype(np.int32)
+        num_new = want[:take].copy()
         if take > fitting:
             num_new[fitting] = self.max_num_tokens - used
-        return ready[:take].astype(np.int32), num_new
+        return ready[:take], num_new, num_ready
 
     def _victims(self, exclude: np.ndarray) -> np.ndarray:
         """Slots that may be preempted: idle, holding blocks, not in `exclude`.

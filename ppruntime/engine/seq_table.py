@@ -72,6 +72,10 @@ class SequenceTable:
         self.infos: list[SeqInfo | None] = [None] * max_slots
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self.num_in_flight_batches = 0
+        self.num_abort_requested = 0
+        # bumped by every change that can make a sequence schedulable or free KV blocks
+        # (the scheduler skips its work while this and its waiting queue are unchanged)
+        self.version = 0
 
     # -- membership ---------------------------------------------------------------
     @property
@@ -93,6 +97,7 @@ class SequenceTable:
                 f"{self._free_slots[-1] if self._free_slots else None}"
             )
         self._free_slots.pop()
+        self.version += 1
         info.slot = slot
         self.infos[slot] = info
         self.active[slot] = True
@@ -112,18 +117,45 @@ class SequenceTable:
         start = int(self.num_prompt[slot])
         return self.token_table[slot, start : start + int(self.num_output[slot])].copy()
 
+    def request_abort(self, slot: int) -> None:
+        """Mark an in-flight sequence: it finishes as aborted when its batch lands."""
+        if not self.abort_requested[slot]:
+            self.abort_requested[slot] = True
+            self.num_abort_requested += 1
+            self.version += 1
+
     def release(self, slot: int) -> SeqInfo:
         """The sequence finished or was aborted: free its blocks and its slot."""
         info = self.infos[slot]
-        assert info is not None, f"slot {slot} is not in use"
-        self.blocks.free(self.block_table[slot, : self.num_blocks[slot]])
-        self.num_blocks[slot] = 0
-        self.active[slot] = False
-        self.in_flight[slot] = False
-        self.seq_id[slot] = -1
-        self.infos[slot] = None
-        self._free_slots.append(slot)
+        self.release_many([slot])
         return info
+
+    def release_many(self, slots: list[int]) -> None:
+        """The sequences finished or were aborted: free their blocks and slots.
+
+        The blocks of all `slots` go back in one call (every rank releases the same
+        slots in the same order, so the free lists stay equal).
+        """
+        for slot in slots:
+            assert self.infos[slot] is not None, f"slot {slot} is not in use"
+        num_blocks = self.num_blocks
+        if len(slots) == 1:
+            freed = self.block_table[slots[0], : num_blocks[slots[0]]]
+        else:
+            freed = np.concatenate([self.block_table[slot, : num_blocks[slot]] for slot in slots])
+        self.blocks.free(freed)
+        index = np.array(slots, dtype=np.intp)
+        num_blocks[index] = 0
+        self.active[index] = False
+        self.in_flight[index] = False
+        self.seq_id[index] = -1
+        if self.num_abort_requested:
+            self.num_abort_requested -= int(np.count_nonzero(self.abort_requested[index]))
+            self.abort_requested[index] = False
+        for slot in slots:
+            self.infos[slot] = None
+        self._free_slots.extend(slots)
+        self.version += 1
 
     def preempt(self, slots: np.ndarray) -> None:
         """Free the blocks of `slots`; they recompute prompt + output later."""
@@ -131,6 +163,7 @@ class SequenceTable:
             self.blocks.free(self.block_table[slot, : self.num_blocks[slot]])
         self.num_blocks[slots] = 0
         self.num_computed[slots] = 0
+        self.version += 1
 
     # -- blocks -------------------------------------------------------------------
     def blocks_needed(self, slots: np.ndarray, num_new: np.ndarray) -> np.ndarray:
@@ -199,6 +232,7 @@ class SequenceTable:
             self.token_table[gained, positions] = token_ids[sampled]
         self.num_output[gained] += 1
         self.num_in_flight_batches -= 1
+        self.version += 1
 
     def all_blocks_free(self) -> bool:
         return self.blocks.all_free()

@@ -127,15 +127,15 @@ def unpack_microbatch(message: np.ndarray) -> MicrobatchHeader:
     slots, num_new, starts, sample_mask, counts, block_ids, admit_slots, admit_ids, preempt = arrays
     header.batch = ScheduledBatch(
         batch_id=int(message[H_BATCH_ID]),
-        slots=slots,
+        slots=slots.astype(np.intp),
         num_new=num_new,
         starts=starts,
         sample_mask=sample_mask.astype(np.bool_),
         block_counts=counts,
         block_ids=block_ids,
         admit_seq_ids=admit_ids.astype(np.int64),
-        admit_slots=admit_slots,
-        preempt_slots=preempt,
+        admit_slots=admit_slots.astype(np.intp),
+        preempt_slots=preempt.astype(np.intp),
     )
     if flags & F_ACTIVATIONS:
         header.num_tokens = int(message[H_NUM_TOKENS])
@@ -155,7 +155,7 @@ class SampleState:
     """What the last stage decided for one batch; every rank applies it."""
 
     batch_id: int
-    slots: np.ndarray  # [B] int32, the batch's slots in batch order
+    slots: np.ndarray  # [B] intp, the batch's slots in batch order
     sampled: np.ndarray  # [B] bool
     token_ids: np.ndarray  # [B] int32 (-1 where not sampled)
     finish: np.ndarray  # [B] int32 FINISH_* codes
@@ -180,7 +180,7 @@ def unpack_sample_state(message: np.ndarray) -> SampleState:
     body = message[3:]
     return SampleState(
         batch_id=int(message[0]),
-        slots=body[:num_seqs],
+        slots=body[:num_seqs].astype(np.intp),
         sampled=body[num_seqs : 2 * num_seqs].astype(np.bool_),
         token_ids=body[2 * num_seqs : 3 * num_seqs],
         finish=body[3 * num_seqs : 4 * num_seqs],

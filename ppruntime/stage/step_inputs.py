@@ -29,6 +29,20 @@ class StepCounters:
     def add_bytes(self, kind: str, count: int) -> None:
         self.bytes_written[kind] = self.bytes_written.get(kind, 0) + count
 
+    def add_step(self, num_seqs: int, num_tokens: int, with_token_ids: bool) -> None:
+        """Bytes of the int64 step inputs written for one microbatch."""
+        self.steps += 1
+        written = self.bytes_written
+        for kind, count in (
+            ("rows", num_seqs),
+            ("seq_lens", num_seqs),
+            ("query_start_loc", num_seqs + 1),
+            ("positions", num_tokens),
+            ("slot_mapping", num_tokens),
+            ("token_ids", num_tokens if with_token_ids else 0),
+        ):
+            written[kind] = written.get(kind, 0) + count * 8
+
 
 @dataclass
 class StepInputs:
@@ -80,6 +94,9 @@ class StepInputPool:
         self._token_rows = self._buffer(max_num_tokens)
         self._gathered = np.zeros(max_num_tokens, dtype=np.int32)  # int32 table lookups
         self.counters.allocations += 1
+        self._arange_len = 1  # query_start_loc[:_arange_len] holds 0, 1, 2, ... already
+        self._block_table_flat = block_table.reshape(-1)  # views of the shared tables
+        self._token_table_flat = None if token_table is None else token_table.reshape(-1)
         names = (
             "token_ids",
             "positions",
@@ -108,61 +125,73 @@ class StepInputPool:
         num_seqs = batch.slots.shape[0]
         q_lens = batch.num_new
         starts = batch.starts
-        num_tokens = int(q_lens.sum())
+        num_tokens = batch.num_tokens
         is_decode = num_tokens == num_seqs
 
         rows = self.rows[:num_seqs]
         rows[:] = batch.slots
         seq_lens = self.seq_lens[:num_seqs]
-        np.add(starts, q_lens, out=seq_lens)
         query_start_loc = self.query_start_loc[: num_seqs + 1]
-        np.cumsum(q_lens, out=query_start_loc[1:])
         positions = self.positions[:num_tokens]
-        token_rows = self._token_rows[:num_tokens]
         if is_decode:
+            # one token per sequence: token b is sequence b, at position start_b
+            np.add(starts, 1, out=seq_lens)
+            self._fill_arange(query_start_loc)
             positions[:] = starts
-            token_rows[:] = rows
+            token_rows = rows
         else:
+            np.add(starts, q_lens, out=seq_lens)
+            np.cumsum(q_lens, out=query_start_loc[1:])
+            self._arange_len = min(self._arange_len, 1)  # query_start_loc[0] is still 0
             # position of token t of sequence b = start_b + (t - query_start_loc[b])
             positions[:] = np.repeat(starts - query_start_loc[:-1], q_lens)
             positions += np.arange(num_tokens)
+            token_rows = self._token_rows[:num_tokens]
             token_rows[:] = np.repeat(rows, q_lens)
 
         # slot = block_table[row, pos // block_size] * block_size + pos % block_size
         flat_index = self._flat_index[:num_tokens]
-        np.floor_divide(positions, self.block_size, out=flat_index)
-        np.multiply(token_rows, self.max_blocks_per_seq, out=self._remainder[:num_tokens])
-        flat_index += self._remainder[:num_tokens]
+        remainder = self._remainder[:num_tokens]
         slot_mapping = self.slot_mapping[:num_tokens]
         gathered = self._gathered[:num_tokens]
-        np.take(self.block_table.reshape(-1), flat_index, out=gathered)
+        np.divmod(positions, self.block_size, out=(flat_index, remainder))
+        np.multiply(token_rows, self.max_blocks_per_seq, out=slot_mapping)  # scratch
+        flat_index += slot_mapping
+        np.take(self._block_table_flat, flat_index, out=gathered)
         np.multiply(gathered, self.block_size, out=slot_mapping)
-        np.remainder(positions, self.block_size, out=self._remainder[:num_tokens])
-        slot_mapping += self._remainder[:num_tokens]
+        slot_mapping += remainder
 
         if self.token_table is not None:
             # token of (row, position) = token_table.flat[row * max_model_len + position]
             np.multiply(token_rows, self.token_table.shape[1], out=flat_index)
             flat_index += positions
-            np.take(self.token_table.reshape(-1), flat_index, out=gathered)
+            np.take(self._token_table_flat, flat_index, out=gathered)
             self.token_ids[:num_tokens] = gathered
-            counters.add_bytes("token_ids", num_tokens * 8)
 
-        num_samples = int(np.count_nonzero(batch.sample_mask))
-        sample_index = self.sample_index[:num_samples]
-        np.compress(batch.sample_mask, query_start_loc[1:], out=sample_index)
-        sample_index -= 1
+        sample_mask = batch.sample_mask
+        if is_decode and sample_mask.all():
+            num_samples = num_seqs
+            sample_index = self.sample_index[:num_samples]
+            np.subtract(query_start_loc[1:], 1, out=sample_index)
+        else:
+            num_samples = int(np.count_nonzero(sample_mask))
+            sample_index = self.sample_index[:num_samples]
+            np.compress(sample_mask, query_start_loc[1:], out=sample_index)
+            sample_index -= 1
 
-        counters.add_bytes("rows", num_seqs * 8)
-        counters.add_bytes("seq_lens", num_seqs * 8)
-        counters.add_bytes("query_start_loc", (num_seqs + 1) * 8)
-        counters.add_bytes("positions", num_tokens * 8)
-        counters.add_bytes("slot_mapping", num_tokens * 8)
-        counters.steps += 1
+        counters.add_step(num_seqs, num_tokens, self.token_table is not None)
         if is_decode:
             counters.decode_steps += 1
             counters.decode_step_allocations += counters.allocations - allocations_before
-        return self._views(num_seqs, num_tokens, num_samples, int(q_lens.max()), is_decode)
+        max_query_len = 1 if is_decode else int(q_lens.max())
+        return self._views(num_seqs, num_tokens, num_samples, max_query_len, is_decode)
+
+    def _fill_arange(self, query_start_loc: np.ndarray) -> None:
+        """query_start_loc = 0, 1, ..., n: written only past what still holds it."""
+        size = query_start_loc.shape[0]
+        if size > self._arange_len:
+            query_start_loc[self._arange_len :] = np.arange(self._arange_len, size)
+            self._arange_len = size
 
     def _views(
         self, num_seqs: int, num_tokens: int, num_samples: int, max_query_len: int, is_decode: bool
