@@ -125,6 +125,9 @@ class PipelineExecutor:
             self.activation_buffer = torch.empty(
                 max_num_tokens * hidden_size, dtype=activation_dtype
             )
+            # numpy views made once: every torch call costs microseconds in the loop
+            self.activation_bytes = self.activation_buffer.view(torch.uint8).numpy()
+            self._hidden_in_view: tuple[int, torch.Tensor] | None = None
         # rank 0 only
         self.scheduler = (
             Scheduler(table, max_batch_size, max_num_tokens, self.size) if self.rank == 0 else None
@@ -323,10 +326,9 @@ class PipelineExecutor:
                     f"rank {source} sends activations as {sent} but rank {self.rank} computes "
                     f"in {self.activation_dtype}: start every rank with the same --dtype"
                 )
-            count = header.num_tokens * header.hidden_size
-            activation_bytes = self.activation_buffer[:count].view(torch.uint8).numpy()
+            count = header.num_tokens * header.hidden_size * self.activation_buffer.itemsize
             activation_request = self.comm.Irecv(
-                [activation_bytes, MPI.BYTE], source, Tag.ACTIVATIONS
+                [self.activation_bytes[:count], MPI.BYTE], source, Tag.ACTIVATIONS
             )
         if not self.is_last:
             self._forward_header(slot, message, control)
@@ -346,15 +348,22 @@ class PipelineExecutor:
                     wait_request(
                         activation_request, f"activations from rank {source}", self.tracker
                     )
-                hidden_in = self.activation_buffer[: header.num_tokens * header.hidden_size].view(
-                    header.num_tokens, header.hidden_size
-                )
+                hidden_in = self._received_hidden(header.num_tokens, header.hidden_size)
             self._compute(slot, batch, hidden_in)
         self.iteration = header.iteration + 1
         self.stats.iterations += 1
         self.tracker.progress()
         if header.shutdown:
             self._teardown()
+
+    def _received_hidden(self, num_tokens: int, hidden_size: int) -> torch.Tensor:
+        """[num_tokens, hidden_size] view of the receive buffer (reused while the size is)."""
+        cached = self._hidden_in_view
+        if cached is not None and cached[0] == num_tokens:
+            return cached[1]
+        view = self.activation_buffer[: num_tokens * hidden_size].view(num_tokens, hidden_size)
+        self._hidden_in_view = (num_tokens, view)
+        return view
 
     def _forward_header(self, slot: MicrobatchSlot, message: np.ndarray, control) -> None:
         size = message.shape[0]
@@ -429,10 +438,10 @@ class PipelineExecutor:
             return
         with self.tracer.span("send", batch.batch_id):
             outgoing = hidden if hidden.device.type == "cpu" else hidden.cpu()
-            outgoing = outgoing.contiguous()
-            payload = outgoing.view(torch.uint8).numpy()
+            if not outgoing.is_contiguous():
+                outgoing = outgoing.contiguous()
             slot.requests.append(
-                self.comm.Isend([payload, MPI.BYTE], self.rank + 1, Tag.ACTIVATIONS)
+                self.comm.Isend([_host_bytes(outgoing), MPI.BYTE], self.rank + 1, Tag.ACTIVATIONS)
             )
             slot.keep_alive.append(outgoing)
 
@@ -526,6 +535,13 @@ class PipelineExecutor:
             self._wait_slot(slot)
         self.relay.stop()
         self.stopped = True
+
+
+def _host_bytes(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a contiguous host tensor, for MPI (numpy has no bfloat16)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy()
+    return tensor.numpy()
 
 
 def _numpy_dtype(dtype: torch.dtype) -> type:

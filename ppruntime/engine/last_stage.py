@@ -50,6 +50,9 @@ class ResponseDiff:
         )
 
 
+FEATURES = ("sampling", "eos", "special", "logprobs", "generation_logits", "prompt_logits")
+
+
 class LastStage:
     def __init__(
         self,
@@ -79,6 +82,12 @@ class LastStage:
         self.wants_prompt_logits = np.zeros(slots, dtype=np.bool_)
         self.prompt_logits_sent = np.zeros(slots, dtype=np.int32)
         self.special = np.zeros(slots, dtype=np.bool_)  # stop ids or stop strings
+        # last output count that still continues: min(max_tokens, max_model_len - prompt)
+        self.length_limit = np.zeros(slots, dtype=np.int32)
+        # admitted sequences that need each per-step feature: a step skips the array
+        # work of a feature no running sequence asked for
+        self.num_with = dict.fromkeys(FEATURES, 0)
+        self.admitted = np.zeros(slots, dtype=np.bool_)
         self.generators: list[torch.Generator | None] = [None] * slots
         self.stop_ids: list[frozenset[int]] = [frozenset()] * slots
         self.stop_matchers: list[tuple[IncrementalDetokenizer, StopStringMatcher] | None] = [
@@ -88,6 +97,7 @@ class LastStage:
     # -- per request, once --------------------------------------------------------
     def admit(self, info: SeqInfo) -> None:
         slot, params = info.slot, info.params
+        self.release(slot)  # no-op unless the slot still counts a previous sequence
         self.temperature[slot] = params.temperature
         # k >= vocab keeps every token; clamp so a huge k cannot overflow the int32 row
         self.top_k[slot] = min(max(params.top_k, 0), np.iinfo(np.int32).max)
@@ -112,10 +122,37 @@ class LastStage:
             )
         self.stop_matchers[slot] = matcher
         self.special[slot] = bool(params.stop_token_ids) or matcher is not None
+        self.length_limit[slot] = min(
+            params.max_tokens, self.max_model_len - info.prompt_token_ids.shape[0]
+        )
+        for feature, used in self._features(slot).items():
+            self.num_with[feature] += used
+        self.admitted[slot] = True
 
     def release(self, slot: int) -> None:
+        if not self.admitted[slot]:
+            return
+        self.admitted[slot] = False
+        for feature, used in self._features(slot).items():
+            self.num_with[feature] -= used
+        self.temperature[slot] = 0.0
+        self.ignore_eos[slot] = True
+        self.special[slot] = False
+        self.num_logprobs[slot] = -1
+        self.wants_generation_logits[slot] = False
+        self.wants_prompt_logits[slot] = False
         self.generators[slot] = None
         self.stop_matchers[slot] = None
+
+    def _features(self, slot: int) -> dict[str, bool]:
+        return {
+            "sampling": bool(self.temperature[slot] != 0.0),
+            "eos": not self.ignore_eos[slot],
+            "special": bool(self.special[slot]),
+            "logprobs": bool(self.num_logprobs[slot] >= 0),
+            "generation_logits": bool(self.wants_generation_logits[slot]),
+            "prompt_logits": bool(self.wants_prompt_logits[slot]),
+        }
 
     # -- per step -----------------------------------------------------------------
     def sample(
@@ -131,12 +168,17 @@ class LastStage:
             logits = self.runner.logits(hidden, inputs.sample_token_index)  # [S, V]
             if logits.device.type != "cpu":
                 logits = logits.cpu()  # sampling and its per-request generators run on the host
-            result = self._sample(slots, logits)
-            tokens = result.token_ids
+            num_with = self.num_with
+            if num_with["sampling"] or num_with["logprobs"]:
+                result = self._sample(slots, logits)
+                tokens = result.token_ids
+            else:  # every running sequence is greedy without log-probs
+                result, tokens = None, self.sampler.greedy(logits)
             token_ids[sampled] = tokens
             finish[sampled] = self._finish_codes(slots, tokens, diff)
-            self._collect_sample_extras(slots, logits, result, diff)
-        if self.wants_prompt_logits[batch.slots].any():
+            if num_with["logprobs"] or num_with["generation_logits"]:
+                self._collect_sample_extras(slots, logits, result, diff)
+        if self.num_with["prompt_logits"] and self.wants_prompt_logits[batch.slots].any():
             self._collect_prompt_logits(batch, hidden, diff)
         state = SampleState(
             batch_id=batch.batch_id,
@@ -170,17 +212,17 @@ class LastStage:
     def _finish_codes(
         self, slots: np.ndarray, tokens: np.ndarray, diff: ResponseDiff
     ) -> np.ndarray:
-        table = self.table
-        outputs_after = table.num_output[slots] + 1
         codes = np.zeros(slots.shape[0], dtype=np.int32)
-        length = (outputs_after >= self.max_tokens[slots]) | (
-            table.num_prompt[slots] + outputs_after >= self.max_model_len
-        )
-        codes[length] = FINISH_LENGTH
+        codes[self.table.num_output[slots] >= self.length_limit[slots] - 1] = FINISH_LENGTH
         stop = np.zeros(slots.shape[0], dtype=np.bool_)
-        for eos in self.eos_token_ids.tolist():  # one or two ids: cheaper than np.isin
-            stop |= tokens == eos
-        stop &= ~self.ignore_eos[slots]
+        if self.num_with["eos"]:
+            for eos in self.eos_token_ids.tolist():  # one or two ids: cheaper than np.isin
+                stop |= tokens == eos
+            stop &= ~self.ignore_eos[slots]
+        if not self.num_with["special"]:
+            if self.num_with["eos"]:
+                codes[stop] = FINISH_STOP
+            return codes
         special_rows = np.flatnonzero(self.special[slots])
         for row in special_rows.tolist():
             slot = int(slots[row])

@@ -65,6 +65,12 @@ class StageRunner:
         return view
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Logits [N, V] float32 of the given flat token rows (last stage)."""
+        """Logits [N, V] float32 of the given flat token rows (last stage).
+
+        rows are increasing and distinct: as many rows as tokens means every row.
+        """
         with torch.inference_mode():
-            return self.model.compute_logits(hidden.index_select(0, rows)).float()
+            if rows.shape[0] != hidden.shape[0]:
+                hidden = hidden.index_select(0, rows)
+            logits = self.model.compute_logits(hidden)
+            return logits if logits.dtype == torch.float32 else logits.float()

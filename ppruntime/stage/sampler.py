@@ -57,13 +57,19 @@ class Sampler:
     and the top ``num_logprobs`` ids/log-probs, sorted descending.
     """
 
+    def greedy(self, logits: torch.Tensor) -> np.ndarray:
+        """[N] int32 argmax of every row (ties go to the lowest index)."""
+        if logits.device.type == "cpu":
+            # numpy's argmax is an order of magnitude faster than torch's on CPU;
+            # both return the first maximum
+            return np.argmax(logits.numpy(), axis=-1).astype(np.int32)
+        return logits.argmax(dim=-1).to(torch.int32).cpu().numpy()
+
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
         # logits: [N, V] float32
         greedy_rows = batch.temperature == 0.0  # [N] bool
         if greedy_rows.all() and logits.device.type == "cpu":
-            # numpy's argmax is an order of magnitude faster than torch's on CPU;
-            # both return the first maximum, so ties still go to the lowest index
-            token_ids = np.argmax(logits.numpy(), axis=-1).astype(np.int32)
+            token_ids = self.greedy(logits)
             if batch.num_logprobs <= 0:
                 return SampleResult(token_ids, None, None, None)
             chosen = torch.from_numpy(token_ids.astype(np.int64))
