@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+_NO_BLOCKS = np.zeros(0, dtype=np.intp)
+_NO_BLOCKS.flags.writeable = False  # shared by every empty allocation
+
 
 class BlockAccountingError(RuntimeError):
     """The block state of this rank no longer matches rank 0's decisions."""
@@ -46,6 +49,8 @@ class BlockManager:
             raise BlockAccountingError(
                 f"asked for {count} KV blocks but only {self._num_free} are free"
             )
+        if count == 0:
+            return _NO_BLOCKS
         start = self._num_free - count
         taken = self._stack[start : self._num_free][::-1].copy()
         self._num_free = start

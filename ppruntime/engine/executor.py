@@ -498,9 +498,9 @@ class PipelineExecutor:
 
     def _land(self, state: SampleState, diff) -> None:
         table = self.table
-        table.land_batch(state.slots, state.sampled, state.token_ids)
+        gained = table.land_batch(state.slots, state.sampled, state.token_ids)
         if self.outputs is not None:
-            self._events.extend(self.outputs.on_batch(state, diff))
+            self._events.extend(self.outputs.on_batch(gained, diff))
         finish = state.finish
         if table.num_abort_requested:
             finish = finish.copy()

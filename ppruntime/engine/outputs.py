@@ -17,7 +17,7 @@ from ppruntime.engine.detokenizer import IncrementalDetokenizer
 from ppruntime.engine.last_stage import ResponseDiff
 from ppruntime.engine.seq_table import SeqInfo, SequenceTable
 from ppruntime.engine.stop import StopStringMatcher, truncate_at_stop
-from ppruntime.engine.wire import FINISH_REASONS, SampleState
+from ppruntime.engine.wire import FINISH_REASONS
 
 
 @dataclass
@@ -92,6 +92,10 @@ class OutputCollector:
         self.requests: dict[int, RequestState] = {}  # by seq_id
         self.by_slot: dict[int, RequestState] = {}
         self.streaming = np.zeros(table.max_slots, dtype=np.bool_)  # by slot
+        # admitted requests that stream / have no token yet: a batch skips the
+        # array work for either when no running request needs it
+        self.num_streaming = 0
+        self.num_awaiting_first_token = 0
 
     def add(self, info: SeqInfo, stream: bool, arrival_time: float) -> None:
         state = RequestState(info, RequestMetrics(arrival_time), stream)
@@ -107,18 +111,25 @@ class OutputCollector:
         request = self.requests[info.seq_id]
         self.by_slot[info.slot] = request
         self.streaming[info.slot] = request.stream
+        self.num_streaming += request.stream
+        self.num_awaiting_first_token += request.metrics.first_token_time is None
 
     # -- a handled batch --------------------------------------------------------------
-    def on_batch(self, state: SampleState, diff: ResponseDiff | None) -> list[RequestOutput]:
-        """Record the batch (after the table landed it); return streaming deltas."""
-        now = time.monotonic()
-        table = self.table
-        sampled_slots = state.slots[state.sampled]
-        first = sampled_slots[table.num_output[sampled_slots] == 1]
-        for slot in first.tolist():
-            self.by_slot[slot].metrics.first_token_time = now
+    def on_batch(self, sampled_slots: np.ndarray, diff: ResponseDiff | None) -> list[RequestOutput]:
+        """Record a batch after the table landed it (sampled_slots gained a token);
+        return the streaming deltas."""
+        if self.num_awaiting_first_token:
+            now = time.monotonic()
+            first = sampled_slots[self.table.num_output[sampled_slots] == 1]
+            for slot in first.tolist():
+                metrics = self.by_slot[slot].metrics
+                if metrics.first_token_time is None:
+                    metrics.first_token_time = now
+                    self.num_awaiting_first_token -= 1
         if diff is not None:
             self._apply_diff(diff)
+        if not self.num_streaming:
+            return []
         streamed = sampled_slots[self.streaming[sampled_slots]].tolist()
         return [self._delta(self.by_slot[slot], slot, finished=False) for slot in streamed]
 
@@ -180,7 +191,9 @@ class OutputCollector:
         reason = FINISH_REASONS[finish_code]
         last_delta = None
         if info.slot >= 0:
-            self.by_slot.pop(info.slot, None)
+            if self.by_slot.pop(info.slot, None) is not None:
+                self.num_streaming -= request.stream
+                self.num_awaiting_first_token -= request.metrics.first_token_time is None
             self.streaming[info.slot] = False
             tokens = self.table.output_tokens(info.slot)
             if request.stream:

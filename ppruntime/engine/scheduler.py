@@ -120,35 +120,41 @@ class Scheduler:
         """The batch, and whether ready running sequences were left out of it."""
         table = self.table
         cap = min(self.max_batch_size, max(1, -(-self.num_unfinished // self.pp_size)))
-        slots, num_new, num_ready = self._pick_running(cap)
-        counts = table.blocks_needed(slots, num_new)
+        slots, num_new, want, starts, num_ready = self._pick_running(cap)
+        counts = table.blocks_needed(slots, num_new, starts)
+        num_needed = int(counts.sum())
         preempted: list[int] = []
         starved = False  # a running sequence waits for blocks: admit nothing new
-        while int(counts.sum()) > self.blocks.num_free_blocks:
+        while num_needed > self.blocks.num_free_blocks:
             # preempt only when it makes the whole batch fit: a preemption that ends
             # in an empty batch would never reach the other ranks (they would diverge)
             victims = self._victims(exclude=slots)
             reclaimable = int(table.num_blocks[victims].sum())
-            if victims.shape[0] and self.blocks.num_free_blocks + reclaimable >= counts.sum():
+            if victims.shape[0] and self.blocks.num_free_blocks + reclaimable >= num_needed:
                 victim = int(victims[np.argmax(table.seq_id[victims])])
                 table.preempt(np.array([victim], dtype=np.intp))
                 preempted.append(victim)
                 self.num_preemptions += 1
                 continue
             # not enough to reclaim: schedule fewer sequences this time
-            slots, num_new, counts = slots[:-1], num_new[:-1], counts[:-1]
+            slots, num_new, want, starts = slots[:-1], num_new[:-1], want[:-1], starts[:-1]
+            counts = counts[:-1]
+            num_needed = int(counts.sum())
             starved = True
         assert slots.shape[0] or not preempted
-        block_ids = self.blocks.allocate(int(counts.sum()))
+        block_ids = self.blocks.allocate(num_needed)
 
         budget = self.max_num_tokens - int(num_new.sum())
         admitted = [] if starved else self._admit(cap - slots.shape[0], budget)
         if admitted:
+            # an admitted sequence starts at 0 and wants its whole prompt
             admit_slots = np.array([info.slot for info, _, _ in admitted], dtype=np.intp)
             slots = np.concatenate([slots, admit_slots])
             num_new = np.concatenate(
                 [num_new, np.array([n for _, n, _ in admitted], dtype=np.int32)]
             )
+            want = np.concatenate([want, table.num_prompt[admit_slots]])
+            starts = np.concatenate([starts, np.zeros(len(admitted), dtype=np.int32)])
             counts = np.concatenate(
                 [counts, np.array([b.shape[0] for _, _, b in admitted], dtype=np.int32)]
             )
@@ -159,16 +165,14 @@ class Scheduler:
         left_over = slots.shape[0] - len(admitted) < num_ready
         if slots.shape[0] == 0:
             return None, left_over
-        starts = table.num_computed[slots]  # a copy (fancy indexing)
-        total = table.num_prompt[slots] + table.num_output[slots]
         batch = ScheduledBatch(
             batch_id=self._next_batch_id,
             slots=slots,
-            num_new=num_new.astype(np.int32, copy=False),
+            num_new=num_new,
             starts=starts,
-            sample_mask=starts + num_new == total,
-            block_counts=counts.astype(np.int32, copy=False),
-            block_ids=block_ids.astype(np.int32, copy=False),
+            sample_mask=num_new == want,  # the chunk reaches the end of what is known
+            block_counts=counts,
+            block_ids=block_ids.astype(np.int32),
             admit_seq_ids=admit_seq_ids,
             admit_slots=admit_slots,
             preempt_slots=np.array(preempted, dtype=np.intp) if preempted else _EMPTY_SLOTS,
@@ -177,10 +181,13 @@ class Scheduler:
         _start(table, batch, verify=False)  # rank 0 took starts from its own table
         return batch, left_over
 
-    def _pick_running(self, cap: int) -> tuple[np.ndarray, np.ndarray, int]:
+    def _pick_running(
+        self, cap: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
         """Running sequences to continue, oldest first, within cap and token budget.
 
-        Returns their slots, their token counts, and how many sequences were ready.
+        Returns their slots, the tokens computed now, the tokens not computed yet
+        (int32), their computed counts (the batch's starts), and how many were ready.
         """
         table = self.table
         schedulable = table.active & ~table.in_flight
@@ -189,23 +196,24 @@ class Scheduler:
         ready = np.flatnonzero(schedulable)
         num_ready = ready.shape[0]
         if num_ready == 0:
-            return _EMPTY_SLOTS, _EMPTY_I32, 0
-        want = table.num_prompt[ready] + table.num_output[ready] - table.num_computed[ready]
+            return _EMPTY_SLOTS, _EMPTY_I32, _EMPTY_I32, _EMPTY_I32, 0
+        starts = table.num_computed[ready]
+        want = table.num_prompt[ready] + table.num_output[ready] - starts
         if num_ready <= cap and int(want.sum()) <= self.max_num_tokens:
-            return ready, want, num_ready  # all fit: order is moot
+            return ready, want, want, starts, num_ready  # all fit: order is moot
         order = np.argsort(table.seq_id[ready], kind="stable")[:cap]  # oldest first
-        ready, want = ready[order], want[order]
+        ready, want, starts = ready[order], want[order], starts[order]
         cumulative = np.cumsum(want)
         fitting = int(np.searchsorted(cumulative, self.max_num_tokens, side="right"))
         if fitting == ready.shape[0]:
-            return ready, want, num_ready
+            return ready, want, want, starts, num_ready
         # the first sequence that does not fit gets a chunk of what is left
         used = int(cumulative[fitting - 1]) if fitting else 0
         take = fitting + (1 if used < self.max_num_tokens else 0)
         num_new = want[:take].copy()
         if take > fitting:
             num_new[fitting] = self.max_num_tokens - used
-        return ready[:take], num_new, num_ready
+        return ready[:take], num_new, want[:take], starts[:take], num_ready
 
     def _victims(self, exclude: np.ndarray) -> np.ndarray:
         """Slots that may be preempted: idle, holding blocks, not in `exclude`.

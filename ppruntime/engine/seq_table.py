@@ -166,10 +166,19 @@ class SequenceTable:
         self.version += 1
 
     # -- blocks -------------------------------------------------------------------
-    def blocks_needed(self, slots: np.ndarray, num_new: np.ndarray) -> np.ndarray:
-        """Extra blocks each slot needs to hold `num_new` more tokens."""
-        after = (self.num_computed[slots] + num_new + (self.block_size - 1)) // self.block_size
-        return np.maximum(after - self.num_blocks[slots], 0).astype(np.int32)
+    def blocks_needed(
+        self, slots: np.ndarray, num_new: np.ndarray, computed: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Extra blocks each slot needs to hold `num_new` more tokens (int32).
+
+        computed: the slots' computed-token counts, when the caller has them.
+        """
+        if computed is None:
+            computed = self.num_computed[slots]
+        after = (computed + num_new + (self.block_size - 1)) // self.block_size
+        needed = after - self.num_blocks[slots]
+        np.maximum(needed, 0, out=needed)
+        return needed
 
     def append_blocks(self, slots: np.ndarray, counts: np.ndarray, block_ids: np.ndarray) -> None:
         """Write newly allocated blocks after each slot's existing ones.
@@ -210,7 +219,7 @@ class SequenceTable:
         """verify: check the replay against this rank's state (ranks > 0; rank 0 decided it)."""
         if verify:
             self._verify_start(slots, starts)
-        self.num_computed[slots] += num_new
+        self.num_computed[slots] = starts + num_new
         self.in_flight[slots] = True
         self.num_in_flight_batches += 1
 
@@ -223,16 +232,25 @@ class SequenceTable:
                 f"{starts.tolist()} but this rank has {self.num_computed[slots].tolist()}"
             )
 
-    def land_batch(self, slots: np.ndarray, sampled: np.ndarray, token_ids: np.ndarray) -> None:
-        """The batch's results are handled: sampled sequences gain one token."""
+    def land_batch(
+        self, slots: np.ndarray, sampled: np.ndarray, token_ids: np.ndarray
+    ) -> np.ndarray:
+        """The batch's results are handled: sampled sequences gain one token.
+
+        Returns the slots that gained a token.
+        """
         self.in_flight[slots] = False
-        gained = slots[sampled]
+        if sampled.all():  # decode: every sequence sampled
+            gained, tokens = slots, token_ids
+        else:
+            gained, tokens = slots[sampled], token_ids[sampled]
+        num_output = self.num_output[gained]
         if self.token_table is not None:
-            positions = self.num_prompt[gained] + self.num_output[gained]
-            self.token_table[gained, positions] = token_ids[sampled]
-        self.num_output[gained] += 1
+            self.token_table[gained, self.num_prompt[gained] + num_output] = tokens
+        self.num_output[gained] = num_output + 1
         self.num_in_flight_batches -= 1
         self.version += 1
+        return gained
 
     def all_blocks_free(self) -> bool:
         return self.blocks.all_free()
