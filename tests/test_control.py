@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ppruntime.engine.control import Control, NewRequests, _decode, _encode
+from ppruntime.engine.control import (
+    FIELDS,
+    HEADER,
+    Control,
+    NewRequests,
+    _decode,
+    _encode,
+    isend_control,
+    recv_control,
+)
 from ppruntime.engine.sampling_params import SamplingParams
 
 PARAMS = [
@@ -34,9 +43,17 @@ def test_round_trip(with_extras: bool) -> None:
     control = Control(new=_new(params), aborts=[3, 4])
     message, extras = _encode(control)
     assert message.dtype == np.int32 and bool(extras) == with_extras
-    back = _decode(message.copy(), extras)
-    assert back.aborts == [3, 4]
+    # the prompts travel in their own message, not copied into this one
+    assert message.shape[0] == HEADER + FIELDS * len(params) + 2
+    assert message[3] == control.new.prompt_tokens.shape[0]
+    back = _decode(message.copy(), extras, control.new.prompt_tokens.copy())
+    assert_same_control(back, control)
+
+
+def assert_same_control(back: Control, control: Control) -> None:
+    assert back.aborts == control.aborts
     assert back.new.seq_ids.tolist() == control.new.seq_ids.tolist()
+    assert len(back.new.infos()) == len(control.new.infos())
     for ours, theirs in zip(back.new.infos(), control.new.infos()):
         assert ours.seq_id == theirs.seq_id
         np.testing.assert_array_equal(ours.prompt_token_ids, theirs.prompt_token_ids)
@@ -60,5 +77,28 @@ def test_round_trip(with_extras: bool) -> None:
 
 def test_cancellations_only() -> None:
     message, extras = _encode(Control(new=None, aborts=[7]))
-    back = _decode(message, extras)
+    assert message[3] == 0  # no prompt message follows
+    back = _decode(message, extras, np.zeros(0, np.int32))
     assert back.new is None and back.aborts == [7]
+
+
+@pytest.mark.parametrize("with_extras", [False, True])
+def test_send_and_receive_through_mpi(with_extras: bool) -> None:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_SELF.Dup()
+    try:
+        for control in (
+            Control(new=_new(PARAMS if with_extras else PARAMS[:3]), aborts=[3, 4]),
+            Control(new=None, aborts=[5]),
+        ):
+            keep: list[object] = []
+            requests = isend_control(comm, control, 0, keep)
+            back = recv_control(comm, 0)
+            MPI.Request.Waitall(requests)
+            if control.new is None:
+                assert back.new is None and back.aborts == [5]
+            else:
+                assert_same_control(back, control)
+    finally:
+        comm.Free()

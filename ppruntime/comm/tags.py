@@ -14,9 +14,10 @@ from enum import IntEnum, unique
 class Tag(IntEnum):
     # executor loop, pipeline communicator (main thread)
     MICROBATCH = 11  # fixed header + packed schedule (int32 raw buffer)
-    MICROBATCH_CONTROL = 12  # new requests, cancellations, prompts (flat int32 buffer)
+    MICROBATCH_CONTROL = 12  # new requests and cancellations (flat int32 buffer)
     ACTIVATIONS = 13  # hidden states of a microbatch (raw buffer)
     CONTROL_EXTRAS = 14  # stop strings / stop ids of new requests, when any (pickled)
+    CONTROL_PROMPTS = 15  # the new requests' prompts, concatenated (int32 raw buffer)
     # relay thread, relay communicator
     SAMPLE_STATE = 21  # sampled tokens and finish codes of one batch (int32 raw buffer)
     RESPONSE_DIFF = 22  # log-probs, logits, stop reasons of one batch (pickled)

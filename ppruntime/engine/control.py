@@ -2,10 +2,11 @@
 
 Rank 0 sends, with an iteration's MICROBATCH header, one control message: a flat
 int32 buffer holding, for every new request, its id, prompt length and numeric
-sampling parameters, then the cancellations, then all the prompts concatenated
-(never a list of ints). Only what does not fit in numbers (stop strings, stop token
-ids, a seed beyond 64 bits) goes in a second, pickled message, and only when some
-request has it. Ranks other than 0 need no request-id strings: rank 0 alone returns
+sampling parameters, then the cancellations. All the prompts follow in one int32
+message, sent straight from the validated prompt buffer (never a list of ints, and
+not copied into the control message). Only what does not fit in numbers (stop
+strings, stop token ids, a seed beyond 64 bits) goes in a pickled message, and only
+when some request has it. Ranks other than 0 need no request-id strings: rank 0 alone returns
 outputs.
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ppruntime.comm.tags import Tag
-from ppruntime.comm.waiting import WaitTracker, wait_raw_message
+from ppruntime.comm.waiting import WaitTracker, wait_raw_message, wait_request
 from ppruntime.engine.sampling_params import SamplingParams
 from ppruntime.engine.seq_table import SeqInfo
 
@@ -37,10 +38,11 @@ from ppruntime.engine.seq_table import SeqInfo
     F_MIN_P,
 ) = range(11)
 FIELDS = 11
-HEADER = 3  # number of new requests, number of cancellations, has-extras flag
+HEADER = 4  # new requests, cancellations, has-extras flag, prompt tokens
 # flags
 HAS_SEED, IGNORE_EOS, PROMPT_LOGITS, GENERATION_LOGITS = 1, 2, 4, 8
 _INT64_RANGE = (-(2**63), 2**63)
+_NO_TOKENS = np.zeros(0, dtype=np.int32)
 
 
 @dataclass
@@ -55,13 +57,15 @@ class NewRequests:
 
     def infos(self) -> list[SeqInfo]:
         """Per-request views into the one prompt buffer (no copies)."""
-        bounds = np.concatenate([[0], np.cumsum(self.prompt_lengths)]).tolist()
-        return [
-            SeqInfo(seq_id, request_id, self.prompt_tokens[start:end], params)
-            for seq_id, request_id, start, end, params in zip(
-                self.seq_ids.tolist(), self.request_ids, bounds[:-1], bounds[1:], self.params
+        infos, start = [], 0
+        for seq_id, request_id, length, params in zip(
+            self.seq_ids.tolist(), self.request_ids, self.prompt_lengths.tolist(), self.params
+        ):
+            infos.append(
+                SeqInfo(seq_id, request_id, self.prompt_tokens[start : start + length], params)
             )
-        ]
+            start += length
+        return infos
 
 
 @dataclass
@@ -76,8 +80,8 @@ def _encode(control: Control) -> tuple[np.ndarray, dict]:
     """The flat int32 message and the extras that numbers cannot carry."""
     new = control.new
     count = 0 if new is None else len(new.params)
-    prompts = np.zeros(0, np.int32) if new is None else new.prompt_tokens
-    message = np.empty(HEADER + FIELDS * count + len(control.aborts) + prompts.shape[0], np.int32)
+    num_prompt_tokens = 0 if new is None else new.prompt_tokens.shape[0]
+    message = np.empty(HEADER + FIELDS * count + len(control.aborts), np.int32)
     extras: dict[int, tuple] = {}
     table = message[HEADER : HEADER + FIELDS * count].reshape(count, FIELDS)
     floats = table.view(np.float32)
@@ -92,7 +96,7 @@ def _encode(control: Control) -> tuple[np.ndarray, dict]:
             | (PROMPT_LOGITS if params.prompt_logits else 0)
             | (GENERATION_LOGITS if params.generation_logits else 0)
         )
-        seed64 = np.int64(seed if packed_seed else 0)
+        seed_lo, seed_hi = _split_seed(seed if packed_seed else 0)
         table[row, :F_TEMPERATURE] = (
             seq_id,
             length,
@@ -100,19 +104,18 @@ def _encode(control: Control) -> tuple[np.ndarray, dict]:
             params.top_k,
             -1 if params.logprobs is None else params.logprobs,
             flags,
-            *np.array([seed64]).view(np.int32),
+            seed_lo,
+            seed_hi,
         )
         floats[row, F_TEMPERATURE:] = (params.temperature, params.top_p, params.min_p)
         if params.stop or params.stop_token_ids or (seed is not None and not packed_seed):
             extras[seq_id] = (params.stop, params.stop_token_ids, None if packed_seed else seed)
-    message[:HEADER] = (count, len(control.aborts), bool(extras))
-    position = HEADER + FIELDS * count
-    message[position : position + len(control.aborts)] = control.aborts
-    message[position + len(control.aborts) :] = prompts
+    message[:HEADER] = (count, len(control.aborts), bool(extras), num_prompt_tokens)
+    message[HEADER + FIELDS * count :] = control.aborts
     return message, extras
 
 
-def _decode(message: np.ndarray, extras: dict) -> Control:
+def _decode(message: np.ndarray, extras: dict, prompts: np.ndarray) -> Control:
     count, num_aborts = int(message[0]), int(message[1])
     table = message[HEADER : HEADER + FIELDS * count].reshape(count, FIELDS)
     floats = table.view(np.float32)
@@ -126,9 +129,9 @@ def _decode(message: np.ndarray, extras: dict) -> Control:
         stop, stop_ids, big_seed = extras.get(row[F_SEQ_ID], ((), (), None))
         seed = big_seed
         if flags & HAS_SEED:
-            seed = int(np.array(row[F_SEED_LO : F_SEED_HI + 1], np.int32).view(np.int64)[0])
-        params.append(
-            SamplingParams(
+            seed = _join_seed(row[F_SEED_LO], row[F_SEED_HI])
+        params.append(  # rank 0 validated and normalised every field
+            SamplingParams.trusted(
                 max_tokens=row[F_MAX_TOKENS],
                 temperature=floats_row[0],
                 top_k=row[F_TOP_K],
@@ -148,10 +151,20 @@ def _decode(message: np.ndarray, extras: dict) -> Control:
         seq_ids=seq_ids,
         request_ids=[str(seq_id) for seq_id in seq_ids.tolist()],  # rank 0 keeps the names
         prompt_lengths=table[:, F_LENGTH].astype(np.int64),
-        prompt_tokens=message[position + num_aborts :],
+        prompt_tokens=prompts,
         params=params,
     )
     return Control(new=new, aborts=aborts)
+
+
+def _split_seed(seed: int) -> tuple[int, int]:
+    """A signed 64-bit seed as two signed 32-bit words (low, high)."""
+    low = seed & 0xFFFFFFFF
+    return (low ^ 0x80000000) - 0x80000000, seed >> 32
+
+
+def _join_seed(low: int, high: int) -> int:
+    return (high << 32) | (low & 0xFFFFFFFF)
 
 
 def isend_control(
@@ -161,6 +174,10 @@ def isend_control(
     message, extras = _encode(control)
     keep_alive.append(message)
     requests = [comm.Isend([message, MPI.BYTE], dest, Tag.MICROBATCH_CONTROL)]
+    if control.new is not None and control.new.prompt_tokens.shape[0]:
+        prompts = np.ascontiguousarray(control.new.prompt_tokens, dtype=np.int32)
+        keep_alive.append(prompts)
+        requests.append(comm.Isend([prompts, MPI.BYTE], dest, Tag.CONTROL_PROMPTS))
     if extras:
         extra_bytes = np.frombuffer(pickle.dumps(extras, pickle.HIGHEST_PROTOCOL), np.uint8)
         keep_alive.append(extra_bytes)
@@ -178,6 +195,11 @@ def recv_control(comm: MPI.Comm, source: int, tracker: WaitTracker | None = None
         dtype=np.int32,
         tracker=tracker,
     )
+    prompts = _NO_TOKENS
+    if message[3]:  # its size is known: receive without probing
+        prompts = np.empty(int(message[3]), dtype=np.int32)
+        request = comm.Irecv([prompts, MPI.BYTE], source, Tag.CONTROL_PROMPTS)
+        wait_request(request, f"prompts from rank {source}", tracker)
     extras = {}
     if message[2]:
         extra_bytes = wait_raw_message(
@@ -189,4 +211,4 @@ def recv_control(comm: MPI.Comm, source: int, tracker: WaitTracker | None = None
             tracker=tracker,
         )
         extras = pickle.loads(extra_bytes)
-    return _decode(message, extras)
+    return _decode(message, extras, prompts)

@@ -287,7 +287,11 @@ class PipelineExecutor:
                 seq_ids=np.array([i.seq_id for i in infos], dtype=np.int64),
                 request_ids=[i.request_id for i in infos],
                 prompt_lengths=lengths,
-                prompt_tokens=np.concatenate([i.prompt_token_ids for i in infos]),
+                prompt_tokens=(
+                    infos[0].prompt_token_ids
+                    if len(infos) == 1
+                    else np.concatenate([i.prompt_token_ids for i in infos])
+                ),
                 params=[i.params for i in infos],
             )
         control = Control(new=new, aborts=self._aborts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
@@ -133,6 +134,14 @@ class SamplingParams:
                 raise _fail("logprobs", f"must be in [0, {MAX_LOGPROBS}]", self.logprobs)
             self.logprobs = int(self.logprobs)
 
+    @classmethod
+    def trusted(cls, **fields: Any) -> SamplingParams:
+        """Rebuild parameters that rank 0 validated and normalised (no checks)."""
+        params = object.__new__(cls)
+        params.__dict__.update(_DEFAULTS)
+        params.__dict__.update(fields)
+        return params
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
@@ -196,7 +205,7 @@ def validate_prompt_token_ids(ids: Any, vocab_size: int, max_model_len: int) -> 
     length = array.shape[0]
     if length == 0:
         raise InvalidRequestError("prompt_token_ids must not be empty")
-    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+    if array.dtype.kind not in "iu":  # bool is kind "b"
         raise InvalidRequestError(
             f"prompt_token_ids must contain only int, got dtype {array.dtype}"
         )
@@ -205,11 +214,18 @@ def validate_prompt_token_ids(ids: Any, vocab_size: int, max_model_len: int) -> 
             f"prompt_token_ids has length {length}, which leaves no room for a new token "
             f"(max_model_len = {max_model_len})"
         )
-    bad = (array < 0) | (array >= vocab_size)
-    if bad.any():
-        index = int(np.argmax(bad))
+    if array.dtype == np.int32:
+        # one pass, no temporaries: negative ids are huge as unsigned
+        in_range = int(np.maximum.reduce(array.view(np.uint32))) < vocab_size
+    else:
+        in_range = int(array.min()) >= 0 and int(array.max()) < vocab_size
+    if not in_range:
+        index = int(np.argmax((array < 0) | (array >= vocab_size)))
         raise InvalidRequestError(
             f"prompt_token_ids[{index}] = {int(array[index])} is out of range "
             f"for vocab size {vocab_size}"
         )
     return np.ascontiguousarray(array, dtype=np.int32)
+
+
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(SamplingParams)}
