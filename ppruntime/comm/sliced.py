@@ -5,20 +5,23 @@ log-probs) travel out-of-band. Buffers over `slice_bytes` (2 MiB by default) are
 cut into slices, and the slices for every destination are issued round-robin as
 one batch of non-blocking sends, so no single transfer holds a link or MPI's progress
 engine for long, and small activation and sample-state messages pass in between.
-(Bounding the slices in flight, refilled as they complete, was measured and made
-small-message latency worse on two cores: docs/benchmarks.md.)
+The receiver posts one slice receive at a time and yields after each slice: the
+copies run in the receiving (relay) thread, not inside the executor's polls.
+(Bounding the slices in flight on the sender, refilled as they complete, was
+measured and made small-message latency worse on two cores: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from mpi4py import MPI
 
-from ppruntime.comm.waiting import WaitTracker, recv_object, request_done, wait_all, wait_until
+from ppruntime.comm.waiting import WaitTracker, recv_object, request_done, wait_request, wait_until
 
 DEFAULT_SLICE_BYTES = 2 * 1024 * 1024
 
@@ -117,15 +120,17 @@ def recv_object_sliced(
     targets = [np.empty(size, dtype=np.uint8) for size in sizes]
     bounds = [_slice_bounds(size, slice_bytes) for size in sizes]
     SLICE_STATS.sliced_recvs += sum(1 for queue in bounds if len(queue) > 1)
-    requests = [
-        comm.Irecv([targets[index][start:end], MPI.BYTE], source, slice_tag)
-        for index, start, end in _round_robin(bounds)
-    ]
-    try:
-        wait_all(requests, what, tracker, should_stop)
-    except BaseException:
-        for request in requests:  # never leave a receive posted into freed memory
-            if not request_done(request):
+    # One receive posted at a time, by this thread: a slice that arrives before its
+    # receive waits as a small unexpected header, and the copy happens here when the
+    # receive is posted, never inside another thread's poll for a latency-critical
+    # message (MPI progress is shared by every thread of the process).
+    for index, start, end in _round_robin(bounds):
+        request = comm.Irecv([targets[index][start:end], MPI.BYTE], source, slice_tag)
+        try:
+            wait_request(request, what, tracker, should_stop)
+        except BaseException:
+            if not request_done(request):  # never leave a receive posted into freed memory
                 request.Cancel()
-        raise
+            raise
+        time.sleep(0)  # a slice copied: let latency-critical threads run first
     return pickle.loads(data, buffers=targets)
