@@ -116,27 +116,28 @@ def _encode(control: Control) -> tuple[np.ndarray, dict]:
 
 
 def _decode(message: np.ndarray, extras: dict, prompts: np.ndarray) -> Control:
-    count, num_aborts = int(message[0]), int(message[1])
-    table = message[HEADER : HEADER + FIELDS * count].reshape(count, FIELDS)
-    floats = table.view(np.float32)
+    words = message.tolist()  # a few words per request: cheaper as Python ints
+    count, num_aborts = words[0], words[1]
     position = HEADER + FIELDS * count
-    aborts = message[position : position + num_aborts].tolist()
+    aborts = words[position : position + num_aborts]
     if count == 0:
         return Control(new=None, aborts=aborts)
-    params = []
-    for row, floats_row in zip(table.tolist(), floats[:, F_TEMPERATURE:].tolist()):
+    floats = message[:position].view(np.float32).tolist()
+    seq_ids, lengths, params = [], [], []
+    for base in range(HEADER, position, FIELDS):
+        row = words[base : base + FIELDS]
         flags = row[F_FLAGS]
         stop, stop_ids, big_seed = extras.get(row[F_SEQ_ID], ((), (), None))
-        seed = big_seed
-        if flags & HAS_SEED:
-            seed = _join_seed(row[F_SEED_LO], row[F_SEED_HI])
+        seed = _join_seed(row[F_SEED_LO], row[F_SEED_HI]) if flags & HAS_SEED else big_seed
+        seq_ids.append(row[F_SEQ_ID])
+        lengths.append(row[F_LENGTH])
         params.append(  # rank 0 validated and normalised every field
             SamplingParams.trusted(
                 max_tokens=row[F_MAX_TOKENS],
-                temperature=floats_row[0],
+                temperature=floats[base + F_TEMPERATURE],
                 top_k=row[F_TOP_K],
-                top_p=floats_row[1],
-                min_p=floats_row[2],
+                top_p=floats[base + F_TOP_P],
+                min_p=floats[base + F_MIN_P],
                 seed=seed,
                 stop=stop,
                 stop_token_ids=stop_ids,
@@ -146,11 +147,10 @@ def _decode(message: np.ndarray, extras: dict, prompts: np.ndarray) -> Control:
                 generation_logits=bool(flags & GENERATION_LOGITS),
             )
         )
-    seq_ids = table[:, F_SEQ_ID].astype(np.int64)
     new = NewRequests(
-        seq_ids=seq_ids,
-        request_ids=[str(seq_id) for seq_id in seq_ids.tolist()],  # rank 0 keeps the names
-        prompt_lengths=table[:, F_LENGTH].astype(np.int64),
+        seq_ids=np.array(seq_ids, dtype=np.int64),
+        request_ids=[str(seq_id) for seq_id in seq_ids],  # rank 0 keeps the names
+        prompt_lengths=np.array(lengths, dtype=np.int64),
         prompt_tokens=prompts,
         params=params,
     )

@@ -191,6 +191,9 @@ def _as_numpy(ids: Any) -> np.ndarray:
         ) from None
 
 
+_INT32, _UINT32 = np.dtype(np.int32), np.dtype(np.uint32)
+
+
 def validate_prompt_token_ids(ids: Any, vocab_size: int, max_model_len: int) -> np.ndarray:
     """Convert prompt token ids once to a contiguous int32 array and validate them.
 
@@ -214,9 +217,9 @@ def validate_prompt_token_ids(ids: Any, vocab_size: int, max_model_len: int) -> 
             f"prompt_token_ids has length {length}, which leaves no room for a new token "
             f"(max_model_len = {max_model_len})"
         )
-    if array.dtype == np.int32:
+    if array.dtype == _INT32:
         # one pass, no temporaries: negative ids are huge as unsigned
-        in_range = int(np.maximum.reduce(array.view(np.uint32))) < vocab_size
+        in_range = int(np.maximum.reduce(array.view(_UINT32))) < vocab_size
     else:
         in_range = int(array.min()) >= 0 and int(array.max()) < vocab_size
     if not in_range:
@@ -225,6 +228,8 @@ def validate_prompt_token_ids(ids: Any, vocab_size: int, max_model_len: int) -> 
             f"prompt_token_ids[{index}] = {int(array[index])} is out of range "
             f"for vocab size {vocab_size}"
         )
+    if array.dtype == _INT32 and array.flags.c_contiguous:
+        return array
     return np.ascontiguousarray(array, dtype=np.int32)
 
 
