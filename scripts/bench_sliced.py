@@ -148,11 +148,11 @@ def drive(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pings", type=int, default=3000, help="per phase, over all rounds")
+    parser.add_argument("--pings", type=int, default=6000, help="per phase, over all rounds")
     parser.add_argument(
         "--rounds",
         type=int,
-        default=6,
+        default=12,
         help="idle/sliced/unsliced alternate this many times (noisy machine)",
     )
     parser.add_argument("--ping-bytes", type=int, default=64 * 1024)
