@@ -10,10 +10,13 @@ alternated over several rounds so that machine noise hits all three alike:
   sliced:   the same while a relay thread on rank 0 repeatedly sends a 256 MiB
             response diff to rank 1 on the relay communicator with
             isend_object_sliced (2 MiB slices), rank 1's relay thread receiving it;
-  unsliced: the same with one slice as large as the diff.
+  unsliced: the same with one slice as large as the diff;
+  copy:     a control: a thread on rank 1 copies 2 MiB buffers in memory (no MPI)
+            as fast as it can, so CPU and memory-bandwidth load without transfers.
 Pings are sent and received the way the executor moves activations (raw Isend /
 Irecv, waited on with ppruntime's polling waits). Reports p50/p99 round-trip
-latency per phase and p99_sliced_over_idle, p99_unsliced_over_idle.
+latency per phase and p99_sliced_over_idle, p99_unsliced_over_idle (and the
+control's p99_copy_over_idle).
 """
 
 from __future__ import annotations
@@ -45,7 +48,13 @@ def worker(args) -> None:
     ping = np.ones(args.ping_bytes, dtype=np.uint8)
     diff = {"generation_logits": np.ones(args.diff_mib * 2**20, dtype=np.uint8)}
     huge = 2**62
-    phases = [("idle", None), ("sliced", args.slice_bytes), ("unsliced", huge)]
+    copy_only = -1  # the control phase: memory copies on rank 1, no MPI transfer
+    phases = [
+        ("idle", None),
+        ("sliced", args.slice_bytes),
+        ("unsliced", huge),
+        ("copy", copy_only),
+    ]
     result = {name: {"latencies_s": [], "diff_transfers": 0} for name, _ in phases}
     per_round = max(args.pings // args.rounds, 1)
     for name, slice_bytes in [phase for _ in range(args.rounds) for phase in phases]:
@@ -66,8 +75,20 @@ def worker(args) -> None:
                     return
                 transfers[0] += 1
 
+        def copier(stop=stop):
+            source = np.ones(2 * 2**20, dtype=np.uint8)
+            target = np.empty_like(source)
+            while not stop.is_set():
+                np.copyto(target, source)
+                time.sleep(0)
+
         thread = None
-        if slice_bytes is not None:
+        if slice_bytes == copy_only:
+            if rank == 1:
+                thread = threading.Thread(target=copier, daemon=True)
+                thread.start()
+            time.sleep(0.2)
+        elif slice_bytes is not None:
             target = sender if rank == 0 else receiver
             thread = threading.Thread(target=target, daemon=True)
             thread.start()
@@ -86,7 +107,7 @@ def worker(args) -> None:
                 wait_request(pipe.Irecv([ping, MPI.BYTE], 0, PING_TAG), "ping")
                 wait_request(pipe.Isend([ping, MPI.BYTE], 0, PONG_TAG), "pong send")
         if thread is not None:
-            if rank == 0:
+            if rank == 0 or slice_bytes == copy_only:
                 stop.set()
             thread.join()
         pipe.Barrier()
@@ -126,7 +147,7 @@ def drive(args) -> int:
         f"{args.ping_bytes // 1024} KiB ping round trips while a {args.diff_mib} MiB diff "
         f"is in flight on another communicator:"
     ]
-    for name in ("idle", "sliced", "unsliced"):
+    for name in ("idle", "sliced", "unsliced", "copy"):
         values = run[name]["latencies_s"]
         p50, p99 = common.percentile(values, 50), common.percentile(values, 99)
         result[f"{name}_p50_us"] = p50 * 1e6
@@ -138,9 +159,11 @@ def drive(args) -> int:
         )
     result["p99_sliced_over_idle"] = result["sliced_p99_us"] / result["idle_p99_us"]
     result["p99_unsliced_over_idle"] = result["unsliced_p99_us"] / result["idle_p99_us"]
+    result["p99_copy_over_idle"] = result["copy_p99_us"] / result["idle_p99_us"]
     lines.append(
         f"p99_sliced_over_idle = {result['p99_sliced_over_idle']:.2f}, "
-        f"p99_unsliced_over_idle = {result['p99_unsliced_over_idle']:.2f}"
+        f"p99_unsliced_over_idle = {result['p99_unsliced_over_idle']:.2f}, "
+        f"p99_copy_over_idle = {result['p99_copy_over_idle']:.2f}"
     )
     common.emit(lines, result, args.json)
     return 0
@@ -153,7 +176,7 @@ def main(argv=None) -> int:
         "--rounds",
         type=int,
         default=12,
-        help="idle/sliced/unsliced alternate this many times (noisy machine)",
+        help="idle/sliced/unsliced/copy alternate this many times (noisy machine)",
     )
     parser.add_argument("--ping-bytes", type=int, default=64 * 1024)
     parser.add_argument("--diff-mib", type=int, default=256)
