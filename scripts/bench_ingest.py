@@ -9,9 +9,10 @@ rank does on receipt; rank 1 then acknowledges, and rank 0 times the round trip:
 
   buffer: validate_prompt_token_ids() converts the prompt once to int32; the
           engine's own control path (ppruntime.engine.control: isend_control /
-          recv_control) sends ONE flat int32 message: the request's id, length and
-          numeric sampling parameters, then the prompt; rank 1 rebuilds the
-          SeqInfos (the prompt is a view of the received buffer, no copy).
+          recv_control) sends one flat int32 message with the request's id, length
+          and numeric sampling parameters, and the prompt as one int32 message
+          straight from the validated buffer; rank 1 rebuilds the SeqInfos (the
+          prompt is a view of the received buffer, no copy).
   list:   what a list-based design would do: the prompt stays a Python list of
           ints, validated element by element, pickled inside the same message, and
           unpickled into a list of ints on rank 1.
