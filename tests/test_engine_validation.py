@@ -142,6 +142,12 @@ CASES = [
         ["prompt 1", "max_tokens", "63"],
     ),
     ("generate-params-str", _generate(["a"], ["x"]), ["prompt 0", "sampling_params", "str"]),
+    ("stream-none", lambda llm: llm.add_request("hello", GOOD, stream=None), ["stream", "None"]),
+    (
+        "max-tokens-2**40",
+        _add(params=_params(max_tokens=2**40)),
+        ["max_tokens", str(2**40), "max_model_len"],
+    ),
 ]
 
 
@@ -183,3 +189,32 @@ def test_duplicate_request_id_is_rejected(llm, expected):
         outputs.update((output.request_id, output) for output in done)
     assert list(outputs) == [first]
     assert outputs[first].token_ids == expected[0]
+
+
+def _run_to_completion(llm) -> dict:
+    outputs = {}
+    while llm._executor.has_unfinished():
+        done, _ = llm.step()
+        outputs.update((output.request_id, output) for output in done)
+    return outputs
+
+
+def test_prompt_buffer_reused_by_the_caller_does_not_change_the_request(llm, expected):
+    buffer = np.array(GOOD_PROMPTS[1], dtype=np.int32)
+    request_id = llm.add_request(buffer, GOOD)
+    buffer[:] = 3  # the caller fills its buffer with the next prompt before stepping
+    llm.step()
+    buffer[:] = 4
+    output = _run_to_completion(llm)[request_id]
+    assert output.prompt_token_ids == GOOD_PROMPTS[1]
+    assert output.token_ids == expected[1]
+
+
+def test_top_k_beyond_int32_keeps_every_token(llm):
+    prompt = [256, 5, 6, 7]
+    sampled = {}
+    for top_k in (0, 2**40):
+        params = SamplingParams(max_tokens=8, temperature=1.0, seed=11, top_k=top_k)
+        request_id = llm.add_request(prompt, params)
+        sampled[top_k] = _run_to_completion(llm)[request_id].token_ids
+    assert len(sampled[0]) == 8 and sampled[2**40] == sampled[0]

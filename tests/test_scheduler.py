@@ -769,3 +769,5 @@ def test_release_many_frees_like_single_releases():
     assert together.has_free_slot() and together.next_free_slot() == 3
     with pytest.raises(AssertionError, match="not in use"):
         together.release_many([0])
+    with pytest.raises(AssertionError, match="released twice"):
+        together.release_many([1, 1])

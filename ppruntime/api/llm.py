@@ -174,11 +174,13 @@ class LLM:
     ) -> str:
         """Queue one request (validated here, on rank 0); returns its id."""
         self._require_driver("add_request")
+        if not isinstance(stream, (bool, np.bool_)):
+            raise InvalidRequestError(f"stream must be a bool, got {stream!r}")
         params = sampling_params or SamplingParams()
         prompt_ids = self.encode_prompt(prompt)
         self.validate_request(prompt_ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._request_counter)}"
-        self._executor.add_request(request_id, prompt_ids, params, stream=stream)
+        self._executor.add_request(request_id, prompt_ids, params, stream=bool(stream))
         return request_id
 
     def abort(self, request_id: str) -> bool:

@@ -24,6 +24,11 @@ from mpi4py import MPI
 from ppruntime.comm.waiting import WaitTracker, recv_object, request_done, wait_request, wait_until
 
 DEFAULT_SLICE_BYTES = 2 * 1024 * 1024
+CANCEL_GRACE_S = 1.0
+# Receive buffers whose cancelled receive did not complete within CANCEL_GRACE_S
+# (e.g. the peer died mid-transfer): MPI may still write into them, so they are
+# kept alive here until the process ends instead of being freed.
+ABANDONED_RECEIVES: list[tuple[MPI.Request, np.ndarray]] = []
 
 
 @dataclass
@@ -114,6 +119,19 @@ def isend_object_sliced(
     return handles
 
 
+def _cancel_receive(request: MPI.Request, target: np.ndarray) -> None:
+    """Cancel a posted receive and wait (bounded) until MPI is done with `target`."""
+    if request_done(request):
+        return
+    request.Cancel()
+    deadline = time.monotonic() + CANCEL_GRACE_S
+    while not request_done(request):  # a matched receive completes instead of cancelling
+        if time.monotonic() > deadline:
+            ABANDONED_RECEIVES.append((request, target))
+            return
+        time.sleep(1e-3)
+
+
 def recv_object_sliced(
     comm: MPI.Comm,
     source: int,
@@ -138,8 +156,7 @@ def recv_object_sliced(
         try:
             wait_request(request, what, tracker, should_stop)
         except BaseException:
-            if not request_done(request):  # never leave a receive posted into freed memory
-                request.Cancel()
+            _cancel_receive(request, targets[index])
             raise
         time.sleep(0)  # a slice copied: let latency-critical threads run first
     return pickle.loads(data, buffers=targets)

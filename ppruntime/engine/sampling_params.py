@@ -15,6 +15,7 @@ import torch
 from ppruntime.engine.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+INT32_MAX = 2**31 - 1  # counts travel between ranks as int32
 
 _PREFIX = "SamplingParams"
 
@@ -94,7 +95,7 @@ class SamplingParams:
             raise _fail("max_tokens", "must be an int", self.max_tokens)
         if self.max_tokens <= 0:
             raise _fail("max_tokens", "must be >= 1", self.max_tokens)
-        self.max_tokens = int(self.max_tokens)
+        self.max_tokens = int(self.max_tokens)  # validate_for_model bounds it by the model
 
         if not _is_real(self.temperature):
             raise _fail("temperature", "must be a float", self.temperature)
@@ -108,7 +109,7 @@ class SamplingParams:
             raise _fail("top_k", "must be an int", self.top_k)
         if self.top_k < -1:
             raise _fail("top_k", "must be -1, 0 (disabled) or positive", self.top_k)
-        self.top_k = int(self.top_k)
+        self.top_k = min(int(self.top_k), INT32_MAX)  # k >= vocab size keeps every token
 
         self.top_p = _check_probability("top_p", self.top_p, low_open=True)
         self.min_p = _check_probability("min_p", self.min_p, low_open=False)
@@ -228,8 +229,8 @@ def validate_prompt_token_ids(ids: Any, vocab_size: int, max_model_len: int) -> 
             f"prompt_token_ids[{index}] = {int(array[index])} is out of range "
             f"for vocab size {vocab_size}"
         )
-    if array.dtype == _INT32 and array.flags.c_contiguous:
-        return array
+    if array.dtype == _INT32:
+        return array.copy()  # the caller may reuse its buffer for the next prompt
     return np.ascontiguousarray(array, dtype=np.int32)
 
 

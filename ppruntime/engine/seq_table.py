@@ -136,6 +136,8 @@ class SequenceTable:
         The blocks of all `slots` go back in one call (every rank releases the same
         slots in the same order, so the free lists stay equal).
         """
+        assert slots, "nothing to release"
+        assert len(set(slots)) == len(slots), f"a slot is released twice: {slots}"
         for slot in slots:
             assert self.infos[slot] is not None, f"slot {slot} is not in use"
         num_blocks = self.num_blocks
