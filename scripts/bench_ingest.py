@@ -7,11 +7,12 @@ Two ranks (one MPI job started by this driver). For each request rank 0 does wha
 the engine does at the API boundary and on the wire, and rank 1 what a downstream
 rank does on receipt; rank 1 then acknowledges, and rank 0 times the round trip:
 
-  buffer: validate_prompt_token_ids() converts the prompt once to int32; the
-          engine's own control path (ppruntime.engine.control: isend_control /
-          recv_control) sends one flat int32 message with the request's id, length
-          and numeric sampling parameters, and the prompt as one int32 message
-          straight from the validated buffer; rank 1 rebuilds the SeqInfos (the
+  buffer: validate_prompt_token_ids() copies the prompt once into an int32 array
+          of its own (the caller may reuse its buffer); the engine's own control
+          path (ppruntime.engine.control: isend_control / recv_control) sends one
+          flat int32 message with the request's id, length and numeric sampling
+          parameters, and the prompt as one int32 message straight from that
+          validated copy; rank 1 rebuilds the SeqInfos (the
           prompt is a view of the received buffer, no copy).
   list:   what a list-based design would do: the prompt stays a Python list of
           ints, validated element by element, pickled inside the same message, and
@@ -211,7 +212,7 @@ def drive(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-len", type=int, default=16384)
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=200)
     return common.run_benchmark(parser, argv, worker, drive)
 
 
