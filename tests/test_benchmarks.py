@@ -1,0 +1,157 @@
+"""The benchmark scripts, run as a user runs them but with small workloads.
+
+What they measure is a timing and is not checked here (that belongs to the scripts'
+own side-by-side ratios, docs/benchmarks.md). Checked: each script runs its MPI jobs
+to the end and prints the keys issue 6 names; the counters that are properties of
+the code, not of the machine (no allocation per decode step, block-table writes
+only at page boundaries, no per-token Python objects in the ingest path) hold; the
+`--trace` timeline merges every rank; plot_timeline draws it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from launching import REPO_ROOT, kill_job, mpi_env, run_mpi
+
+TIMEOUT_S = 180
+SCRIPTS = REPO_ROOT / "scripts"
+SMALL_PIPELINE = ["--preset", "tiny", "--num-requests", "4", "--input-len", "8"]
+SMALL_PIPELINE += ["--output-len", "8"]
+
+
+def _run(args: list[str]) -> dict:
+    """Run a benchmark driver (it starts its own mpirun jobs); its last line as JSON."""
+    proc = subprocess.Popen(
+        [*args, "--json"],
+        cwd=str(REPO_ROOT),
+        env=mpi_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        stdout, stderr = kill_job(proc)
+        raise AssertionError(f"timed out: {args}\n{stdout}\n{stderr}") from None
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{stdout}\n{stderr}"
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _positive_numbers(result: dict, keys: list[str]) -> None:
+    for key in keys:
+        assert key in result, f"{key} missing from {sorted(result)}"
+        assert isinstance(result[key], (int, float)), (key, result[key])
+        assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
+
+
+def _spans(trace_path: Path) -> dict[int, set[str]]:
+    trace = json.loads(trace_path.read_text())
+    names: dict[int, set[str]] = {}
+    for event in trace["traceEvents"]:
+        if event["ph"] == "X":
+            assert event["dur"] >= 0 and event["ts"] >= 0, event
+            names.setdefault(event["tid"], set()).add(event["name"])
+    return names
+
+
+@pytest.fixture(scope="module")
+def compare_run(tmp_path_factory):
+    """`ppruntime bench --compare 2 --trace FILE` (the CLI entry of bench_pipeline)."""
+    trace = tmp_path_factory.mktemp("bench") / "compare.json"
+    args = [sys.executable, "-m", "ppruntime", "bench", *SMALL_PIPELINE, "--compare", "2"]
+    return _run([*args, "--trace", str(trace)]), trace
+
+
+def test_bench_compare_reports_efficiency_and_per_rank_fractions(compare_run):
+    result, _ = compare_run
+    _positive_numbers(result, ["efficiency", "output_tokens_per_s", "requests_per_s"])
+    pp1, pp2 = result["pp1"], result["pp2"]
+    assert result["efficiency"] == pytest.approx(
+        pp2["output_tokens_per_s"] / (2 * pp1["output_tokens_per_s"]), rel=1e-3
+    )
+    for run, ranks in ((pp1, 1), (pp2, 2)):
+        assert len(run["busy_fraction"]) == ranks and len(run["bubble_fraction"]) == ranks
+        for busy, bubble in zip(run["busy_fraction"], run["bubble_fraction"]):
+            assert 0 < busy <= 1 and busy + bubble == pytest.approx(1, abs=1e-3)
+        assert 0 < run["ttft_p50_s"] <= run["ttft_p99_s"]
+        assert 0 < run["tpot_p50_s"] <= run["tpot_p99_s"]
+
+
+def test_bench_trace_merges_every_rank_and_plots(compare_run, tmp_path):
+    _, trace = compare_run
+    spans = _spans(trace)
+    assert set(spans) == {0, 1}
+    assert {"forward", "send", "schedule", "handle"} <= spans[0]
+    assert {"forward", "sample", "receive-wait", "relay"} <= spans[1]
+    png = tmp_path / "timeline.png"
+    plot = subprocess.run(
+        [sys.executable, str(SCRIPTS / "plot_timeline.py"), str(trace), "-o", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert plot.returncode == 0, plot.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_uneven_reports_both_modes():
+    result = _run([sys.executable, str(SCRIPTS / "bench_pipeline.py"), *SMALL_PIPELINE,
+                   "--uneven", "--imbalance", "delay"])  # fmt: skip
+    _positive_numbers(result, ["bound_ratio_async", "bound_ratio_sync"])
+    for mode in ("async", "sync"):
+        fast, slow = result[f"stage_s_per_microbatch_{mode}"]
+        assert slow > fast, result  # the delay knob slowed the second stage
+
+
+def test_bench_overhead_reports_the_batch_sizes_named():
+    args = [sys.executable, str(SCRIPTS / "bench_overhead.py"), "--batches", "1,32,256,512"]
+    result = _run([*args, "--output-len", "8"])
+    _positive_numbers(result, ["us_per_step_b256", "growth_512_over_32"])
+    assert [entry["batch"] for entry in result["batches"]] == [1, 32, 256, 512]
+
+
+def test_bench_inputs_counts_no_allocations_and_no_copies_off_boundary():
+    args = [sys.executable, str(SCRIPTS / "bench_inputs.py"), "--preset", "tiny"]
+    result = _run([*args, "--num-requests", "6", "--output-len", "40"])
+    assert result["allocs_per_decode_step"] == 0, result
+    assert result["block_table_copies_off_boundary"] == 0, result
+    assert all(rank["decode_steps"] > 0 for rank in result["ranks"]), result
+
+
+def test_bench_ingest_buffer_path_makes_no_per_token_objects():
+    args = [sys.executable, str(SCRIPTS / "bench_ingest.py"), "--prompt-len", "4096"]
+    result = _run([*args, "--repeats", "5"])
+    _positive_numbers(result, ["buffer_over_list_speedup"])
+    assert result["objects_per_request_buffer"] < 100, result
+    assert result["objects_per_request_list"] > 4096, result
+
+
+def test_bench_sliced_reports_every_phase():
+    args = [sys.executable, str(SCRIPTS / "bench_sliced.py"), "--pings", "60", "--rounds", "2"]
+    result = _run([*args, "--diff-mib", "8", "--gap-ms", "0.2"])
+    _positive_numbers(
+        result,
+        ["p99_sliced_over_idle", "p99_unsliced_over_idle", "p99_sliced_along_over_idle"],
+    )
+    for phase in ("sliced", "unsliced", "sliced_along"):
+        assert result[f"{phase}_diff_transfers"] > 0, result
+
+
+def test_generate_trace_under_mpirun(tmp_path):
+    trace = tmp_path / "generate.json"
+    args = [sys.executable, "-m", "ppruntime", "generate", "--prompt", "hello"]
+    args += ["--max-tokens", "8", "--quiet", "--trace", str(trace)]
+    result = run_mpi(2, args, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    spans = _spans(trace)
+    assert set(spans) == {0, 1}
+    assert "forward" in spans[0] and {"forward", "sample"} <= spans[1]
