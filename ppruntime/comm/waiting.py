@@ -189,9 +189,7 @@ def recv_object(
     return wait_message(comm, source, tag, what, tracker, should_stop).recv()
 
 
-def wait_until(
-    done: Callable[[], bool], what: str, tracker: WaitTracker | None = None
-) -> None:
+def wait_until(done: Callable[[], bool], what: str, tracker: WaitTracker | None = None) -> None:
     """Poll `done()` with backoff until it is true (it may drive work, e.g. issue sends)."""
     if not done():
         _poll(done, what, tracker, None)

@@ -270,4 +270,3 @@ class LastStage:
             values = self.runner.logits(hidden, rows).cpu().numpy()
             diff.prompt_logits.append((slot, sent, values))
             self.prompt_logits_sent[slot] = end
-

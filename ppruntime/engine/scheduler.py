@@ -181,9 +181,7 @@ class Scheduler:
         _start(table, batch, verify=False)  # rank 0 took starts from its own table
         return batch, left_over
 
-    def _pick_running(
-        self, cap: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    def _pick_running(self, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
         """Running sequences to continue, oldest first, within cap and token budget.
 
         Returns their slots, the tokens computed now, the tokens not computed yet
