@@ -65,6 +65,7 @@ def worker(args) -> None:
     ]
     result = {name: {"latencies_s": [], "diff_transfers": 0} for name, _, _ in phases}
     per_round = max(args.pings // args.rounds, 1)
+    rng = np.random.default_rng(0)
     for name, slice_bytes, diff_sender in [p for _ in range(args.rounds) for p in phases]:
         diff_receiver = None if diff_sender is None else 1 - diff_sender
         stop = threading.Event()
@@ -109,6 +110,10 @@ def worker(args) -> None:
             thread.start()
             time.sleep(0.2)  # let the first transfer get going
         latencies = []
+        # random gaps: a fixed period would land every ping at the same point of rank
+        # 1's polling backoff, and the p99 would measure that alignment
+        gaps = rng.uniform(1 - args.gap_jitter, 1 + args.gap_jitter, per_round + 10)
+        gaps *= args.gap_ms / 1000.0
         for i in range(per_round + 10):
             if rank == 0:
                 start = time.perf_counter()
@@ -117,7 +122,7 @@ def worker(args) -> None:
                 wait_request(send, "ping send")
                 if i >= 10:
                     latencies.append(time.perf_counter() - start)
-                time.sleep(args.gap_ms / 1000.0)  # pings spread over the transfer
+                time.sleep(gaps[i])  # pings spread over the transfer
             else:
                 wait_request(pipe.Irecv([ping, MPI.BYTE], 0, PING_TAG), "ping")
                 wait_request(pipe.Isend([ping, MPI.BYTE], 0, PONG_TAG), "pong send")
@@ -151,6 +156,8 @@ def drive(args) -> int:
             str(args.slice_bytes),
             "--gap-ms",
             str(args.gap_ms),
+            "--gap-jitter",
+            str(args.gap_jitter),
         ],
     )
     result = {
@@ -194,7 +201,13 @@ def main(argv=None) -> int:
     parser.add_argument("--ping-bytes", type=int, default=64 * 1024)
     parser.add_argument("--diff-mib", type=int, default=256)
     parser.add_argument("--slice-bytes", type=int, default=2 * 1024 * 1024)
-    parser.add_argument("--gap-ms", type=float, default=1.0)
+    parser.add_argument("--gap-ms", type=float, default=1.0, help="mean gap between pings")
+    parser.add_argument(
+        "--gap-jitter",
+        type=float,
+        default=0.5,
+        help="gaps drawn uniformly from gap-ms x (1 -/+ this); 0 = a fixed period",
+    )
     return common.run_benchmark(parser, argv, worker, drive)
 
 
