@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument(
+        "--max-num-tokens",
+        type=int,
+        default=None,
+        help="token budget of a microbatch (default: max(1024, max-batch-size x input-len))",
+    )
     parser.add_argument("--trace", default=None, help="write a Chrome trace of the (last) PP>1 run")
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object as the last line"
@@ -85,7 +91,7 @@ def worker(args: argparse.Namespace) -> None:
         layer_partition=args.layer_partition,
         deterministic=args.deterministic,
         max_batch_size=args.max_batch_size,
-        max_num_tokens=max(1024, args.max_batch_size * args.input_len),
+        max_num_tokens=args.max_num_tokens or max(1024, args.max_batch_size * args.input_len),
         trace=args.trace,
         exit_workers=True,
     )
@@ -171,6 +177,8 @@ def _run(
         "--max-batch-size",
         str(args.max_batch_size),
     ]
+    if args.max_num_tokens:
+        worker_args += ["--max-num-tokens", str(args.max_num_tokens)]
     if deterministic:
         worker_args.append("--deterministic")
     if partition:
