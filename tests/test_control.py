@@ -7,6 +7,7 @@ import pytest
 
 from ppruntime.engine.control import (
     FIELDS,
+    H_PROMPT_TOKENS,
     HEADER,
     Control,
     NewRequests,
@@ -45,7 +46,7 @@ def test_round_trip(with_extras: bool) -> None:
     assert message.dtype == np.int32 and bool(extras) == with_extras
     # the prompts travel in their own message, not copied into this one
     assert message.shape[0] == HEADER + FIELDS * len(params) + 2
-    assert message[3] == control.new.prompt_tokens.shape[0]
+    assert message[H_PROMPT_TOKENS] == control.new.prompt_tokens.shape[0]
     back = _decode(message.copy(), extras, control.new.prompt_tokens.copy())
     assert_same_control(back, control)
 
@@ -77,7 +78,7 @@ def assert_same_control(back: Control, control: Control) -> None:
 
 def test_cancellations_only() -> None:
     message, extras = _encode(Control(new=None, aborts=[7]))
-    assert message[3] == 0  # no prompt message follows
+    assert message[H_PROMPT_TOKENS] == 0  # no prompt message follows
     back = _decode(message, extras, np.zeros(0, np.int32))
     assert back.new is None and back.aborts == [7]
 

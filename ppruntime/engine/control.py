@@ -3,8 +3,8 @@
 Rank 0 sends, with an iteration's MICROBATCH header, one control message: a flat
 int32 buffer holding, for every new request, its id, prompt length and numeric
 sampling parameters, then the cancellations. All the prompts follow in one int32
-message, sent straight from the validated prompt buffer (never a list of ints, and
-not copied into the control message). Only what does not fit in numbers (stop
+message, sent straight from the engine's validated copy of each prompt (never a list of
+ints, and not copied into the control message). Only what does not fit in numbers (stop
 strings, stop token ids, a seed beyond 64 bits) goes in a pickled message, and only
 when some request has it. Ranks other than 0 need no request-id strings: rank 0 alone returns
 outputs.
@@ -39,6 +39,7 @@ from ppruntime.engine.seq_table import SeqInfo
 ) = range(11)
 FIELDS = 11
 HEADER = 4  # new requests, cancellations, has-extras flag, prompt tokens
+H_HAS_EXTRAS, H_PROMPT_TOKENS = 2, 3
 # flags
 HAS_SEED, IGNORE_EOS, PROMPT_LOGITS, GENERATION_LOGITS = 1, 2, 4, 8
 _INT64_RANGE = (-(2**63), 2**63)
@@ -196,12 +197,12 @@ def recv_control(comm: MPI.Comm, source: int, tracker: WaitTracker | None = None
         tracker=tracker,
     )
     prompts = _NO_TOKENS
-    if message[3]:  # its size is known: receive without probing
-        prompts = np.empty(int(message[3]), dtype=np.int32)
+    if message[H_PROMPT_TOKENS]:  # its size is known: receive without probing
+        prompts = np.empty(int(message[H_PROMPT_TOKENS]), dtype=np.int32)
         request = comm.Irecv([prompts, MPI.BYTE], source, Tag.CONTROL_PROMPTS)
         wait_request(request, f"prompts from rank {source}", tracker)
     extras = {}
-    if message[2]:
+    if message[H_HAS_EXTRAS]:
         extra_bytes = wait_raw_message(
             comm,
             source,

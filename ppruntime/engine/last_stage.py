@@ -99,8 +99,7 @@ class LastStage:
         slot, params = info.slot, info.params
         self.release(slot)  # no-op unless the slot still counts a previous sequence
         self.temperature[slot] = params.temperature
-        # k >= vocab keeps every token; clamp so a huge k cannot overflow the int32 row
-        self.top_k[slot] = min(max(params.top_k, 0), np.iinfo(np.int32).max)
+        self.top_k[slot] = max(params.top_k, 0)  # -1 and 0 disable; SamplingParams caps k
         self.top_p[slot] = params.top_p
         self.min_p[slot] = params.min_p
         self.max_tokens[slot] = params.max_tokens

@@ -142,7 +142,7 @@ class StepInputPool:
         else:
             np.add(starts, q_lens, out=seq_lens)
             np.cumsum(q_lens, out=query_start_loc[1:])
-            self._arange_len = min(self._arange_len, 1)  # query_start_loc[0] is still 0
+            self._arange_len = 1  # the cumsum overwrote all but query_start_loc[0] = 0
             # position of token t of sequence b = start_b + (t - query_start_loc[b])
             positions[:] = np.repeat(starts - query_start_loc[:-1], q_lens)
             positions += np.arange(num_tokens)
