@@ -12,8 +12,8 @@ rank does on receipt; rank 1 then acknowledges, and rank 0 times the round trip:
           path (ppruntime.engine.control: isend_control / recv_control) sends one
           flat int32 message with the request's id, length and numeric sampling
           parameters, and the prompt as one int32 message straight from that
-          validated copy; rank 1 rebuilds the SeqInfos (the
-          prompt is a view of the received buffer, no copy).
+          validated copy; rank 1 rebuilds the SeqInfos (the prompt is a view of
+          the received buffer, no copy).
   list:   what a list-based design would do: the prompt stays a Python list of
           ints, validated element by element, pickled inside the same message, and
           unpickled into a list of ints on rank 1.

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launching import REPO_ROOT, kill_job, mpi_env, run_mpi
+from launching import REPO_ROOT, describe, mpi_env, run_mpi, wait_mpi
 
 TIMEOUT_S = 180
 SCRIPTS = REPO_ROOT / "scripts"
@@ -37,13 +37,9 @@ def _run(args: list[str]) -> dict:
         text=True,
         start_new_session=True,
     )
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        stdout, stderr = kill_job(proc)
-        raise AssertionError(f"timed out: {args}\n{stdout}\n{stderr}") from None
-    assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{stdout}\n{stderr}"
-    return json.loads(stdout.strip().splitlines()[-1])
+    result = wait_mpi(proc, TIMEOUT_S)  # kills the driver and its jobs on a timeout
+    assert result.returncode == 0, describe(result)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _positive_numbers(result: dict, keys: list[str]) -> None:
