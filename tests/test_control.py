@@ -22,6 +22,7 @@ PARAMS = [
     SamplingParams(),
     SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True, logprobs=0),
     SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=-(2**40), logprobs=3),
+    SamplingParams(top_k=2**40, temperature=0.5),  # capped to int32: keeps every token
     SamplingParams(seed=2**70, prompt_logits=True, generation_logits=True),  # seed > 64 bits
     SamplingParams(stop=("end", "\n"), stop_token_ids=[2, 9], seed=12345),
 ]
@@ -40,7 +41,7 @@ def _new(params: list[SamplingParams]) -> NewRequests:
 
 @pytest.mark.parametrize("with_extras", [False, True])
 def test_round_trip(with_extras: bool) -> None:
-    params = PARAMS if with_extras else PARAMS[:3]
+    params = PARAMS if with_extras else PARAMS[:4]
     control = Control(new=_new(params), aborts=[3, 4])
     message, extras = _encode(control)
     assert message.dtype == np.int32 and bool(extras) == with_extras
@@ -90,7 +91,7 @@ def test_send_and_receive_through_mpi(with_extras: bool) -> None:
     comm = MPI.COMM_SELF.Dup()
     try:
         for control in (
-            Control(new=_new(PARAMS if with_extras else PARAMS[:3]), aborts=[3, 4]),
+            Control(new=_new(PARAMS if with_extras else PARAMS[:4]), aborts=[3, 4]),
             Control(new=None, aborts=[5]),
         ):
             keep: list[object] = []
