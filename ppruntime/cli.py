@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="show MPI, thread level, hosts and devices of this job")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    from ppruntime.api.cli_partition import add_partition_dry_run_arguments
+
+    add_partition_dry_run_arguments(info)
     _add_common_options(info)
     from ppruntime.api.cli_generate import add_generate_parser
 
@@ -45,6 +48,12 @@ def run_info(args: argparse.Namespace) -> int:
     from ppruntime.info import format_job_info, gather_job_info
 
     info = bootstrap(args.log_level, args.log_dir)
+    if args.model or args.preset:
+        from ppruntime.api.cli_partition import run_partition_dry_run
+
+        status = run_partition_dry_run(args, info)
+        sys.stdout.flush()
+        return status
     ranks = gather_job_info(info)
     if info.rank == 0:
         assert ranks is not None

@@ -15,6 +15,7 @@ in flight, so more slots than stages never hurt and keep rank 0 from waiting on 
 slot whose sends are still draining."""
 
 DEFAULT_WATCHDOG_TIMEOUT_S = 300.0
+AUTO_PARTITION = "auto"
 
 
 class ConfigError(ValueError):
@@ -33,7 +34,13 @@ class ParallelConfig:
     """How the model is laid out over MPI ranks.
 
     pp_size: number of pipeline stages = MPI ranks.
-    layer_partition: decoder layers per stage, e.g. (3, 5, 5, 3); None = balanced.
+    layer_partition: decoder layers per stage, e.g. (3, 5, 5, 3); None = balanced by
+        layer count (embedding and LM head counted in); "auto" = balanced by the time
+        each rank measures for each piece at start-up (or reads from partition_costs).
+    partition_costs: a JSON file of measured per-rank costs (written by `ppruntime
+        info --partition-costs FILE`) for "auto" to use instead of measuring.
+    partition_decode_fraction: for "auto", the expected share of decode microbatches
+        (the rest are prefill chunks of max_num_tokens) that the costs are weighted by.
     deterministic: no relay thread; each batch is handled in a fixed iteration and
         num_microbatches = pp_size (PPRUNTIME_DETERMINISTIC=1 sets it too).
     num_microbatches: microbatch slots; None = pp_size (deterministic) or
@@ -41,7 +48,9 @@ class ParallelConfig:
     """
 
     pp_size: int = 1
-    layer_partition: tuple[int, ...] | None = None
+    layer_partition: tuple[int, ...] | str | None = None
+    partition_costs: str | None = None
+    partition_decode_fraction: float = 0.9
     deterministic: bool = False
     num_microbatches: int | None = None
     watchdog_timeout_s: float = DEFAULT_WATCHDOG_TIMEOUT_S
@@ -49,7 +58,22 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.pp_size, bool) or not isinstance(self.pp_size, int) or self.pp_size < 1:
             raise ConfigError(f"pp_size must be a positive integer, got {self.pp_size!r}")
-        if self.layer_partition is not None:
+        if isinstance(self.layer_partition, str) and self.layer_partition != AUTO_PARTITION:
+            raise ConfigError(
+                f"layer_partition {self.layer_partition!r} is neither {AUTO_PARTITION!r} nor a "
+                "sequence of layer counts such as (3, 5, 5, 3)"
+            )
+        if self.partition_costs is not None and self.layer_partition != AUTO_PARTITION:
+            raise ConfigError(
+                f"partition_costs={self.partition_costs!r} is only used with "
+                "layer_partition='auto' (--layer-partition auto)"
+            )
+        if not 0.0 <= self.partition_decode_fraction <= 1.0:
+            raise ConfigError(
+                "partition_decode_fraction must be in [0, 1], got "
+                f"{self.partition_decode_fraction!r}"
+            )
+        if self.layer_partition is not None and self.layer_partition != AUTO_PARTITION:
             partition = tuple(self.layer_partition)
             object.__setattr__(self, "layer_partition", partition)
             if len(partition) != self.pp_size:

@@ -56,7 +56,12 @@ def add_generate_parser(sub, add_common) -> None:
     sampling.add_argument("--logprobs", type=int, default=None, help="top-n log-probs per token")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--pp-size", type=int, default=None, help="default: the MPI world size")
-    engine.add_argument("--layer-partition", default=None, help="layers per stage, e.g. 3,5,5,3")
+    engine.add_argument(
+        "--layer-partition",
+        default=None,
+        help="layers per stage, e.g. 3,5,5,3, or auto (balanced by measured time)",
+    )
+    add_partition_cost_arguments(engine)
     engine.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     engine.add_argument("--device", default=None, help="cpu, cuda (default: GPU per local rank)")
     engine.add_argument("--max-batch-size", type=int, default=64)
@@ -75,6 +80,22 @@ def add_generate_parser(sub, add_common) -> None:
     output.add_argument("--quiet", action="store_true", help="no progress bar")
     add_common(parser)
     parser.set_defaults(run=run_generate)
+
+
+def add_partition_cost_arguments(group) -> None:
+    group.add_argument(
+        "--partition-costs",
+        default=None,
+        metavar="FILE",
+        help="with --layer-partition auto: reuse these measured costs "
+        "(written by `ppruntime info --model DIR --partition-costs FILE`)",
+    )
+    group.add_argument(
+        "--partition-decode-fraction",
+        type=float,
+        default=0.9,
+        help="with --layer-partition auto: expected share of decode microbatches",
+    )
 
 
 def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -181,6 +202,8 @@ def run_generate(args: argparse.Namespace) -> int:
             preset=args.preset,
             pp_size=args.pp_size,
             layer_partition=args.layer_partition,
+            partition_costs=args.partition_costs,
+            partition_decode_fraction=args.partition_decode_fraction,
             dtype=args.dtype,
             device=args.device,
             max_batch_size=args.max_batch_size,

@@ -23,6 +23,7 @@ from ppruntime.api.progress import ProgressBar
 from ppruntime.bootstrap import bootstrap
 from ppruntime.comm.failure import format_exception, report_and_abort
 from ppruntime.config import (
+    AUTO_PARTITION,
     DEFAULT_WATCHDOG_TIMEOUT_S,
     ConfigError,
     EngineConfig,
@@ -48,6 +49,8 @@ class LLM:
         preset: str | None = None,
         pp_size: int | None = None,
         layer_partition: str | Sequence[int] | None = None,
+        partition_costs: str | None = None,
+        partition_decode_fraction: float = 0.9,
         dtype: str = "auto",
         device: str | None = None,
         max_batch_size: int = 64,
@@ -74,11 +77,17 @@ class LLM:
         self.info = bootstrap(log_level, log_dir)
         if deterministic is None:
             deterministic = bool(env_flag("PPRUNTIME_DETERMINISTIC"))
-        if isinstance(layer_partition, str):
+        if isinstance(layer_partition, str) and layer_partition != AUTO_PARTITION:
             layer_partition = parse_layer_partition(layer_partition)
         parallel = ParallelConfig(
             pp_size=self.info.size if pp_size is None else pp_size,
-            layer_partition=tuple(layer_partition) if layer_partition is not None else None,
+            layer_partition=(
+                layer_partition
+                if layer_partition is None or layer_partition == AUTO_PARTITION
+                else tuple(layer_partition)
+            ),
+            partition_costs=partition_costs,
+            partition_decode_fraction=partition_decode_fraction,
             deterministic=deterministic,
             num_microbatches=num_microbatches,
             watchdog_timeout_s=watchdog_timeout_s or DEFAULT_WATCHDOG_TIMEOUT_S,

@@ -19,11 +19,16 @@ from mpi4py import MPI
 from ppruntime.comm.communicators import PipelineComms
 from ppruntime.comm.mpi_env import RankInfo, check_world_size, require_thread_multiple
 from ppruntime.comm.waiting import WaitTracker
-from ppruntime.config import ConfigError, EngineConfig
+from ppruntime.config import AUTO_PARTITION, ConfigError, EngineConfig
 from ppruntime.device import select_device
 from ppruntime.engine.block_manager import BlockManager
 from ppruntime.engine.executor import PipelineExecutor
 from ppruntime.engine.last_stage import LastStage
+from ppruntime.engine.partition_costs import (
+    describe_partition,
+    measure_costs_for,
+    read_partition_costs,
+)
 from ppruntime.engine.relay import ResponseRelay
 from ppruntime.engine.seq_table import SequenceTable
 from ppruntime.engine.trace import Tracer
@@ -40,7 +45,7 @@ from ppruntime.model import (
     resolve_dtype,
     stage_extra_costs,
 )
-from ppruntime.model.partition import StageSpec
+from ppruntime.model.partition import CostBalancedPartition, StageSpec, balance_by_cost
 from ppruntime.stage.debug_knobs import StageKnobs
 from ppruntime.stage.null_model import NullStageModel
 from ppruntime.stage.runner import StageRunner
@@ -82,6 +87,11 @@ class PipelineEngine:
         self.comms = PipelineComms.create()
         try:
             self._check_same_config(config)
+            self.auto_partition: CostBalancedPartition | None = None
+            if parallel.layer_partition == AUTO_PARTITION:
+                self._collectively(lambda: self._measure_costs(config, info))
+                measured = self.comms.pipeline.allgather(self._measured)
+                self._collectively(lambda: self._choose_partition(config, measured))
             self._collectively(lambda: self._load_stage(config, info))
             self.num_blocks = self.comms.pipeline.allreduce(self._local_blocks, op=MPI.MIN)
             self._collectively(lambda: self._build_executor(config, info, trace))
@@ -154,10 +164,13 @@ class PipelineEngine:
                 f"max_position_embeddings={model_config.max_position_embeddings}"
             )
         first_cost, last_cost = stage_extra_costs(model_config)
+        counts = parallel.layer_partition
+        if self.auto_partition is not None:
+            counts = self.auto_partition.counts
         stages = partition_layers(
             model_config.num_hidden_layers,
             parallel.pp_size,
-            parallel.layer_partition,
+            counts,
             first_stage_extra_cost=first_cost,
             last_stage_extra_cost=last_cost,
         )
@@ -185,6 +198,28 @@ class PipelineEngine:
             max_useful = self._max_slots(config) * math.ceil(self.max_model_len / config.block_size)
             budget = config.kv_cache_memory_mb * 2**20 // max(bytes_per_block, 1)
             self._local_blocks = max(1, min(budget, max_useful))
+
+    def _measure_costs(self, config: EngineConfig, info: RankInfo) -> None:
+        """`--layer-partition auto`: this rank's costs (measured, or from the costs file)."""
+        parallel = config.parallel
+        if parallel.partition_costs is not None:
+            self._measured = None  # every rank reads the same file in _choose_partition
+            return
+        model_config = load_config(config.model)
+        device = select_device(info.local_rank, config.device)
+        self._measured = measure_costs_for(config, model_config, device, info.rank)
+
+    def _choose_partition(self, config: EngineConfig, measured: list) -> None:
+        parallel = config.parallel
+        model_config = load_config(config.model)
+        if parallel.partition_costs is not None:
+            costs, sizes = read_partition_costs(parallel.partition_costs, parallel.pp_size)
+        else:
+            costs, sizes = [entry[0] for entry in measured], measured[0][1]
+        self.auto_partition = balance_by_cost(model_config.num_hidden_layers, costs, sizes)
+        self.partition_costs = (costs, sizes)
+        if self.info.rank == 0:
+            log.info("layer partition auto: %s", describe_partition(self.auto_partition))
 
     @staticmethod
     def _max_slots(config: EngineConfig) -> int:

@@ -172,3 +172,158 @@ def stage_extra_costs(config: ModelConfig) -> tuple[float, float]:
     layer_macs = attention_macs + mlp_macs
     lm_head_macs = hidden * config.vocab_size
     return 0.0, lm_head_macs / layer_macs
+
+
+# ----------------------------------------------------------------------------------------
+# `--layer-partition auto`: balance measured per-rank costs
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RankCosts:
+    """What one rank measured, in seconds per (weighted) microbatch, and what it can hold.
+
+    A stage on this rank costs `fixed_s + layers * layer_s`, plus `embed_s` when it is
+    the first stage and `head_s` (final norm, LM head, sampling) when it is the last.
+    `memory_bytes` is what this rank may fill with weights (None = no limit).
+    """
+
+    layer_s: float
+    embed_s: float = 0.0
+    head_s: float = 0.0
+    fixed_s: float = 0.0
+    memory_bytes: int | None = None
+
+    def stage_time(self, num_layers: int, is_first: bool, is_last: bool) -> float:
+        time = self.fixed_s + num_layers * self.layer_s
+        if is_first:
+            time += self.embed_s
+        if is_last:
+            time += self.head_s
+        return time
+
+    def to_dict(self) -> dict:
+        return {
+            "layer_s": self.layer_s,
+            "embed_s": self.embed_s,
+            "head_s": self.head_s,
+            "fixed_s": self.fixed_s,
+            "memory_bytes": self.memory_bytes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RankCosts:
+        try:
+            costs = cls(
+                layer_s=float(data["layer_s"]),
+                embed_s=float(data.get("embed_s", 0.0)),
+                head_s=float(data.get("head_s", 0.0)),
+                fixed_s=float(data.get("fixed_s", 0.0)),
+                memory_bytes=None
+                if data.get("memory_bytes") is None
+                else int(data["memory_bytes"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PartitionError(f"partition costs entry {data!r} is malformed: {exc}") from None
+        if min(costs.layer_s, costs.embed_s, costs.head_s, costs.fixed_s) < 0:
+            raise PartitionError(f"partition costs entry {data!r} has a negative time")
+        return costs
+
+
+@dataclass(frozen=True)
+class StageBytes:
+    """Weight bytes of the pieces a stage may hold (the same on every rank)."""
+
+    layer: int
+    embed: int = 0
+    head: int = 0
+
+    def stage_bytes(self, num_layers: int, is_first: bool, is_last: bool) -> int:
+        return (
+            num_layers * self.layer
+            + (self.embed if is_first else 0)
+            + (self.head if is_last else 0)
+        )
+
+
+@dataclass(frozen=True)
+class CostBalancedPartition:
+    counts: tuple[int, ...]
+    stage_times: tuple[float, ...]  # predicted seconds per microbatch, per stage
+
+    @property
+    def slowest_s(self) -> float:
+        return max(self.stage_times)
+
+    @property
+    def imbalance(self) -> float:
+        """Slowest over fastest predicted stage time (1.0 = perfectly balanced)."""
+        fastest = min(self.stage_times)
+        return self.slowest_s / fastest if fastest > 0 else float("inf")
+
+
+def balance_by_cost(
+    num_layers: int, costs: Sequence[RankCosts], sizes: StageBytes | None = None
+) -> CostBalancedPartition:
+    """The contiguous split that minimises the slowest stage, within each rank's memory.
+
+    Stage r runs on rank r, so a slow rank gets fewer layers. Among the splits with the
+    smallest slowest stage, the one with the smallest sum of squared stage times is
+    taken (the other stages as even as they can be), ties going to the earlier stages
+    holding more layers. Exact (dynamic programming), deterministic given the costs.
+    """
+    pp_size = len(costs)
+    if pp_size < 1:
+        raise PartitionError("auto partition needs the costs of at least one rank")
+    if pp_size > num_layers:
+        raise PartitionError(
+            f"pp_size={pp_size} but the model has only {num_layers} layers: "
+            f"use --pp-size {num_layers} or fewer"
+        )
+
+    def stage_cost(stage: int, layers: int) -> float | None:
+        """Predicted time of `layers` layers on rank `stage`; None when they do not fit."""
+        is_first, is_last = stage == 0, stage == pp_size - 1
+        limit = costs[stage].memory_bytes
+        if (
+            limit is not None
+            and sizes is not None
+            and sizes.stage_bytes(layers, is_first, is_last) > limit
+        ):
+            return None
+        return costs[stage].stage_time(layers, is_first, is_last)
+
+    def solve(objective, bound: float | None):
+        # best[s][n]: (value, counts) for stages 0..s-1 holding layers 0..n-1
+        inf = float("inf")
+        best: list[dict[int, tuple[float, tuple[int, ...]]]] = [{0: (0.0, ())}]
+        for stage in range(pp_size):
+            row: dict[int, tuple[float, tuple[int, ...]]] = {}
+            stages_left = pp_size - stage - 1
+            for done, (value, counts) in best[stage].items():
+                for layers in range(num_layers - done - stages_left, 0, -1):
+                    if stage == pp_size - 1 and done + layers != num_layers:
+                        continue
+                    cost = stage_cost(stage, layers)
+                    if cost is None or (bound is not None and cost > bound):
+                        continue
+                    total = done + layers
+                    candidate = (objective(value, cost), (*counts, layers))
+                    if candidate[0] < row.get(total, (inf, ()))[0]:
+                        row[total] = candidate
+            best.append(row)
+        return best[pp_size].get(num_layers)
+
+    minimax = solve(max, None)
+    if minimax is None:
+        raise PartitionError(
+            f"no split of {num_layers} layers over {pp_size} ranks fits every rank's memory "
+            f"(per layer {sizes.layer if sizes else 0} bytes; limits "
+            f"{[c.memory_bytes for c in costs]}): use more ranks or a smaller KV cache"
+        )
+    slowest = minimax[0]
+    even = solve(lambda value, cost: value + cost * cost, slowest * (1 + 1e-9))
+    counts = even[1] if even is not None else minimax[1]
+    times = tuple(
+        costs[stage].stage_time(count, stage == 0, stage == pp_size - 1)
+        for stage, count in enumerate(counts)
+    )
+    return CostBalancedPartition(tuple(counts), times)
