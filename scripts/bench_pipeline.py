@@ -4,6 +4,7 @@
     python scripts/bench_pipeline.py --pp 2 --json           # one run
     python scripts/bench_pipeline.py --compare 2 --json      # PP=1 vs PP=2: efficiency
     python scripts/bench_pipeline.py --uneven --json         # 1:2 stages: bound_ratio, async vs det
+    python scripts/bench_pipeline.py --partitions --json     # default vs auto vs every split
     ppruntime bench ...                                       # the same
 
 The driver starts each run as its own MPI job (`mpirun -n PP python this --worker`),
@@ -57,6 +58,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="layers per stage (single run; default for --uneven: 3,5)",
     )
     parser.add_argument(
+        "--partitions",
+        action="store_true",
+        help="PP=--pp: the default partition, auto and every whole-layer partition side by "
+        "side; then default vs auto with stage 1 slowed by --partition-delay-ms",
+    )
+    parser.add_argument("--partition-delay-ms", type=float, default=20.0)
+    parser.add_argument(
+        "--partition-decode-fraction",
+        type=float,
+        default=None,
+        help="for auto (default: this workload's share of decode microbatches)",
+    )
+    parser.add_argument(
         "--deterministic", action="store_true", help="single run in deterministic mode"
     )
     parser.add_argument("--num-requests", type=int, default=64)
@@ -89,6 +103,7 @@ def worker(args: argparse.Namespace) -> None:
         preset=args.preset,
         pp_size=args.pp,
         layer_partition=args.layer_partition,
+        partition_decode_fraction=args.partition_decode_fraction or 0.9,
         deterministic=args.deterministic,
         max_batch_size=args.max_batch_size,
         max_num_tokens=args.max_num_tokens or max(1024, args.max_batch_size * args.input_len),
@@ -103,6 +118,7 @@ def worker(args: argparse.Namespace) -> None:
     start = time.time()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     end = time.time()
+    auto = llm._engine.auto_partition
     reports = llm.shutdown()
     window = end - start
     ttft = [o.metrics.ttft for o in outputs]
@@ -148,6 +164,8 @@ def worker(args: argparse.Namespace) -> None:
             "tpot_p50_s": common.percentile(tpot, 50),
             "tpot_p99_s": common.percentile(tpot, 99),
             "ranks": ranks,
+            "auto_partition": None if auto is None else list(auto.counts),
+            "predicted_stage_s": None if auto is None else list(auto.stage_times),
         }
     )
 
@@ -183,6 +201,8 @@ def _run(
         worker_args.append("--deterministic")
     if partition:
         worker_args += ["--layer-partition", partition]
+    if partition == "auto":
+        worker_args += ["--partition-decode-fraction", str(_decode_fraction(args))]
     if trace:
         worker_args += ["--trace", trace]
     return common.run_mpi_worker(pp, os.path.abspath(__file__), worker_args, env=env)
@@ -226,6 +246,76 @@ def _uneven_setup(args) -> tuple[str | None, dict | None, str]:
         return None, {"PPRUNTIME_STAGE_DELAY_MS": f"1:{delay}"}, f"delay 1:{delay} ms"
     partition = args.layer_partition or "3,5"
     return partition, None, f"layer partition {partition}"
+
+
+def _decode_fraction(args) -> float:
+    """This workload's expected share of decode microbatches (for `auto`)."""
+    if args.partition_decode_fraction is not None:
+        return args.partition_decode_fraction
+    prefill = -(-args.num_requests // args.max_batch_size)
+    decode = args.num_requests * max(args.output_len - 1, 0) / args.max_batch_size
+    return decode / (decode + prefill)
+
+
+def _compositions(total: int, parts: int):
+    """Every way to give `parts` stages at least one of `total` layers, in order."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(1, total - parts + 2):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
+def _imbalance(run: dict) -> float:
+    stage = [rank["s_per_microbatch"] for rank in run["ranks"]]
+    return max(stage) / min(stage)
+
+
+def _compare_partitions(args) -> tuple[list[str], dict]:
+    from ppruntime.model import preset_config
+
+    pp = args.pp
+    num_layers = preset_config(args.preset).num_hidden_layers
+    default = _run(args, pp)
+    auto = _run(args, pp, partition="auto")
+    every = {}
+    for counts in _compositions(num_layers, pp):
+        every[",".join(map(str, counts))] = _run(args, pp, partition=",".join(map(str, counts)))
+    best_name, best = max(every.items(), key=lambda item: item[1]["output_tokens_per_s"])
+    auto_name = ",".join(map(str, auto["auto_partition"]))
+    predicted = max(auto["predicted_stage_s"])
+    measured = auto["slowest_stage_s_per_microbatch"]
+    env = {"PPRUNTIME_STAGE_DELAY_MS": f"1:{args.partition_delay_ms:g}"}
+    slow_default = _run(args, pp, env=env)
+    slow_auto = _run(args, pp, partition="auto", env=env)
+    lines = [f"PP={pp}, {num_layers} layers: output tokens/s by partition"]
+    for name, run in every.items():
+        lines.append(f"  {name}: {run['output_tokens_per_s']:.1f}, imbalance {_imbalance(run):.3f}")
+    result = {
+        "auto_partition": auto_name,
+        "best_partition": best_name,
+        "auto_over_best": auto["output_tokens_per_s"] / best["output_tokens_per_s"],
+        "auto_over_default": auto["output_tokens_per_s"] / default["output_tokens_per_s"],
+        "auto_predicted_over_measured_slowest": predicted / measured,
+        "imbalance_default": _imbalance(default),
+        "imbalance_auto": _imbalance(auto),
+        "throughput_by_partition": {n: r["output_tokens_per_s"] for n, r in every.items()},
+        "delayed_auto_partition": ",".join(map(str, slow_auto["auto_partition"])),
+        "delayed_auto_over_default": slow_auto["output_tokens_per_s"]
+        / slow_default["output_tokens_per_s"],
+    }
+    lines += [
+        f"default: {default['output_tokens_per_s']:.1f} tok/s, imbalance "
+        f"{result['imbalance_default']:.3f}",
+        f"auto {auto_name}: {auto['output_tokens_per_s']:.1f} tok/s, imbalance "
+        f"{result['imbalance_auto']:.3f}; auto / best ({best_name}) = "
+        f"{result['auto_over_best']:.3f}; predicted / measured slowest stage = "
+        f"{result['auto_predicted_over_measured_slowest']:.3f}",
+        f"stage 1 delayed {args.partition_delay_ms:g} ms: auto {result['delayed_auto_partition']} "
+        f"/ default throughput = {result['delayed_auto_over_default']:.3f}",
+    ]
+    return lines, result
 
 
 def drive(args: argparse.Namespace) -> int:
@@ -275,7 +365,11 @@ def drive(args: argparse.Namespace) -> int:
             uneven_async=_headline(asyn),
             uneven_sync=_headline(sync),
         )
-    if not args.compare and not args.uneven:
+    if args.partitions:
+        partition_lines, partition_result = _compare_partitions(args)
+        lines += partition_lines
+        result.update(partition_result)
+    if not args.compare and not args.uneven and not args.partitions:
         run = _run(
             args,
             args.pp,

@@ -108,6 +108,18 @@ def test_bench_uneven_reports_both_modes():
         assert slow > fast, result  # the delay knob slowed the second stage
 
 
+def test_bench_partitions_compares_default_auto_and_every_split():
+    result = _run([sys.executable, str(SCRIPTS / "bench_pipeline.py"), *SMALL_PIPELINE,
+                   "--partitions", "--partition-delay-ms", "200"])  # fmt: skip
+    # tiny has 4 layers: three whole-layer splits at PP=2
+    assert sorted(result["throughput_by_partition"]) == ["1,3", "2,2", "3,1"]
+    assert result["best_partition"] in result["throughput_by_partition"]
+    _positive_numbers(result, ["auto_over_best", "auto_over_default", "imbalance_default"])
+    _positive_numbers(result, ["auto_predicted_over_measured_slowest", "imbalance_auto"])
+    # a stage that sleeps 200 ms per forward keeps only the one layer it must hold
+    assert result["delayed_auto_partition"] == "3,1"
+
+
 def test_bench_overhead_reports_the_batch_sizes_named():
     args = [sys.executable, str(SCRIPTS / "bench_overhead.py"), "--batches", "1,32,256,512"]
     result = _run([*args, "--output-len", "8"])
