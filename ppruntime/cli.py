@@ -1,4 +1,4 @@
-"""The `ppruntime` command: info, generate, bench."""
+"""The `ppruntime` command: info, generate, serve, bench."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ppruntime.api.cli_generate import add_generate_parser
 
     add_generate_parser(sub, _add_common_options)
+    from ppruntime.api.cli_serve import add_serve_parser
+
+    add_serve_parser(sub, _add_common_options)
     try:
         from ppruntime.api.cli_bench import add_bench_parser
     except ImportError:  # benchmarks are optional

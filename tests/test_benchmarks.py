@@ -120,6 +120,14 @@ def test_bench_partitions_compares_default_auto_and_every_split():
     assert result["delayed_auto_partition"] == "3,1"
 
 
+def test_bench_serve_reports_both_paths():
+    result = _run([sys.executable, str(SCRIPTS / "bench_serve.py"), "--clients", "4",
+                   "--requests", "6", "--input-len", "8", "--output-len", "6"])  # fmt: skip
+    assert result["requests"] == 6
+    _positive_numbers(result, ["serve_output_tokens_per_s", "offline_output_tokens_per_s"])
+    _positive_numbers(result, ["serve_over_offline", "ttft_p50_s", "itl_p50_s"])
+
+
 def test_bench_overhead_reports_the_batch_sizes_named():
     args = [sys.executable, str(SCRIPTS / "bench_overhead.py"), "--batches", "1,32,256,512"]
     result = _run([*args, "--output-len", "8"])

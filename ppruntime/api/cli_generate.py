@@ -54,6 +54,18 @@ def add_generate_parser(sub, add_common) -> None:
     )
     sampling.add_argument("--ignore-eos", action="store_true")
     sampling.add_argument("--logprobs", type=int, default=None, help="top-n log-probs per token")
+    add_engine_arguments(parser)
+    output = parser.add_argument_group("output")
+    output.add_argument("--stream", action="store_true", help="print text as it is generated")
+    output.add_argument("--json", action="store_true", help="one JSON object per request")
+    output.add_argument("--trace", default=None, help="write a Chrome trace of all ranks here")
+    output.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common(parser)
+    parser.set_defaults(run=run_generate)
+
+
+def add_engine_arguments(parser) -> None:
+    """The engine flags `generate` and `serve` share."""
     engine = parser.add_argument_group("engine")
     engine.add_argument("--pp-size", type=int, default=None, help="default: the MPI world size")
     engine.add_argument(
@@ -73,13 +85,6 @@ def add_generate_parser(sub, add_common) -> None:
     engine.add_argument("--num-microbatches", type=int, default=None)
     engine.add_argument("--watchdog-timeout", type=float, default=None, help="seconds")
     engine.add_argument("--engine-seed", type=int, default=0)
-    output = parser.add_argument_group("output")
-    output.add_argument("--stream", action="store_true", help="print text as it is generated")
-    output.add_argument("--json", action="store_true", help="one JSON object per request")
-    output.add_argument("--trace", default=None, help="write a Chrome trace of all ranks here")
-    output.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_common(parser)
-    parser.set_defaults(run=run_generate)
 
 
 def add_partition_cost_arguments(group) -> None:
@@ -96,6 +101,57 @@ def add_partition_cost_arguments(group) -> None:
         default=0.9,
         help="with --layer-partition auto: expected share of decode microbatches",
     )
+
+
+def llm_from_args(args: argparse.Namespace):
+    """The engine the shared flags describe (collective: every rank calls it)."""
+    from ppruntime.api.llm import LLM
+
+    return LLM(
+        args.model,
+        preset=args.preset,
+        pp_size=args.pp_size,
+        layer_partition=args.layer_partition,
+        partition_costs=args.partition_costs,
+        partition_decode_fraction=args.partition_decode_fraction,
+        dtype=args.dtype,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        max_num_tokens=args.max_num_tokens,
+        block_size=args.block_size,
+        kv_cache_blocks=args.kv_cache_blocks,
+        max_model_len=args.max_model_len,
+        deterministic=args.deterministic,
+        num_microbatches=args.num_microbatches,
+        seed=args.engine_seed,
+        watchdog_timeout_s=args.watchdog_timeout,
+        trace=args.trace,
+        log_level=args.log_level,
+        log_dir=args.log_dir,
+        exit_workers=False,
+    )
+
+
+def start_engine(args: argparse.Namespace, info, command: str):
+    """`llm_from_args`, or None after printing (rank 0) a start-up error to stderr."""
+    from ppruntime.comm.mpi_env import MPIConfigurationError
+    from ppruntime.config import ConfigError
+    from ppruntime.engine.engine import StartupError
+    from ppruntime.model import ModelLoadError, PartitionError
+
+    try:
+        return llm_from_args(args)
+    except (
+        ConfigError,
+        MPIConfigurationError,  # e.g. --pp-size differs from the rank count: same on every rank
+        ModelLoadError,
+        PartitionError,
+        StartupError,
+        ValueError,
+    ) as exc:
+        if info.rank == 0:
+            print(f"ppruntime {command}: error: {exc}", file=sys.stderr)
+        return None
 
 
 def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -190,46 +246,8 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"ppruntime generate: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    from ppruntime.api.llm import LLM
-    from ppruntime.comm.mpi_env import MPIConfigurationError
-    from ppruntime.config import ConfigError
-    from ppruntime.engine.engine import StartupError
-    from ppruntime.model import ModelLoadError, PartitionError
-
-    try:
-        llm = LLM(
-            args.model,
-            preset=args.preset,
-            pp_size=args.pp_size,
-            layer_partition=args.layer_partition,
-            partition_costs=args.partition_costs,
-            partition_decode_fraction=args.partition_decode_fraction,
-            dtype=args.dtype,
-            device=args.device,
-            max_batch_size=args.max_batch_size,
-            max_num_tokens=args.max_num_tokens,
-            block_size=args.block_size,
-            kv_cache_blocks=args.kv_cache_blocks,
-            max_model_len=args.max_model_len,
-            deterministic=args.deterministic,
-            num_microbatches=args.num_microbatches,
-            seed=args.engine_seed,
-            watchdog_timeout_s=args.watchdog_timeout,
-            trace=args.trace,
-            log_level=args.log_level,
-            log_dir=args.log_dir,
-            exit_workers=False,
-        )
-    except (
-        ConfigError,
-        MPIConfigurationError,  # e.g. --pp-size differs from the rank count: same on every rank
-        ModelLoadError,
-        PartitionError,
-        StartupError,
-        ValueError,
-    ) as exc:
-        if info.rank == 0:
-            print(f"ppruntime generate: error: {exc}", file=sys.stderr)
+    llm = start_engine(args, info, "generate")
+    if llm is None:
         return EXIT_BAD_INPUT
     if not llm.is_driver:
         return 0

@@ -203,6 +203,22 @@ class LLM:
         self._executor.step()
         return self._executor.take_finished(), self._executor.take_events()
 
+    def has_unfinished(self) -> bool:
+        """Whether any request added on rank 0 has not finished yet."""
+        return self._executor.has_unfinished()
+
+    def engine_state(self) -> dict:
+        """Rank 0's live view: requests running and waiting, KV blocks, forward time."""
+        executor = self._executor
+        blocks = executor.table.blocks
+        return {
+            "running": executor.table.num_active,
+            "waiting": len(executor.scheduler.waiting),
+            "kv_blocks_used": blocks.num_blocks - blocks.num_free_blocks,
+            "kv_blocks_total": blocks.num_blocks,
+            "busy_s": self._engine.tracer.busy_s.get("forward", 0.0),
+        }
+
     # -- batch API -------------------------------------------------------------------
     def _submit_all(
         self,

@@ -1,0 +1,93 @@
+"""`GET /metrics`: the server's figures in the Prometheus text format."""
+
+from __future__ import annotations
+
+import time
+
+from ppruntime.api.serving import ServingStats
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+        )
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+        self.content_type = CONTENT_TYPE_LATEST
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests_total = Counter(
+            "ppruntime_http_requests", "HTTP generation requests", ["endpoint"], registry=registry
+        )
+        self.running = Gauge(
+            "ppruntime_requests_running", "sequences in the pipeline", registry=registry
+        )
+        self.waiting = Gauge(
+            "ppruntime_requests_waiting", "sequences waiting to be scheduled", registry=registry
+        )
+        self.kv_used = Gauge(
+            "ppruntime_kv_blocks_used", "KV cache blocks in use (every rank)", registry=registry
+        )
+        self.kv_total = Gauge(
+            "ppruntime_kv_blocks_total", "KV cache blocks per rank", registry=registry
+        )
+        self.tokens = Counter("ppruntime_generated_tokens", "tokens generated", registry=registry)
+        self.finished = Counter(
+            "ppruntime_requests_finished", "requests finished", registry=registry
+        )
+        self.tokens_per_s = Gauge(
+            "ppruntime_generation_tokens_per_second",
+            "tokens generated per second since the previous scrape",
+            registry=registry,
+        )
+        self.busy = Gauge(
+            "ppruntime_rank_busy_fraction",
+            "share of wall time a rank spent in its stage's forward since the previous scrape",
+            ["rank"],
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "ppruntime_time_to_first_token_seconds",
+            "time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.itl = Histogram(
+            "ppruntime_inter_token_latency_seconds",
+            "time between tokens",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._last = (time.monotonic(), 0, 0.0)  # (when, tokens, busy seconds)
+        self._finished_seen = 0
+
+    def render(self, stats: ServingStats) -> bytes:
+        from prometheus_client import generate_latest
+
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_used.set(stats.kv_blocks_used)
+        self.kv_total.set(stats.kv_blocks_total)
+        when, tokens, busy = self._last
+        now = time.monotonic()
+        elapsed = max(now - when, 1e-9)
+        new_tokens = stats.generated_tokens - tokens
+        self.tokens.inc(new_tokens)
+        self.tokens_per_s.set(new_tokens / elapsed)
+        self.busy.labels("0").set(min((stats.busy_s - busy) / elapsed, 1.0))
+        self.finished.inc(stats.requests_finished - self._finished_seen)
+        self._finished_seen = stats.requests_finished
+        # the engine thread appends; take what is there now (list ops are atomic)
+        for values, histogram in ((stats.ttft_s, self.ttft), (stats.itl_s, self.itl)):
+            count = len(values)
+            for value in values[:count]:
+                histogram.observe(value)
+            del values[:count]
+        self._last = (now, stats.generated_tokens, stats.busy_s)
+        return generate_latest(self.registry)

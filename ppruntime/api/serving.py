@@ -1,0 +1,210 @@
+"""Drives one engine for an HTTP server: requests in from the event loop, deltas out.
+
+The engine is stepped by one thread (the process's main thread; MPI and the signal
+handlers live there). The server's event loop hands it requests and cancellations
+through a queue, and each request's deltas come back to that loop through
+`call_soon_threadsafe`, one call per engine step. When nothing is running, the
+engine thread blocks on the queue instead of spinning.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ppruntime.engine.outputs import RequestOutput
+from ppruntime.engine.sampling_params import SamplingParams
+from ppruntime.logs import get_logger
+
+log = get_logger("serve")
+
+IDLE_WAIT_S = 0.05
+
+Deliver = Callable[[list[RequestOutput]], None]  # runs on the server's event loop
+
+
+@dataclass
+class _Submit:
+    request_id: str
+    prompt_ids: np.ndarray
+    params: SamplingParams
+    loop: object  # asyncio loop of the handler
+    deliver: Deliver
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class ServingStats:
+    """Live figures for /metrics, written by the engine thread (plain reads elsewhere)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    generated_tokens: int = 0
+    requests_finished: int = 0
+    busy_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    # finished-request latencies not yet moved into the histograms
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+
+
+class EngineDriver:
+    """Rank 0's engine, driven from the thread that calls `run()`."""
+
+    def __init__(self, llm, max_waiting: int) -> None:
+        self.llm = llm
+        self.max_waiting = max_waiting
+        self.capacity = llm.config.max_batch_size * llm.config.parallel.microbatch_slots
+        self.stats = ServingStats()
+        self.stop_requested = threading.Event()
+        self.stopped = threading.Event()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._outstanding = 0  # accepted and not finished (any thread)
+        self._routes: dict[str, tuple[object, Deliver]] = {}  # engine thread only
+        self._last_token_time: dict[str, float] = {}
+        self._submitted_at: dict[str, float] = {}
+        self._ids = 0
+
+    # -- the event loop's side ------------------------------------------------------------
+    @property
+    def accepting(self) -> bool:
+        return not self.stop_requested.is_set()
+
+    def reserve(self, count: int) -> bool:
+        """Room for `count` more requests in the bounded waiting queue (then counted)."""
+        with self._lock:
+            waiting = max(self._outstanding + count - self.capacity, 0)
+            if waiting > self.max_waiting or not self.accepting:
+                return False
+            self._outstanding += count
+            return True
+
+    def release(self, count: int) -> None:
+        """Give back reserved room that was not used (a request refused after reserve)."""
+        with self._lock:
+            self._outstanding -= count
+
+    def new_request_id(self, prefix: str) -> str:
+        with self._lock:
+            self._ids += 1
+            return f"{prefix}-{self._ids}"
+
+    def submit(self, request_id: str, prompt_ids, params, loop, deliver: Deliver) -> None:
+        self._commands.put(_Submit(request_id, prompt_ids, params, loop, deliver))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    # -- the engine thread --------------------------------------------------------------------
+    def run(self, grace_s: float) -> None:
+        """Step the engine until a stop is requested and what runs has ended.
+
+        After a stop request, running requests get `grace_s` seconds to finish; the rest
+        are aborted (their clients get finish_reason "abort").
+        """
+        llm = self.llm
+        deadline = None
+        while True:
+            self._apply_commands(block=not llm.has_unfinished() and deadline is None)
+            if self.stop_requested.is_set() and deadline is None:
+                deadline = time.monotonic() + grace_s
+                log.info("stopping: %d request(s) get %.1f s to finish", len(self._routes), grace_s)
+            if deadline is not None and time.monotonic() >= deadline:
+                for request_id in list(self._routes):
+                    llm.abort(request_id)
+                deadline = float("inf")  # aborted once; drain what is left
+            if llm.has_unfinished():
+                _, deltas = llm.step()
+                self._dispatch(deltas)
+                self._update_stats()
+            elif deadline is not None:
+                break
+        self.stopped.set()
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=IDLE_WAIT_S) if block else None
+        except queue.Empty:
+            return
+        while True:
+            if command is None:
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    return
+            self._apply(command)
+            command = None
+
+    def _apply(self, command) -> None:
+        if isinstance(command, _Abort):
+            if command.request_id in self._routes:
+                self.llm.abort(command.request_id)
+            return
+        try:
+            self.llm.add_request(
+                command.prompt_ids, command.params, request_id=command.request_id, stream=True
+            )
+        except Exception as error:  # validated in the handler already; report, go on
+            self.release(1)
+            failure = RequestOutput(command.request_id, [], [], "", finish_reason="error")
+            failure.finished = True
+            failure.stop_reason = str(error)
+            command.loop.call_soon_threadsafe(command.deliver, [failure])
+            return
+        self._routes[command.request_id] = (command.loop, command.deliver)
+        self._submitted_at[command.request_id] = time.monotonic()
+
+    def _dispatch(self, deltas: list[RequestOutput]) -> None:
+        if not deltas:
+            return
+        now = time.monotonic()
+        by_route: dict[int, tuple[object, Deliver, list[RequestOutput]]] = {}
+        stats = self.stats
+        finished = 0
+        for delta in deltas:
+            route = self._routes.get(delta.request_id)
+            if route is None:
+                continue
+            if delta.token_ids:
+                stats.generated_tokens += len(delta.token_ids)
+                last = self._last_token_time.get(delta.request_id)
+                if last is None:
+                    stats.ttft_s.append(now - self._submitted_at[delta.request_id])
+                else:
+                    stats.itl_s.append((now - last) / len(delta.token_ids))
+                self._last_token_time[delta.request_id] = now
+            key = id(route[1])
+            if key not in by_route:
+                by_route[key] = (route[0], route[1], [])
+            by_route[key][2].append(delta)
+            if delta.finished:
+                finished += 1
+                del self._routes[delta.request_id]
+                self._last_token_time.pop(delta.request_id, None)
+                self._submitted_at.pop(delta.request_id, None)
+        if finished:
+            stats.requests_finished += finished
+            self.release(finished)
+        for loop, deliver, batch in by_route.values():
+            loop.call_soon_threadsafe(deliver, batch)
+
+    def _update_stats(self) -> None:
+        state = self.llm.engine_state()
+        stats = self.stats
+        stats.running = state["running"]
+        stats.waiting = state["waiting"]
+        stats.kv_blocks_used = state["kv_blocks_used"]
+        stats.kv_blocks_total = state["kv_blocks_total"]
+        stats.busy_s = state["busy_s"]

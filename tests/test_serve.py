@@ -1,0 +1,342 @@
+"""`ppruntime serve` as users run it: a real server under `mpirun -n 2` on the tiny model,
+queried with the official `openai` client, checked against `LLM.generate` in this
+process; and a one-process server on a checkpoint with a chat template and small
+limits, for chat, the 503 and 413 answers. Both servers end with SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from launching import REPO_ROOT, kill_job, mpi_command, mpi_env
+from model_fixtures import make_tiny_checkpoint
+
+from ppruntime import LLM, SamplingParams
+
+openai = pytest.importorskip("openai", reason="the test extras install the openai client")
+
+START_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 60
+PROMPTS = ["hello", "once upon a time", "the pipeline"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+class Server:
+    """A `ppruntime serve` job on a free port; stop() sends SIGTERM and waits."""
+
+    def __init__(self, args: list[str], ranks: int = 1) -> None:
+        command = [sys.executable, "-m", "ppruntime", "serve", "--port", "0", *args]
+        if ranks > 1:
+            command = mpi_command(ranks, command)
+        self.proc = subprocess.Popen(
+            command,
+            cwd=str(REPO_ROOT),
+            env=mpi_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self.listening = threading.Event()
+        self.url = ""
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.listening.wait(START_TIMEOUT_S):
+            output = self.output()
+            kill_job(self.proc)
+            raise AssertionError(f"the server did not start:\n{output}")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "listening on http://" in line:
+                self.url = line.split("listening on ")[1].split()[0]
+                self.listening.set()
+
+    def output(self) -> str:
+        return "".join(self.lines)[-6000:]
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
+
+    def metrics(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return {
+            sample.name + json.dumps(sample.labels, sort_keys=True) * bool(sample.labels): (
+                sample.value
+            )
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def stop(self) -> int:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            output = self.output()
+            kill_job(self.proc)
+            raise AssertionError(
+                f"the server did not stop within {STOP_TIMEOUT_S}s:\n{output}"
+            ) from None
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """The greedy and seeded outputs of PROMPTS from the Python API, in this process."""
+    with LLM(preset="tiny", max_batch_size=8) as llm:
+        greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, logprobs=2))
+        seeded = llm.generate(
+            ["hello"] * 2,
+            [SamplingParams(max_tokens=12, temperature=1.0, seed=s) for s in (7, 8)],
+        )
+    return greedy, seeded
+
+
+@pytest.fixture(scope="module")
+def pipeline_server():
+    server = Server(["--preset", "tiny", "--max-batch-size", "16"], ranks=2)
+    yield server
+    if server.proc.poll() is None:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    directory = make_tiny_checkpoint(tmp_path_factory.mktemp("chat"), "llama", with_tokenizer=True)
+    config_path = directory / "tokenizer_config.json"
+    settings = json.loads(config_path.read_text())
+    settings.update(chat_template=CHAT_TEMPLATE, bos_token="<s>")
+    config_path.write_text(json.dumps(settings))
+    args = ["--model", str(directory), "--max-batch-size", "1", "--num-microbatches", "1"]
+    args += ["--max-waiting", "1", "--max-body-bytes", "2048", "--max-model-len", "64"]
+    server = Server(args)
+    yield server
+    if server.proc.poll() is None:
+        server.stop()
+
+
+def test_completions_equal_offline_greedy(pipeline_server, offline):
+    greedy, _ = offline
+    client = pipeline_server.client()
+    for prompt, expected in zip(PROMPTS, greedy):
+        response = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=12, temperature=0, logprobs=2
+        )
+        choice = response.choices[0]
+        assert choice.text == expected.text
+        assert choice.finish_reason == "length"
+        assert response.usage.completion_tokens == len(expected.token_ids)
+        assert response.usage.prompt_tokens == len(expected.prompt_token_ids)
+        chosen = [step[token] for step, token in zip(expected.logprobs, expected.token_ids)]
+        assert choice.logprobs.token_logprobs == pytest.approx(chosen, abs=1e-5)
+        # keyed by token text: two byte tokens that both decode to "\ufffd" share a key
+        assert all(1 <= len(top) <= 2 for top in choice.logprobs.top_logprobs)
+        assert max(len(top) for top in choice.logprobs.top_logprobs) == 2
+
+
+def test_streamed_completion_concatenates_to_offline(pipeline_server, offline):
+    greedy, _ = offline
+    stream = pipeline_server.client().completions.create(
+        model="tiny",
+        prompt=PROMPTS[1],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == greedy[1].text
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finish[-1] == "length" and all(f is None for f in finish[:-1])
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_n_choices_with_a_seed_are_the_seeded_requests(pipeline_server, offline):
+    _, seeded = offline
+    client = pipeline_server.client()
+    first = client.completions.create(model="tiny", prompt="hello", max_tokens=12, n=2, seed=7)
+    again = client.completions.create(model="tiny", prompt="hello", max_tokens=12, n=2, seed=7)
+    texts = [choice.text for choice in sorted(first.choices, key=lambda c: c.index)]
+    assert texts == [output.text for output in seeded]  # choice i uses seed + i
+    assert texts == [c.text for c in sorted(again.choices, key=lambda c: c.index)]
+
+
+def test_64_concurrent_streams_complete(pipeline_server, offline):
+    greedy, _ = offline
+
+    async def one(client, index):
+        stream = await client.completions.create(
+            model="tiny", prompt=PROMPTS[index % 3], max_tokens=12, temperature=0, stream=True
+        )
+        text, reason = "", None
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            reason = chunk.choices[0].finish_reason or reason
+        return index, text, reason
+
+    async def many():
+        client = openai.AsyncOpenAI(
+            base_url=f"{pipeline_server.url}/v1", api_key="unused", max_retries=0, timeout=120
+        )
+        return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(many())
+    assert len(results) == 64
+    for index, text, reason in results:
+        assert reason == "length"
+        assert text == greedy[index % 3].text
+
+
+def test_disconnect_mid_stream_frees_the_blocks(pipeline_server):
+    body = {"prompt": "hello", "max_tokens": 400, "temperature": 0, "stream": True}
+    body["ignore_eos"] = True
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream("POST", f"{pipeline_server.url}/v1/completions", json=body) as response,
+    ):
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in received)
+        assert pipeline_server.metrics()["ppruntime_kv_blocks_used"] > 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        metrics = pipeline_server.metrics()
+        if metrics["ppruntime_kv_blocks_used"] == 0 and metrics["ppruntime_requests_running"] == 0:
+            break
+        time.sleep(0.2)
+    assert metrics["ppruntime_kv_blocks_used"] == 0, metrics
+    assert metrics["ppruntime_generated_tokens_total"] < 64 * 12 + 400 + 200
+
+
+def test_bad_requests_are_400_naming_the_problem(pipeline_server):
+    client = pipeline_server.client()
+    cases = [
+        ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+        ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+        ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "hi", "frobnicate": 1}, "frobnicate"),
+        ({"prompt": "x" * 3000, "max_tokens": 4}, "max_model_len"),
+        ({"prompt": ""}, "prompt"),
+    ]
+    for body, named in cases:
+        response = httpx.post(f"{pipeline_server.url}/v1/completions", json=body, timeout=30)
+        assert response.status_code == 400, (body, response.text)
+        assert named in response.json()["error"]["message"], (body, response.text)
+    not_json = httpx.post(f"{pipeline_server.url}/v1/completions", content=b"\x80{", timeout=30)
+    assert not_json.status_code == 400 and "not JSON" in not_json.text
+    # the server goes on
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+
+
+def test_models_health_and_metrics(pipeline_server):
+    models = pipeline_server.client().models.list()
+    assert [model.id for model in models.data] == ["tiny"]
+    assert httpx.get(f"{pipeline_server.url}/health", timeout=10).status_code == 200
+    metrics = pipeline_server.metrics()
+    for name in (
+        "ppruntime_requests_running",
+        "ppruntime_requests_waiting",
+        "ppruntime_kv_blocks_used",
+        "ppruntime_generation_tokens_per_second",
+        'ppruntime_rank_busy_fraction{"rank": "0"}',
+        "ppruntime_time_to_first_token_seconds_count",
+        "ppruntime_inter_token_latency_seconds_count",
+    ):
+        assert name in metrics, sorted(metrics)
+    assert metrics["ppruntime_time_to_first_token_seconds_count"] > 0
+
+
+def test_chat_with_the_checkpoint_template(chat_server):
+    client = chat_server.client()
+    model = client.models.list().data[0].id
+    messages = [{"role": "user", "content": "w3 w4"}]
+    response = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2
+    )
+    choice = response.choices[0]
+    assert choice.message.role == "assistant"
+    assert len(choice.logprobs.content) == response.usage.completion_tokens > 0
+    assert all(len(entry.top_logprobs) == 2 for entry in choice.logprobs.content)
+    stream = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=6, temperature=0, stream=True
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    assert streamed == choice.message.content
+
+
+def test_full_queue_answers_503_with_retry_after(chat_server):
+    """One sequence runs, one may wait: of eight concurrent requests some get 503."""
+    model = chat_server.client().models.list().data[0].id
+    body = {"model": model, "prompt": "w3 w4", "max_tokens": 40, "temperature": 0}
+    body["ignore_eos"] = True
+
+    async def many():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *(client.post(f"{chat_server.url}/v1/completions", json=body) for _ in range(8))
+            )
+
+    responses = asyncio.run(many())
+    statuses = sorted(response.status_code for response in responses)
+    assert 200 in statuses and 503 in statuses, statuses
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["Retry-After"] == "1"
+
+
+def test_oversized_body_is_refused_before_parsing(chat_server):
+    response = httpx.post(
+        f"{chat_server.url}/v1/completions",
+        content=b"{" + b" " * 4096 + b"}",
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 413, response.text
+
+
+def test_preset_without_template_refuses_chat(pipeline_server):
+    response = httpx.post(
+        f"{pipeline_server.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}]},
+        timeout=30,
+    )
+    assert response.status_code == 400 and "no chat template" in response.text
+
+
+def test_sigterm_finishes_running_requests_and_ends_every_rank(pipeline_server, chat_server):
+    """Last in the module: both servers are stopped by SIGTERM within the bound."""
+    body = {"prompt": "hello", "max_tokens": 30, "temperature": 0, "stream": True}
+    finish = []
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST", f"{pipeline_server.url}/v1/completions", json=body, timeout=60
+        ) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    finish.append(json.loads(line[6:])["choices"][0]["finish_reason"])
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    time.sleep(0.5)
+    pipeline_server.stop()  # mpirun and both ranks end within the bound, or this fails
+    reader.join(30)
+    assert finish and finish[-1] in ("length", "abort"), finish
+    # (Open MPI forwards no output after mpirun got SIGTERM; the lone server prints)
+    assert chat_server.stop() == 0
+    assert "ppruntime serve: stopped" in chat_server.output()
