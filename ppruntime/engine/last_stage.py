@@ -20,8 +20,8 @@ from ppruntime.engine.scheduler import ScheduledBatch
 from ppruntime.engine.seq_table import SeqInfo, SequenceTable
 from ppruntime.engine.stop import StopStringMatcher
 from ppruntime.engine.wire import FINISH_LENGTH, FINISH_STOP, SampleState
+from ppruntime.stage.device_sampler import DeviceSampler, HostSample, SamplingRows, seed_key
 from ppruntime.stage.runner import StageRunner
-from ppruntime.stage.sampler import Sampler, SamplingBatch, make_generator
 from ppruntime.stage.step_inputs import StepInputs
 
 _EMPTY_I32 = np.zeros(0, dtype=np.int32)
@@ -69,7 +69,7 @@ class LastStage:
         self.eos_token_ids = np.asarray(eos_token_ids, dtype=np.int32)
         self.max_model_len = max_model_len
         self.seed = seed
-        self.sampler = Sampler()
+        self.sampler = DeviceSampler()
         slots = table.max_slots
         self.temperature = np.zeros(slots, dtype=np.float32)
         self.top_k = np.zeros(slots, dtype=np.int32)
@@ -88,7 +88,7 @@ class LastStage:
         # work of a feature no running sequence asked for
         self.num_with = dict.fromkeys(FEATURES, 0)
         self.admitted = np.zeros(slots, dtype=np.bool_)
-        self.generators: list[torch.Generator | None] = [None] * slots
+        self.seed_keys = np.zeros(slots, dtype=np.uint64)  # 64-bit key of each seed
         self.stop_ids: list[frozenset[int]] = [frozenset()] * slots
         self.stop_matchers: list[tuple[IncrementalDetokenizer, StopStringMatcher] | None] = [
             None
@@ -108,8 +108,9 @@ class LastStage:
         self.wants_generation_logits[slot] = params.generation_logits
         self.wants_prompt_logits[slot] = params.prompt_logits
         self.prompt_logits_sent[slot] = 0
+        # unseeded requests: a seed of their own from the engine seed and the sequence id
         seed = params.seed if params.seed is not None else hash((self.seed, info.seq_id))
-        self.generators[slot] = None if params.is_greedy else make_generator(seed & (2**63 - 1))
+        self.seed_keys[slot] = seed_key(seed)
         self.stop_ids[slot] = frozenset(params.stop_token_ids)
         matcher = None
         if params.stop:
@@ -140,7 +141,6 @@ class LastStage:
         self.num_logprobs[slot] = -1
         self.wants_generation_logits[slot] = False
         self.wants_prompt_logits[slot] = False
-        self.generators[slot] = None
         self.stop_matchers[slot] = None
 
     def _features(self, slot: int) -> dict[str, bool]:
@@ -165,18 +165,14 @@ class LastStage:
         diff = ResponseDiff()
         if slots.shape[0]:
             logits = self.runner.logits(hidden, inputs.sample_token_index)  # [S, V]
-            if logits.device.type != "cpu":
-                logits = logits.cpu()  # sampling and its per-request generators run on the host
-            num_with = self.num_with
-            if num_with["sampling"] or num_with["logprobs"]:
-                result = self._sample(slots, logits)
-                tokens = result.token_ids
-            else:  # every running sequence is greedy without log-probs
-                result, tokens = None, self.sampler.greedy(logits)
+            rows = self._sampling_rows(batch, slots)
+            # only the sampled ids and what was asked for come back to the host
+            result = self.sampler.sample(logits, rows).to_host().wait()
+            tokens = result.token_ids
             token_ids[sampled] = tokens
             finish[sampled] = self._finish_codes(slots, tokens, diff)
-            if num_with["logprobs"] or num_with["generation_logits"]:
-                self._collect_sample_extras(slots, logits, result, diff)
+            if self.num_with["logprobs"] or self.num_with["generation_logits"]:
+                self._collect_sample_extras(slots, result, diff)
         if self.num_with["prompt_logits"] and self.wants_prompt_logits[batch.slots].any():
             self._collect_prompt_logits(batch, hidden, diff)
         state = SampleState(
@@ -189,24 +185,27 @@ class LastStage:
         )
         return state, (None if diff.is_empty() else diff)
 
-    def _sample(self, slots: np.ndarray, logits: torch.Tensor):
-        temperature = self.temperature[slots]
-        if temperature.any():
-            generators = [self.generators[slot] for slot in slots.tolist()]
-        else:
-            generators = [None] * slots.shape[0]
+    def _sampling_rows(self, batch: ScheduledBatch, slots: np.ndarray) -> SamplingRows:
+        num_with = self.num_with
+        if not (num_with["sampling"] or num_with["logprobs"] or num_with["generation_logits"]):
+            return SamplingRows.greedy(slots.shape[0])  # every running sequence: plain greedy
+        sampled = batch.sample_mask
         logprob_counts = self.num_logprobs[slots]
-        batch = SamplingBatch(
-            temperature=temperature,
+        num_logprobs = int(logprob_counts.max()) if (logprob_counts >= 0).any() else 0
+        rows = SamplingRows(
+            temperature=self.temperature[slots],
             top_k=self.top_k[slots],
             top_p=self.top_p[slots],
             min_p=self.min_p[slots],
-            generators=generators,
-            num_logprobs=int(logprob_counts.max()) if (logprob_counts >= 0).any() else 0,
+            seeds=self.seed_keys[slots],
+            # the position of the token each row samples: its context after this chunk
+            positions=(batch.starts[sampled] + batch.num_new[sampled]).astype(np.int64),
+            # chosen-token log-probs are computed with the top-n
+            num_logprobs=max(num_logprobs, 1) if (logprob_counts >= 0).any() else 0,
         )
-        if (logprob_counts == 0).any() and batch.num_logprobs == 0:
-            batch.num_logprobs = 1  # chosen-token log-probs are computed with the top-n
-        return self.sampler.sample(logits, batch)
+        if num_with["generation_logits"]:
+            rows.logit_rows = np.flatnonzero(self.wants_generation_logits[slots])
+        return rows
 
     def _finish_codes(
         self, slots: np.ndarray, tokens: np.ndarray, diff: ResponseDiff
@@ -238,7 +237,9 @@ class LastStage:
         codes[stop] = FINISH_STOP
         return codes
 
-    def _collect_sample_extras(self, slots, logits, result, diff: ResponseDiff) -> None:
+    def _collect_sample_extras(
+        self, slots: np.ndarray, result: HostSample, diff: ResponseDiff
+    ) -> None:
         wants_logprobs = self.num_logprobs[slots] >= 0
         if wants_logprobs.any():
             rows = np.flatnonzero(wants_logprobs)
@@ -250,7 +251,7 @@ class LastStage:
         if wants_logits.any():
             rows = np.flatnonzero(wants_logits)
             diff.generation_logit_slots = slots[rows]
-            diff.generation_logits = logits[torch.from_numpy(rows)].numpy()
+            diff.generation_logits = result.logits  # the rows of SamplingRows.logit_rows
 
     def _collect_prompt_logits(self, batch: ScheduledBatch, hidden: torch.Tensor, diff) -> None:
         """Logits of the prompt positions in this chunk, sent once per position."""

@@ -1,0 +1,91 @@
+"""Gumbel-max sampling over 1024-wide vocabulary blocks, with counter-based noise.
+
+One program per (row, vocabulary block): it hashes (row key, token id) into a uniform,
+turns it into Gumbel noise, adds it to the row's filtered scores and keeps the block's
+maximum and its index (lowest index on ties). The global argmax over the blocks is a
+small torch op after the kernel. Rows whose flag is 0 (greedy rows) get no noise.
+
+The noise is a pure function of (row key, token id): the same bits as
+ppruntime.stage.device_sampler.gumbel_noise, which is this kernel's reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+VOCAB_BLOCK = 1024
+
+
+@triton.jit
+def _mix32(x):
+    # the two-round 32-bit integer hash of ppruntime.stage.device_sampler.mix32
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    return x ^ (x >> 15)
+
+
+@triton.jit
+def _gumbel_block_argmax_kernel(
+    scores_ptr,
+    score_row_stride,
+    key_a_ptr,
+    key_b_ptr,
+    noisy_ptr,
+    block_max_ptr,
+    block_arg_ptr,
+    vocab,
+    num_blocks,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    in_vocab = cols < vocab
+    scores = tl.load(
+        scores_ptr + row * score_row_stride + cols, mask=in_vocab, other=-float("inf")
+    ).to(tl.float32)
+    if tl.load(noisy_ptr + row) != 0:
+        key_a = tl.load(key_a_ptr + row).to(tl.uint32)
+        key_b = tl.load(key_b_ptr + row).to(tl.uint32)
+        bits = _mix32(_mix32(cols.to(tl.uint32) ^ key_a) + key_b)
+        # 23 random bits -> uniform in (0, 1), never 0 or 1 in float32
+        uniform = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+        scores = scores - tl.log(-tl.log(uniform))
+    best, index = tl.max(scores, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(block_max_ptr + row * num_blocks + block, best)
+    tl.store(block_arg_ptr + row * num_blocks + block, (block * BLOCK + index).to(tl.int64))
+
+
+def gumbel_argmax(
+    scores: torch.Tensor, key_a: torch.Tensor, key_b: torch.Tensor, noisy: torch.Tensor
+) -> torch.Tensor:
+    """argmax(scores + Gumbel(key, token id)) per row; rows with noisy == 0: argmax(scores).
+
+    scores [N, V] float32 (masked tokens at -inf), key_a/key_b [N] int64 (< 2**32),
+    noisy [N] int32. Returns [N] int64; ties go to the lowest token id.
+    """
+    num_rows, vocab = scores.shape
+    if scores.stride(1) != 1:
+        scores = scores.contiguous()
+    num_blocks = triton.cdiv(vocab, VOCAB_BLOCK)
+    block_max = torch.empty((num_rows, num_blocks), dtype=torch.float32, device=scores.device)
+    block_arg = torch.empty((num_rows, num_blocks), dtype=torch.int64, device=scores.device)
+    if num_rows:
+        _gumbel_block_argmax_kernel[(num_rows, num_blocks)](
+            scores,
+            scores.stride(0),
+            key_a,
+            key_b,
+            noisy,
+            block_max,
+            block_arg,
+            vocab,
+            num_blocks,
+            BLOCK=VOCAB_BLOCK,
+        )
+    best_block = block_max.argmax(dim=1, keepdim=True)  # first maximum: lowest block
+    return block_arg.gather(1, best_block).squeeze(1)
