@@ -262,7 +262,7 @@ class DeviceSampler:
             token_ids = _argmax(logits)
         else:
             params = _upload_params(rows, greedy_rows, logits.shape[1], logits.device)
-            scores = filtered_scores(logits, params)
+            scores = _filtered_scores(logits, params)
             token_ids = self._noise_argmax(logits.device)(
                 scores, params.key_a, params.key_b, params.noisy
             )
@@ -353,8 +353,16 @@ def _upload_params(
     )
 
 
-def filtered_scores(logits: torch.Tensor, params: _DeviceParams) -> torch.Tensor:
-    """Scaled logits [N, V] with the tokens top-k, top-p and min-p drop at -inf."""
+def sampling_scores(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """What the noise is added to: [N, V] scaled logits, the tokens that top-k, top-p and
+    min-p drop at -inf; greedy rows: their raw logits."""
+    greedy_rows = rows.temperature == 0.0
+    return _filtered_scores(
+        logits, _upload_params(rows, greedy_rows, logits.shape[1], logits.device)
+    )
+
+
+def _filtered_scores(logits: torch.Tensor, params: _DeviceParams) -> torch.Tensor:
     scaled = logits / params.temperature
     if params.k_max:
         top_values = scaled.topk(params.k_max, dim=-1).values  # [N, k_max] descending
