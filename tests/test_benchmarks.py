@@ -171,3 +171,57 @@ def test_generate_trace_under_mpirun(tmp_path):
     spans = _spans(trace)
     assert set(spans) == {0, 1}
     assert "forward" in spans[0] and {"forward", "sample"} <= spans[1]
+
+
+def test_bench_gpu_small_reports_every_figure(tmp_path):
+    """scripts/bench_gpu.py --small on the CPU: every figure of issues 12/13, as JSON."""
+    out = tmp_path / "bench_gpu.json"
+    args = [sys.executable, str(SCRIPTS / "bench_gpu.py"), "--small", "--device", "cpu"]
+    proc = subprocess.Popen(
+        [*args, "--out", str(out), "--workdir", str(tmp_path)],
+        cwd=str(REPO_ROOT),
+        env=mpi_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    result = wait_mpi(proc, TIMEOUT_S)
+    assert result.returncode == 0, describe(result)
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("case"))
+    assert lines[header + 1].startswith("small-decode") and header >= len(lines) - 4, lines
+    report = json.loads(out.read_text())
+    _positive_numbers(report, ["copy_bandwidth_bytes_per_s", "matmul_flops_per_s", "total_s"])
+    [case] = report["cases"].values()
+    _positive_numbers(
+        case,
+        [
+            "decode_step_ms",
+            "prefill_s",
+            "decode_roofline_ms",
+            "decode_roofline_fraction",
+            "weight_bytes",
+            "kv_bytes_at_mean_context",
+            "prefill_flops_per_s",
+            "prefill_matmul_fraction",
+            "transformers_decode_step_ms",
+            "transformers_prefill_s",
+            "decode_speedup_vs_transformers",
+        ],
+    )
+    # the roofline is the bytes over the measured bandwidth
+    roofline_s = (case["weight_bytes"] + case["kv_bytes_at_mean_context"]) / report[
+        "copy_bandwidth_bytes_per_s"
+    ]
+    assert case["decode_roofline_ms"] == pytest.approx(roofline_s * 1e3, rel=1e-6)
+    # GPU-only figures are there, empty on the CPU
+    assert case["gpu_busy_fraction"] is None and case["host_time_per_step_ms"] is None
+    attention = report["attention"]
+    if attention["status"] == "ok":  # once ppruntime.model.backends exists
+        torch_decode = attention["decode"]["torch"]
+        assert all(figures["ms"] > 0 for figures in torch_decode.values()), attention
+        assert attention["prefill"]["torch"]["matmul_fraction"] > 0, attention
+    else:
+        assert attention["status"] == "unavailable" and attention["reason"], attention

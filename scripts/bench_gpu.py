@@ -1,0 +1,721 @@
+"""GPU benchmark: decode and prefill against the hardware's own roofline, side by side
+with transformers, plus an attention-only micro-benchmark.
+
+    python scripts/bench_gpu.py --out bench_gpu.json          # every case, one H200: ~8 min
+    python scripts/bench_gpu.py --cases 1b-decode --no-attention
+    python scripts/bench_gpu.py --small --device cpu --out x.json  # tiny shapes, seconds (tests)
+
+It writes random bf16 checkpoints of the Llama-3.2-1B and Llama-3.1-8B shapes into a
+temp dir (no download; no tokenizer: prompts are token ids), loads each as a user would
+(`LLM(model=dir, ...)`), and measures, all in one process so the ratios compare like
+with like:
+
+- decode step time: (generate N new tokens - generate 1) / (N - 1); prefill time:
+  generate 1 (the prompts' forward plus one sampling step);
+- the HBM roofline of a decode step: (weight bytes + KV bytes read at the mean context)
+  over the device-to-device copy bandwidth measured here (read + write bytes), and
+  the step's fraction of it;
+- prefill FLOP/s (matmuls + causal attention) over a bf16 matmul throughput measured here;
+- the same decode/prefill times for transformers `generate` on the same checkpoint and
+  prompts, and the ratio;
+- with the profiler (CUDA only): the fraction of decode wall time the GPU was busy
+  (union of kernel/copy intervals), and the host time per decode step (wall time minus
+  the time spent inside CUDA synchronising calls);
+- attention alone, through `select_attention_backend` (torch vs triton): decode at
+  batch 64 over contexts 512..32k (fraction of the copy bandwidth its KV bytes need) and
+  a 4k-token prefill (fraction of the matmul throughput). "unavailable" when the
+  backends are not there.
+
+The JSON goes to --out (and stdout with --json); a short table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import inspect
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ppruntime import LLM, SamplingParams
+
+
+# -- shapes and cases ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 131072
+
+    def hf_config(self) -> dict:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "rope_theta": 500000.0,
+            "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": 1e-5,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": 128000 % self.vocab_size,
+            "eos_token_id": 128001 % self.vocab_size,
+            "torch_dtype": "bfloat16",
+        }
+
+    @property
+    def layer_params(self) -> int:
+        """Matmul weights of one decoder layer."""
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        return self.hidden_size * (2 * q + 2 * kv) + 3 * self.hidden_size * self.intermediate_size
+
+    def weight_bytes_per_step(self, element_bytes: int = 2) -> int:
+        """Bytes of weights a decode step reads: every layer, the norms, the LM head."""
+        norms = (2 * self.num_hidden_layers + 1) * self.hidden_size
+        head = self.vocab_size * self.hidden_size
+        return (self.num_hidden_layers * self.layer_params + norms + head) * element_bytes
+
+    def kv_bytes_per_token(self, element_bytes: int = 2) -> int:
+        per_layer = 2 * self.num_key_value_heads * self.head_dim * element_bytes
+        return self.num_hidden_layers * per_layer
+
+    def prefill_flops(self, num_seqs: int, prompt_len: int) -> float:
+        """Matmul FLOPs of the prompts (LM head on the last token only) plus causal attention."""
+        tokens = num_seqs * prompt_len
+        linear = 2.0 * tokens * self.num_hidden_layers * self.layer_params
+        head = 2.0 * num_seqs * self.hidden_size * self.vocab_size
+        attention = self.num_hidden_layers * attention_prefill_flops(
+            num_seqs, prompt_len, self.num_attention_heads, self.head_dim
+        )
+        return linear + head + attention
+
+
+def attention_prefill_flops(num_seqs: int, seq_len: int, heads: int, head_dim: int) -> float:
+    """QK^T and PV of causal attention: 2 matmuls x 2 FLOPs x D x heads x S(S+1)/2."""
+    return num_seqs * 2.0 * head_dim * heads * seq_len * (seq_len + 1)
+
+
+LLAMA3_ROPE_1B = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+SHAPES = {
+    "1b": Shape("llama-3.2-1b", 2048, 8192, 16, 32, 8, 64, 128256, True, LLAMA3_ROPE_1B),
+    "8b": Shape(
+        "llama-3.1-8b",
+        4096,
+        14336,
+        32,
+        32,
+        8,
+        128,
+        128256,
+        False,
+        {**LLAMA3_ROPE_1B, "factor": 8.0},
+    ),
+    "small": Shape("small", 64, 128, 2, 4, 2, 16, 512, False, None, 2048),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: str
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    what: str  # the issue's table rows this case measures
+
+
+CASES = {
+    "1b-decode": Case("1b-decode", "1b", 64, 128, 128, "decode 1B b64 128+128"),
+    "8b-decode": Case("8b-decode", "8b", 64, 256, 64, "decode 8B b64 256+64; prefill 64x256"),
+    "8b-long": Case(
+        "8b-long", "8b", 16, 4000, 64, "decode 8B b16 4000+64; chunked prefill 16x4000"
+    ),
+}
+SMALL_CASES = {"small-decode": Case("small-decode", "small", 4, 16, 8, "tiny shape, CPU")}
+
+
+# -- measured hardware ceilings --------------------------------------------------------------
+class Timer:
+    """Wall time of a block; on CUDA synchronised before and after."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def __call__(self):
+        self.sync()
+        started = time.perf_counter()
+        box = {}
+        yield box
+        self.sync()
+        box["s"] = time.perf_counter() - started
+
+
+def time_op(fn, timer: Timer, repeats: int) -> float:
+    fn()  # warm-up
+    with timer() as box:
+        for _ in range(repeats):
+            fn()
+    return box["s"] / repeats
+
+
+def copy_bandwidth(device: torch.device, small: bool) -> float:
+    """Bytes/s of a device-to-device copy, counting the bytes read and written."""
+    size = (32 << 20) if small else (2 << 30)
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    return 2 * size / time_op(lambda: target.copy_(source), Timer(device), 3 if small else 10)
+
+
+def matmul_throughput(device: torch.device, small: bool) -> float:
+    """FLOP/s of a square bf16 matmul (float32 on CPU)."""
+    n = 512 if small else 8192
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = time_op(lambda: a @ b, Timer(device), 3 if small else 10)
+    return 2.0 * n**3 / seconds
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def write_checkpoint(shape: Shape, directory: Path, device: torch.device) -> Path:
+    """A random bf16 checkpoint with transformers' tensor names, written shard by shard."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(**shape.hf_config())
+    config.save_pretrained(directory)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = {
+        name: tuple(tensor.shape)
+        for name, tensor in skeleton.state_dict().items()
+        if not (shape.tie_word_embeddings and name == "lm_head.weight")
+    }
+    del skeleton
+    generator = torch.Generator(device=device).manual_seed(0)
+    shard_limit = 4 << 30
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    sizes = {"shard": 0, "total": 0, "files": 0}
+
+    def flush() -> None:
+        sizes["files"] += 1
+        file_name = f"model-{sizes['files']:05d}.safetensors"
+        save_file(shard, str(directory / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file_name))
+        shard.clear()
+        sizes["shard"] = 0
+
+    for name, tensor_shape in names.items():
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(tensor_shape, dtype=torch.bfloat16, device=device)
+        else:
+            std = 1.0 / math.sqrt(tensor_shape[-1]) if "embed" not in name else 1.0
+            tensor = torch.randn(tensor_shape, generator=generator, device=device)
+            tensor = (tensor * std).to(torch.bfloat16)
+        shard[name] = tensor.cpu()
+        sizes["shard"] += tensor.numel() * 2
+        sizes["total"] += tensor.numel() * 2
+        if sizes["shard"] >= shard_limit:
+            flush()
+    if shard:
+        flush()
+    index = {"metadata": {"total_size": sizes["total"]}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return directory
+
+
+# -- the runs -----------------------------------------------------------------------------------
+@dataclass
+class RunTimes:
+    prefill_s: float
+    decode_step_s: float
+    gen1_s: float
+    genn_s: float
+
+
+def decode_times(generate, new_tokens: int, timer: Timer) -> RunTimes:
+    generate(2)  # warm-up: compiles, captures, allocates
+    with timer() as one:
+        generate(1)
+    with timer() as many:
+        generate(new_tokens)
+    step = (many["s"] - one["s"]) / max(new_tokens - 1, 1)
+    return RunTimes(one["s"], step, one["s"], many["s"])
+
+
+@dataclass
+class Profile:
+    wall_s: float
+    gpu_busy_s: float
+    sync_s: float
+
+
+def profiled(generate, new_tokens: int, trace_dir: Path) -> Profile | None:
+    """generate(new_tokens) under the CUDA profiler: GPU busy time and time in sync calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        generate(new_tokens)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    path = trace_dir / f"trace-{new_tokens}-{time.monotonic_ns()}.json"
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text()).get("traceEvents", [])
+    path.unlink()
+    gpu, sync = [], 0.0
+    for event in events:
+        if event.get("ph") != "X":
+            continue
+        category = str(event.get("cat", "")).lower()
+        name = str(event.get("name", ""))
+        if category in ("kernel", "gpu_memcpy", "gpu_memset"):
+            gpu.append((float(event["ts"]), float(event["ts"]) + float(event.get("dur", 0))))
+        elif category in ("cuda_runtime", "cuda_driver") and (
+            "Synchronize" in name or name.startswith("cudaMemcpy") and "Async" not in name
+        ):
+            sync += float(event.get("dur", 0)) * 1e-6
+    return Profile(wall, _union_length(gpu) * 1e-6, sync)
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def busy_and_host(
+    generate, new_tokens: int, trace_dir: Path, device: torch.device
+) -> dict[str, float | None]:
+    if device.type != "cuda":
+        return {"gpu_busy_fraction": None, "host_time_per_step_ms": None}
+    steps = min(new_tokens, 32)
+    one = profiled(generate, 1, trace_dir)
+    many = profiled(generate, steps, trace_dir)
+    wall = many.wall_s - one.wall_s
+    busy = (many.gpu_busy_s - one.gpu_busy_s) / wall if wall > 0 else None
+    host = ((many.wall_s - many.sync_s) - (one.wall_s - one.sync_s)) / max(steps - 1, 1)
+    return {
+        "gpu_busy_fraction": busy,
+        "host_time_per_step_ms": host * 1e3 if (many.sync_s or one.sync_s) else None,
+        "profiled_steps": steps,
+    }
+
+
+def prompts_for(case: Case, vocab: int) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    return rng.integers(0, min(vocab, 100000), (case.batch, case.prompt_len)).astype(np.int32)
+
+
+def engine_kwargs(case_list: list[Case], block_size: int, attention_backend: str | None) -> dict:
+    blocks = max(c.batch * -(-(c.prompt_len + c.new_tokens) // block_size) for c in case_list)
+    tokens = max(c.batch * c.prompt_len for c in case_list)
+    kwargs = dict(
+        max_batch_size=max(c.batch for c in case_list),
+        max_num_tokens=min(tokens, 16384),  # the 16x4000 case runs as chunked prefill
+        block_size=block_size,
+        kv_cache_blocks=blocks + 8,
+        max_model_len=max(c.prompt_len + c.new_tokens for c in case_list) + block_size,
+        seed=0,
+    )
+    if attention_backend is not None:
+        if "attention_backend" not in inspect.signature(LLM.__init__).parameters:
+            raise SystemExit("--attention-backend needs ppruntime with attention backends")
+        kwargs["attention_backend"] = attention_backend
+    return kwargs
+
+
+def run_ppruntime(
+    checkpoint: Path, case_list: list[Case], args, device: torch.device, trace_dir: Path
+) -> dict[str, dict]:
+    timer = Timer(device)
+    kwargs = engine_kwargs(case_list, args.block_size, args.attention_backend)
+    started = time.perf_counter()
+    llm = LLM(model=str(checkpoint), dtype="bfloat16", device=device.type, **kwargs)
+    startup_s = time.perf_counter() - started
+    results = {}
+    try:
+        for case in case_list:
+            prompts = list(prompts_for(case, llm.vocab_size))
+
+            def generate(n: int, prompts=prompts) -> None:
+                params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+                llm.generate(prompts, params, use_tqdm=False)
+
+            times = decode_times(generate, case.new_tokens, timer)
+            extra = (
+                busy_and_host(generate, case.new_tokens, trace_dir, device) if args.profile else {}
+            )
+            results[case.name] = {**asdict(times), **extra, "startup_s": startup_s}
+    finally:
+        llm.shutdown()
+        llm = None  # the weights and the KV cache go before transformers loads its copy
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def run_transformers(
+    checkpoint: Path, case_list: list[Case], device: torch.device
+) -> dict[str, dict]:
+    from transformers import AutoModelForCausalLM
+
+    timer = Timer(device)
+    dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype).to(device).eval()
+    results = {}
+    try:
+        for case in case_list:
+            ids = torch.from_numpy(prompts_for(case, model.config.vocab_size)).long().to(device)
+            mask = torch.ones_like(ids)
+
+            def generate(n: int, ids=ids, mask=mask) -> None:
+                with torch.inference_mode():
+                    model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        max_new_tokens=n,
+                        min_new_tokens=n,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
+
+            results[case.name] = asdict(decode_times(generate, case.new_tokens, timer))
+    finally:
+        model = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def figures(
+    case: Case, ours: dict, reference: dict | None, bandwidth: float, matmul: float
+) -> dict:
+    shape = SHAPES[case.shape]
+    mean_context = case.prompt_len + case.new_tokens / 2
+    weight_bytes = shape.weight_bytes_per_step()
+    kv_bytes = case.batch * mean_context * shape.kv_bytes_per_token()
+    roofline_s = (weight_bytes + kv_bytes) / bandwidth
+    flops = shape.prefill_flops(case.batch, case.prompt_len)
+    row = {
+        "case": case.what,
+        "shape": shape.name,
+        "batch": case.batch,
+        "prompt_len": case.prompt_len,
+        "new_tokens": case.new_tokens,
+        "decode_step_ms": ours["decode_step_s"] * 1e3,
+        "prefill_s": ours["prefill_s"],
+        "decode_roofline_ms": roofline_s * 1e3,
+        "decode_roofline_fraction": roofline_s / ours["decode_step_s"],
+        "weight_bytes": weight_bytes,
+        "kv_bytes_at_mean_context": kv_bytes,
+        "prefill_flops": flops,
+        "prefill_flops_per_s": flops / ours["prefill_s"],
+        "prefill_matmul_fraction": flops / ours["prefill_s"] / matmul,
+        "gpu_busy_fraction": ours.get("gpu_busy_fraction"),
+        "host_time_per_step_ms": ours.get("host_time_per_step_ms"),
+        "startup_s": ours.get("startup_s"),
+        "ppruntime": ours,
+    }
+    if reference is not None:
+        row["transformers"] = reference
+        row["transformers_decode_step_ms"] = reference["decode_step_s"] * 1e3
+        row["transformers_prefill_s"] = reference["prefill_s"]
+        row["decode_speedup_vs_transformers"] = reference["decode_step_s"] / ours["decode_step_s"]
+        row["prefill_speedup_vs_transformers"] = reference["prefill_s"] / ours["prefill_s"]
+    return row
+
+
+# -- attention alone -------------------------------------------------------------------------------
+@dataclass
+class AttentionSetup:
+    batch: int
+    contexts: list[int]
+    prefill_len: int
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    block_size: int = 16
+    repeats: int = 5
+    results: dict = field(default_factory=dict)
+
+
+def attention_benchmark(setup: AttentionSetup, device: torch.device, bandwidth, matmul) -> dict:
+    try:
+        from ppruntime.model.backends import select_attention_backend
+
+        from ppruntime.model.attention import AttentionMetadata
+    except ImportError as exc:
+        return {"status": "unavailable", "reason": f"ppruntime.model.backends: {exc}"}
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    element = torch.tensor([], dtype=dtype).element_size()
+    timer = Timer(device)
+    bs = setup.block_size
+    max_tokens = max(setup.batch * max(setup.contexts), setup.prefill_len)
+    num_blocks = -(-max_tokens // bs) + 1
+    cache = torch.randn(
+        (2, num_blocks, bs, setup.kv_heads, setup.head_dim), dtype=dtype, device=device
+    )
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(num_blocks - 1, generator=generator).to(device)  # scattered blocks
+    scale = setup.head_dim**-0.5
+    out: dict = {"status": "ok", "decode": {}, "prefill": {}}
+    for name in ("torch", "triton"):
+        try:
+            backend = select_attention_backend(name, device)
+        except Exception as exc:  # any refusal makes this backend unavailable
+            out["decode"][name] = out["prefill"][name] = f"unavailable: {exc}"
+            continue
+        decode = {}
+        for context in setup.contexts:
+            blocks_per_seq = -(-context // bs)
+            if setup.batch * blocks_per_seq > num_blocks - 1:
+                continue
+            table = order[: setup.batch * blocks_per_seq].view(setup.batch, blocks_per_seq)
+            last = context - 1
+            attn = AttentionMetadata(
+                query_start_loc=torch.arange(setup.batch + 1, device=device, dtype=torch.int32),
+                seq_lens=torch.full((setup.batch,), context, device=device, dtype=torch.int32),
+                block_table=table.to(torch.int32),
+                slot_mapping=(table[:, last // bs] * bs + last % bs).to(torch.int64),
+                max_query_len=1,
+                max_seq_len=context,
+            )
+            positions = torch.full((setup.batch,), last, device=device, dtype=torch.int64)
+            q = torch.randn(setup.batch, setup.heads, setup.head_dim, dtype=dtype, device=device)
+            k = torch.randn(setup.batch, setup.kv_heads, setup.head_dim, dtype=dtype, device=device)
+            v = torch.randn_like(k)
+
+            def step(attn=attn, positions=positions, q=q, k=k, v=v, backend=backend) -> None:
+                plan = backend.plan(attn, positions, bs)
+                backend.forward(q, k, v, cache, plan, scale, None)
+
+            seconds = time_op(step, timer, setup.repeats)
+            kv_bytes = setup.batch * context * 2 * setup.kv_heads * setup.head_dim * element
+            decode[str(context)] = {
+                "ms": seconds * 1e3,
+                "kv_bandwidth_fraction": kv_bytes / seconds / bandwidth,
+            }
+        out["decode"][name] = decode
+        length = setup.prefill_len
+        blocks_per_seq = -(-length // bs)
+        table = order[:blocks_per_seq].view(1, blocks_per_seq)
+        token = torch.arange(length, device=device)
+        attn = AttentionMetadata(
+            query_start_loc=torch.tensor([0, length], device=device, dtype=torch.int32),
+            seq_lens=torch.tensor([length], device=device, dtype=torch.int32),
+            block_table=table.to(torch.int32),
+            slot_mapping=(table[0, token // bs] * bs + token % bs).to(torch.int64),
+            max_query_len=length,
+            max_seq_len=length,
+        )
+        q = torch.randn(length, setup.heads, setup.head_dim, dtype=dtype, device=device)
+        k = torch.randn(length, setup.kv_heads, setup.head_dim, dtype=dtype, device=device)
+        v = torch.randn_like(k)
+
+        def prefill(attn=attn, q=q, k=k, v=v, token=token, backend=backend) -> None:
+            plan = backend.plan(attn, token, bs)
+            backend.forward(q, k, v, cache, plan, scale, None)
+
+        seconds = time_op(prefill, timer, max(setup.repeats // 2, 1))
+        flops = attention_prefill_flops(1, length, setup.heads, setup.head_dim)
+        out["prefill"][name] = {
+            "tokens": length,
+            "ms": seconds * 1e3,
+            "flops_per_s": flops / seconds,
+            "matmul_fraction": flops / seconds / matmul,
+        }
+    cache = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+# -- driver ---------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated cases (default: all): {', '.join(CASES)}",
+    )
+    parser.add_argument("--small", action="store_true", help="a tiny shape that runs in seconds")
+    parser.add_argument("--device", default=None, help="cuda (default when present) or cpu")
+    parser.add_argument("--out", default=None, help="write the JSON result to this file")
+    parser.add_argument(
+        "--json", action="store_true", help="also print the JSON (before the table)"
+    )
+    parser.add_argument("--no-transformers", dest="transformers", action="store_false")
+    parser.add_argument("--no-attention", dest="attention", action="store_false")
+    parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument("--attention-backend", default=None, help="passed to LLM(...)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--attention-contexts",
+        default="512,1024,2048,4096,8192,16384,32768",
+        help="decode contexts of the attention micro-benchmark",
+    )
+    parser.add_argument("--attention-batch", type=int, default=64)
+    parser.add_argument("--attention-prefill", type=int, default=4096)
+    parser.add_argument("--workdir", default=None, help="where the checkpoints go (temp dir)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    if args.small:
+        case_list = list(SMALL_CASES.values())
+        setup = AttentionSetup(
+            batch=4,
+            contexts=[64, 256],
+            prefill_len=128,
+            heads=4,
+            kv_heads=2,
+            head_dim=16,
+            repeats=2,
+        )
+    else:
+        unknown = [name for name in args.cases.split(",") if name not in CASES]
+        if unknown:
+            raise SystemExit(f"unknown case(s) {unknown}; cases: {', '.join(CASES)}")
+        case_list = [CASES[name] for name in args.cases.split(",")]
+        setup = AttentionSetup(
+            batch=args.attention_batch,
+            contexts=[int(c) for c in args.attention_contexts.split(",")],
+            prefill_len=args.attention_prefill,
+        )
+    started = time.perf_counter()
+    bandwidth = copy_bandwidth(device, args.small)
+    matmul = matmul_throughput(device, args.small)
+    result: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "matmul_flops_per_s": matmul,
+        "cases": {},
+    }
+    if args.attention:
+        result["attention"] = attention_benchmark(setup, device, bandwidth, matmul)
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-gpu-") as tmp:
+        workdir = Path(tmp)
+        for shape_name in dict.fromkeys(case.shape for case in case_list):
+            shape_cases = [case for case in case_list if case.shape == shape_name]
+            began = time.perf_counter()
+            checkpoint = write_checkpoint(SHAPES[shape_name], workdir / shape_name, device)
+            result.setdefault("checkpoint_write_s", {})[shape_name] = time.perf_counter() - began
+            ours = run_ppruntime(checkpoint, shape_cases, args, device, workdir)
+            reference = (
+                run_transformers(checkpoint, shape_cases, device) if args.transformers else {}
+            )
+            for case in shape_cases:
+                result["cases"][case.name] = figures(
+                    case, ours[case.name], reference.get(case.name), bandwidth, matmul
+                )
+            for path in checkpoint.iterdir():
+                path.unlink()
+    result["total_s"] = time.perf_counter() - started
+    text = json.dumps(result, indent=2, default=float)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        print(text)
+    print_table(result)
+    return 0
+
+
+def _fmt(value, digits: int = 2, scale: float = 1.0, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value * scale:.{digits}f}{suffix}"
+
+
+def print_table(result: dict) -> None:
+    print(
+        f"device {result['device']}: copy {result['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"matmul {result['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s"
+    )
+    header = (
+        f"{'case':<12} {'step ms':>8} {'roof ms':>8} {'roof %':>7} {'HF ms':>8} {'vs HF':>6} "
+        f"{'prefill s':>9} {'mm %':>6} {'busy %':>6} {'host ms':>7}"
+    )
+    print(header)
+    for name, row in result["cases"].items():
+        print(
+            f"{name:<12} {_fmt(row['decode_step_ms']):>8} {_fmt(row['decode_roofline_ms']):>8} "
+            f"{_fmt(row['decode_roofline_fraction'], 1, 100):>7} "
+            f"{_fmt(row.get('transformers_decode_step_ms')):>8} "
+            f"{_fmt(row.get('decode_speedup_vs_transformers'), 1, 1, 'x'):>6} "
+            f"{_fmt(row['prefill_s'], 3):>9} {_fmt(row['prefill_matmul_fraction'], 1, 100):>6} "
+            f"{_fmt(row.get('gpu_busy_fraction'), 1, 100):>6} "
+            f"{_fmt(row.get('host_time_per_step_ms')):>7}"
+        )
+    attention = result.get("attention")
+    if attention is None:
+        return
+    if attention.get("status") != "ok":
+        print(f"attention: {attention.get('status')} ({attention.get('reason', '')})")
+        return
+    for backend, contexts in attention["decode"].items():
+        if isinstance(contexts, str):
+            print(f"attention {backend}: {contexts}")
+            continue
+        cells = " ".join(
+            f"{ctx}:{_fmt(v['kv_bandwidth_fraction'], 0, 100, '%')}" for ctx, v in contexts.items()
+        )
+        prefill = attention["prefill"][backend]
+        print(
+            f"attention {backend}: decode KV-bandwidth {cells}; prefill "
+            f"{prefill['tokens']} tokens {_fmt(prefill['matmul_fraction'], 1, 100, '%')} of matmul"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
