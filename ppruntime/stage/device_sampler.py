@@ -29,6 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ppruntime.logs import get_logger
+
+_log = get_logger("sampler")
+
 MASK32 = 0xFFFFFFFF
 _MIX_1, _MIX_2 = 0x21F0AAAD, 0x735A2D97  # both < 2**31: products of 32-bit values fit int64
 _KEY_SALT_1, _KEY_SALT_2 = 0x6A09E667, 0xBB67AE85
@@ -289,8 +293,13 @@ class DeviceSampler:
         if noise == "torch":
             return torch_gumbel_argmax
         if self._triton_argmax is None:
-            from ppruntime.kernels.sampling import gumbel_argmax
-
+            try:
+                from ppruntime.kernels.sampling import gumbel_argmax
+            except ImportError as exc:  # a CUDA build of torch without triton
+                if self.noise == "triton":
+                    raise
+                _log.warning("triton unavailable (%s): sampling noise computed with torch", exc)
+                gumbel_argmax = torch_gumbel_argmax  # the same noise, more kernels
             self._triton_argmax = gumbel_argmax
         return self._triton_argmax
 
