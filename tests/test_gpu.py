@@ -41,8 +41,20 @@ def test_two_stages_share_one_gpu(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in PROMPTS))
     command = [
-        sys.executable, "-m", "ppruntime", "generate", "--preset", "tiny", "--device", "cuda",
-        "--prompts-file", str(prompts), "--max-tokens", "12", "--ignore-eos", "--json",
+        sys.executable,
+        "-m",
+        "ppruntime",
+        "generate",
+        "--preset",
+        "tiny",
+        "--device",
+        "cuda",
+        "--prompts-file",
+        str(prompts),
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--json",
     ]
     outputs = []
     for ranks in (1, 2):
@@ -50,3 +62,29 @@ def test_two_stages_share_one_gpu(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         outputs.append([json.loads(line)["token_ids"] for line in result.stdout.splitlines()])
     assert outputs[0] == outputs[1]
+
+
+def test_seeded_sampling_on_cuda_is_batch_independent_and_logprobs_match_cpu():
+    params = SamplingParams(
+        max_tokens=16, temperature=0.9, top_k=50, top_p=0.9, min_p=0.01, seed=1234, logprobs=2
+    )
+    crowd_params = [SamplingParams(max_tokens=20, temperature=1.2, seed=3), params, _greedy(8)]
+    with LLM(preset="tiny", device="cuda", exit_workers=False) as llm:
+        [alone] = llm.generate(["hello"], params)
+        crowd = llm.generate(["abc", "hello", "x"], crowd_params)
+        [again] = llm.generate(["hello"], params)
+    assert crowd[1].token_ids == alone.token_ids == again.token_ids
+    # the CPU draws the same noise: the same tokens while the logits agree, and the same
+    # log-probs for them
+    with LLM(preset="tiny", device="cpu", exit_workers=False) as llm:
+        [cpu] = llm.generate(["hello"], params)
+    same = 0
+    while same < len(cpu.token_ids) and cpu.token_ids[same] == alone.token_ids[same]:
+        same += 1
+    assert same >= 4, (cpu.token_ids, alone.token_ids)
+    for step, token in enumerate(cpu.token_ids[:same]):
+        assert abs(alone.logprobs[step][token] - cpu.logprobs[step][token]) < 2e-3, step
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
