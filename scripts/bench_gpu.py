@@ -505,6 +505,24 @@ def attention_benchmark(setup: AttentionSetup, device: torch.device, bandwidth, 
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(num_blocks - 1, generator=generator).to(device)  # scattered blocks
     scale = setup.head_dim**-0.5
+    flat_cache = cache.view(2, num_blocks * bs, setup.kv_heads, setup.head_dim)
+
+    def inputs(num_tokens: int, slots: torch.Tensor, seed: int):
+        # k, v: what the cache already holds at the slots, so that the forward's KV write
+        # changes nothing and every backend reads the same cache
+        torch.manual_seed(seed)
+        q = torch.randn(num_tokens, setup.heads, setup.head_dim, dtype=dtype, device=device)
+        return q, flat_cache[0, slots].clone(), flat_cache[1, slots].clone()
+
+    reference_outputs: dict[str, torch.Tensor] = {}
+
+    def compared(key: str, result: torch.Tensor) -> float:
+        """Max abs difference from the torch backend's output on the same inputs."""
+        if key not in reference_outputs:
+            reference_outputs[key] = result.float()
+            return 0.0
+        return (result.float() - reference_outputs[key]).abs().max().item()
+
     out: dict = {"status": "ok", "decode": {}, "prefill": {}}
     for name in ("torch", "triton"):
         try:
@@ -519,28 +537,29 @@ def attention_benchmark(setup: AttentionSetup, device: torch.device, bandwidth, 
                 continue
             table = order[: setup.batch * blocks_per_seq].view(setup.batch, blocks_per_seq)
             last = context - 1
+            # the engine's dtypes: int64 but for the int32 block table, read through rows
             attn = AttentionMetadata(
-                query_start_loc=torch.arange(setup.batch + 1, device=device, dtype=torch.int32),
-                seq_lens=torch.full((setup.batch,), context, device=device, dtype=torch.int32),
+                query_start_loc=torch.arange(setup.batch + 1, device=device),
+                seq_lens=torch.full((setup.batch,), context, device=device),
                 block_table=table.to(torch.int32),
-                slot_mapping=(table[:, last // bs] * bs + last % bs).to(torch.int64),
+                slot_mapping=table[:, last // bs] * bs + last % bs,
                 max_query_len=1,
                 max_seq_len=context,
+                block_table_rows=torch.arange(setup.batch, device=device),
             )
             positions = torch.full((setup.batch,), last, device=device, dtype=torch.int64)
-            q = torch.randn(setup.batch, setup.heads, setup.head_dim, dtype=dtype, device=device)
-            k = torch.randn(setup.batch, setup.kv_heads, setup.head_dim, dtype=dtype, device=device)
-            v = torch.randn_like(k)
+            q, k, v = inputs(setup.batch, attn.slot_mapping, context)
 
-            def step(attn=attn, positions=positions, q=q, k=k, v=v, backend=backend) -> None:
+            def step(attn=attn, positions=positions, q=q, k=k, v=v, backend=backend):
                 plan = backend.plan(attn, positions, bs)
-                backend.forward(q, k, v, cache, plan, scale, None)
+                return backend.forward(q, k, v, cache, plan, scale, None)
 
             seconds = time_op(step, timer, setup.repeats)
             kv_bytes = setup.batch * context * 2 * setup.kv_heads * setup.head_dim * element
             decode[str(context)] = {
                 "ms": seconds * 1e3,
                 "kv_bandwidth_fraction": kv_bytes / seconds / bandwidth,
+                "max_abs_diff_vs_torch": compared(f"decode-{context}", step()),
             }
         out["decode"][name] = decode
         length = setup.prefill_len
@@ -548,20 +567,19 @@ def attention_benchmark(setup: AttentionSetup, device: torch.device, bandwidth, 
         table = order[:blocks_per_seq].view(1, blocks_per_seq)
         token = torch.arange(length, device=device)
         attn = AttentionMetadata(
-            query_start_loc=torch.tensor([0, length], device=device, dtype=torch.int32),
-            seq_lens=torch.tensor([length], device=device, dtype=torch.int32),
+            query_start_loc=torch.tensor([0, length], device=device),
+            seq_lens=torch.tensor([length], device=device),
             block_table=table.to(torch.int32),
-            slot_mapping=(table[0, token // bs] * bs + token % bs).to(torch.int64),
+            slot_mapping=table[0, token // bs] * bs + token % bs,
             max_query_len=length,
             max_seq_len=length,
+            block_table_rows=torch.zeros(1, dtype=torch.int64, device=device),
         )
-        q = torch.randn(length, setup.heads, setup.head_dim, dtype=dtype, device=device)
-        k = torch.randn(length, setup.kv_heads, setup.head_dim, dtype=dtype, device=device)
-        v = torch.randn_like(k)
+        q, k, v = inputs(length, attn.slot_mapping, length)
 
-        def prefill(attn=attn, q=q, k=k, v=v, token=token, backend=backend) -> None:
+        def prefill(attn=attn, q=q, k=k, v=v, token=token, backend=backend):
             plan = backend.plan(attn, token, bs)
-            backend.forward(q, k, v, cache, plan, scale, None)
+            return backend.forward(q, k, v, cache, plan, scale, None)
 
         seconds = time_op(prefill, timer, max(setup.repeats // 2, 1))
         flops = attention_prefill_flops(1, length, setup.heads, setup.head_dim)
@@ -570,8 +588,9 @@ def attention_benchmark(setup: AttentionSetup, device: torch.device, bandwidth, 
             "ms": seconds * 1e3,
             "flops_per_s": flops / seconds,
             "matmul_fraction": flops / seconds / matmul,
+            "max_abs_diff_vs_torch": compared("prefill", prefill()),
         }
-    cache = None
+    cache = flat_cache = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
