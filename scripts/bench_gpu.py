@@ -18,9 +18,9 @@ with like:
 - prefill FLOP/s (matmuls + causal attention) over a bf16 matmul throughput measured here;
 - the same decode/prefill times for transformers `generate` on the same checkpoint and
   prompts, and the ratio;
-- with the profiler (CUDA only): the fraction of decode wall time the GPU was busy
-  (union of kernel/copy intervals), and the host time per decode step (wall time minus
-  the time spent inside CUDA synchronising calls);
+- on CUDA: the host time per decode step (wall time minus the time inside the calls that
+  wait on the device, from the timed runs), and with the profiler the fraction of decode
+  wall time the GPU was busy (union of kernel/copy intervals);
 - attention alone, through `select_attention_backend` (torch vs triton): decode at
   batch 64 over contexts 512..32k (fraction of the copy bandwidth its KV bytes need) and
   a 4k-token prefill (fraction of the matmul throughput). "unavailable" when the
@@ -39,6 +39,7 @@ import json
 import math
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -264,33 +265,84 @@ def write_checkpoint(shape: Shape, directory: Path, device: torch.device) -> Pat
 
 
 # -- the runs -----------------------------------------------------------------------------------
+class WaitClock:
+    """Time the host spends waiting on the device, inside the calls that wait for it.
+
+    While active it wraps CUDA event/stream/device synchronisation and the tensor calls
+    that copy device memory to the host (`cpu`, `item`, `tolist`), summing their time in
+    `waited_s`: wall time minus that is the time the host was doing its own work.
+    """
+
+    _PATCHES = (
+        (torch.cuda.Event, "synchronize"),
+        (torch.cuda.Stream, "synchronize"),
+        (torch.cuda, "synchronize"),
+        (torch.Tensor, "cpu"),
+        (torch.Tensor, "item"),
+        (torch.Tensor, "tolist"),
+    )
+
+    def __init__(self) -> None:
+        self.waited_s = 0.0
+        self._inside = threading.local()  # a wait inside a wait counts once
+
+    def _wrap(self, function):
+        def timed(*args, **kwargs):
+            if getattr(self._inside, "wait", False):
+                return function(*args, **kwargs)
+            self._inside.wait = True
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.waited_s += time.perf_counter() - started
+                self._inside.wait = False
+
+        return timed
+
+    @contextlib.contextmanager
+    def active(self):
+        saved = [(owner, name, getattr(owner, name)) for owner, name in self._PATCHES]
+        try:
+            for owner, name, function in saved:
+                setattr(owner, name, self._wrap(function))
+            yield self
+        finally:
+            for owner, name, function in saved:
+                setattr(owner, name, function)
+
+
 @dataclass
 class RunTimes:
     prefill_s: float
     decode_step_s: float
     gen1_s: float
     genn_s: float
+    host_time_per_step_ms: float | None = None  # CUDA only: wall minus waits on the device
 
 
-def decode_times(generate, new_tokens: int, timer: Timer) -> RunTimes:
+def decode_times(generate, new_tokens: int, timer: Timer, count_waits: bool) -> RunTimes:
     generate(2)  # warm-up: compiles, captures, allocates
-    with timer() as one:
+    clocks = [WaitClock(), WaitClock()]
+    with timer() as one, clocks[0].active() if count_waits else contextlib.nullcontext():
         generate(1)
-    with timer() as many:
+    with timer() as many, clocks[1].active() if count_waits else contextlib.nullcontext():
         generate(new_tokens)
-    step = (many["s"] - one["s"]) / max(new_tokens - 1, 1)
-    return RunTimes(one["s"], step, one["s"], many["s"])
+    steps = max(new_tokens - 1, 1)
+    times = RunTimes(one["s"], (many["s"] - one["s"]) / steps, one["s"], many["s"])
+    if count_waits:
+        host_one = one["s"] - clocks[0].waited_s
+        host_many = many["s"] - clocks[1].waited_s
+        times.host_time_per_step_ms = (host_many - host_one) / steps * 1e3
+    return times
 
 
-@dataclass
-class Profile:
-    wall_s: float
-    gpu_busy_s: float
-    sync_s: float
+def gpu_busy_s(generate, new_tokens: int, trace_dir: Path) -> tuple[float, float]:
+    """(wall s, GPU busy s) of generate(new_tokens) under the CUDA profiler.
 
-
-def profiled(generate, new_tokens: int, trace_dir: Path) -> Profile | None:
-    """generate(new_tokens) under the CUDA profiler: GPU busy time and time in sync calls."""
+    Busy time is the union of the kernel, copy and memset intervals (concurrent work on
+    several streams counts once).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -303,19 +355,13 @@ def profiled(generate, new_tokens: int, trace_dir: Path) -> Profile | None:
     prof.export_chrome_trace(str(path))
     events = json.loads(path.read_text()).get("traceEvents", [])
     path.unlink()
-    gpu, sync = [], 0.0
-    for event in events:
-        if event.get("ph") != "X":
-            continue
-        category = str(event.get("cat", "")).lower()
-        name = str(event.get("name", ""))
-        if category in ("kernel", "gpu_memcpy", "gpu_memset"):
-            gpu.append((float(event["ts"]), float(event["ts"]) + float(event.get("dur", 0))))
-        elif category in ("cuda_runtime", "cuda_driver") and (
-            "Synchronize" in name or name.startswith("cudaMemcpy") and "Async" not in name
-        ):
-            sync += float(event.get("dur", 0)) * 1e-6
-    return Profile(wall, _union_length(gpu) * 1e-6, sync)
+    intervals = [
+        (float(event["ts"]), float(event["ts"]) + float(event.get("dur", 0)))
+        for event in events
+        if event.get("ph") == "X"
+        and str(event.get("cat", "")).lower() in ("kernel", "gpu_memcpy", "gpu_memset")
+    ]
+    return wall, _union_length(intervals) * 1e-6
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:
@@ -328,20 +374,14 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def busy_and_host(
-    generate, new_tokens: int, trace_dir: Path, device: torch.device
-) -> dict[str, float | None]:
-    if device.type != "cuda":
-        return {"gpu_busy_fraction": None, "host_time_per_step_ms": None}
+def busy_fraction(generate, new_tokens: int, trace_dir: Path) -> dict[str, float | None]:
+    """GPU busy time over wall time of decode steps: generate(n) minus generate(1), profiled."""
     steps = min(new_tokens, 32)
-    one = profiled(generate, 1, trace_dir)
-    many = profiled(generate, steps, trace_dir)
-    wall = many.wall_s - one.wall_s
-    busy = (many.gpu_busy_s - one.gpu_busy_s) / wall if wall > 0 else None
-    host = ((many.wall_s - many.sync_s) - (one.wall_s - one.sync_s)) / max(steps - 1, 1)
+    wall_one, busy_one = gpu_busy_s(generate, 1, trace_dir)
+    wall_many, busy_many = gpu_busy_s(generate, steps, trace_dir)
+    wall = wall_many - wall_one
     return {
-        "gpu_busy_fraction": busy,
-        "host_time_per_step_ms": host * 1e3 if (many.sync_s or one.sync_s) else None,
+        "gpu_busy_fraction": (busy_many - busy_one) / wall if wall > 0 else None,
         "profiled_steps": steps,
     }
 
@@ -386,11 +426,12 @@ def run_ppruntime(
                 params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
                 llm.generate(prompts, params, use_tqdm=False)
 
-            times = decode_times(generate, case.new_tokens, timer)
-            extra = (
-                busy_and_host(generate, case.new_tokens, trace_dir, device) if args.profile else {}
-            )
-            results[case.name] = {**asdict(times), **extra, "startup_s": startup_s}
+            on_cuda = device.type == "cuda"
+            times = decode_times(generate, case.new_tokens, timer, count_waits=on_cuda)
+            busy = {"gpu_busy_fraction": None}
+            if on_cuda and args.profile:
+                busy = busy_fraction(generate, case.new_tokens, trace_dir)
+            results[case.name] = {**asdict(times), **busy, "startup_s": startup_s}
     finally:
         llm.shutdown()
         llm = None  # the weights and the KV cache go before transformers loads its copy
@@ -425,7 +466,8 @@ def run_transformers(
                         pad_token_id=0,
                     )
 
-            results[case.name] = asdict(decode_times(generate, case.new_tokens, timer))
+            times = decode_times(generate, case.new_tokens, timer, count_waits=False)
+            results[case.name] = asdict(times)
     finally:
         model = None
         gc.collect()
