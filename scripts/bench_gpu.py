@@ -143,7 +143,7 @@ SHAPES = {
         False,
         {**LLAMA3_ROPE_1B, "factor": 8.0},
     ),
-    "small": Shape("small", 64, 128, 2, 4, 2, 16, 512, False, None, 2048),
+    "small": Shape("small", 64, 128, 2, 4, 2, 16, 512, True, LLAMA3_ROPE_1B, 2048),  # tied, as 1B
 }
 
 
@@ -740,8 +740,8 @@ def _fmt(value, digits: int = 2, scale: float = 1.0, suffix: str = "") -> str:
 
 def print_table(result: dict) -> None:
     print(
-        f"device {result['device']}: copy {result['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, "
-        f"matmul {result['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s"
+        f"device {result['device']}: copy {result['copy_bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, "
+        f"matmul {result['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s"
     )
     header = (
         f"{'case':<12} {'step ms':>8} {'roof ms':>8} {'roof %':>7} {'HF ms':>8} {'vs HF':>6} "
