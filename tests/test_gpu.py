@@ -41,8 +41,20 @@ def test_two_stages_share_one_gpu(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in PROMPTS))
     command = [
-        sys.executable, "-m", "ppruntime", "generate", "--preset", "tiny", "--device", "cuda",
-        "--prompts-file", str(prompts), "--max-tokens", "12", "--ignore-eos", "--json",
+        sys.executable,
+        "-m",
+        "ppruntime",
+        "generate",
+        "--preset",
+        "tiny",
+        "--device",
+        "cuda",
+        "--prompts-file",
+        str(prompts),
+        "--max-tokens",
+        "12",
+        "--ignore-eos",
+        "--json",
     ]
     outputs = []
     for ranks in (1, 2):

@@ -1,0 +1,5 @@
+"""Triton kernels of the GPU path (each tested against its torch reference).
+
+Importing a kernel module imports triton; set TRITON_INTERPRET=1 before that import to
+run the kernels interpreted on CPU tensors (the tests do).
+"""
