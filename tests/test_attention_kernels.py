@@ -46,7 +46,7 @@ TOLERANCE = {
 
 # prefill only; prefill chunks with cached prefixes mixed with decode tokens; decode only
 STEPS = [
-    [(0, 19), (1, 6)],
+    [(0, 33), (1, 6)],  # 33 tokens x 4 heads a group fill 128-row tiles
     [(1, 11), (0, 1), (2, 3)],
     [(2, 1), (0, 1), (1, 1)],
 ]

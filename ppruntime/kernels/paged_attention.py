@@ -284,10 +284,13 @@ def _rows(group: int, block_m: int) -> tuple[int, int]:
     return block_m, block_m // group
 
 
-def prefill_launch(dtype: torch.dtype) -> AttentionLaunch:
-    """Tiles for mixed / prefill batches (fp32 gets smaller ones: twice the bytes a tile)."""
+def prefill_launch(dtype: torch.dtype, max_query_len: int, group: int) -> AttentionLaunch:
+    """Tiles for mixed / prefill batches: 128 query rows once a chunk fills them (the
+    usual flash-attention shape on Hopper), fp32 smaller (twice the bytes a tile)."""
     if dtype == torch.float32:
         return AttentionLaunch(block_m=32, block_n=32)
+    if max_query_len * group >= 128:
+        return AttentionLaunch(block_m=128, block_n=64, num_warps=8, num_stages=3)
     return AttentionLaunch(block_m=64, block_n=64)
 
 
@@ -317,6 +320,7 @@ def decode_launch(
         one_program_per_seq=True,
         num_splits=splits,
         kv_per_split=per_split,
+        num_stages=3,
     )
 
 

@@ -14,6 +14,7 @@ float32 inputs run the same kernels with IEEE-precision dots (no fallback).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,17 +40,18 @@ class TritonAttentionPlan:
     target_programs: int
     launch: AttentionLaunch | None = None  # fixed on first use (all layers share it)
 
-    def launch_for(self, num_kv_heads: int, dtype: torch.dtype) -> AttentionLaunch:
+    def launch_for(self, num_kv_heads: int, group: int, dtype: torch.dtype) -> AttentionLaunch:
         if self.launch is None:
             if self.decode:
                 self.launch = decode_launch(
                     self.attn.num_seqs, num_kv_heads, self.max_context_len, self.target_programs
                 )
             else:
-                self.launch = prefill_launch(dtype)
+                self.launch = prefill_launch(dtype, self.attn.max_query_len, group)
         return self.launch
 
 
+@functools.cache
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
@@ -114,7 +116,7 @@ class TritonAttentionBackend:
             attn.seq_lens,
             attn.block_table,
             scale,
-            plan.launch_for(layer_cache.shape[3], q.dtype),
+            plan.launch_for(layer_cache.shape[3], q.shape[1] // layer_cache.shape[3], q.dtype),
             block_table_rows=attn.block_table_rows,
             sliding_window=sliding_window,
         )
