@@ -280,36 +280,61 @@ def test_backend_selection_and_its_errors(monkeypatch):
 # ---------------------------------------------------------------------------------------
 PROMPTS = [[5, 17, 42, 7, 99, 3, 250, 11, 60], [8], [200, 201, 202, 9, 14, 77, 31]]
 MAX_NEW_TOKENS = 6
+# llama: llama3 rope; mistral: a sliding window of 6; qwen2: biases, tied embeddings;
+# qwen3: head_dim 24, q/k norms
+CLI_ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])  # mistral: a sliding window of 6
-def test_generate_with_triton_backend_matches_transformers(tmp_path, arch):
-    directory = make_tiny_checkpoint(tmp_path, arch, num_hidden_layers=2)
-    reference = hf_greedy_reference(load_reference_model(directory), PROMPTS, MAX_NEW_TOKENS)
-    prompts_file = tmp_path / "prompts.jsonl"
-    prompts_file.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in PROMPTS))
-    # max_num_tokens=8 chunks the 9-token prompt: a prefill chunk over a cached prefix
-    args = [
-        *(sys.executable, "-m", "ppruntime", "generate", "--model", str(directory)),
-        *("--prompts-file", str(prompts_file), "--max-tokens", str(MAX_NEW_TOKENS)),
-        *("--ignore-eos", "--json", "--quiet", "--device", DEVICE, "--block-size", "4"),
-        *("--max-num-tokens", "8", "--max-batch-size", "4", "--attention-backend", "triton"),
-        *("--log-level", "INFO"),
-    ]
-    env = {"TRITON_INTERPRET": "1"} if not HAS_CUDA else {}
-    result = subprocess.run(
-        args,
-        cwd=str(REPO_ROOT),
-        env=mpi_env(env),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """arch -> (CompletedProcess of `ppruntime generate`, GreedyReference); run at once."""
+    jobs = {}
+    for arch in CLI_ARCHITECTURES:
+        directory = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch, num_hidden_layers=2)
+        reference = hf_greedy_reference(load_reference_model(directory), PROMPTS, MAX_NEW_TOKENS)
+        prompts_file = directory / "prompts.jsonl"
+        lines = [json.dumps({"prompt_token_ids": prompt}) + "\n" for prompt in PROMPTS]
+        prompts_file.write_text("".join(lines))
+        # max_num_tokens=8 chunks the 9-token prompt: a prefill chunk over a cached prefix
+        args = [
+            *(sys.executable, "-m", "ppruntime", "generate", "--model", str(directory)),
+            *("--prompts-file", str(prompts_file), "--max-tokens", str(MAX_NEW_TOKENS)),
+            *("--ignore-eos", "--json", "--quiet", "--device", DEVICE, "--block-size", "4"),
+            *("--max-num-tokens", "8", "--max-batch-size", "4"),
+            *("--attention-backend", "triton", "--log-level", "INFO"),
+        ]
+        env = mpi_env({} if HAS_CUDA else {"TRITON_INTERPRET": "1"})
+        process = subprocess.Popen(
+            args,
+            cwd=str(REPO_ROOT),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        jobs[arch] = (args, process, reference)
+    results = {}
+    for arch, (args, process, reference) in jobs.items():
+        try:
+            stdout, stderr = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        results[arch] = (
+            subprocess.CompletedProcess(args, process.returncode, stdout, stderr),
+            reference,
+        )
+    return results
+
+
+@pytest.mark.parametrize("arch", CLI_ARCHITECTURES)
+def test_generate_with_triton_backend_matches_transformers(generated, arch):
+    result, reference = generated[arch]
     assert result.returncode == 0, describe(result)
     assert "attention backend: triton" in result.stderr, describe(result)
-    lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-    ours = [line["token_ids"] for line in lines]
-    assert len(ours) == len(PROMPTS)
+    ours = [json.loads(line)["token_ids"] for line in result.stdout.splitlines() if line.strip()]
+    assert len(ours) == len(PROMPTS), describe(result)
     mismatches = compare_greedy(
         reference.tokens, reference.top2_logprobs, ours, reference_top2_ids=reference.top2_ids
     )
