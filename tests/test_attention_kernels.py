@@ -275,6 +275,25 @@ def test_backend_selection_and_its_errors(monkeypatch):
         select_attention_backend("triton", "cpu")
 
 
+def test_kernels_compile_for_hopper(tmp_path):
+    """The compiled path, down to an sm_90 cubin, without a GPU (and without the
+    interpreter, which does not check what only the compiler does)."""
+    env = {key: value for key, value in mpi_env().items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from a cache
+    script = REPO_ROOT / "tests" / "kernel_scripts" / "compile_attention_kernels.py"
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=str(REPO_ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, describe(result)
+    compiled = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
+    assert len(compiled) == 7, describe(result)
+
+
 # ---------------------------------------------------------------------------------------
 # A whole checkpoint through the CLI with the triton backend, against transformers
 # ---------------------------------------------------------------------------------------

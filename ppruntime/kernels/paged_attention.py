@@ -353,7 +353,7 @@ def paged_attention(
         q = q.contiguous()
     if layer_cache.stride(-1) != 1:
         raise ValueError("layer_cache must be contiguous in its last (head_dim) dimension")
-    block_m, block_q = _rows(group, launch.block_m)
+    block_q = _rows(group, launch.block_m)[1]
     num_splits = launch.num_splits
     if launch.one_program_per_seq:
         grid = (num_seqs, num_kv_heads, num_splits)
@@ -394,19 +394,15 @@ def paged_attention(
         layer_cache.stride(2),
         layer_cache.stride(3),
         block_table.stride(0),
-        BLOCK_SIZE=layer_cache.shape[2],
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        DIM_PAD=max(triton.next_power_of_2(head_dim), 16),
-        BLOCK_M=block_m,
-        BLOCK_Q=block_q,
-        BLOCK_N=launch.block_n,
-        NUM_SPLITS=num_splits,
-        ONE_PROGRAM_PER_SEQ=launch.one_program_per_seq,
-        HAS_ROWS=block_table_rows is not None,
-        USE_WINDOW=sliding_window is not None,
-        IEEE=q.dtype == torch.float32 or INTERPRETED,
-        UPCAST=INTERPRETED,
+        **attention_constants(
+            launch,
+            group,
+            head_dim,
+            layer_cache.shape[2],
+            q.dtype,
+            has_rows=block_table_rows is not None,
+            has_window=sliding_window is not None,
+        ),
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )
@@ -420,9 +416,44 @@ def paged_attention(
             launch.kv_per_split,
             out.stride(0),
             out.stride(1),
-            HEAD_DIM=head_dim,
-            DIM_PAD=triton.next_power_of_2(head_dim),
-            NUM_SPLITS=num_splits,
-            USE_WINDOW=sliding_window is not None,
+            **merge_constants(launch, head_dim, has_window=sliding_window is not None),
         )
     return out
+
+
+def attention_constants(
+    launch: AttentionLaunch,
+    group: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    has_rows: bool,
+    has_window: bool,
+) -> dict[str, object]:
+    """The compile-time constants of `_paged_attention_kernel` for one launch."""
+    block_m, block_q = _rows(group, launch.block_m)
+    return {
+        "BLOCK_SIZE": block_size,
+        "GROUP": group,
+        "HEAD_DIM": head_dim,
+        "DIM_PAD": max(triton.next_power_of_2(head_dim), 16),
+        "BLOCK_M": block_m,
+        "BLOCK_Q": block_q,
+        "BLOCK_N": launch.block_n,
+        "NUM_SPLITS": launch.num_splits,
+        "ONE_PROGRAM_PER_SEQ": launch.one_program_per_seq,
+        "HAS_ROWS": has_rows,
+        "USE_WINDOW": has_window,
+        "IEEE": dtype == torch.float32 or INTERPRETED,
+        "UPCAST": INTERPRETED,
+    }
+
+
+def merge_constants(launch: AttentionLaunch, head_dim: int, has_window: bool) -> dict[str, object]:
+    """The compile-time constants of `_merge_splits_kernel` for one split launch."""
+    return {
+        "HEAD_DIM": head_dim,
+        "DIM_PAD": triton.next_power_of_2(head_dim),
+        "NUM_SPLITS": launch.num_splits,
+        "USE_WINDOW": has_window,
+    }
