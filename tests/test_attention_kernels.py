@@ -144,14 +144,14 @@ def _decode_case(contexts, block_size, hq, hkv, head_dim, dtype, table_rows=None
 
 
 @pytest.mark.parametrize(
-    "contexts, window, dtype, table_rows",
+    "contexts, window, dtype, table_rows, target_programs",
     [
-        ([70, 33, 5], None, torch.float32, None),
-        ([70, 40], 20, torch.bfloat16, 5),  # the window starts past the first split
-        ([90], None, torch.float32, 3),  # batch 1
+        ([70, 33, 5], None, torch.float32, None, 24),  # 4 splits; a 5-key one fills 1
+        ([70, 40], 20, torch.bfloat16, 5, 16),  # the splits share the window only
+        ([300], None, torch.float32, 3, 64),  # batch 1, 20 splits: merged in 2 chunks
     ],
 )
-def test_split_kv_decode_matches_torch(contexts, window, dtype, table_rows):
+def test_split_kv_decode_matches_torch(contexts, window, dtype, table_rows, target_programs):
     hq, hkv, head_dim, block_size = 4, 2, 64, 8
     metadata, positions, cache, q, k, v = _decode_case(
         contexts, block_size, hq, hkv, head_dim, dtype, table_rows
@@ -161,9 +161,9 @@ def test_split_kv_decode_matches_torch(contexts, window, dtype, table_rows):
         q, k, v, reference_cache, TORCH.plan(metadata, positions, block_size), 0.125, window
     )
     launch = decode_launch(
-        len(contexts), hkv, max_context_len=96, target_programs=32, block_n=16, min_kv_per_split=16
+        len(contexts), hkv, 320, target_programs, block_n=16, min_keys_per_split=16
     )
-    assert launch.num_splits >= 4 and launch.num_splits * launch.kv_per_split >= max(contexts)
+    assert launch.num_splits >= 4
     device_metadata = _on(DEVICE, metadata)
     cache = cache.to(DEVICE)
     store_kv(k.to(DEVICE), v.to(DEVICE), cache, device_metadata.slot_mapping)
@@ -202,7 +202,7 @@ def test_backend_plan_splits_a_long_decode():
     "launch",
     [
         AttentionLaunch(block_m=16, block_n=16),
-        AttentionLaunch(16, 16, one_program_per_seq=True, num_splits=3, kv_per_split=16),
+        AttentionLaunch(16, 16, one_program_per_seq=True, num_splits=3),
     ],
     ids=["unified", "split-kv"],
 )

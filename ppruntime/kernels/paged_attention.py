@@ -11,10 +11,12 @@ table, so any cache block size works.
   (num_tokens // BLOCK_Q + num_seqs, Hkv); a program finds its sequence by binary
   search over query_start_loc.
 - Decode-only batches (one token per sequence): one program per (sequence, KV head,
-  split); split s covers keys [s * kv_per_split, (s + 1) * kv_per_split) and writes an
-  unnormalised partial output and its (max, sum); `_merge_splits_kernel` combines the
-  splits that hold keys. The grid depends only on num_seqs, Hkv and num_splits, never
-  on this step's context lengths: no host synchronisation, CUDA-graph friendly.
+  split). Each sequence's visible keys are cut into num_splits equal runs of whole
+  tiles, computed on the device from its seq_len (so a short context uses the splits
+  as well as a long one); split s writes an unnormalised partial output and its
+  (max, sum), and `_merge_splits_kernel` combines the splits that held keys. The grid
+  depends only on num_seqs, Hkv and num_splits, never on this step's context lengths:
+  no host synchronisation, CUDA-graph friendly.
 
 A padded token (seq_len 0) sees no keys and gets zeros.
 """
@@ -32,6 +34,7 @@ LOG2_E = 1.4426950408889634
 # The interpreter's bf16/fp16 tl.dot returns garbage (triton 3.9): interpreted, the dot
 # operands are rounded to the cache dtype as on the GPU, then multiplied in float32,
 # which gives the same products (bf16 x bf16 is exact in float32).
+MERGE_CHUNK = 16  # splits the merge kernel combines at a time
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
@@ -51,6 +54,14 @@ def _find_sequence(query_start_loc_ptr, num_seqs, program, BLOCK_Q: tl.constexpr
 
 
 @triton.jit
+def _split_runs(kv_low, kv_high, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(base, keys a split): split s covers [base + s * per, base + (s + 1) * per)."""
+    base = (kv_low // BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(kv_high - base, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    return base, tl.maximum(per_split, BLOCK_N)
+
+
+@triton.jit
 def _paged_attention_kernel(
     out_ptr,  # [T, Hq, D] (NUM_SPLITS == 1)
     partial_out_ptr,  # [T, Hq, NUM_SPLITS, D] float32 (NUM_SPLITS > 1)
@@ -64,7 +75,6 @@ def _paged_attention_kernel(
     scale_log2,
     sliding_window,
     num_seqs,
-    kv_per_split,
     stride_q_token,
     stride_q_head,
     stride_out_token,
@@ -128,8 +138,9 @@ def _paged_attention_kernel(
     if USE_WINDOW:
         kv_low = tl.maximum(context_len + q_block * BLOCK_Q - sliding_window + 1, 0)
     if NUM_SPLITS > 1:
-        kv_low = tl.maximum(kv_low, split * kv_per_split)
-        kv_high = tl.minimum(kv_high, split * kv_per_split + kv_per_split)
+        base, per_split = _split_runs(kv_low, kv_high, NUM_SPLITS, BLOCK_N)
+        kv_low = tl.maximum(kv_low, base + split * per_split)
+        kv_high = tl.minimum(kv_high, base + split * per_split + per_split)
         if kv_low >= kv_high:
             return
     if HAS_ROWS:
@@ -218,12 +229,13 @@ def _merge_splits_kernel(
     partial_stats_ptr,  # [T, Hq, NUM_SPLITS, 2] float32
     seq_lens_ptr,  # [B] (decode: token t is sequence t)
     sliding_window,
-    kv_per_split,
     stride_out_token,
     stride_out_head,
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
     USE_WINDOW: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -232,24 +244,29 @@ def _merge_splits_kernel(
     kv_low = 0
     if USE_WINDOW:
         kv_low = tl.maximum(seq_len - sliding_window, 0)
+    base, per_split = _split_runs(kv_low, seq_len, NUM_SPLITS, BLOCK_N)
+    used = tl.cdiv(seq_len - base, per_split)  # the splits that held keys wrote
     dims = tl.arange(0, DIM_PAD)
     dim_valid = dims < HEAD_DIM
     cell = (token.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS
     running_max = tl.full([1], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([DIM_PAD], dtype=tl.float32)
-    # only the splits that held keys wrote anything
-    for split in range(kv_low // kv_per_split, tl.cdiv(seq_len, kv_per_split)):
-        split_max = tl.load(partial_stats_ptr + (cell + split) * 2)
-        split_sum = tl.load(partial_stats_ptr + (cell + split) * 2 + 1)
+    for chunk_start in range(0, used, CHUNK):
+        splits = chunk_start + tl.arange(0, CHUNK)
+        valid = splits < used
+        split_max = tl.load(partial_stats_ptr + (cell + splits) * 2, mask=valid, other=-1e30)
+        split_sum = tl.load(partial_stats_ptr + (cell + splits) * 2 + 1, mask=valid, other=0.0)
         split_out = tl.load(
-            partial_out_ptr + (cell + split) * HEAD_DIM + dims, mask=dim_valid, other=0.0
+            partial_out_ptr + (cell + splits)[:, None] * HEAD_DIM + dims[None, :],
+            mask=valid[:, None] & dim_valid[None, :],
+            other=0.0,
         )
-        new_max = tl.maximum(running_max, split_max)
+        new_max = tl.maximum(running_max, tl.max(split_max, 0))  # finite: split 0 is used
         old_weight = tl.exp2(running_max - new_max)
-        split_weight = tl.exp2(split_max - new_max)
-        running_sum = running_sum * old_weight + split_sum * split_weight
-        acc = acc * old_weight + split_out * split_weight
+        weights = tl.where(valid, tl.exp2(split_max - new_max), 0.0)
+        running_sum = running_sum * old_weight + tl.sum(weights * split_sum, 0)
+        acc = acc * old_weight + tl.sum(weights[:, None] * split_out, 0)
         running_max = new_max
     denominator = tl.where(running_sum > 0.0, running_sum, 1.0)
     tl.store(
@@ -265,15 +282,13 @@ class AttentionLaunch:
 
     one_program_per_seq: decode-only batches (every sequence has exactly one new token
         and num_tokens == num_seqs); required when num_splits > 1.
-    num_splits, kv_per_split: split s covers keys [s * kv_per_split, (s + 1) *
-        kv_per_split); num_splits * kv_per_split must cover the longest context.
+    num_splits: programs a (sequence, KV head) pair's keys are split over.
     """
 
     block_m: int
     block_n: int
     one_program_per_seq: bool = False
     num_splits: int = 1
-    kv_per_split: int = 0
     num_warps: int = 4
     num_stages: int = 2
 
@@ -300,26 +315,23 @@ def decode_launch(
     max_context_len: int,
     target_programs: int,
     block_n: int = 64,
-    min_kv_per_split: int = 256,
-    max_splits: int = 256,
+    min_keys_per_split: int = 256,
+    max_splits: int = 128,
 ) -> AttentionLaunch:
-    """Split the KV sequence so that about `target_programs` programs run at once.
+    """Split each sequence's keys so that about `target_programs` programs run at once,
+    but no more splits than a `max_context_len` context fills with `min_keys_per_split`.
 
     Depends only on the batch shape and `max_context_len` (the block table's reach, not
     this step's longest context), so one launch serves every step of a captured graph.
     """
     programs = max(num_seqs * num_kv_heads, 1)
-    splits = max(1, min(-(-target_programs // programs), max_splits))
-    min_per_split = -(-min_kv_per_split // block_n) * block_n
-    per_split = max(-(-max(max_context_len, 1) // splits), min_per_split)
-    per_split = -(-per_split // block_n) * block_n
-    splits = -(-max(max_context_len, 1) // per_split)
+    splits = -(-target_programs // programs)
+    splits = min(splits, max_splits, -(-max(max_context_len, 1) // max(min_keys_per_split, 1)))
     return AttentionLaunch(
         block_m=16,
         block_n=block_n,
         one_program_per_seq=True,
-        num_splits=splits,
-        kv_per_split=per_split,
+        num_splits=max(splits, 1),
         num_stages=3,
     )
 
@@ -384,7 +396,6 @@ def paged_attention(
         scale * LOG2_E,
         window,
         num_seqs,
-        max(launch.kv_per_split, 1),
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -413,7 +424,6 @@ def paged_attention(
             partial_stats,
             seq_lens,
             window,
-            launch.kv_per_split,
             out.stride(0),
             out.stride(1),
             **merge_constants(launch, head_dim, has_window=sliding_window is not None),
@@ -455,5 +465,7 @@ def merge_constants(launch: AttentionLaunch, head_dim: int, has_window: bool) ->
         "HEAD_DIM": head_dim,
         "DIM_PAD": triton.next_power_of_2(head_dim),
         "NUM_SPLITS": launch.num_splits,
+        "BLOCK_N": launch.block_n,
+        "CHUNK": MERGE_CHUNK,
         "USE_WINDOW": has_window,
     }

@@ -1,14 +1,17 @@
 """The `triton` attention backend: a KV-store kernel and flash-style paged attention.
 
-plan() reads two host values and no tensor data:
+plan() reads host values only, never tensor data:
 - attn.max_query_len == 1 together with num_tokens == num_seqs picks the decode path
   (one program per sequence x KV head x split, then a merge kernel);
-- the split count comes from num_seqs, the KV head count, the block table's reach
-  (its width x block_size, i.e. max_model_len, not this step's longest context) and
-  the GPU's SM count.
-So consecutive decode steps of one batch size launch identical grids. To capture a
-CUDA graph, build the plan with `decode=True` (and `max_context_len` if the table is
-wider than what the graph should cover); `TritonAttentionPlan.launch` is then fixed.
+- the split count comes from num_seqs, the KV head count and the GPU's SM count, capped
+  by what the block table's reach (its width x block_size, i.e. max_model_len; not this
+  step's longest context) fills with 256 keys a split; each sequence's keys are cut
+  into that many runs on the device.
+So consecutive decode steps of one batch size launch identical grids (and
+attn.max_seq_len is only checked against the table, never launched on). To capture a
+CUDA graph, build the plan with `decode=True` (padded rows included: seq_len 0, slot
+-1); `TritonAttentionPlan.launch` is then fixed for the graph's batch size. Neither
+the split count nor `max_context_len` bounds the context a launch handles.
 float32 inputs run the same kernels with IEEE-precision dots (no fallback).
 """
 
@@ -36,7 +39,7 @@ INTERPRETED_TARGET_PROGRAMS = 8
 class TritonAttentionPlan:
     attn: AttentionMetadata
     decode: bool
-    max_context_len: int  # keys the decode split covers
+    max_context_len: int  # caps the decode split count (a context this long fills it)
     target_programs: int
     launch: AttentionLaunch | None = None  # fixed on first use (all layers share it)
 
@@ -70,7 +73,8 @@ class TritonAttentionBackend:
         decode: bool | None = None,
         max_context_len: int | None = None,
     ) -> TritonAttentionPlan:
-        """`decode`/`max_context_len` override what the metadata says (for graph capture).
+        """`decode` forces the decode path on or off (for graph capture); `max_context_len`
+        (default: the block table's reach) caps how many splits a decode launch uses.
 
         Positions are implied by the metadata (seq_len - q_len + index), as the engine
         builds them; `positions` is accepted for the interface.
