@@ -54,18 +54,18 @@ def _find_sequence(query_start_loc_ptr, num_seqs, program, BLOCK_Q: tl.constexpr
 
 
 @triton.jit
-def _split_runs(kv_low, kv_high, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _split_runs(kv_low, kv_high, num_splits, BLOCK_N: tl.constexpr):
     """(base, keys a split): split s covers [base + s * per, base + (s + 1) * per)."""
     base = (kv_low // BLOCK_N) * BLOCK_N
-    per_split = tl.cdiv(tl.cdiv(kv_high - base, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(kv_high - base, num_splits), BLOCK_N) * BLOCK_N
     return base, tl.maximum(per_split, BLOCK_N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "sliding_window"])
 def _paged_attention_kernel(
-    out_ptr,  # [T, Hq, D] (NUM_SPLITS == 1)
-    partial_out_ptr,  # [T, Hq, NUM_SPLITS, D] float32 (NUM_SPLITS > 1)
-    partial_stats_ptr,  # [T, Hq, NUM_SPLITS, 2] float32: running max (log2), sum
+    out_ptr,  # [T, Hq, D] (not SPLIT)
+    partial_out_ptr,  # [T, Hq, num_splits, D] float32 (SPLIT; num_splits = grid dim 2)
+    partial_stats_ptr,  # [T, Hq, num_splits, 2] float32: running max (log2), sum
     q_ptr,  # [T, Hq, D]
     cache_ptr,  # [2, NB, BS, Hkv, D]
     query_start_loc_ptr,  # [B + 1]
@@ -91,7 +91,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     ONE_PROGRAM_PER_SEQ: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
@@ -137,8 +137,8 @@ def _paged_attention_kernel(
     kv_low = 0
     if USE_WINDOW:
         kv_low = tl.maximum(context_len + q_block * BLOCK_Q - sliding_window + 1, 0)
-    if NUM_SPLITS > 1:
-        base, per_split = _split_runs(kv_low, kv_high, NUM_SPLITS, BLOCK_N)
+    if SPLIT:
+        base, per_split = _split_runs(kv_low, kv_high, tl.num_programs(2), BLOCK_N)
         kv_low = tl.maximum(kv_low, base + split * per_split)
         kv_high = tl.minimum(kv_high, base + split * per_split + per_split)
         if kv_low >= kv_high:
@@ -200,7 +200,7 @@ def _paged_attention_kernel(
         acc = acc * rescale[:, None] + update
         running_max = new_max
 
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         denominator = tl.where(running_sum > 0.0, running_sum, 1.0)
         out = acc / denominator[:, None]
         tl.store(
@@ -212,7 +212,7 @@ def _paged_attention_kernel(
             mask=row_valid[:, None] & dim_valid[None, :],
         )
     else:
-        cell = (q_token * (GROUP * tl.num_programs(1)) + q_head) * NUM_SPLITS + split
+        cell = (q_token * (GROUP * tl.num_programs(1)) + q_head) * tl.num_programs(2) + split
         tl.store(
             partial_out_ptr + cell[:, None] * HEAD_DIM + dims[None, :],
             acc,
@@ -222,18 +222,18 @@ def _paged_attention_kernel(
         tl.store(partial_stats_ptr + cell * 2 + 1, running_sum, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sliding_window", "num_splits"])
 def _merge_splits_kernel(
     out_ptr,  # [T, Hq, D]
-    partial_out_ptr,  # [T, Hq, NUM_SPLITS, D] float32
-    partial_stats_ptr,  # [T, Hq, NUM_SPLITS, 2] float32
+    partial_out_ptr,  # [T, Hq, num_splits, D] float32
+    partial_stats_ptr,  # [T, Hq, num_splits, 2] float32
     seq_lens_ptr,  # [B] (decode: token t is sequence t)
     sliding_window,
+    num_splits,
     stride_out_token,
     stride_out_head,
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
     USE_WINDOW: tl.constexpr,
@@ -244,11 +244,11 @@ def _merge_splits_kernel(
     kv_low = 0
     if USE_WINDOW:
         kv_low = tl.maximum(seq_len - sliding_window, 0)
-    base, per_split = _split_runs(kv_low, seq_len, NUM_SPLITS, BLOCK_N)
+    base, per_split = _split_runs(kv_low, seq_len, num_splits, BLOCK_N)
     used = tl.cdiv(seq_len - base, per_split)  # the splits that held keys wrote
     dims = tl.arange(0, DIM_PAD)
     dim_valid = dims < HEAD_DIM
-    cell = (token.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS
+    cell = (token.to(tl.int64) * tl.num_programs(1) + head) * num_splits
     running_max = tl.full([1], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([1], dtype=tl.float32)
     acc = tl.zeros([DIM_PAD], dtype=tl.float32)
@@ -424,6 +424,7 @@ def paged_attention(
             partial_stats,
             seq_lens,
             window,
+            num_splits,
             out.stride(0),
             out.stride(1),
             **merge_constants(launch, head_dim, has_window=sliding_window is not None),
@@ -450,7 +451,7 @@ def attention_constants(
         "BLOCK_M": block_m,
         "BLOCK_Q": block_q,
         "BLOCK_N": launch.block_n,
-        "NUM_SPLITS": launch.num_splits,
+        "SPLIT": launch.num_splits > 1,
         "ONE_PROGRAM_PER_SEQ": launch.one_program_per_seq,
         "HAS_ROWS": has_rows,
         "USE_WINDOW": has_window,
@@ -464,7 +465,6 @@ def merge_constants(launch: AttentionLaunch, head_dim: int, has_window: bool) ->
     return {
         "HEAD_DIM": head_dim,
         "DIM_PAD": triton.next_power_of_2(head_dim),
-        "NUM_SPLITS": launch.num_splits,
         "BLOCK_N": launch.block_n,
         "CHUNK": MERGE_CHUNK,
         "USE_WINDOW": has_window,
