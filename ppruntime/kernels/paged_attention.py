@@ -31,10 +31,10 @@ import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634
+MERGE_CHUNK = 16  # splits the merge kernel combines at a time
 # The interpreter's bf16/fp16 tl.dot returns garbage (triton 3.9): interpreted, the dot
 # operands are rounded to the cache dtype as on the GPU, then multiplied in float32,
-# which gives the same products (bf16 x bf16 is exact in float32).
-MERGE_CHUNK = 16  # splits the merge kernel combines at a time
+# which gives the same products (a bf16 or fp16 product is exact in float32).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
