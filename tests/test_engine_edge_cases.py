@@ -53,8 +53,13 @@ def test_prompt_logits_complete_when_preempted_mid_prefill():
     outputs = {}
     for name, kwargs in {"roomy": {}, "scarce": {"kv_cache_blocks": 24}}.items():
         with LLM(
-            preset="tiny", max_model_len=128, block_size=8, max_num_tokens=40, max_batch_size=4,
-            exit_workers=False, **kwargs,
+            preset="tiny",
+            max_model_len=128,
+            block_size=8,
+            max_num_tokens=40,
+            max_batch_size=4,
+            exit_workers=False,
+            **kwargs,
         ) as llm:
             outputs[name] = llm.generate(prompts, params)
             preemptions = llm._executor.scheduler.num_preemptions

@@ -45,9 +45,7 @@ def run_one_batch(params_list, prompt_len=3):
     batch = scheduler.schedule()
     for slot in batch.admit_slots.tolist():
         stage.admit(table.infos[slot])
-    pool = StepInputPool(
-        table.block_table, table.rows_changed, 4, 64, 8, None, torch.device("cpu")
-    )
+    pool = StepInputPool(table.block_table, table.rows_changed, 4, 64, 8, None, torch.device("cpu"))
     inputs = pool.prepare(batch)
     state, diff = stage.sample(batch, torch.zeros(batch.num_tokens, 2), inputs)
     return table, stage, batch, state, diff
@@ -62,8 +60,12 @@ def test_feature_counts_follow_admissions_and_releases():
         [greedy(max_tokens=4), greedy(logprobs=2, ignore_eos=True), SamplingParams(seed=1)]
     )
     assert stage.num_with == {
-        "sampling": 1, "eos": 2, "special": 0, "logprobs": 1,
-        "generation_logits": 0, "prompt_logits": 0,
+        "sampling": 1,
+        "eos": 2,
+        "special": 0,
+        "logprobs": 1,
+        "generation_logits": 0,
+        "prompt_logits": 0,
     }
     for slot in batch.slots.tolist():
         stage.release(slot)

@@ -27,8 +27,15 @@ from ppruntime.engine.wire import (
 )
 
 TABLE_ARRAYS = (
-    "active", "in_flight", "abort_requested", "seq_id", "num_prompt", "num_output",
-    "num_computed", "num_blocks", "block_table",
+    "active",
+    "in_flight",
+    "abort_requested",
+    "seq_id",
+    "num_prompt",
+    "num_output",
+    "num_computed",
+    "num_blocks",
+    "block_table",
 )
 
 
@@ -42,8 +49,14 @@ def copy_info(info: SeqInfo) -> SeqInfo:
 
 
 def make_rank0(
-    num_blocks=64, block_size=4, max_slots=16, max_blocks_per_seq=32,
-    max_batch_size=8, max_num_tokens=64, pp_size=1, token_table_len=None,
+    num_blocks=64,
+    block_size=4,
+    max_slots=16,
+    max_blocks_per_seq=32,
+    max_batch_size=8,
+    max_num_tokens=64,
+    pp_size=1,
+    token_table_len=None,
 ):
     table = SequenceTable(
         max_slots, max_blocks_per_seq, BlockManager(num_blocks, block_size), token_table_len
@@ -422,15 +435,17 @@ def test_no_preemption_when_it_cannot_make_room():
     for seq_id, prompt_len in enumerate((20, 2, 8)):
         table.admit(make_info(seq_id, prompt_len), seq_id)
     table.append_blocks(
-        np.arange(3, dtype=np.int32), np.array([2, 1, 4], dtype=np.int32),
+        np.arange(3, dtype=np.int32),
+        np.array([2, 1, 4], dtype=np.int32),
         table.blocks.allocate(7),
     )
     two = np.array([0, 1], dtype=np.int32)
     table.start_batch(two, np.zeros(2, dtype=np.int32), np.array([4, 2], dtype=np.int32))
     table.land_batch(two, np.array([False, True]), np.array([-1, 3], dtype=np.int32))
     # seq 2 is in flight holding 4 blocks; seq 1 is idle holding 1; 1 block is free
-    table.start_batch(np.array([2], dtype=np.int32), np.array([0], dtype=np.int32),
-                      np.array([8], dtype=np.int32))
+    table.start_batch(
+        np.array([2], dtype=np.int32), np.array([0], dtype=np.int32), np.array([8], dtype=np.int32)
+    )
     scheduler = Scheduler(table, max_batch_size=8, max_num_tokens=8, pp_size=2)
     # seq 0's next chunk (8 tokens) needs 4 blocks: free + reclaimable = 2 is not enough
     assert scheduler.schedule() is None
@@ -438,8 +453,7 @@ def test_no_preemption_when_it_cannot_make_room():
     assert table.num_computed.tolist()[:3] == [4, 2, 8]
     assert table.blocks.num_free_blocks == 1
     # once seq 2 lands and is idle it can be preempted, and seq 0 proceeds
-    table.land_batch(np.array([2], dtype=np.int32), np.array([True]),
-                     np.array([4], dtype=np.int32))
+    table.land_batch(np.array([2], dtype=np.int32), np.array([True]), np.array([4], dtype=np.int32))
     batch = scheduler.schedule()
     assert batch.preempt_slots.tolist() == [2]
     assert by_seq(table, batch) == {0: (4, 8, False)}
@@ -478,8 +492,20 @@ def assert_block_invariants(table: SequenceTable) -> None:
 class Simulation:
     """Rank 0 (table + scheduler) and one replica driven only by apply_schedule."""
 
-    def __init__(self, rng, *, num_blocks, block_size, max_slots, max_batch_size,
-                 max_num_tokens, pp_size, max_prompt, max_output, abort_rate=0.0):
+    def __init__(
+        self,
+        rng,
+        *,
+        num_blocks,
+        block_size,
+        max_slots,
+        max_batch_size,
+        max_num_tokens,
+        pp_size,
+        max_prompt,
+        max_output,
+        abort_rate=0.0,
+    ):
         self.rng = rng
         self.block_size = block_size
         self.max_num_tokens = max_num_tokens
@@ -491,8 +517,14 @@ class Simulation:
         assert max_len <= num_blocks * block_size
         max_blocks_per_seq = -(-max_len // block_size)
         self.table, self.scheduler = make_rank0(
-            num_blocks, block_size, max_slots, max_blocks_per_seq,
-            max_batch_size, max_num_tokens, pp_size, token_table_len=max_len,
+            num_blocks,
+            block_size,
+            max_slots,
+            max_blocks_per_seq,
+            max_batch_size,
+            max_num_tokens,
+            pp_size,
+            token_table_len=max_len,
         )
         self.replica = SequenceTable(
             max_slots, max_blocks_per_seq, BlockManager(num_blocks, block_size)
@@ -557,8 +589,11 @@ class Simulation:
             self.num_preemptions += 1
         total = table.num_prompt[batch.slots] + table.num_output[batch.slots]
         for slot, start, num_new, sample, tot in zip(
-            batch.slots.tolist(), batch.starts.tolist(), batch.num_new.tolist(),
-            batch.sample_mask.tolist(), total.tolist(),
+            batch.slots.tolist(),
+            batch.starts.tolist(),
+            batch.num_new.tolist(),
+            batch.sample_mask.tolist(),
+            total.tolist(),
         ):
             seq_id = int(table.seq_id[slot])
             assert start == self.next_start[seq_id], "chunks must be contiguous"
@@ -574,9 +609,9 @@ class Simulation:
     # the oldest batch comes back --------------------------------------------------
     def land_oldest(self) -> None:
         batch = self.in_flight.popleft()
-        tokens = np.where(
-            batch.sample_mask, self.rng.integers(0, 1000, batch.num_seqs), -1
-        ).astype(np.int32)
+        tokens = np.where(batch.sample_mask, self.rng.integers(0, 1000, batch.num_seqs), -1).astype(
+            np.int32
+        )
         finish = np.zeros(batch.num_seqs, dtype=np.int32)
         state = SampleState(batch.batch_id, batch.slots, batch.sample_mask, tokens, finish)
         received = unpack_sample_state(pack_sample_state(state).copy())
@@ -649,22 +684,78 @@ class Simulation:
 
 
 CONFIGS = {
-    "roomy_pp1": dict(num_blocks=256, block_size=4, max_slots=16, max_batch_size=8,
-                      max_num_tokens=32, pp_size=1, max_prompt=40, max_output=12),
-    "roomy_pp2": dict(num_blocks=256, block_size=4, max_slots=16, max_batch_size=8,
-                      max_num_tokens=32, pp_size=2, max_prompt=40, max_output=12),
-    "scarce_pp1": dict(num_blocks=14, block_size=4, max_slots=8, max_batch_size=6,
-                       max_num_tokens=24, pp_size=1, max_prompt=30, max_output=20),
-    "scarce_pp2": dict(num_blocks=16, block_size=4, max_slots=8, max_batch_size=6,
-                       max_num_tokens=24, pp_size=2, max_prompt=30, max_output=20),
-    "scarce_pp3": dict(num_blocks=20, block_size=2, max_slots=12, max_batch_size=4,
-                       max_num_tokens=16, pp_size=3, max_prompt=20, max_output=16),
-    "scarce_pp4": dict(num_blocks=24, block_size=4, max_slots=16, max_batch_size=8,
-                       max_num_tokens=20, pp_size=4, max_prompt=40, max_output=24,
-                       abort_rate=0.03),
-    "tiny_budget_pp4": dict(num_blocks=64, block_size=1, max_slots=6, max_batch_size=3,
-                            max_num_tokens=3, pp_size=4, max_prompt=9, max_output=6,
-                            abort_rate=0.05),
+    "roomy_pp1": dict(
+        num_blocks=256,
+        block_size=4,
+        max_slots=16,
+        max_batch_size=8,
+        max_num_tokens=32,
+        pp_size=1,
+        max_prompt=40,
+        max_output=12,
+    ),
+    "roomy_pp2": dict(
+        num_blocks=256,
+        block_size=4,
+        max_slots=16,
+        max_batch_size=8,
+        max_num_tokens=32,
+        pp_size=2,
+        max_prompt=40,
+        max_output=12,
+    ),
+    "scarce_pp1": dict(
+        num_blocks=14,
+        block_size=4,
+        max_slots=8,
+        max_batch_size=6,
+        max_num_tokens=24,
+        pp_size=1,
+        max_prompt=30,
+        max_output=20,
+    ),
+    "scarce_pp2": dict(
+        num_blocks=16,
+        block_size=4,
+        max_slots=8,
+        max_batch_size=6,
+        max_num_tokens=24,
+        pp_size=2,
+        max_prompt=30,
+        max_output=20,
+    ),
+    "scarce_pp3": dict(
+        num_blocks=20,
+        block_size=2,
+        max_slots=12,
+        max_batch_size=4,
+        max_num_tokens=16,
+        pp_size=3,
+        max_prompt=20,
+        max_output=16,
+    ),
+    "scarce_pp4": dict(
+        num_blocks=24,
+        block_size=4,
+        max_slots=16,
+        max_batch_size=8,
+        max_num_tokens=20,
+        pp_size=4,
+        max_prompt=40,
+        max_output=24,
+        abort_rate=0.03,
+    ),
+    "tiny_budget_pp4": dict(
+        num_blocks=64,
+        block_size=1,
+        max_slots=6,
+        max_batch_size=3,
+        max_num_tokens=3,
+        pp_size=4,
+        max_prompt=9,
+        max_output=6,
+        abort_rate=0.05,
+    ),
 }
 
 

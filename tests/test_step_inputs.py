@@ -27,9 +27,15 @@ def make_batch(rng, decode: bool) -> ScheduledBatch:
     sample_mask = np.ones(num_seqs, bool) if decode else rng.random(num_seqs) < 0.6
     empty = np.zeros(0, np.int32)
     return ScheduledBatch(
-        batch_id=0, slots=slots, num_new=num_new, starts=starts, sample_mask=sample_mask,
-        block_counts=np.zeros(num_seqs, np.int32), block_ids=empty,
-        admit_seq_ids=np.zeros(0, np.int64), admit_slots=np.zeros(0, np.intp),
+        batch_id=0,
+        slots=slots,
+        num_new=num_new,
+        starts=starts,
+        sample_mask=sample_mask,
+        block_counts=np.zeros(num_seqs, np.int32),
+        block_ids=empty,
+        admit_seq_ids=np.zeros(0, np.int64),
+        admit_slots=np.zeros(0, np.intp),
         preempt_slots=np.zeros(0, np.intp),
     )
 
@@ -38,7 +44,9 @@ def expected_inputs(batch, block_table, token_table):
     positions, slot_mapping, tokens, sample_index = [], [], [], []
     flat = 0
     for slot, start, count, sampled in zip(
-        batch.slots.tolist(), batch.starts.tolist(), batch.num_new.tolist(),
+        batch.slots.tolist(),
+        batch.starts.tolist(),
+        batch.num_new.tolist(),
         batch.sample_mask.tolist(),
     ):
         for position in range(start, start + count):
@@ -66,7 +74,12 @@ def test_prepare_matches_direct_computation_over_mixed_batches(seed):
     block_table = rng.integers(0, 100, (MAX_SLOTS, MAX_BLOCKS)).astype(np.int32)
     token_table = rng.integers(0, 1000, (MAX_SLOTS, MAX_LEN)).astype(np.int32)
     pool = StepInputPool(
-        block_table, np.zeros(MAX_SLOTS, bool), BLOCK_SIZE, 64, MAX_SLOTS, token_table,
+        block_table,
+        np.zeros(MAX_SLOTS, bool),
+        BLOCK_SIZE,
+        64,
+        MAX_SLOTS,
+        token_table,
         torch.device("cpu"),
     )
     allocations = pool.counters.allocations

@@ -20,8 +20,15 @@ from ppruntime.engine.wire import (
 )
 
 BATCH_FIELDS = (
-    "slots", "num_new", "starts", "sample_mask", "block_counts", "block_ids",
-    "admit_seq_ids", "admit_slots", "preempt_slots",
+    "slots",
+    "num_new",
+    "starts",
+    "sample_mask",
+    "block_counts",
+    "block_ids",
+    "admit_seq_ids",
+    "admit_slots",
+    "preempt_slots",
 )
 
 
@@ -69,8 +76,14 @@ def round_trip(header: MicrobatchHeader, capacity: int = 256) -> MicrobatchHeade
 def test_batch_round_trip_with_activations():
     batch = make_batch()
     header = MicrobatchHeader(
-        iteration=123, ready_count=2, shutdown=False, has_control=True, batch=batch,
-        num_tokens=17, hidden_size=4096, dtype_code=wire.DTYPE_CODES[np.dtype(np.float16)],
+        iteration=123,
+        ready_count=2,
+        shutdown=False,
+        has_control=True,
+        batch=batch,
+        num_tokens=17,
+        hidden_size=4096,
+        dtype_code=wire.DTYPE_CODES[np.dtype(np.float16)],
     )
     got = round_trip(header)
     assert (got.iteration, got.ready_count, got.shutdown, got.has_control) == (123, 2, False, True)
@@ -96,8 +109,9 @@ def test_batch_without_activations_drops_activation_fields():
     assert_batches_equal(got.batch, make_batch())
 
 
-@pytest.mark.parametrize("shutdown, control", [(False, False), (True, False), (False, True),
-                                               (True, True)])
+@pytest.mark.parametrize(
+    "shutdown, control", [(False, False), (True, False), (False, True), (True, True)]
+)
 def test_header_only_messages(shutdown, control):
     buffer = np.full(64, 99, dtype=np.int32)
     message = pack_microbatch(MicrobatchHeader(5, 3, shutdown, control, None), buffer)
@@ -105,7 +119,10 @@ def test_header_only_messages(shutdown, control):
     got = unpack_microbatch(message)
     assert got.batch is None and not got.has_activations
     assert (got.iteration, got.ready_count, got.shutdown, got.has_control) == (
-        5, 3, shutdown, control,
+        5,
+        3,
+        shutdown,
+        control,
     )
 
 
@@ -120,9 +137,15 @@ def test_stale_buffer_contents_do_not_leak_into_the_header():
 def test_empty_arrays_round_trip():
     empty = np.zeros(0, dtype=np.int32)
     batch = make_batch(
-        slots=slots(2), num_new=i32(1), starts=i32(9), sample_mask=np.array([True]),
-        block_counts=i32(0), block_ids=empty,
-        admit_seq_ids=np.zeros(0, dtype=np.int64), admit_slots=slots(), preempt_slots=slots(),
+        slots=slots(2),
+        num_new=i32(1),
+        starts=i32(9),
+        sample_mask=np.array([True]),
+        block_counts=i32(0),
+        block_ids=empty,
+        admit_seq_ids=np.zeros(0, dtype=np.int64),
+        admit_slots=slots(),
+        preempt_slots=slots(),
     )
     got = round_trip(MicrobatchHeader(0, 0, False, False, batch))
     assert_batches_equal(got.batch, batch)
@@ -199,7 +222,9 @@ def test_sample_state_empty_and_without_diff():
 def test_finish_reason_codes():
     assert wire.FINISH_NONE == 0
     assert wire.FINISH_REASONS == {
-        wire.FINISH_STOP: "stop", wire.FINISH_LENGTH: "length", wire.FINISH_ABORT: "abort",
+        wire.FINISH_STOP: "stop",
+        wire.FINISH_LENGTH: "length",
+        wire.FINISH_ABORT: "abort",
     }
 
 

@@ -85,6 +85,12 @@ def add_engine_arguments(parser) -> None:
     engine.add_argument("--num-microbatches", type=int, default=None)
     engine.add_argument("--watchdog-timeout", type=float, default=None, help="seconds")
     engine.add_argument("--engine-seed", type=int, default=0)
+    engine.add_argument(
+        "--attention-backend",
+        default=None,
+        help="torch, triton (default: $PPRUNTIME_ATTENTION_BACKEND, else triton on CUDA, "
+        "torch on CPU)",
+    )
 
 
 def add_partition_cost_arguments(group) -> None:
@@ -124,6 +130,7 @@ def llm_from_args(args: argparse.Namespace):
         deterministic=args.deterministic,
         num_microbatches=args.num_microbatches,
         seed=args.engine_seed,
+        attention_backend=args.attention_backend,
         watchdog_timeout_s=args.watchdog_timeout,
         trace=args.trace,
         log_level=args.log_level,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -62,6 +63,7 @@ class LLM:
         deterministic: bool | None = None,
         num_microbatches: int | None = None,
         seed: int = 0,
+        attention_backend: str | None = None,
         watchdog_timeout_s: float | None = None,
         trace: str | None = None,
         log_level: str | None = None,
@@ -77,6 +79,8 @@ class LLM:
         self.info = bootstrap(log_level, log_dir)
         if deterministic is None:
             deterministic = bool(env_flag("PPRUNTIME_DETERMINISTIC"))
+        if attention_backend is None:
+            attention_backend = os.environ.get("PPRUNTIME_ATTENTION_BACKEND") or None
         if isinstance(layer_partition, str) and layer_partition != AUTO_PARTITION:
             layer_partition = parse_layer_partition(layer_partition)
         parallel = ParallelConfig(
@@ -104,6 +108,7 @@ class LLM:
             kv_cache_memory_mb=kv_cache_memory_mb,
             max_model_len=max_model_len,
             seed=seed,
+            attention_backend=attention_backend,
         )
         self.trace_path = trace
         self.reports: list[RankReport] | None = None

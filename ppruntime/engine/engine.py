@@ -43,6 +43,7 @@ from ppruntime.model import (
     load_tokenizer,
     partition_layers,
     resolve_dtype,
+    select_attention_backend,
     stage_extra_costs,
 )
 from ppruntime.model.partition import CostBalancedPartition, StageSpec, balance_by_cost
@@ -187,7 +188,9 @@ class PipelineEngine:
             )
             dtype = torch.float32
         else:
-            model = load_stage_model(config.model, stage, dtype, device)
+            backend = select_attention_backend(config.attention_backend, device)
+            log.info("attention backend: %s", backend.name)
+            model = load_stage_model(config.model, stage, dtype, device, backend)
         self.activation_dtype = dtype
         self.model = model
         bytes_per_block = kv_cache_bytes_per_block(model_config, stage, config.block_size, dtype)

@@ -3,7 +3,9 @@
 Knows nothing about MPI: a stage model is an ordinary torch module for a slice of layers.
 """
 
-from ppruntime.model.attention import AttentionMetadata, paged_attention
+from ppruntime.model.attention import AttentionMetadata
+from ppruntime.model.backends import select_attention_backend
+from ppruntime.model.backends.torch_backend import paged_attention
 from ppruntime.model.config import ModelConfig, config_from_dict, load_model_config
 from ppruntime.model.errors import ModelLoadError
 from ppruntime.model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
@@ -51,5 +53,6 @@ __all__ = [
     "preset_config",
     "require_tokenizer",
     "resolve_dtype",
+    "select_attention_backend",
     "stage_extra_costs",
 ]

@@ -1,15 +1,16 @@
-"""Paged attention over a varlen batch (prefill chunks and decode tokens mixed).
+"""The metadata of a varlen batch (prefill chunks and decode tokens mixed).
 
 Layout of a batch of B sequences with T new tokens in all: the new tokens of a
 sequence are contiguous in the flat batch, sequence b owning flat tokens
 [query_start_loc[b], query_start_loc[b+1]). Each token's K/V is written into the cache
 at its slot; then every new token attends causally to its own sequence's cached
 context (its cached prefix, plus the new tokens up to itself) through the block table.
+The attention backends (ppruntime/model/backends) compute it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -29,125 +30,3 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return int(self.seq_lens.shape[0])
-
-
-def write_kv(
-    k: torch.Tensor, v: torch.Tensor, layer_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Store k, v [T, Hkv, D] at flat slots of layer_cache [2, NB, BS, Hkv, D]."""
-    num_blocks, block_size = layer_cache.shape[1], layer_cache.shape[2]
-    flat = layer_cache.view(2, num_blocks * block_size, *layer_cache.shape[3:])
-    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
-
-
-@dataclass
-class BatchLayout:
-    """Where each flat token sits in the padded [B, max_q] query grid, plus masks.
-
-    Depends only on the metadata and positions, so a stage builds it once per forward
-    and shares it across its layers.
-    """
-
-    seq_of_token: torch.Tensor  # [T] int64
-    index_in_seq: torch.Tensor  # [T] int64
-    query_pos: torch.Tensor  # [B, max_q] int64, padding rows at position 0
-    context_len: int  # padded keys per sequence (whole blocks)
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def visible(self, sliding_window: int | None) -> torch.Tensor:
-        """[B, max_q, S] bool: key j is visible to the query at p when j <= p (within window)."""
-        if sliding_window not in self._masks:
-            key_pos = torch.arange(self.context_len, device=self.query_pos.device)[None, None, :]
-            query_pos = self.query_pos[:, :, None]
-            mask = key_pos <= query_pos
-            if sliding_window is not None:
-                mask &= key_pos > query_pos - sliding_window
-            self._masks[sliding_window] = mask
-        return self._masks[sliding_window]
-
-
-def batch_layout(
-    attn: AttentionMetadata, block_size: int, positions: torch.Tensor | None = None
-) -> BatchLayout:
-    """The layout of a batch; `positions` [T] default to seq_lens - q_len + index."""
-    num_tokens = int(attn.slot_mapping.shape[0])
-    seq_of_token, index_in_seq = _token_coordinates(attn.query_start_loc, num_tokens)
-    if positions is None:
-        q_lens = attn.query_start_loc[1:] - attn.query_start_loc[:-1]
-        positions = (attn.seq_lens - q_lens).to(torch.int64)[seq_of_token] + index_in_seq
-    query_pos = positions.new_zeros((attn.num_seqs, attn.max_query_len), dtype=torch.int64)
-    query_pos[seq_of_token, index_in_seq] = positions.to(torch.int64)
-    blocks_needed = -(-attn.max_seq_len // block_size)
-    return BatchLayout(seq_of_token, index_in_seq, query_pos, blocks_needed * block_size)
-
-
-def paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layer_cache: torch.Tensor,
-    attn: AttentionMetadata,
-    scale: float,
-    sliding_window: int | None = None,
-    positions: torch.Tensor | None = None,
-    layout: BatchLayout | None = None,
-) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D], layer_cache [2, NB, BS, Hkv, D] -> [T, Hq, D].
-
-    `positions` [T] are the absolute positions of the new tokens; when omitted they are
-    derived from seq_lens and query_start_loc. `layout` (from `batch_layout`) may be
-    passed to reuse the per-batch index work across layers. A key at position j is
-    visible to a query at position p when j <= p (and p - j < sliding_window when a
-    window is set). Computed in float32, returned in q's dtype.
-    """
-    write_kv(k, v, layer_cache, attn.slot_mapping)
-    if layout is None:
-        layout = batch_layout(attn, layer_cache.shape[2], positions)
-    _, num_q_heads, head_dim = q.shape
-    num_kv_heads = layer_cache.shape[3]
-    group = num_q_heads // num_kv_heads
-    num_seqs, max_q = layout.query_pos.shape
-    tokens = (layout.seq_of_token, layout.index_in_seq)
-
-    keys, values = _gather_context(layer_cache, attn, layout.context_len)  # [B, S, Hkv, D]
-    padded_q = q.new_zeros((num_seqs, max_q, num_q_heads, head_dim), dtype=torch.float32)
-    padded_q[tokens] = q.to(torch.float32)
-    padded_q = padded_q.view(num_seqs, max_q, num_kv_heads, group, head_dim)
-
-    scores = torch.einsum("bqhgd,bshd->bhgqs", padded_q, keys) * scale  # [B, Hkv, G, max_q, S]
-    visible = layout.visible(sliding_window)[:, None, None, :, :]
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    out = torch.einsum("bhgqs,bshd->bqhgd", probs, values)  # [B, max_q, Hkv, G, D]
-    out = out.reshape(num_seqs, max_q, num_q_heads, head_dim)
-    return out[tokens].to(q.dtype)
-
-
-def _token_coordinates(
-    query_start_loc: torch.Tensor, num_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each flat token: (its sequence index, its index among the sequence's new tokens)."""
-    starts = query_start_loc.to(torch.int64)
-    token = torch.arange(num_tokens, device=starts.device)
-    seq_of_token = torch.searchsorted(starts[1:], token, right=True)  # [T]
-    return seq_of_token, token - starts[seq_of_token]
-
-
-def _gather_context(
-    layer_cache: torch.Tensor, attn: AttentionMetadata, context_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sequence's cached K and V laid out by position: [B, context_len, Hkv, D] float32."""
-    block_size = layer_cache.shape[2]
-    blocks_needed = context_len // block_size
-    if attn.block_table.shape[1] < blocks_needed:
-        raise ValueError(
-            f"block_table has {attn.block_table.shape[1]} columns but max_seq_len="
-            f"{attn.max_seq_len} needs {blocks_needed} blocks of {block_size}"
-        )
-    table = attn.block_table[:, :blocks_needed]
-    if attn.block_table_rows is not None:
-        table = table.index_select(0, attn.block_table_rows)
-    table = table.to(torch.int64)  # [B, nblk]
-    kv = layer_cache[:, table]  # [2, B, nblk, BS, Hkv, D]
-    kv = kv.reshape(2, table.shape[0], context_len, *layer_cache.shape[3:]).to(torch.float32)
-    return kv[0], kv[1]

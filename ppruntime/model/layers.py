@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ppruntime.model.attention import AttentionMetadata, BatchLayout, paged_attention
+from ppruntime.model.attention import AttentionMetadata
+from ppruntime.model.backends.base import LayerAttention
 from ppruntime.model.config import ModelConfig
 from ppruntime.model.rope import apply_rope
 
@@ -76,7 +77,7 @@ class SelfAttention(nn.Module):
         hidden: torch.Tensor,  # [T, H]
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [T, D]
         attn: AttentionMetadata,
-        layout: BatchLayout,
+        attention: LayerAttention,
         layer_cache: torch.Tensor,  # [2, NB, BS, Hkv, D]
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
@@ -87,9 +88,7 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = paged_attention(
-            q, k, v, layer_cache, attn, self.scale, self.sliding_window, layout=layout
-        )
+        out = attention(q, k, v, layer_cache, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -122,9 +121,9 @@ class DecoderLayer(nn.Module):
         hidden: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         attn: AttentionMetadata,
-        layout: BatchLayout,
+        attention: LayerAttention,
         layer_cache: torch.Tensor,
     ) -> torch.Tensor:
-        attended = self.self_attn(self.input_layernorm(hidden), rope, attn, layout, layer_cache)
+        attended = self.self_attn(self.input_layernorm(hidden), rope, attn, attention, layer_cache)
         hidden = hidden + attended
         return hidden + self.mlp(self.post_attention_layernorm(hidden))

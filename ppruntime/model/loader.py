@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ppruntime.model.backends.base import AttentionBackend
 from ppruntime.model.checkpoint import SafetensorsCheckpoint
 from ppruntime.model.config import ModelConfig, load_model_config
 from ppruntime.model.errors import ModelLoadError
@@ -57,6 +58,7 @@ def load_stage_model(
     stage: StageSpec,
     dtype: torch.dtype | str = "float32",
     device: torch.device | str = "cpu",
+    attention_backend: AttentionBackend | None = None,
 ) -> StageModel:
     """Load the part of the model that `stage` runs; reads only that stage's tensors.
 
@@ -71,7 +73,9 @@ def load_stage_model(
             f"has {config.num_hidden_layers} layers"
         )
     torch_dtype = resolve_dtype(dtype, config)
-    model = StageModel(config, stage, dtype=torch_dtype, device=device)
+    model = StageModel(
+        config, stage, dtype=torch_dtype, device=device, attention_backend=attention_backend
+    )
     if isinstance(source, str) and is_preset(source):
         model.loaded_tensor_names = fill_preset_weights(model, source)
     else:

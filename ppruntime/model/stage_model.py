@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ppruntime.model.attention import AttentionMetadata, batch_layout
+from ppruntime.model.attention import AttentionMetadata
+from ppruntime.model.backends import AttentionBackend, LayerAttention, TorchAttentionBackend
 from ppruntime.model.config import ModelConfig
 from ppruntime.model.layers import DecoderLayer, RMSNorm
 from ppruntime.model.partition import StageSpec
@@ -30,9 +31,11 @@ class StageModel(nn.Module):
         stage: StageSpec,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        attention_backend: AttentionBackend | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self.attention_backend = attention_backend or TorchAttentionBackend()
         self.stage = stage
         self.dtype = dtype
         self.loaded_tensor_names: tuple[str, ...] = ()
@@ -89,9 +92,10 @@ class StageModel(nn.Module):
             hidden = inputs.to(self.dtype)
         positions = positions.to(torch.int64)
         rope = rope_cos_sin(self.rope_inv_freq, positions, self.dtype)
-        layout = batch_layout(attn, kv_cache.shape[3], positions)
+        backend = self.attention_backend
+        attention = LayerAttention(backend, backend.plan(attn, positions, kv_cache.shape[3]))
         for offset, layer in enumerate(self.layers):
-            hidden = layer(hidden, rope, attn, layout, kv_cache[offset])
+            hidden = layer(hidden, rope, attn, attention, kv_cache[offset])
         if self.norm is not None:
             hidden = self.norm(hidden)
         return hidden

@@ -1,0 +1,113 @@
+"""Compile the attention kernels for a Hopper GPU (sm_90) on a machine without one.
+
+The interpreter checks numerics but not what only the compiler checks (loop-carried
+types, layouts, shared memory); this runs triton's whole pipeline down to a cubin for
+the launches the backend picks for real model shapes. Run without TRITON_INTERPRET.
+Prints one line per kernel; exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+assert os.environ.get("TRITON_INTERPRET", "") != "1", "run without TRITON_INTERPRET"
+
+from ppruntime.kernels import kv_store  # noqa: E402
+from ppruntime.kernels import paged_attention as pa  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+INT64_ARGS = ("stride_cache_kv", "stride_cache_block")  # large caches pass 64-bit strides
+
+
+def compile_kernel(kernel, pointers: dict[str, str], constants: dict, warps: int, stages: int):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        elif name in INT64_ARGS:
+            signature[name] = "i64"
+        elif name == "scale_log2":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    source = ASTSource(kernel, signature, constexprs=constants)
+    return triton.compile(source, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+
+
+def attention(name, dtype, hq, hkv, head_dim, launch, window, block_size=16):
+    element = TRITON_TYPES[dtype]
+    pointers = {
+        "out_ptr": f"*{element}",
+        "partial_out_ptr": "*fp32",
+        "partial_stats_ptr": "*fp32",
+        "q_ptr": f"*{element}",
+        "cache_ptr": f"*{element}",
+        "query_start_loc_ptr": "*i64",
+        "seq_lens_ptr": "*i64",
+        "block_table_ptr": "*i32",
+        "block_table_rows_ptr": "*i64",
+    }
+    group = hq // hkv
+    constants = pa.attention_constants(
+        launch, group, head_dim, block_size, dtype, has_rows=True, has_window=window
+    )
+    compiled = compile_kernel(
+        pa._paged_attention_kernel, pointers, constants, launch.num_warps, launch.num_stages
+    )
+    print(f"ok {name}: {launch} shared={compiled.metadata.shared}", flush=True)
+    if launch.num_splits > 1:
+        pointers = {
+            "out_ptr": f"*{element}",
+            "partial_out_ptr": "*fp32",
+            "partial_stats_ptr": "*fp32",
+            "seq_lens_ptr": "*i64",
+        }
+        compile_kernel(
+            pa._merge_splits_kernel, pointers, pa.merge_constants(launch, head_dim, window), 4, 2
+        )
+        print(f"ok {name}: merge of {launch.num_splits} splits", flush=True)
+
+
+def main() -> int:
+    decode = pa.decode_launch(
+        num_seqs=1, num_kv_heads=8, max_context_len=32768, target_programs=528
+    )
+    assert decode.num_splits > 1
+    attention("8B decode bf16", torch.bfloat16, 32, 8, 128, decode, window=False)
+    attention(
+        "8B prefill bf16",
+        torch.bfloat16,
+        32,
+        8,
+        128,
+        pa.prefill_launch(torch.bfloat16, 512, 4),
+        False,
+    )
+    attention(
+        "mixed fp16 d80 window",
+        torch.float16,
+        16,
+        8,
+        80,
+        pa.prefill_launch(torch.float16, 8, 2),
+        True,
+    )
+    attention("fp32 decode d96 window", torch.float32, 8, 4, 96, decode, window=True)
+    pointers = {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*bf16", "slot_ptr": "*i64"}
+    constants = {"BLOCK_SIZE": 16, "HEAD_DIM": 80, "HEADS_PAD": 8, "DIM_PAD": 128}
+    compile_kernel(kv_store._kv_store_kernel, pointers, constants, 4, 2)
+    print("ok kv store bf16 d80", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

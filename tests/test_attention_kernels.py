@@ -1,0 +1,360 @@
+"""The triton attention backend (KV store, paged attention, split-KV decode) against the
+torch backend, and a whole checkpoint through `ppruntime generate` with it.
+
+Without a GPU the kernels run interpreted on CPU tensors (TRITON_INTERPRET=1, set here
+before triton is imported: it is read when a kernel is defined); with one they are
+compiled and run on CUDA tensors. The interpreter is slow: shapes are tiny.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+from launching import REPO_ROOT, describe, mpi_env
+from model_fixtures import PagedBatches, load_reference_model, make_tiny_checkpoint
+from reference_compare import compare_greedy, hf_greedy_reference
+
+from ppruntime.config import ConfigError, EngineConfig
+from ppruntime.kernels.kv_store import store_kv
+from ppruntime.kernels.paged_attention import (
+    AttentionLaunch,
+    decode_launch,
+    paged_attention,
+)
+from ppruntime.model.attention import AttentionMetadata
+from ppruntime.model.backends import select_attention_backend
+from ppruntime.model.backends.torch_backend import write_kv
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TORCH = select_attention_backend("torch", "cpu")
+TRITON = select_attention_backend("triton", DEVICE)
+TOLERANCE = {
+    torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
+    torch.float16: {"atol": 4e-3, "rtol": 4e-3},
+}
+
+# prefill only; prefill chunks with cached prefixes mixed with decode tokens; decode only
+STEPS = [
+    [(0, 33), (1, 6)],  # 33 tokens x 4 heads a group fill 128-row tiles
+    [(1, 11), (0, 1), (2, 3)],
+    [(2, 1), (0, 1), (1, 1)],
+]
+
+
+def _on(device, metadata: AttentionMetadata) -> AttentionMetadata:
+    fields = {
+        name: getattr(metadata, name).to(device)
+        for name in ("query_start_loc", "seq_lens", "block_table", "slot_mapping")
+    }
+    rows = metadata.block_table_rows
+    return AttentionMetadata(
+        **fields,
+        max_query_len=metadata.max_query_len,
+        max_seq_len=metadata.max_seq_len,
+        block_table_rows=rows.to(device) if rows is not None else None,
+    )
+
+
+def _with_persistent_table(metadata: AttentionMetadata, num_rows: int) -> AttentionMetadata:
+    """The engine's layout: sequence b's blocks are row rows[b] of a wider, shuffled table."""
+    rows = torch.randperm(num_rows, generator=torch.Generator().manual_seed(7))
+    rows = rows[: metadata.num_seqs].to(torch.int64)
+    table = torch.full((num_rows, metadata.block_table.shape[1]), 10**6, dtype=torch.int32)
+    table[rows] = metadata.block_table
+    metadata.block_table, metadata.block_table_rows = table, rows
+    return metadata
+
+
+def _run_steps(hq, hkv, head_dim, block_size, window, dtype, steps=STEPS, table_rows=None):
+    """Every step through both backends, each on its own cache; compare out and cache."""
+    generator = torch.Generator().manual_seed(hq * 1000 + head_dim + block_size)
+    num_blocks = 48
+    paging = PagedBatches(num_blocks, block_size, seed=block_size)
+    reference_cache = torch.zeros(2, num_blocks, block_size, hkv, head_dim, dtype=dtype)
+    cache = reference_cache.to(DEVICE)
+    plans = []
+    for step in steps:
+        metadata, positions = paging.step(step)
+        if table_rows is not None:
+            metadata = _with_persistent_table(metadata, table_rows)
+        total = sum(count for _, count in step)
+        q = torch.randn(total, hq, head_dim, generator=generator).to(dtype)
+        k = torch.randn(total, hkv, head_dim, generator=generator).to(dtype)
+        v = torch.randn(total, hkv, head_dim, generator=generator).to(dtype)
+        scale = head_dim**-0.5
+        plan = TORCH.plan(metadata, positions, block_size)
+        expected = TORCH.forward(q, k, v, reference_cache, plan, scale, window)
+        device_metadata = _on(DEVICE, metadata)
+        plan = TRITON.plan(device_metadata, positions.to(DEVICE), block_size)
+        plans.append(plan)
+        out = TRITON.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cache, plan, scale, window)
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out.cpu(), expected, **TOLERANCE[dtype])
+        assert torch.equal(cache.cpu(), reference_cache), "the KV store wrote elsewhere"
+    return plans
+
+
+@pytest.mark.parametrize(
+    "hq, hkv, head_dim, block_size, window, dtype",
+    [
+        (2, 2, 64, 16, None, torch.float32),  # GQA 1
+        (4, 2, 80, 16, 7, torch.bfloat16),  # GQA 2, non-power-of-2 head_dim, window
+        (4, 1, 96, 5, None, torch.float32),  # GQA 4, odd block size
+        (4, 1, 128, 8, 5, torch.float16),
+        (8, 2, 24, 3, None, torch.bfloat16),  # qwen3-test-like head_dim, tiny blocks
+    ],
+)
+def test_mixed_and_decode_batches_match_torch(hq, hkv, head_dim, block_size, window, dtype):
+    plans = _run_steps(hq, hkv, head_dim, block_size, window, dtype)
+    assert [plan.decode for plan in plans] == [False, False, True]
+
+
+def test_block_table_rows_of_a_persistent_table():
+    _run_steps(4, 2, 64, 16, None, torch.float32, table_rows=9)
+
+
+def test_batch_one_prefill_then_decode():
+    _run_steps(4, 2, 64, 16, None, torch.float32, steps=[[(0, 37)], [(0, 1)], [(0, 1)]])
+
+
+def _decode_case(contexts, block_size, hq, hkv, head_dim, dtype, table_rows=None):
+    """Sequences that already hold `contexts[b] - 1` tokens, decoding one each."""
+    paging = PagedBatches(64, block_size, seed=2)
+    generator = torch.Generator().manual_seed(5)
+    cache = torch.zeros(2, 64, block_size, hkv, head_dim, dtype=dtype)
+    prefill, _ = paging.step([(seq, length - 1) for seq, length in enumerate(contexts)])
+    keys = torch.randn(2, prefill.slot_mapping.shape[0], hkv, head_dim, generator=generator)
+    write_kv(keys[0].to(dtype), keys[1].to(dtype), cache, prefill.slot_mapping)
+    metadata, positions = paging.step([(seq, 1) for seq in range(len(contexts))])
+    if table_rows is not None:
+        metadata = _with_persistent_table(metadata, table_rows)
+    new = torch.randn(3, len(contexts), max(hq, hkv), head_dim, generator=generator).to(dtype)
+    return metadata, positions, cache, new[0, :, :hq], new[1, :, :hkv], new[2, :, :hkv]
+
+
+@pytest.mark.parametrize(
+    "contexts, window, dtype, table_rows, target_programs",
+    [
+        ([70, 33, 5], None, torch.float32, None, 24),  # 4 splits; a 5-key one fills 1
+        ([70, 40], 20, torch.bfloat16, 5, 16),  # the splits share the window only
+        ([300], None, torch.float32, 3, 64),  # batch 1, 20 splits: merged in 2 chunks
+    ],
+)
+def test_split_kv_decode_matches_torch(contexts, window, dtype, table_rows, target_programs):
+    hq, hkv, head_dim, block_size = 4, 2, 64, 8
+    metadata, positions, cache, q, k, v = _decode_case(
+        contexts, block_size, hq, hkv, head_dim, dtype, table_rows
+    )
+    reference_cache = cache.clone()
+    expected = TORCH.forward(
+        q, k, v, reference_cache, TORCH.plan(metadata, positions, block_size), 0.125, window
+    )
+    launch = decode_launch(
+        len(contexts), hkv, 320, target_programs, block_n=16, min_keys_per_split=16
+    )
+    assert launch.num_splits >= 4
+    device_metadata = _on(DEVICE, metadata)
+    cache = cache.to(DEVICE)
+    store_kv(k.to(DEVICE), v.to(DEVICE), cache, device_metadata.slot_mapping)
+    out = paged_attention(
+        q.to(DEVICE),
+        cache,
+        device_metadata.query_start_loc,
+        device_metadata.seq_lens,
+        device_metadata.block_table,
+        0.125,
+        launch,
+        block_table_rows=device_metadata.block_table_rows,
+        sliding_window=window,
+    )
+    torch.testing.assert_close(out.cpu(), expected, **TOLERANCE[dtype])
+    assert torch.equal(cache.cpu(), reference_cache)
+
+
+def test_backend_plan_splits_a_long_decode():
+    """The backend's own plan for one long sequence: several splits, grid from the table."""
+    metadata, positions, cache, q, k, v = _decode_case([300], 16, 4, 2, 64, torch.float32)
+    width = metadata.block_table.shape[1]
+    plan = TRITON.plan(_on(DEVICE, metadata), positions.to(DEVICE), 16)
+    reference_cache = cache.clone()
+    expected = TORCH.forward(
+        q, k, v, reference_cache, TORCH.plan(metadata, positions, 16), 0.125, None
+    )
+    cache = cache.to(DEVICE)
+    out = TRITON.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cache, plan, 0.125, None)
+    assert plan.decode and plan.max_context_len == width * 16
+    assert plan.launch.num_splits > 1
+    torch.testing.assert_close(out.cpu(), expected, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [
+        AttentionLaunch(block_m=16, block_n=16),
+        AttentionLaunch(16, 16, one_program_per_seq=True, num_splits=3),
+    ],
+    ids=["unified", "split-kv"],
+)
+def test_padded_rows_write_nothing_and_give_zeros(launch):
+    """Padded rows as a captured graph has them: seq_len 0, slot -1, one query each."""
+    hq, hkv, head_dim, block_size = 4, 2, 64, 8
+    metadata, positions, cache, q, k, v = _decode_case(
+        [20, 9], block_size, hq, hkv, head_dim, torch.float32
+    )
+    padded = AttentionMetadata(
+        query_start_loc=torch.arange(5, dtype=torch.int32),
+        seq_lens=torch.cat([metadata.seq_lens, torch.zeros(2, dtype=torch.int32)]),
+        block_table=torch.cat([metadata.block_table, torch.zeros_like(metadata.block_table)]),
+        slot_mapping=torch.cat([metadata.slot_mapping, torch.full((2,), -1)]),
+        max_query_len=1,
+        max_seq_len=20,
+    )
+    extra = torch.full((2, hkv, head_dim), 1e4)
+    k_all, v_all = torch.cat([k, extra]), torch.cat([v, extra])
+    q_all = torch.cat([q, torch.ones(2, hq, head_dim)])
+    reference_cache = cache.clone()
+    expected = TORCH.forward(
+        q, k, v, reference_cache, TORCH.plan(metadata, positions, block_size), 0.125, None
+    )
+    device_metadata = _on(DEVICE, padded)
+    cache = cache.to(DEVICE)
+    store_kv(k_all.to(DEVICE), v_all.to(DEVICE), cache, device_metadata.slot_mapping)
+    assert torch.equal(cache.cpu(), reference_cache), "a padded slot wrote into the cache"
+    out = paged_attention(
+        q_all.to(DEVICE),
+        cache,
+        device_metadata.query_start_loc,
+        device_metadata.seq_lens,
+        device_metadata.block_table,
+        0.125,
+        launch,
+    ).cpu()
+    torch.testing.assert_close(out[:2], expected, **TOLERANCE[torch.float32])
+    assert torch.equal(out[2:], torch.zeros_like(out[2:]))
+
+
+def test_kv_store_matches_write_kv_and_skips_padding():
+    cache = torch.randn(2, 6, 5, 3, 80)
+    slots = torch.tensor([7, -1, 0, 29, -1, 13])
+    k, v = torch.randn(2, 6, 3, 80).unbind(0)
+    expected = cache.clone()
+    keep = slots >= 0
+    write_kv(k[keep], v[keep], expected, slots[keep])
+    on_device = cache.to(DEVICE)
+    store_kv(k.to(DEVICE), v.to(DEVICE), on_device, slots.to(DEVICE))
+    assert torch.equal(on_device.cpu(), expected)
+
+
+def test_narrow_block_table_is_an_error():
+    paging = PagedBatches(16, 4)
+    metadata, positions = paging.step([(0, 9)])
+    metadata.block_table = metadata.block_table[:, :2]
+    with pytest.raises(ValueError, match="block_table has 2 columns"):
+        TRITON.plan(metadata, positions, 4)
+
+
+def test_backend_selection_and_its_errors(monkeypatch):
+    assert select_attention_backend(None, "cpu").name == "torch"
+    with pytest.raises(ConfigError, match="unknown attention backend 'flash'"):
+        select_attention_backend("flash", "cpu")
+    with pytest.raises(ConfigError, match="attention_backend must be one of torch, triton"):
+        EngineConfig(attention_backend="flash")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1"):
+        select_attention_backend("triton", "cpu")
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    """The compiled path, down to an sm_90 cubin, without a GPU (and without the
+    interpreter, which does not check what only the compiler does)."""
+    env = {key: value for key, value in mpi_env().items() if key != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from a cache
+    script = REPO_ROOT / "tests" / "kernel_scripts" / "compile_attention_kernels.py"
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=str(REPO_ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, describe(result)
+    compiled = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
+    assert len(compiled) == 7, describe(result)
+
+
+# ---------------------------------------------------------------------------------------
+# A whole checkpoint through the CLI with the triton backend, against transformers
+# ---------------------------------------------------------------------------------------
+PROMPTS = [[5, 17, 42, 7, 99, 3, 250, 11, 60], [8], [200, 201, 202, 9, 14, 77, 31]]
+MAX_NEW_TOKENS = 6
+# llama: llama3 rope; mistral: a sliding window of 6; qwen2: biases, tied embeddings;
+# qwen3: head_dim 24, q/k norms
+CLI_ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """arch -> (CompletedProcess of `ppruntime generate`, GreedyReference); run at once."""
+    jobs = {}
+    for arch in CLI_ARCHITECTURES:
+        directory = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch, num_hidden_layers=2)
+        reference = hf_greedy_reference(load_reference_model(directory), PROMPTS, MAX_NEW_TOKENS)
+        prompts_file = directory / "prompts.jsonl"
+        lines = [json.dumps({"prompt_token_ids": prompt}) + "\n" for prompt in PROMPTS]
+        prompts_file.write_text("".join(lines))
+        # max_num_tokens=8 chunks the 9-token prompt: a prefill chunk over a cached prefix
+        args = [
+            *(sys.executable, "-m", "ppruntime", "generate", "--model", str(directory)),
+            *("--prompts-file", str(prompts_file), "--max-tokens", str(MAX_NEW_TOKENS)),
+            *("--ignore-eos", "--json", "--quiet", "--device", DEVICE, "--block-size", "4"),
+            *("--max-num-tokens", "8", "--max-batch-size", "4"),
+            *("--attention-backend", "triton", "--log-level", "INFO"),
+        ]
+        env = mpi_env({} if HAS_CUDA else {"TRITON_INTERPRET": "1"})
+        process = subprocess.Popen(
+            args,
+            cwd=str(REPO_ROOT),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        jobs[arch] = (args, process, reference)
+    results = {}
+    for arch, (args, process, reference) in jobs.items():
+        try:
+            stdout, stderr = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        results[arch] = (
+            subprocess.CompletedProcess(args, process.returncode, stdout, stderr),
+            reference,
+        )
+    return results
+
+
+@pytest.mark.parametrize("arch", CLI_ARCHITECTURES)
+def test_generate_with_triton_backend_matches_transformers(generated, arch):
+    result, reference = generated[arch]
+    assert result.returncode == 0, describe(result)
+    assert "attention backend: triton" in result.stderr, describe(result)
+    ours = [json.loads(line)["token_ids"] for line in result.stdout.splitlines() if line.strip()]
+    assert len(ours) == len(PROMPTS), describe(result)
+    mismatches = compare_greedy(
+        reference.tokens, reference.top2_logprobs, ours, reference_top2_ids=reference.top2_ids
+    )
+    assert not mismatches, "\n".join(mismatches)
