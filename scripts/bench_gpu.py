@@ -530,9 +530,8 @@ class AttentionSetup:
 
 def attention_benchmark(setup: AttentionSetup, device: torch.device, bandwidth, matmul) -> dict:
     try:
-        from ppruntime.model.backends import select_attention_backend
-
         from ppruntime.model.attention import AttentionMetadata
+        from ppruntime.model.backends import select_attention_backend
     except ImportError as exc:
         return {"status": "unavailable", "reason": f"ppruntime.model.backends: {exc}"}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
