@@ -17,6 +17,9 @@ slot whose sends are still draining."""
 DEFAULT_WATCHDOG_TIMEOUT_S = 300.0
 AUTO_PARTITION = "auto"
 
+ATTENTION_BACKENDS = ("torch", "triton")
+"""Attention backends (ppruntime/model/backends); None picks triton on CUDA, torch on CPU."""
+
 
 class ConfigError(ValueError):
     """An engine or parallel-layout setting is invalid."""
@@ -115,6 +118,7 @@ class EngineConfig:
     max_num_tokens: token budget of one microbatch (prefill chunks + decode tokens).
     kv_cache_blocks: KV blocks per rank; None = from kv_cache_memory_mb. The blocks
         actually used are the minimum over all ranks.
+    attention_backend: "torch" or "triton"; None = triton on CUDA, torch on CPU.
     """
 
     model: str = "tiny"
@@ -128,6 +132,7 @@ class EngineConfig:
     kv_cache_memory_mb: int = 256
     max_model_len: int | None = None
     seed: int = 0
+    attention_backend: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_tokens", "block_size", "kv_cache_memory_mb"):
@@ -154,3 +159,8 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)} (or unset "
+                f"for the device's default), got {self.attention_backend!r}"
+            )

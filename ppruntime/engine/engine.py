@@ -43,6 +43,7 @@ from ppruntime.model import (
     load_tokenizer,
     partition_layers,
     resolve_dtype,
+    select_layer_ops,
     stage_extra_costs,
 )
 from ppruntime.model.partition import CostBalancedPartition, StageSpec, balance_by_cost
@@ -187,7 +188,9 @@ class PipelineEngine:
             )
             dtype = torch.float32
         else:
-            model = load_stage_model(config.model, stage, dtype, device)
+            layer_ops = select_layer_ops(config.attention_backend, device)
+            log.info("layer ops: %s", layer_ops.name)
+            model = load_stage_model(config.model, stage, dtype, device, layer_ops=layer_ops)
         self.activation_dtype = dtype
         self.model = model
         bytes_per_block = kv_cache_bytes_per_block(model_config, stage, config.block_size, dtype)
