@@ -139,7 +139,7 @@ def rope_config(head_dim: int, scaling: str) -> ModelConfig:
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=6,
-        num_key_value_heads=2,
+        num_key_value_heads=1 if head_dim == 96 else 2,  # 96: one KV head (MQA)
         head_dim=head_dim,
         rope_theta=10000.0,
         rope_scaling=ROPE_SCALINGS[scaling],

@@ -141,8 +141,9 @@ def qk_norm_rope_(
         eps,
         QK_NORM=qk_norm,
         HEAD_DIM=head_dim,
-        BLOCK_HQ=triton.next_power_of_2(num_q_heads),
-        BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+        # tiles of at least 2 x 2: one head (MQA) or head_dim 2 still get a 2-D tile
+        BLOCK_HQ=max(2, triton.next_power_of_2(num_q_heads)),
+        BLOCK_HKV=max(2, triton.next_power_of_2(num_kv_heads)),
+        BLOCK_HALF=max(2, triton.next_power_of_2(head_dim // 2)),
         num_warps=4,
     )
