@@ -23,6 +23,7 @@ pytest.importorskip("triton", reason="the triton package is not installed")
 
 from model_fixtures import PagedBatches, load_reference_model, make_tiny_checkpoint
 
+from ppruntime.config import ConfigError
 from ppruntime.model import ModelConfig, allocate_kv_cache, load_stage_model
 from ppruntime.model.attention import AttentionMetadata
 from ppruntime.model.layer_ops import (
@@ -184,10 +185,10 @@ def test_select_layer_ops(monkeypatch):
     assert select_layer_ops("torch", "cpu").name == "torch"
     assert select_layer_ops("triton", "cuda").name == "triton"
     assert select_layer_ops(None, "cuda").name == "triton"
-    with pytest.raises(ValueError, match="unknown layer ops 'cudnn'; choose from torch, triton"):
+    with pytest.raises(ConfigError, match="unknown layer ops 'cudnn'; choose from torch, triton"):
         select_layer_ops("cudnn", "cpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="triton layer ops run on CUDA devices"):
+    with pytest.raises(ConfigError, match="triton layer ops run on CUDA devices"):
         select_layer_ops("triton", "cpu")
 
 

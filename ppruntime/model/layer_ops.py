@@ -19,9 +19,8 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ppruntime.config import ATTENTION_BACKENDS, ConfigError
 from ppruntime.model.rope import apply_rope, rope_angles, rope_cos_sin
-
-LAYER_OPS_NAMES = ("torch", "triton")
 
 
 class RopeTables(NamedTuple):
@@ -192,7 +191,10 @@ class TritonLayerOps(LayerOps):
 
 
 def select_layer_ops(name: str | None, device: torch.device | str) -> LayerOps:
-    """The LayerOps called `name` ("torch", "triton"); None = triton on CUDA, else torch."""
+    """The LayerOps called `name` ("torch", "triton"); None = triton on CUDA, else torch.
+
+    Raises ConfigError for an unknown name, or triton where it cannot run.
+    """
     device = torch.device(device)
     if name is None:
         name = "triton" if device.type == "cuda" else "torch"
@@ -200,15 +202,15 @@ def select_layer_ops(name: str | None, device: torch.device | str) -> LayerOps:
         return TorchLayerOps()
     if name == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
+            raise ConfigError(
                 f"the triton layer ops run on CUDA devices (or on CPU under TRITON_INTERPRET=1),"
                 f" not on {device}; use 'torch' there"
             )
         try:
             return TritonLayerOps()
         except ImportError as exc:
-            raise ValueError(
+            raise ConfigError(
                 f"the triton layer ops need the triton package ({exc}); "
                 "install triton or use 'torch'"
             ) from None
-    raise ValueError(f"unknown layer ops {name!r}; choose from {', '.join(LAYER_OPS_NAMES)}")
+    raise ConfigError(f"unknown layer ops {name!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
