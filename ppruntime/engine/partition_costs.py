@@ -17,7 +17,12 @@ import os
 import torch
 
 from ppruntime.config import ConfigError, EngineConfig
-from ppruntime.model import ModelConfig, kv_cache_bytes_per_block, resolve_dtype
+from ppruntime.model import (
+    ModelConfig,
+    kv_cache_bytes_per_block,
+    resolve_dtype,
+    select_layer_ops,
+)
 from ppruntime.model.partition import (
     CostBalancedPartition,
     RankCosts,
@@ -48,6 +53,7 @@ def measure_costs_for(
         device,
         knobs=StageKnobs.from_env(rank),
         memory_bytes=None,
+        layer_ops=select_layer_ops(config.attention_backend, device),
     )
     limit = _weight_memory_limit(config, device)
     if config.kv_cache_blocks is not None:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ppruntime.model.attention import AttentionMetadata
 from ppruntime.model.config import ModelConfig
 from ppruntime.model.kv_cache import allocate_kv_cache
+from ppruntime.model.layer_ops import LayerOps
 from ppruntime.model.partition import RankCosts, StageBytes, StageSpec
 from ppruntime.model.stage_model import StageModel
 from ppruntime.stage.debug_knobs import StageKnobs
@@ -132,12 +133,15 @@ def measure_rank_costs(
     device: torch.device,
     knobs: StageKnobs | None = None,
     memory_bytes: int | None = None,
+    layer_ops: LayerOps | None = None,
 ) -> tuple[RankCosts, StageBytes]:
-    """This rank's cost of each piece (seconds per weighted microbatch) and their bytes."""
+    """This rank's cost of each piece (seconds per weighted microbatch) and their bytes,
+    with the `layer_ops` the engine will run (default: the torch reference)."""
 
     def build(stage_index: int, layers: int) -> StageModel:
         spec = StageSpec(stage_index, 3, 0, layers)
-        return _fill_random(StageModel(config, spec, dtype=dtype, device=device))
+        model = StageModel(config, spec, dtype=dtype, device=device, layer_ops=layer_ops)
+        return _fill_random(model)
 
     extra_layers = min(PROBE_LAYERS, config.num_hidden_layers) - 1
     one, many, last = build(1, 1), build(1, 1 + extra_layers), build(2, 1)
