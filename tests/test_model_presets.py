@@ -36,7 +36,7 @@ def test_layer_weights_do_not_depend_on_the_partition():
     for name, param in layer_in_0.items():
         assert torch.equal(param, layer_in_1[name]), name
     assert not torch.equal(
-        as_stage0.layers[0].mlp.up_proj.weight, as_stage0.layers[1].mlp.up_proj.weight
+        as_stage0.layers[0].mlp.gate_up_proj.weight, as_stage0.layers[1].mlp.gate_up_proj.weight
     )
 
 

@@ -44,6 +44,7 @@ from ppruntime.model import (
     partition_layers,
     resolve_dtype,
     select_attention_backend,
+    select_layer_ops,
     stage_extra_costs,
 )
 from ppruntime.model.partition import CostBalancedPartition, StageSpec, balance_by_cost
@@ -189,8 +190,11 @@ class PipelineEngine:
             dtype = torch.float32
         else:
             backend = select_attention_backend(config.attention_backend, device)
-            log.info("attention backend: %s", backend.name)
-            model = load_stage_model(config.model, stage, dtype, device, backend)
+            layer_ops = select_layer_ops(config.attention_backend, device)
+            log.info("attention backend: %s, layer ops: %s", backend.name, layer_ops.name)
+            model = load_stage_model(
+                config.model, stage, dtype, device, backend, layer_ops=layer_ops
+            )
         self.activation_dtype = dtype
         self.model = model
         bytes_per_block = kv_cache_bytes_per_block(model_config, stage, config.block_size, dtype)

@@ -22,6 +22,7 @@ from ppruntime.model import (
     kv_cache_bytes_per_block,
     resolve_dtype,
     select_attention_backend,
+    select_layer_ops,
 )
 from ppruntime.model.partition import (
     CostBalancedPartition,
@@ -54,6 +55,7 @@ def measure_costs_for(
         knobs=StageKnobs.from_env(rank),
         memory_bytes=None,
         attention_backend=select_attention_backend(config.attention_backend, device),
+        layer_ops=select_layer_ops(config.attention_backend, device),
     )
     limit = _weight_memory_limit(config, device)
     if config.kv_cache_blocks is not None:

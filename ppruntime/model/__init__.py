@@ -9,6 +9,7 @@ from ppruntime.model.backends.torch_backend import paged_attention
 from ppruntime.model.config import ModelConfig, config_from_dict, load_model_config
 from ppruntime.model.errors import ModelLoadError
 from ppruntime.model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
+from ppruntime.model.layer_ops import LayerOps, select_layer_ops
 from ppruntime.model.loader import SUPPORTED_DTYPES, load_config, load_stage_model, resolve_dtype
 from ppruntime.model.partition import (
     PartitionError,
@@ -32,6 +33,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "AttentionMetadata",
     "ByteTokenizer",
+    "LayerOps",
     "ModelConfig",
     "ModelLoadError",
     "PartitionError",
@@ -54,5 +56,6 @@ __all__ = [
     "require_tokenizer",
     "resolve_dtype",
     "select_attention_backend",
+    "select_layer_ops",
     "stage_extra_costs",
 ]

@@ -10,6 +10,7 @@ from ppruntime.model.backends.base import AttentionBackend
 from ppruntime.model.checkpoint import SafetensorsCheckpoint
 from ppruntime.model.config import ModelConfig, load_model_config
 from ppruntime.model.errors import ModelLoadError
+from ppruntime.model.layer_ops import LayerOps
 from ppruntime.model.partition import StageSpec
 from ppruntime.model.presets import fill_preset_weights, is_preset, preset_config
 from ppruntime.model.stage_model import EMBED_NAME, LM_HEAD_NAME, StageModel
@@ -59,12 +60,13 @@ def load_stage_model(
     dtype: torch.dtype | str = "float32",
     device: torch.device | str = "cpu",
     attention_backend: AttentionBackend | None = None,
+    layer_ops: LayerOps | None = None,
 ) -> StageModel:
     """Load the part of the model that `stage` runs; reads only that stage's tensors.
 
     `source` is a checkpoint directory (config.json + safetensors) or a preset name.
     The returned model's `loaded_tensor_names` lists the checkpoint tensors it read
-    (for presets: the tensors it generated).
+    (for presets: the tensors it generated). `layer_ops` as in StageModel.
     """
     config = load_config(source)
     if stage.layer_end > config.num_hidden_layers:
@@ -74,7 +76,12 @@ def load_stage_model(
         )
     torch_dtype = resolve_dtype(dtype, config)
     model = StageModel(
-        config, stage, dtype=torch_dtype, device=device, attention_backend=attention_backend
+        config,
+        stage,
+        dtype=torch_dtype,
+        device=device,
+        attention_backend=attention_backend,
+        layer_ops=layer_ops,
     )
     if isinstance(source, str) and is_preset(source):
         model.loaded_tensor_names = fill_preset_weights(model, source)
@@ -92,7 +99,7 @@ def _fill_from_checkpoint(model: StageModel, directory: Path) -> tuple[str, ...]
         model.config.tie_word_embeddings or LM_HEAD_NAME not in checkpoint
     ):
         source_of[LM_HEAD_NAME] = EMBED_NAME
-    targets: dict[str, list[torch.nn.Parameter]] = {}
+    targets: dict[str, list[torch.Tensor]] = {}
     for name, checkpoint_name in source_of.items():
         targets.setdefault(checkpoint_name, []).append(params[name])
     shapes = {name: tuple(group[0].shape) for name, group in targets.items()}

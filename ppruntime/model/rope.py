@@ -40,11 +40,16 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def rope_angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[T, head_dim // 2] float32 rotation angles for absolute `positions` [T]."""
+    return positions.to(torch.float32)[:, None] * inv_freq[None, :]
+
+
 def rope_cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: [T, head_dim] for absolute `positions` [T], computed in float32."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    freqs = rope_angles(inv_freq, positions)  # [T, D/2]
     angles = torch.cat((freqs, freqs), dim=-1)  # [T, D]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -9,9 +9,10 @@ from torch import nn
 from ppruntime.model.attention import AttentionMetadata
 from ppruntime.model.backends import AttentionBackend, LayerAttention, TorchAttentionBackend
 from ppruntime.model.config import ModelConfig
+from ppruntime.model.layer_ops import LayerOps, TorchLayerOps
 from ppruntime.model.layers import DecoderLayer, RMSNorm
 from ppruntime.model.partition import StageSpec
-from ppruntime.model.rope import rope_cos_sin, rope_inverse_frequencies
+from ppruntime.model.rope import rope_inverse_frequencies
 
 EMBED_NAME = "model.embed_tokens.weight"
 NORM_NAME = "model.norm.weight"
@@ -23,6 +24,7 @@ class StageModel(nn.Module):
 
     When embeddings are tied and one stage is both first and last, lm_head shares the
     embedding parameter; otherwise the last stage holds its own copy of the weight.
+    `layer_ops` does the math between the matmuls (default: the torch reference).
     """
 
     def __init__(
@@ -32,12 +34,14 @@ class StageModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         attention_backend: AttentionBackend | None = None,
+        layer_ops: LayerOps | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.attention_backend = attention_backend or TorchAttentionBackend()
         self.stage = stage
         self.dtype = dtype
+        self.layer_ops = ops = layer_ops if layer_ops is not None else TorchLayerOps()
         self.loaded_tensor_names: tuple[str, ...] = ()
         hidden, vocab = config.hidden_size, config.vocab_size
 
@@ -47,11 +51,13 @@ class StageModel(nn.Module):
 
         self.embed_tokens = matrix(vocab, hidden) if stage.is_first_stage else None
         self.layers = nn.ModuleList(
-            DecoderLayer(config, index, dtype, device)
+            DecoderLayer(config, index, dtype, device, ops)
             for index in range(stage.layer_start, stage.layer_end)
         )
         self.norm = (
-            RMSNorm(hidden, config.rms_norm_eps, dtype, device) if stage.is_last_stage else None
+            RMSNorm(hidden, config.rms_norm_eps, dtype, device, ops)
+            if stage.is_last_stage
+            else None
         )
         self.lm_head: nn.Parameter | None = None
         if stage.is_last_stage:
@@ -60,18 +66,20 @@ class StageModel(nn.Module):
         inv_freq = rope_inverse_frequencies(config).to(device)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
 
-    def checkpoint_parameters(self) -> dict[str, nn.Parameter]:
+    def checkpoint_parameters(self) -> dict[str, torch.Tensor]:
         """Checkpoint tensor name -> the parameter it fills, for this stage only.
 
-        A tied lm_head that shares the embedding parameter is not listed separately.
+        Merged projections (qkv, gate_up) are listed by their checkpoint names, each mapped
+        to its rows of the merged parameter (a view to copy into). A tied lm_head that
+        shares the embedding parameter is not listed separately.
         """
-        params: dict[str, nn.Parameter] = {}
+        params: dict[str, torch.Tensor] = {}
         if self.embed_tokens is not None:
             params[EMBED_NAME] = self.embed_tokens
         for offset, layer in enumerate(self.layers):
             prefix = f"model.layers.{self.stage.layer_start + offset}."
-            for name, param in layer.named_parameters():
-                params[prefix + name] = param
+            for name, tensor in layer.checkpoint_tensors().items():
+                params[prefix + name] = tensor
         if self.norm is not None:
             params[NORM_NAME] = self.norm.weight
         if self.lm_head is not None and self.lm_head is not self.embed_tokens:
@@ -91,14 +99,19 @@ class StageModel(nn.Module):
         else:
             hidden = inputs.to(self.dtype)
         positions = positions.to(torch.int64)
-        rope = rope_cos_sin(self.rope_inv_freq, positions, self.dtype)
+        rope = self.layer_ops.rope_tables(self.rope_inv_freq, positions, self.dtype)
         backend = self.attention_backend
         attention = LayerAttention(backend, backend.plan(attn, positions, kv_cache.shape[3]))
+        residual = None
         for offset, layer in enumerate(self.layers):
-            hidden = layer(hidden, rope, attn, attention, kv_cache[offset])
+            hidden, residual = layer(hidden, residual, rope, attn, attention, kv_cache[offset])
         if self.norm is not None:
-            hidden = self.norm(hidden)
-        return hidden
+            if residual is None:
+                return self.norm(hidden)
+            hidden, _ = self.norm.add_and_norm(hidden, residual)
+            return hidden
+        # the next stage receives the residual stream itself
+        return hidden if residual is None else residual + hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last stage only: normed hidden [N, H] -> logits [N, V] float32."""

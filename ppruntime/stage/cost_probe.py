@@ -24,6 +24,7 @@ from ppruntime.model.attention import AttentionMetadata
 from ppruntime.model.backends.base import AttentionBackend
 from ppruntime.model.config import ModelConfig
 from ppruntime.model.kv_cache import allocate_kv_cache
+from ppruntime.model.layer_ops import LayerOps
 from ppruntime.model.partition import RankCosts, StageBytes, StageSpec
 from ppruntime.model.stage_model import StageModel
 from ppruntime.stage.debug_knobs import StageKnobs
@@ -134,14 +135,20 @@ def measure_rank_costs(
     knobs: StageKnobs | None = None,
     memory_bytes: int | None = None,
     attention_backend: AttentionBackend | None = None,
+    layer_ops: LayerOps | None = None,
 ) -> tuple[RankCosts, StageBytes]:
     """This rank's cost of each piece (seconds per weighted microbatch) and their bytes,
-    with the attention backend the engine will run (default: torch)."""
+    with the attention backend and layer ops the engine will run (default: torch)."""
 
     def build(stage_index: int, layers: int) -> StageModel:
         spec = StageSpec(stage_index, 3, 0, layers)
         model = StageModel(
-            config, spec, dtype=dtype, device=device, attention_backend=attention_backend
+            config,
+            spec,
+            dtype=dtype,
+            device=device,
+            attention_backend=attention_backend,
+            layer_ops=layer_ops,
         )
         return _fill_random(model)
 

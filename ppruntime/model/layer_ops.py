@@ -1,0 +1,216 @@
+"""LayerOps: the per-layer math around attention, behind one interface.
+
+RMSNorm (plain and fused with the residual add), rotary embedding on the merged qkv
+projection (with Qwen3's per-head q/k RMSNorm before it) and SiLU-and-multiply on the
+merged gate_up projection. `TorchLayerOps` is the reference: plain torch with Hugging Face
+numerics, the oracle the others are tested against. `TritonLayerOps` runs the kernels of
+ppruntime.kernels (fp32 math, one kernel per op, q and k rotated in place).
+
+Names match the attention backends: "torch" and "triton"; `select_layer_ops(None, device)`
+picks triton on CUDA and torch elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ppruntime.config import ATTENTION_BACKENDS, ConfigError
+from ppruntime.model.rope import apply_rope, rope_angles, rope_cos_sin
+
+
+class RopeTables(NamedTuple):
+    """cos and sin of each token's rotary angles; the layout belongs to the LayerOps that
+    made them (built once per forward by `rope_tables`, shared by every layer)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+class QKV(NamedTuple):
+    q: torch.Tensor  # [T, Hq, D]
+    k: torch.Tensor  # [T, Hkv, D]
+    v: torch.Tensor  # [T, Hkv, D]
+
+
+class LayerOps(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMSNorm over the last dimension of x [..., H], weight [H]."""
+
+    @abstractmethod
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm(residual + x), residual + x); the inputs are not modified."""
+
+    @abstractmethod
+    def rope_tables(
+        self, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+    ) -> RopeTables:
+        """The rotary tables for absolute `positions` [T] (once per forward)."""
+
+    @abstractmethod
+    def qkv_rope(
+        self,
+        qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) * D], the merged projection's output
+        rope: RopeTables,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        q_norm_weight: torch.Tensor | None = None,
+        k_norm_weight: torch.Tensor | None = None,
+        eps: float = 1e-6,
+    ) -> QKV:
+        """q, k (per-head RMSNorm first when the weights are given, then rotated) and v.
+
+        May write into `qkv`; the results may be views of it (not contiguous).
+        """
+
+    @abstractmethod
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [T, 2 * I] (gate columns first) -> silu(gate) * up [T, I]."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> QKV:
+    """Views of the q, k, v heads of qkv [T, (Hq + 2 Hkv) * D]."""
+    num_tokens = qkv.shape[0]
+    q, k, v = qkv.split(
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1
+    )
+    return QKV(
+        q.view(num_tokens, num_heads, head_dim),
+        k.view(num_tokens, num_kv_heads, head_dim),
+        v.view(num_tokens, num_kv_heads, head_dim),
+    )
+
+
+class TorchLayerOps(LayerOps):
+    """The reference: Hugging Face Llama/Qwen3 math in plain torch, on any device."""
+
+    name = "torch"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        input_dtype = x.dtype
+        x32 = x.to(torch.float32)
+        variance = x32.pow(2).mean(-1, keepdim=True)
+        x32 = x32 * torch.rsqrt(variance + eps)
+        return weight * x32.to(input_dtype)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = residual + x
+        return self.rms_norm(residual, weight, eps), residual
+
+    def rope_tables(
+        self, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+    ) -> RopeTables:
+        return RopeTables(*rope_cos_sin(inv_freq, positions, dtype))  # [T, D] each, in dtype
+
+    def qkv_rope(
+        self,
+        qkv: torch.Tensor,
+        rope: RopeTables,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        q_norm_weight: torch.Tensor | None = None,
+        k_norm_weight: torch.Tensor | None = None,
+        eps: float = 1e-6,
+    ) -> QKV:
+        q, k, v = split_qkv(qkv, num_heads, num_kv_heads, head_dim)
+        if q_norm_weight is not None and k_norm_weight is not None:
+            q, k = self.rms_norm(q, q_norm_weight, eps), self.rms_norm(k, k_norm_weight, eps)
+        return QKV(apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin), v)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class TritonLayerOps(LayerOps):
+    """The Triton kernels: one launch per op, fp32 math, q and k rotated inside qkv."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from ppruntime.kernels import activation, rms_norm, rotary
+
+        self._norm, self._rotary, self._activation = rms_norm, rotary, activation
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._norm.rms_norm(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._norm.fused_add_rms_norm(x, residual, weight, eps)
+
+    def rope_tables(
+        self, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+    ) -> RopeTables:
+        angles = rope_angles(inv_freq, positions)  # [T, D/2] float32, whatever the dtype
+        return RopeTables(angles.cos(), angles.sin())
+
+    def qkv_rope(
+        self,
+        qkv: torch.Tensor,
+        rope: RopeTables,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        q_norm_weight: torch.Tensor | None = None,
+        k_norm_weight: torch.Tensor | None = None,
+        eps: float = 1e-6,
+    ) -> QKV:
+        self._rotary.qk_norm_rope_(
+            qkv,
+            rope.cos,
+            rope.sin,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            q_norm_weight,
+            k_norm_weight,
+            eps,
+        )
+        return split_qkv(qkv, num_heads, num_kv_heads, head_dim)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._activation.silu_and_mul(gate_up)
+
+
+def select_layer_ops(name: str | None, device: torch.device | str) -> LayerOps:
+    """The LayerOps called `name` ("torch", "triton"); None = triton on CUDA, else torch.
+
+    Raises ConfigError for an unknown name, or triton where it cannot run.
+    """
+    device = torch.device(device)
+    if name is None:
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchLayerOps()
+    if name == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(
+                f"the triton layer ops run on CUDA devices (or on CPU under TRITON_INTERPRET=1),"
+                f" not on {device}; use 'torch' there"
+            )
+        try:
+            return TritonLayerOps()
+        except ImportError as exc:
+            raise ConfigError(
+                f"the triton layer ops need the triton package ({exc}); "
+                "install triton or use 'torch'"
+            ) from None
+    raise ConfigError(f"unknown layer ops {name!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
