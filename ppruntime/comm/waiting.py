@@ -103,16 +103,24 @@ class PacedBackoff(Backoff):
 
 
 class WaitTracker:
-    """Tells the watchdog what this thread is waiting for, and since when."""
+    """Tells the watchdog what this thread is waiting for, and since when.
 
-    __slots__ = ("waiting_for", "since", "progress_at", "paused")
+    progress_count counts completed waits and units of work: the watchdog compares
+    it before and after asking the other ranks. While paused (rank 0 between steps,
+    in its caller's hands) the clocks stand still: `resume()` moves `since` and
+    `progress_at` on by the pause, so only time spent inside the engine counts
+    towards a stall, however often or rarely the caller steps.
+    """
+
+    __slots__ = ("waiting_for", "since", "progress_at", "progress_count", "paused", "paused_at")
 
     def __init__(self) -> None:
-        # paused: rank 0 between steps, in its caller's hands (not a stall of ours)
         self.paused = False
+        self.paused_at = 0.0
         self.waiting_for: str | None = None
         self.since = time.monotonic()
         self.progress_at = time.monotonic()
+        self.progress_count = 0
 
     def begin(self, what: str) -> None:
         self.waiting_for = what
@@ -121,11 +129,33 @@ class WaitTracker:
     def end(self) -> None:
         self.waiting_for = None
         self.progress_at = time.monotonic()
+        self.progress_count += 1
 
     def progress(self) -> None:
         """The thread completed a unit of work (an iteration)."""
         self.waiting_for = None
         self.progress_at = time.monotonic()
+        self.progress_count += 1
+
+    def pause(self) -> None:
+        """The thread is back in its caller's hands (not a stall of the pipeline)."""
+        self.paused_at = time.monotonic()
+        self.paused = True
+
+    def resume(self) -> None:
+        """The caller stepped again: the time it kept the thread does not count."""
+        if not self.paused:
+            return
+        gap = time.monotonic() - self.paused_at
+        self.progress_at += gap
+        self.since += gap
+        self.paused = False
+
+    def idle_seconds(self, now: float) -> float:
+        """Seconds without progress, not counting pauses (0 while paused)."""
+        if self.paused:
+            return 0.0
+        return now - max(self.progress_at, self.since)
 
 
 def request_done(request: MPI.Request | pkl5.Request) -> bool:

@@ -199,15 +199,16 @@ class PipelineExecutor:
             raise RuntimeError(
                 f"the engine failed earlier and cannot go on: {self.failure!r}"
             ) from self.failure
-        self.tracker.paused = False
+        self.tracker.resume()
         try:
             self._step()
         except BaseException as exc:
             self.failure = exc
             raise
         finally:
-            self.tracker.progress()
-            self.tracker.paused = True  # back in the caller's hands
+            # back in the caller's hands; an idle step is no progress (the wait for
+            # results goes on, its clock stopped while the caller has the thread)
+            self.tracker.pause()
 
     def _step(self) -> None:
         if self.stopped:
@@ -241,11 +242,11 @@ class PipelineExecutor:
         """Abort what is unfinished, drain in-flight microbatches, stop every rank."""
         if self.stopped:
             return
-        self.tracker.paused = False
         for request_id in list(self._seq_by_request):
             self.abort(request_id)
         while self.table.num_in_flight_batches or self._aborts or self._new_requests:
             self.step()
+        self.tracker.resume()
         slot = self.slots[self.iteration % self.num_slots]
         self._wait_slot(slot)
         self._run_iteration(slot, 0, None, None, shutdown=True)
