@@ -5,6 +5,7 @@ Both validate at construction; every message says what to change.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ in flight, so more slots than stages never hurt and keep rank 0 from waiting on 
 slot whose sends are still draining."""
 
 DEFAULT_WATCHDOG_TIMEOUT_S = 300.0
+DEFAULT_STARTUP_TIMEOUT_S = 600.0
 AUTO_PARTITION = "auto"
 
 ATTENTION_BACKENDS = ("torch", "triton")
@@ -23,6 +25,16 @@ ATTENTION_BACKENDS = ("torch", "triton")
 
 class ConfigError(ValueError):
     """An engine or parallel-layout setting is invalid."""
+
+
+def check_seconds(name: str, flag: str, value: object) -> None:
+    """A timeout must be a finite number of seconds above 0 (there is no "off")."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise ConfigError(
+            f"{name} ({flag}) must be a positive, finite number of seconds, got {value!r}; "
+            f"0 does not turn it off: to be lenient give a large value such as 86400"
+        )
 
 
 def env_flag(name: str) -> bool | None:
@@ -95,10 +107,7 @@ class ParallelConfig:
                     f"deterministic mode uses exactly pp_size={self.pp_size} microbatches; "
                     f"drop num_microbatches={self.num_microbatches} or turn deterministic off"
                 )
-        if not self.watchdog_timeout_s > 0:
-            raise ConfigError(
-                f"watchdog_timeout_s must be positive, got {self.watchdog_timeout_s!r}"
-            )
+        check_seconds("watchdog_timeout_s", "--watchdog-timeout", self.watchdog_timeout_s)
 
     @property
     def microbatch_slots(self) -> int:
@@ -119,6 +128,8 @@ class EngineConfig:
     kv_cache_blocks: KV blocks per rank; None = from kv_cache_memory_mb. The blocks
         actually used are the minimum over all ranks.
     attention_backend: "torch" or "triton"; None = triton on CUDA, torch on CPU.
+    startup_timeout_s: how long each rank waits for the others to finish start-up
+        (loading included) before the job aborts naming the ranks that did not.
     """
 
     model: str = "tiny"
@@ -133,6 +144,7 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     attention_backend: str | None = None
+    startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_tokens", "block_size", "kv_cache_memory_mb"):
@@ -164,3 +176,4 @@ class EngineConfig:
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)} (or unset "
                 f"for the device's default), got {self.attention_backend!r}"
             )
+        check_seconds("startup_timeout_s", "--startup-timeout", self.startup_timeout_s)

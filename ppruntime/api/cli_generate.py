@@ -83,7 +83,18 @@ def add_engine_arguments(parser) -> None:
     engine.add_argument("--kv-cache-blocks", type=int, default=None)
     engine.add_argument("--deterministic", action="store_true", default=None)
     engine.add_argument("--num-microbatches", type=int, default=None)
-    engine.add_argument("--watchdog-timeout", type=float, default=None, help="seconds")
+    engine.add_argument(
+        "--watchdog-timeout",
+        type=float,
+        default=None,
+        help="seconds without progress before the job aborts (default 300; must be > 0)",
+    )
+    engine.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=None,
+        help="seconds every rank may take to start up, loading included (default 600)",
+    )
     engine.add_argument("--engine-seed", type=int, default=0)
     engine.add_argument(
         "--attention-backend",
@@ -132,6 +143,7 @@ def llm_from_args(args: argparse.Namespace):
         seed=args.engine_seed,
         attention_backend=args.attention_backend,
         watchdog_timeout_s=args.watchdog_timeout,
+        startup_timeout_s=args.startup_timeout,
         trace=args.trace,
         log_level=args.log_level,
         log_dir=args.log_dir,

@@ -25,6 +25,7 @@ from ppruntime.bootstrap import bootstrap
 from ppruntime.comm.failure import format_exception, report_and_abort
 from ppruntime.config import (
     AUTO_PARTITION,
+    DEFAULT_STARTUP_TIMEOUT_S,
     DEFAULT_WATCHDOG_TIMEOUT_S,
     ConfigError,
     EngineConfig,
@@ -65,6 +66,7 @@ class LLM:
         seed: int = 0,
         attention_backend: str | None = None,
         watchdog_timeout_s: float | None = None,
+        startup_timeout_s: float | None = None,
         trace: str | None = None,
         log_level: str | None = None,
         log_dir: str | None = None,
@@ -94,7 +96,9 @@ class LLM:
             partition_decode_fraction=partition_decode_fraction,
             deterministic=deterministic,
             num_microbatches=num_microbatches,
-            watchdog_timeout_s=watchdog_timeout_s or DEFAULT_WATCHDOG_TIMEOUT_S,
+            watchdog_timeout_s=(
+                DEFAULT_WATCHDOG_TIMEOUT_S if watchdog_timeout_s is None else watchdog_timeout_s
+            ),
         )
         self.config = EngineConfig(
             model=str(source),
@@ -109,6 +113,9 @@ class LLM:
             max_model_len=max_model_len,
             seed=seed,
             attention_backend=attention_backend,
+            startup_timeout_s=(
+                DEFAULT_STARTUP_TIMEOUT_S if startup_timeout_s is None else startup_timeout_s
+            ),
         )
         self.trace_path = trace
         self.reports: list[RankReport] | None = None

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from mpi4py import MPI
 from mpi4py.util import pkl5
 
+from ppruntime.comm.bounded import idup_within
+
 
 @dataclass
 class PipelineComms:
@@ -33,11 +35,20 @@ class PipelineComms:
     _freed: bool = False
 
     @classmethod
-    def create(cls, base: MPI.Intracomm | None = None) -> PipelineComms:
+    def create(
+        cls, base: MPI.Intracomm | None = None, deadline: float | None = None
+    ) -> PipelineComms:
+        """deadline (time.monotonic()): give up then, raising comm.bounded.RanksMissing."""
         base = MPI.COMM_WORLD if base is None else base
-        pipeline = base.Dup()
-        relay = pipeline.Dup()
-        watchdog = pipeline.Dup()
+
+        def dup(comm: MPI.Intracomm) -> MPI.Intracomm:
+            if deadline is None:
+                return comm.Dup()
+            return idup_within(comm, deadline, "the duplication of the communicators")
+
+        pipeline = dup(base)
+        relay = dup(pipeline)
+        watchdog = dup(pipeline)
         pipeline.Set_name("ppruntime.pipeline")
         relay.Set_name("ppruntime.relay")
         watchdog.Set_name("ppruntime.watchdog")

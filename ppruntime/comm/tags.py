@@ -25,3 +25,5 @@ class Tag(IntEnum):
     # diagnosis
     WATCHDOG_DUMP = 41  # "dump your stack": stall diagnosis request
     WATCHDOG_REPLY = 42
+    # start-up and shutdown exchanges with a deadline (comm.bounded)
+    EXCHANGE = 51

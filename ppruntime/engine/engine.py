@@ -4,19 +4,26 @@ Every rank calls `PipelineEngine(config, rank_info)` (SPMD). Start-up is collect
 the communicators are duplicated here, in the main thread; each rank loads only its
 own stage; KV capacity is agreed as the minimum over ranks; and if any rank fails
 to start, every rank raises the same error naming that rank (no rank is left
-waiting for a peer that died during loading).
+waiting for a peer that died during loading). Every start-up exchange gives up at
+`config.startup_timeout_s` after this rank began (comm.bounded): a rank that is
+stopped, stuck or too slow is named and the job aborts, as no rank can go on
+without it and a stopped process would keep mpirun waiting forever.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 from mpi4py import MPI
+from mpi4py.util import pkl5
 
+from ppruntime.comm.bounded import RanksMissing, allgather_within, describe_ranks, gather_within
 from ppruntime.comm.communicators import PipelineComms
+from ppruntime.comm.failure import report_and_abort
 from ppruntime.comm.mpi_env import RankInfo, check_world_size, require_thread_multiple
 from ppruntime.comm.waiting import WaitTracker
 from ppruntime.config import AUTO_PARTITION, ConfigError, EngineConfig
@@ -86,21 +93,43 @@ class PipelineEngine:
         check_world_size(parallel.pp_size, info.size)
         if not parallel.deterministic and info.size > 1:
             require_thread_multiple(info)
-        self.comms = PipelineComms.create()
+        self._startup_deadline = time.monotonic() + config.startup_timeout_s
+        try:
+            # a rank stopped before it got here would leave the others inside Dup
+            allgather_within(
+                pkl5.Intracomm(MPI.COMM_WORLD),
+                None,
+                self._startup_deadline,
+                "the start of the engine",
+            )
+            self.comms = PipelineComms.create(deadline=self._startup_deadline)
+        except RanksMissing as missing:
+            self._abort_startup(missing)
         try:
             self._check_same_config(config)
             self.auto_partition: CostBalancedPartition | None = None
             if parallel.layer_partition == AUTO_PARTITION:
-                self._collectively(lambda: self._measure_costs(config, info))
-                measured = self.comms.pipeline.allgather(self._measured)
-                self._collectively(lambda: self._choose_partition(config, measured))
-            self._collectively(lambda: self._load_stage(config, info))
-            self.num_blocks = self.comms.pipeline.allreduce(self._local_blocks, op=MPI.MIN)
-            self._collectively(lambda: self._build_executor(config, info, trace))
+                self._collectively(
+                    lambda: self._measure_costs(config, info), "measuring the stage costs"
+                )
+                measured = self._exchange(self._measured, "gathering the measured costs")
+                self._collectively(
+                    lambda: self._choose_partition(config, measured), "choosing the partition"
+                )
+            self._collectively(lambda: self._load_stage(config, info), "loading the stages")
+            self.num_blocks = min(
+                self._exchange(self._local_blocks, "agreeing on the KV cache size")
+            )
+            self._collectively(
+                lambda: self._build_executor(config, info, trace), "building the executors"
+            )
+        except RanksMissing as missing:
+            self._abort_startup(missing)
         except BaseException:
             self.comms.free()
             raise
-        self.tracker.paused = info.rank == 0  # rank 0 runs only when its caller steps
+        if info.rank == 0:
+            self.tracker.pause()  # rank 0 runs only when its caller steps
         # Everything built so far (torch, the model, the tables) lives as long as the
         # engine: keep it out of the cyclic collector, whose full passes over it took
         # ~50 ms, stalled every rank at once and showed up as pipeline bubbles.
@@ -120,10 +149,34 @@ class PipelineEngine:
             parallel.microbatch_slots,
         )
 
+    def _exchange(self, obj: object, what: str) -> list:
+        """Every rank's `obj`, by rank; RanksMissing at the start-up deadline."""
+        return allgather_within(self.comms.pipeline, obj, self._startup_deadline, what)
+
+    def _abort_startup(self, missing: RanksMissing) -> None:
+        """End the whole job: the missing ranks cannot be waited for, nor left behind."""
+        timeout_s = self.config.startup_timeout_s
+        limit = f"within {timeout_s:g} s (--startup-timeout / LLM(startup_timeout_s=...))"
+        if missing.late:  # the others have given up on this rank already
+            reason = (
+                f"rank {self.info.rank} (this rank) did not finish start-up {limit}: it "
+                f"reached {missing.what} only after the limit"
+            )
+        else:
+            reason = (
+                f"{describe_ranks(missing.ranks)} did not finish start-up {limit}: rank "
+                f"{self.info.rank} waited at {missing.what}"
+            )
+        report_and_abort(
+            self.info,
+            f"{reason}; a rank is stopped, stuck, or slower to load than the limit allows "
+            f"(raise --startup-timeout for very large models)",
+        )
+
     def _check_same_config(self, config: EngineConfig) -> None:
         """Every rank must run the same configuration (PPRUNTIME_DETERMINISTIC set on
         only some nodes, say, would give them different relay modes and hang them)."""
-        configs = self.comms.pipeline.allgather(repr(config))
+        configs = self._exchange(repr(config), "the check that every rank has the same flags")
         differing = [rank for rank, text in enumerate(configs) if text != configs[0]]
         if differing:
             raise ConfigError(
@@ -133,16 +186,14 @@ class PipelineEngine:
                 f"rank {differing[0]}: {configs[differing[0]]}"
             )
 
-    def _collectively(self, step) -> None:
+    def _collectively(self, step, what: str) -> None:
         """Run `step` on every rank; if it failed anywhere, raise on every rank."""
         error = None
         try:
             step()
         except BaseException as exc:  # even KeyboardInterrupt: the others must hear of it
             error = exc
-        errors = self.comms.pipeline.allgather(
-            None if error is None else f"{type(error).__name__}: {error}"
-        )
+        errors = self._exchange(None if error is None else f"{type(error).__name__}: {error}", what)
         failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
         if not failed:
             return
@@ -332,7 +383,22 @@ class PipelineEngine:
             block_table_counters=vars(table.counters).copy(),
             events=self.tracer.events,
         )
-        reports = self.comms.pipeline.gather(report, root=0)
+        timeout_s = self.config.parallel.watchdog_timeout_s
+        try:
+            reports = gather_within(
+                self.comms.pipeline,
+                report,
+                0,
+                time.monotonic() + timeout_s,
+                "the gathering of the ranks' reports at shutdown",
+            )
+        except RanksMissing as missing:
+            report_and_abort(
+                self.info,
+                f"{describe_ranks(missing.ranks)} did not reach the end of shutdown within "
+                f"{timeout_s:g} s (--watchdog-timeout): rank {self.info.rank} waited for it at "
+                f"{missing.what}",
+            )
         self.watchdog.stop()
         self.comms.free()
         gc.unfreeze()  # what the engine held may now be collected
