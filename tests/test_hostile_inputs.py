@@ -288,6 +288,21 @@ ENGINE_CASES = [
         {"preset": "tiny", "watchdog_timeout_s": -1.0},
         ("watchdog_timeout_s", "-1"),
     ),
+    EngineCase(  # once silently the default of 300 s
+        "watchdog-timeout-zero",
+        {"preset": "tiny", "watchdog_timeout_s": 0},
+        ("watchdog_timeout_s", "--watchdog-timeout", "got 0", "does not turn it off"),
+    ),
+    EngineCase(
+        "startup-timeout-zero",
+        {"preset": "tiny", "startup_timeout_s": 0},
+        ("startup_timeout_s", "--startup-timeout", "got 0"),
+    ),
+    EngineCase(
+        "startup-timeout-nan",
+        {"preset": "tiny", "startup_timeout_s": float("nan")},
+        ("startup_timeout_s", "nan"),
+    ),
 ]
 
 
@@ -359,6 +374,16 @@ CLI_CASES = [
     ),
     CliCase("top-p-above-one", ("--prompt", "x", "--top-p", "1.5"), ("top_p", "1.5")),
     CliCase("max-tokens-zero", ("--prompt", "x", "--max-tokens", "0"), ("max_tokens", "0")),
+    CliCase(
+        "watchdog-timeout-zero",
+        ("--prompt", "x", "--watchdog-timeout", "0"),
+        ("--watchdog-timeout", "got 0.0"),
+    ),
+    CliCase(
+        "startup-timeout-negative",
+        ("--prompt", "x", "--startup-timeout", "-5"),
+        ("--startup-timeout", "got -5.0"),
+    ),
     CliCase(
         "max-tokens-beyond-model",
         ("--prompt", "x", "--max-tokens", "5000"),

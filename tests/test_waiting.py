@@ -53,3 +53,38 @@ def test_paced_backoff_is_slow_while_idle_and_fast_while_hurried(monkeypatch):
     slept.clear()
     backoff.sleep()
     assert slept[0][0] == "slow"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_tracker_counts_only_time_inside_the_engine(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(waiting.time, "monotonic", clock)
+    tracker = waiting.WaitTracker()
+    tracker.begin("sample states from the last rank")
+    clock.now += 2.0
+    assert tracker.idle_seconds(clock.now) == 2.0
+    tracker.pause()  # the caller holds rank 0 for a long time: not a stall
+    clock.now += 100.0
+    assert tracker.idle_seconds(clock.now) == 0.0
+    tracker.resume()
+    clock.now += 1.0
+    assert tracker.idle_seconds(clock.now) == 3.0  # the wait goes on, the pause left out
+    assert tracker.waiting_for == "sample states from the last rank"
+    count = tracker.progress_count
+    for _ in range(50):  # a caller stepping in a loop with nothing arriving
+        tracker.pause()
+        clock.now += 0.01
+        tracker.resume()
+        clock.now += 0.1
+    assert abs(tracker.idle_seconds(clock.now) - 8.0) < 1e-6  # idle steps are no progress
+    assert tracker.progress_count == count
+    tracker.end()
+    assert tracker.idle_seconds(clock.now) == 0.0
+    assert tracker.progress_count == count + 1
