@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from launching import REPO_ROOT, kill_job, start_mpi
+from launching import REPO_ROOT, _session_members, kill_job, ppruntime_cmd, start_mpi
 
 SCRIPTS = REPO_ROOT / "tests" / "failure_scripts"
 ENV = {"PYTHONPATH": str(REPO_ROOT)}
@@ -37,12 +37,14 @@ class Case:
     name: str
     n: int
     victim: int
-    where: str  # "mid-run", or where start-up stops: "loading", "engine"
+    where: str  # "mid-run", "gil" (stuck in a C call), or where start-up stops: "loading", "engine"
 
 
 MID_RUN = [
     Case(f"pp{n}-rank{v}", n, v, "mid-run") for n, v in [(2, 0), (2, 1), (3, 0), (3, 1), (3, 2)]
 ]
+# a C call that holds the GIL: no thread of that rank can answer (PPRUNTIME_STALL_GIL)
+IN_C_CALL = [Case("pp3-rank1-gil", 3, 1, "gil")]
 STARTUP = [Case("pp3-rank2-loading", 3, 2, "loading"), Case("pp2-rank1-engine", 2, 1, "engine")]
 
 
@@ -56,6 +58,7 @@ class Outcome:
     stopped_at: float | None = None
     ended_at: float | None = None
     leftovers: list[int] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     @property
     def output(self) -> str:
@@ -67,6 +70,9 @@ class Outcome:
 
 
 def _command(case: Case, marker_dir: Path) -> list[str]:
+    if case.where == "gil":
+        generate = ["generate", "--prompt", "a stall", "--max-tokens", "400", "--ignore-eos"]
+        return [*ppruntime_cmd(), *generate, "--watchdog-timeout", str(WATCHDOG_TIMEOUT_S)]
     if case.where == "mid-run":
         return [
             sys.executable,
@@ -83,6 +89,8 @@ def _command(case: Case, marker_dir: Path) -> list[str]:
 
 def _start(outcome: Outcome) -> None:
     env = {**ENV, "PPRUNTIME_STAGE_DELAY_MS": "0:5"}  # a long run if nothing stops it
+    if outcome.case.where == "gil":
+        env["PPRUNTIME_STALL_GIL"] = f"{outcome.case.victim}:5"
     outcome.proc = start_mpi(
         outcome.case.n, _command(outcome.case, outcome.marker_dir), env=env, merge_stderr=True
     )
@@ -91,7 +99,8 @@ def _start(outcome: Outcome) -> None:
         for line in outcome.proc.stdout:
             outcome.chunks.append(line)
 
-    threading.Thread(target=read, daemon=True).start()
+    outcome.reader = threading.Thread(target=read, daemon=True)
+    outcome.reader.start()
 
 
 def _alive(pid: int) -> bool:
@@ -121,6 +130,24 @@ def _release(outcome: Outcome) -> None:
         kill_job(outcome.proc)
 
 
+def _stop_when_due(outcome: Outcome, now: float) -> None:
+    """Start a case's clock at its stop: SIGSTOP once generating (mid-run), the engine
+    ready (gil: forward 5 then stalls), or the victim's pid written (it stops itself)."""
+    where = outcome.case.where
+    if where == "mid-run":
+        if "GENERATING" in outcome.output:
+            _read_pids(outcome)
+            os.kill(outcome.pids[outcome.case.victim], signal.SIGSTOP)
+            outcome.stopped_at = now
+    elif where == "gil":
+        if "microbatch slots" in outcome.output:
+            outcome.stopped_at = now
+    else:
+        _read_pids(outcome)
+        if outcome.case.victim in outcome.pids:
+            outcome.stopped_at = now
+
+
 def _drive(outcomes: list[Outcome]) -> None:
     """Stop each mid-run victim once its job generates; wait for every job to end."""
     started = time.monotonic()
@@ -132,16 +159,8 @@ def _drive(outcomes: list[Outcome]) -> None:
             if outcome.proc.poll() is not None:
                 outcome.ended_at = now
                 continue
-            waiting_to_stop = outcome.case.where == "mid-run" and outcome.stopped_at is None
-            if waiting_to_stop and "GENERATING" in outcome.output:
-                _read_pids(outcome)
-                os.kill(outcome.pids[outcome.case.victim], signal.SIGSTOP)
-                outcome.stopped_at = now
-            if outcome.case.where != "mid-run" and outcome.stopped_at is None:
-                # the victim stops itself; the clock starts once it has its pid written
-                _read_pids(outcome)
-                if outcome.case.victim in outcome.pids:
-                    outcome.stopped_at = now
+            if outcome.stopped_at is None:
+                _stop_when_due(outcome, now)
             limit = END_LIMIT_S if outcome.stopped_at is not None else START_LIMIT_S
             if now - (outcome.stopped_at or started) > limit:
                 outcome.ended_at = now
@@ -149,14 +168,16 @@ def _drive(outcomes: list[Outcome]) -> None:
         time.sleep(0.1)
     time.sleep(1)  # mpirun has exited: give the ranks' ends a moment to be seen
     for outcome in outcomes:
+        outcome.reader.join(timeout=10)  # the output to its end
         _read_pids(outcome)
-        outcome.leftovers = [rank for rank, pid in outcome.pids.items() if _alive(pid)]
+        stopped = [pid for pid in outcome.pids.values() if _alive(pid)]
+        outcome.leftovers = sorted(set(stopped) | set(_session_members(outcome.proc.pid)))
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> dict[str, Outcome]:
     results = {}
-    for case in MID_RUN + STARTUP:
+    for case in MID_RUN + IN_C_CALL + STARTUP:
         results[case.name] = Outcome(case, tmp_path_factory.mktemp(case.name))
     try:
         for outcome in results.values():
@@ -171,12 +192,13 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
 def _check_ended_cleanly(outcome: Outcome) -> None:
     assert outcome.stopped_at is not None, f"the victim was never stopped\n{outcome.tail()}"
     took = outcome.ended_at - outcome.stopped_at
+    print(f"{outcome.case.name}: mpirun ended {took:.1f} s after the stop")  # shown with -s
     assert took < END_LIMIT_S, f"took {took:.0f} s after the stop\n{outcome.tail()}"
     assert outcome.proc.returncode != 0, outcome.tail()
-    assert not outcome.leftovers, f"rank(s) {outcome.leftovers} outlived mpirun\n{outcome.tail()}"
+    assert not outcome.leftovers, f"pid(s) {outcome.leftovers} outlived mpirun\n{outcome.tail()}"
 
 
-@pytest.mark.parametrize("case", MID_RUN, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", MID_RUN + IN_C_CALL, ids=lambda c: c.name)
 def test_rank_stopped_mid_run_is_named_and_the_job_aborts(case: Case, outcomes) -> None:
     outcome = outcomes[case.name]
     _check_ended_cleanly(outcome)
