@@ -7,10 +7,13 @@ it between steps), it asks every other rank for its state and stacks
 (WATCHDOG_DUMP) and waits `reply_window(timeout_s)` for the answers. A rank that
 does not answer in that window is itself the stalled rank (stopped, swapped out,
 stuck in a call that holds the GIL, or on a lost node): the diagnosis never waits
-on it. The live ranks' stacks are printed, one line names the stalled rank(s) and
-why, and the job aborts. So any frozen rank, at any position, ends the job within
-about timeout_s + 1 s (polling) + reply_window(timeout_s) of the last progress of
-the rank that notices.
+on it. So is a rank that answers but whose watchdog thread had not run for
+`frozen_threshold(timeout_s)` before: it was stopped and woke up again (as when
+another rank's abort makes mpirun send SIGCONT to every rank), or held the GIL.
+The live ranks' stacks are printed, one line names the stalled rank(s) and why, and
+the job aborts. So any frozen rank, at any position, ends the job within about
+timeout_s + 1 s (polling) + reply_window(timeout_s) of the last progress of the
+rank that notices.
 """
 
 from __future__ import annotations
@@ -40,25 +43,74 @@ def reply_window(timeout_s: float) -> float:
     return min(max(timeout_s, MIN_REPLY_WINDOW_S), MAX_REPLY_WINDOW_S)
 
 
-def _status(tracker: WaitTracker, now: float) -> dict:
+def frozen_threshold(timeout_s: float) -> float:
+    """A watchdog thread that did not run for this long was frozen, not just slow:
+    half the timeout, but at least 2 s (its period is at most 1 s)."""
+    return max(2.0, timeout_s / 2)
+
+
+def _status(tracker: WaitTracker, now: float, frozen_s: float = 0.0) -> dict:
+    """frozen_s: how long this rank's watchdog thread had not run before answering."""
     if tracker.paused:
-        return {"state": "paused", "seconds": now - tracker.paused_at}
-    if tracker.waiting_for is not None:
-        return {"state": "waiting", "for": tracker.waiting_for, "seconds": now - tracker.since}
-    return {"state": "busy", "seconds": now - tracker.progress_at}
+        status = {"state": "paused", "seconds": now - tracker.paused_at}
+    elif tracker.waiting_for is not None:
+        status = {"state": "waiting", "for": tracker.waiting_for, "seconds": now - tracker.since}
+    else:
+        status = {"state": "busy", "seconds": now - tracker.progress_at}
+    status["frozen_s"] = frozen_s
+    return status
 
 
-def describe(rank: int, status: dict | None, window_s: float = MIN_REPLY_WINDOW_S) -> str:
+def describe(
+    rank: int,
+    status: dict | None,
+    window_s: float = MIN_REPLY_WINDOW_S,
+    frozen_s: float = float("inf"),
+) -> str:
+    """One rank's state in words; frozen_s: the frozen threshold."""
     if status is None:
         return (
             f"rank {rank}: no answer within {window_s:.0f}s (stopped, stuck in a call "
             f"that holds the GIL, or its node is lost)"
+        )
+    if status.get("frozen_s", 0.0) >= frozen_s:
+        return (
+            f"rank {rank}: did not run for {status['frozen_s']:.1f}s before it answered "
+            f"(stopped, swapped out, or in a call that held the GIL)"
         )
     if status["state"] == "paused":
         return f"rank {rank}: its caller has not stepped the engine for {status['seconds']:.1f}s"
     if status["state"] == "waiting":
         return f"rank {rank}: waiting {status['seconds']:.1f}s for {status['for']}"
     return f"rank {rank}: busy for {status['seconds']:.1f}s without progress"
+
+
+def stalled_ranks(
+    statuses: dict[int, dict | None], timeout_s: float, frozen_threshold_s: float
+) -> list[int] | None:
+    """The verdict on every rank's status (None: no answer): the ranks to name as
+    stalled; [] when rank 0's caller is paused (not a stall, only noted); None when
+    some rank is still working (not a stall)."""
+    # a rank that cannot answer, or could not for a while, is frozen, whoever is paused
+    frozen = [
+        rank
+        for rank, status in statuses.items()
+        if status is None or status["frozen_s"] >= frozen_threshold_s
+    ]
+    if frozen:
+        return sorted(frozen)
+    if any(status["state"] == "paused" for status in statuses.values()):
+        return []
+    busy = [
+        rank
+        for rank, status in statuses.items()
+        if status["state"] == "busy" and status["seconds"] >= timeout_s
+    ]
+    if busy:
+        return sorted(busy)
+    if all(status["state"] == "waiting" for status in statuses.values()):
+        return sorted(statuses)  # everyone waits on someone: a circular wait
+    return None
 
 
 class Watchdog:
@@ -76,6 +128,8 @@ class Watchdog:
         self.has_work = has_work
         self.timeout_s = timeout_s
         self.reply_window_s = reply_window(timeout_s)
+        self.frozen_threshold_s = frozen_threshold(timeout_s)
+        self._frozen_s = 0.0  # how long this thread did not run before its latest wake-up
         self._rounds = itertools.count()
         self._stop = threading.Event()
         self._quiet_until = 0.0  # after a diagnosis that found no stall, look again later
@@ -92,7 +146,11 @@ class Watchdog:
 
     def _run(self) -> None:
         period = min(1.0, self.timeout_s / 4)
+        woke_at = time.monotonic()
         while not self._stop.wait(period):
+            now = time.monotonic()
+            self._frozen_s = max(0.0, now - woke_at - period)
+            woke_at = now
             self._answer_dump_requests()
             now = time.monotonic()
             stalled = self.has_work() and self.tracker.idle_seconds(now) > self.timeout_s
@@ -113,7 +171,7 @@ class Watchdog:
                 return
             requester = status.Get_source()
             round_id = message.recv()
-            reply = _status(self.tracker, time.monotonic())
+            reply = _status(self.tracker, time.monotonic(), self._frozen_s)
             if reply["state"] != "paused":
                 self._dump_own_stacks(f"stack dump requested by rank {requester}")
             request = self.comm.isend((round_id, reply), requester, Tag.WATCHDOG_REPLY)
@@ -144,37 +202,30 @@ class Watchdog:
     def _diagnose_and_abort(self, now: float) -> None:
         """Ask every rank for its state; abort for a silent rank or a real stall."""
         progress_before = self.tracker.progress_count
-        mine = _status(self.tracker, now)
+        mine = _status(self.tracker, now, self._frozen_s)
         statuses = self._collect_statuses()
         statuses[self.info.rank] = mine
         self._quiet_until = time.monotonic() + self.timeout_s
         if self.tracker.progress_count != progress_before:
             return  # this rank moved on while asking: whatever held it is gone
-        silent = [rank for rank, status in statuses.items() if status is None]
-        stalled = silent  # a rank that cannot answer is frozen, whoever else is paused
+        stalled = stalled_ranks(statuses, self.timeout_s, self.frozen_threshold_s)
+        if stalled is None:
+            return  # some rank is working (and not for long): not a stall
         if not stalled:
+            # not a stall: the driver's caller is doing something else between steps
             paused = [r for r, status in statuses.items() if status["state"] == "paused"]
-            if paused:
-                # not a stall: the driver's caller is doing something else between steps
-                sys.stderr.write(
-                    f"{self.info.prefix} watchdog: waiting on rank {paused[0]}, whose caller "
-                    f"has not stepped the engine for a while; not aborting\n"
-                )
-                return
-            stalled = [
-                rank
-                for rank, status in statuses.items()
-                if status["state"] == "busy" and status["seconds"] >= self.timeout_s
-            ]
-        if not stalled:
-            if not all(s["state"] == "waiting" for s in statuses.values()):
-                return  # some rank is working (and not for long): not a stall
-            stalled = sorted(statuses)  # everyone waits on someone: a circular wait
-        window = self.reply_window_s
+            sys.stderr.write(
+                f"{self.info.prefix} watchdog: waiting on rank {paused[0]}, whose caller "
+                f"has not stepped the engine for a while; not aborting\n"
+            )
+            return
+        window, frozen = self.reply_window_s, self.frozen_threshold_s
         self._dump_own_stacks(
             f"no progress for {self.timeout_s:.0f}s ({describe(self.info.rank, mine, window)})"
         )
-        summary = "; ".join(describe(rank, statuses[rank], window) for rank in sorted(statuses))
+        summary = "; ".join(
+            describe(rank, statuses[rank], window, frozen) for rank in sorted(statuses)
+        )
         report_and_abort(
             self.info,
             f"watchdog: the pipeline made no progress for {self.timeout_s:.0f}s; "
