@@ -130,6 +130,8 @@ class EngineConfig:
     attention_backend: "torch" or "triton"; None = triton on CUDA, torch on CPU.
     startup_timeout_s: how long each rank waits for the others to finish start-up
         (loading included) before the job aborts naming the ranks that did not.
+    cuda_graphs: replay decode steps from CUDA graphs captured at start-up (CUDA with a
+        capturable attention backend only; no effect on CPU). False = --enforce-eager.
     """
 
     model: str = "tiny"
@@ -145,6 +147,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str | None = None
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_tokens", "block_size", "kv_cache_memory_mb"):
@@ -177,3 +180,5 @@ class EngineConfig:
                 f"for the device's default), got {self.attention_backend!r}"
             )
         check_seconds("startup_timeout_s", "--startup-timeout", self.startup_timeout_s)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")

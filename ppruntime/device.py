@@ -29,3 +29,29 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+def configure_determinism(device: torch.device, deterministic: bool) -> None:
+    """Deterministic mode on CUDA: the same inputs give bitwise-identical outputs.
+
+    On one GPU, kernels of a given shape are already run-to-run reproducible unless
+    they reduce with atomics or pick algorithms at run time. So, for this process:
+    cuBLAS gets a fixed workspace per stream (CUBLAS_WORKSPACE_CONFIG; without it
+    cuBLAS may choose reductions that differ between runs when several streams are
+    in use, and it must be set before the first cuBLAS call), torch uses its
+    deterministic implementations (index_put_/index_copy_ without atomic scatter;
+    warn_only: an op without one warns instead of failing), cuDNN autotuning is off,
+    and torch's NaN fill of fresh memory (a cost per allocation) stays off. Batch
+    composition is fixed by deterministic mode itself (fixed microbatches), so the
+    kernels' shapes, split counts and reduction orders repeat run after run.
+    """
+    if not deterministic or device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

@@ -102,6 +102,11 @@ def add_engine_arguments(parser) -> None:
         help="torch, triton (default: $PPRUNTIME_ATTENTION_BACKEND, else triton on CUDA, "
         "torch on CPU)",
     )
+    engine.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no CUDA graphs: run every decode step eagerly (graphs are on by default on CUDA)",
+    )
 
 
 def add_partition_cost_arguments(group) -> None:
@@ -142,6 +147,7 @@ def llm_from_args(args: argparse.Namespace):
         num_microbatches=args.num_microbatches,
         seed=args.engine_seed,
         attention_backend=args.attention_backend,
+        cuda_graphs=not args.enforce_eager,
         watchdog_timeout_s=args.watchdog_timeout,
         startup_timeout_s=args.startup_timeout,
         trace=args.trace,

@@ -65,6 +65,7 @@ class LLM:
         num_microbatches: int | None = None,
         seed: int = 0,
         attention_backend: str | None = None,
+        cuda_graphs: bool = True,
         watchdog_timeout_s: float | None = None,
         startup_timeout_s: float | None = None,
         trace: str | None = None,
@@ -116,6 +117,7 @@ class LLM:
             startup_timeout_s=(
                 DEFAULT_STARTUP_TIMEOUT_S if startup_timeout_s is None else startup_timeout_s
             ),
+            cuda_graphs=cuda_graphs,
         )
         self.trace_path = trace
         self.reports: list[RankReport] | None = None

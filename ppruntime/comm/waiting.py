@@ -112,9 +112,20 @@ class WaitTracker:
     towards a stall, however often or rarely the caller steps.
     """
 
-    __slots__ = ("waiting_for", "since", "progress_at", "progress_count", "paused", "paused_at")
+    __slots__ = (
+        "waiting_for",
+        "since",
+        "progress_at",
+        "progress_count",
+        "paused",
+        "paused_at",
+        "on_poll",
+    )
 
     def __init__(self) -> None:
+        # work the thread still owes others, run between the polls of each of its waits
+        # (e.g. posting activation sends whose device copies completed); never blocks
+        self.on_poll: Callable[[], None] | None = None
         self.paused = False
         self.paused_at = 0.0
         self.waiting_for: str | None = None
@@ -260,10 +271,13 @@ def _poll(
         tracker.begin(what)
     if backoff is None:
         backoff = Backoff()
+    on_poll = tracker.on_poll if tracker is not None else None
     try:
         while not done():
             if should_stop is not None and should_stop():
                 raise WaitAborted(f"stopped while waiting for {what}")
+            if on_poll is not None:
+                on_poll()
             backoff.sleep()
     finally:
         if tracker is not None:

@@ -21,13 +21,15 @@ import torch
 from mpi4py import MPI
 from mpi4py.util import pkl5
 
+from ppruntime.comm.activation_staging import make_activation_sender
 from ppruntime.comm.bounded import RanksMissing, allgather_within, describe_ranks, gather_within
 from ppruntime.comm.communicators import PipelineComms
 from ppruntime.comm.failure import report_and_abort
 from ppruntime.comm.mpi_env import RankInfo, check_world_size, require_thread_multiple
+from ppruntime.comm.tags import Tag
 from ppruntime.comm.waiting import WaitTracker
-from ppruntime.config import AUTO_PARTITION, ConfigError, EngineConfig
-from ppruntime.device import select_device
+from ppruntime.config import AUTO_PARTITION, ConfigError, EngineConfig, env_flag
+from ppruntime.device import configure_determinism, select_device
 from ppruntime.engine.block_manager import BlockManager
 from ppruntime.engine.executor import PipelineExecutor
 from ppruntime.engine.last_stage import LastStage
@@ -56,6 +58,7 @@ from ppruntime.model import (
 )
 from ppruntime.model.partition import CostBalancedPartition, StageSpec, balance_by_cost
 from ppruntime.stage.debug_knobs import StageKnobs
+from ppruntime.stage.graphs import plan_decode
 from ppruntime.stage.null_model import NullStageModel
 from ppruntime.stage.runner import StageRunner
 from ppruntime.stage.step_inputs import StepInputPool
@@ -232,6 +235,7 @@ class PipelineEngine:
         self.stage = stage
         device = select_device(info.local_rank, config.device)
         self.device = device
+        configure_determinism(device, parallel.deterministic)
         dtype = resolve_dtype(config.dtype, model_config)
         self.tokenizer = load_tokenizer(config.model)
         if config.model == NULL_PRESET:
@@ -316,10 +320,26 @@ class PipelineEngine:
             table.token_table,
             device,
         )
+        decode_plan = plan_decode(
+            device,
+            model,
+            config.max_batch_size,
+            config.cuda_graphs,
+            force_padding=bool(env_flag("PPRUNTIME_PAD_DECODE")),
+        )
+        if device.type == "cuda" and not decode_plan.use_graphs:
+            log.info("rank %d: CUDA graphs off: %s", info.rank, decode_plan.reason)
         runner = StageRunner(
-            model, stage, kv_cache, pool, info.rank, StageKnobs.from_env(info.rank)
+            model,
+            stage,
+            kv_cache,
+            pool,
+            info.rank,
+            StageKnobs.from_env(info.rank),
+            decode_plan=decode_plan,
         )
         runner.reserve_device_input(config.max_num_tokens * model_config.hidden_size)
+        runner.capture_decode_graphs(max_seq_len=max_blocks_per_seq * block_size)
         last_stage = None
         if stage.is_last_stage:
             last_stage = LastStage(
@@ -335,6 +355,18 @@ class PipelineEngine:
         relay = ResponseRelay(
             self.comms.relay, threaded=not parallel.deterministic, tracker=self.tracker
         )
+        sender = None
+        if not stage.is_last_stage:
+            sender = make_activation_sender(
+                self.comms.pipeline,
+                info.rank + 1,
+                Tag.ACTIVATIONS,
+                parallel.microbatch_slots,
+                config.max_num_tokens * model_config.hidden_size,
+                dtype,
+                device,
+                self.tracker,
+            )
         self.executor = PipelineExecutor(
             comms=self.comms,
             runner=runner,
@@ -350,6 +382,7 @@ class PipelineEngine:
             tokenizer=self.tokenizer,
             tracer=self.tracer,
             tracker=self.tracker,
+            sender=sender,
         )
         self.watchdog = Watchdog(
             self.comms.watchdog, info, self.tracker, self._has_work, parallel.watchdog_timeout_s

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from ppruntime.comm.activation_staging import ActivationSender
 from ppruntime.comm.communicators import PipelineComms
 from ppruntime.comm.failure import termination_requested
 from ppruntime.comm.tags import Tag
@@ -59,6 +60,7 @@ log = get_logger("executor")
 class MicrobatchSlot:
     """Send handles of one microbatch slot, and the buffers they read from."""
 
+    index: int = 0
     requests: list[MPI.Request] = field(default_factory=list)
     keep_alive: list[object] = field(default_factory=list)
     header_buffer: np.ndarray | None = None
@@ -89,6 +91,7 @@ class PipelineExecutor:
         tokenizer,
         tracer: Tracer,
         tracker: WaitTracker,
+        sender: ActivationSender | None = None,  # None on the last stage
     ) -> None:
         self.comms = comms
         self.comm = comms.pipeline
@@ -113,9 +116,10 @@ class PipelineExecutor:
             max_batch_size, max_num_tokens, table.block_size, table.max_slots
         )
         self.slots = [
-            MicrobatchSlot(header_buffer=np.zeros(capacity, dtype=np.int32))
-            for _ in range(num_slots)
+            MicrobatchSlot(index=index, header_buffer=np.zeros(capacity, dtype=np.int32))
+            for index in range(num_slots)
         ]
+        self.sender = sender
         self.header_in = np.zeros(capacity, dtype=np.int32)
         self.infos: dict[int, SeqInfo] = {}  # every known, unfinished sequence by id
         self.pending: dict[int, SeqInfo] = {}  # registered, not yet admitted (ranks > 0)
@@ -202,6 +206,8 @@ class PipelineExecutor:
         self.tracker.resume()
         try:
             self._step()
+            if self.sender is not None:
+                self.sender.progress()
         except BaseException as exc:
             self.failure = exc
             raise
@@ -254,6 +260,7 @@ class PipelineExecutor:
 
     def _idle_until_ready(self) -> None:
         """Nothing to schedule or handle: wait for a result instead of spinning."""
+        self._post_all_sends()
         with self.tracer.span("idle"):
             if self.table.num_in_flight_batches and not self.deterministic:
                 if self.tracker.waiting_for is None:
@@ -355,6 +362,8 @@ class PipelineExecutor:
                     )
                 hidden_in = self._received_hidden(header.num_tokens, header.hidden_size)
             self._compute(slot, batch, hidden_in)
+            if self.sender is not None:
+                self.sender.progress()
         self.iteration = header.iteration + 1
         self.stats.iterations += 1
         self.tracker.progress()
@@ -388,6 +397,7 @@ class PipelineExecutor:
             return
         if self.relay.ready.wait_for(count, timeout=0):
             return
+        self._post_all_sends()
         self.tracker.begin(f"{count} ready batch(es) from the relay")
         while not self.relay.ready.wait_for(count, timeout=1.0):
             pass
@@ -442,13 +452,13 @@ class PipelineExecutor:
                 self.relay.publish(state, diff)
             return
         with self.tracer.span("send", batch.batch_id):
-            outgoing = hidden if hidden.device.type == "cpu" else hidden.cpu()
-            if not outgoing.is_contiguous():
-                outgoing = outgoing.contiguous()
-            slot.requests.append(
-                self.comm.Isend([_host_bytes(outgoing), MPI.BYTE], self.rank + 1, Tag.ACTIVATIONS)
-            )
-            slot.keep_alive.append(outgoing)
+            slot.requests.append(self.sender.send(slot.index, hidden))
+
+    def _post_all_sends(self) -> None:
+        """Before a wait on the relay (no polling there): post every activation send,
+        as the stages downstream may need them to produce what this rank waits for."""
+        if self.sender is not None:
+            self.sender.post_all(self.tracker)
 
     def _wait_slot(self, slot: MicrobatchSlot) -> None:
         if slot.requests:
@@ -540,13 +550,6 @@ class PipelineExecutor:
             self._wait_slot(slot)
         self.relay.stop()
         self.stopped = True
-
-
-def _host_bytes(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy view of a contiguous host tensor, for MPI (numpy has no bfloat16)."""
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy()
-    return tensor.numpy()
 
 
 def _numpy_dtype(dtype: torch.dtype) -> type:

@@ -26,6 +26,9 @@ class AttentionMetadata:
     # [B] int64: sequence b's blocks are row block_table_rows[b] of a persistent table
     # (the engine keeps one row per running sequence, written only when it changes).
     block_table_rows: torch.Tensor | None = None
+    # trailing rows of a decode batch padded to a CUDA-graph size: slot -1, seq_len 0;
+    # they must change no KV (a backend that skips slot -1 by itself may ignore this)
+    num_padded_tokens: int = 0
 
     @property
     def num_seqs(self) -> int:

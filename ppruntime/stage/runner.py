@@ -1,12 +1,21 @@
-"""Runs one stage's forward for a microbatch: step inputs, model, KV cache."""
+"""Runs one stage's forward for a microbatch: step inputs, model, KV cache.
+
+Decode microbatches may be padded to a bucket size and replayed from a CUDA graph
+(ppruntime/stage/graphs.py); the caller sees the same thing either way: the hidden
+states of the real rows and the step inputs of the real rows.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from ppruntime.logs import get_logger
 from ppruntime.model.partition import StageSpec
 from ppruntime.stage.debug_knobs import StageKnobs
+from ppruntime.stage.graphs import DecodeGraphs, DecodePlan, PaddingOnlyBatch, bucket_for
 from ppruntime.stage.step_inputs import StepInputPool, StepInputs
+
+log = get_logger("runner")
 
 
 class StageRunner:
@@ -18,6 +27,7 @@ class StageRunner:
         pool: StepInputPool,
         rank: int,
         knobs: StageKnobs | None = None,
+        decode_plan: DecodePlan | None = None,
     ) -> None:
         self.model = model
         self.stage = stage
@@ -28,6 +38,10 @@ class StageRunner:
         self.num_forwards = 0
         self._device_input: torch.Tensor | None = None
         self._device_input_size = 0
+        self.decode_plan = decode_plan or DecodePlan()
+        self.graphs = DecodeGraphs()
+        self.num_padded_forwards = 0  # decode forwards padded to a bucket (replayed or not)
+        self.num_replays = 0
 
     def reserve_device_input(self, num_elements: int) -> None:
         """Size of the device copy of received activations (allocated on first use)."""
@@ -42,9 +56,30 @@ class StageRunner:
         return self.stage.is_last_stage
 
     def forward(self, batch, hidden_in: torch.Tensor | None) -> tuple[torch.Tensor, StepInputs]:
-        """hidden_in: [T, H] from the previous stage (None on the first stage)."""
+        """hidden_in: [T, H] from the previous stage (None on the first stage).
+
+        Returns the hidden states [T, H] of the real rows and their step inputs.
+        """
         self.knobs.before_forward(self.rank, self.num_forwards)
         self.num_forwards += 1
+        num_seqs = batch.slots.shape[0]
+        plan = self.decode_plan
+        if not plan.pads or batch.num_tokens != num_seqs:
+            return self._eager(batch, hidden_in)
+        size = bucket_for(num_seqs, plan.sizes)
+        inputs = self.pool.prepare(batch, pad_to=size)
+        self.num_padded_forwards += size > num_seqs
+        model_input = self._padded_model_input(inputs, hidden_in, size)
+        if size in self.graphs:
+            self.num_replays += 1
+            # the next replay overwrites the graph's output, and this microbatch's
+            # output may still be on its way to the next stage: copy the real rows out
+            return self.graphs.replay(size)[:num_seqs].clone(), inputs
+        with torch.inference_mode():
+            hidden = self.model(model_input, inputs.positions, inputs.attn, self.kv_cache)
+        return hidden[:num_seqs], inputs
+
+    def _eager(self, batch, hidden_in: torch.Tensor | None) -> tuple[torch.Tensor, StepInputs]:
         inputs = self.pool.prepare(batch)
         model_input = inputs.token_ids if self.is_first_stage else hidden_in
         if model_input is not None and model_input.device != self.pool.device:
@@ -53,14 +88,68 @@ class StageRunner:
             hidden = self.model(model_input, inputs.positions, inputs.attn, self.kv_cache)
         return hidden, inputs
 
+    def _padded_model_input(
+        self, inputs: StepInputs, hidden_in: torch.Tensor | None, size: int
+    ) -> torch.Tensor:
+        """The first stage's padded token ids, or [size, H] rows of the persistent input
+        buffer: the received activations, then zero rows (a graph reads them there)."""
+        if self.is_first_stage:
+            return inputs.token_ids
+        hidden_size = self.model.config.hidden_size
+        buffer = self._input_buffer(size * hidden_size)
+        padded = buffer[: size * hidden_size].view(size, hidden_size)
+        if hidden_in is not None:
+            num_real = hidden_in.shape[0]
+            padded[:num_real].copy_(hidden_in, non_blocking=True)
+            padded[num_real:].zero_()
+        return padded
+
+    def capture_decode_graphs(self, max_seq_len: int) -> None:
+        """Capture the decode graph of every bucket (CUDA; start-up, before any request).
+
+        max_seq_len: the longest context a sequence can reach (the capture's plan)."""
+        if not self.decode_plan.use_graphs:
+            return
+        if not self.is_first_stage:
+            self._input_buffer(self._device_input_size)
+
+        def prepare(size: int) -> StepInputs:
+            inputs = self.pool.prepare(PaddingOnlyBatch(), pad_to=size)
+            inputs.attn.max_seq_len = max_seq_len
+            return inputs
+
+        def run(inputs: StepInputs, size: int) -> torch.Tensor:
+            model_input = self._padded_model_input(inputs, None, size)
+            return self.model(model_input, inputs.positions, inputs.attn, self.kv_cache)
+
+        self.graphs.capture(self.decode_plan.sizes, prepare, run)
+        log.info(
+            "rank %d: captured %d decode CUDA graphs (batch sizes %s) in %.2f s",
+            self.rank,
+            len(self.graphs.graphs),
+            ",".join(map(str, self.decode_plan.sizes)),
+            self.graphs.capture_s,
+        )
+
+    def _input_buffer(self, count: int) -> torch.Tensor:
+        """The persistent input buffer (fixed address: graphs read from it)."""
+        if self._device_input is None or self._device_input.numel() < count:
+            if self.graphs.graphs:
+                raise RuntimeError(
+                    f"rank {self.rank}: {count} input elements exceed the persistent buffer "
+                    f"of {self._device_input.numel()} the CUDA graphs read from"
+                )
+            self._device_input = torch.empty(
+                max(count, self._device_input_size),
+                dtype=self.model.dtype,
+                device=self.pool.device,
+            )
+        return self._device_input
+
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         """Activations arrive in host memory (MPI buffers); copy them into a device buffer."""
         count = host.numel()
-        if self._device_input is None or self._device_input.numel() < count:
-            self._device_input = torch.empty(
-                max(count, self._device_input_size), dtype=host.dtype, device=self.pool.device
-            )
-        view = self._device_input[:count].view(host.shape)
+        view = self._input_buffer(count)[:count].view(host.shape)
         view.copy_(host, non_blocking=True)
         return view
 

@@ -52,8 +52,9 @@ class StepInputs:
     positions: torch.Tensor  # [T] int64
     attn: AttentionMetadata
     sample_token_index: torch.Tensor  # [S] int64: last flat token of each sampling sequence
-    num_tokens: int
+    num_tokens: int  # real tokens of the microbatch (padded rows not counted)
     is_decode: bool
+    num_rows: int = 0  # rows the forward runs: num_tokens, or the decode bucket when padded
 
 
 class StepInputPool:
@@ -118,8 +119,14 @@ class StepInputPool:
         self.counters.allocations += 1
         return np.zeros(size, dtype=np.int64)
 
-    def prepare(self, batch) -> StepInputs:
-        """Fill the pooled buffers for one microbatch."""
+    def prepare(self, batch, pad_to: int | None = None) -> StepInputs:
+        """Fill the pooled buffers for one microbatch.
+
+        pad_to: decode only: append rows up to this many (a CUDA graph's batch size).
+        A padded row writes no KV (slot -1), attends to nothing (seq_len 0), sits at
+        position 0 with token 0 and reads an existing block-table row; it samples
+        nothing, so sample_token_index and num_tokens describe the real rows only.
+        """
         counters = self.counters
         allocations_before = counters.allocations
         num_seqs = batch.slots.shape[0]
@@ -127,6 +134,12 @@ class StepInputPool:
         starts = batch.starts
         num_tokens = batch.num_tokens
         is_decode = num_tokens == num_seqs
+        num_rows = num_tokens if pad_to is None else pad_to
+        if num_rows != num_tokens and (not is_decode or num_rows < num_seqs):
+            raise ValueError(
+                f"pad_to={pad_to} applies to decode batches of at most that many sequences; "
+                f"got {num_seqs} sequences with {num_tokens} tokens"
+            )
 
         rows = self.rows[:num_seqs]
         rows[:] = batch.slots
@@ -136,7 +149,7 @@ class StepInputPool:
         if is_decode:
             # one token per sequence: token b is sequence b, at position start_b
             np.add(starts, 1, out=seq_lens)
-            self._fill_arange(query_start_loc)
+            self._fill_arange(self.query_start_loc[: num_rows + 1])
             positions[:] = starts
             token_rows = rows
         else:
@@ -179,12 +192,28 @@ class StepInputPool:
             np.compress(sample_mask, query_start_loc[1:], out=sample_index)
             sample_index -= 1
 
-        counters.add_step(num_seqs, num_tokens, self.token_table is not None)
+        if num_rows > num_tokens:
+            self._pad_decode_rows(num_seqs, num_rows)
+        view_seqs = num_seqs + (num_rows - num_tokens)  # padded rows are sequences too
+        counters.add_step(view_seqs, num_rows, self.token_table is not None)
         if is_decode:
             counters.decode_steps += 1
             counters.decode_step_allocations += counters.allocations - allocations_before
         max_query_len = 1 if is_decode else int(q_lens.max())
-        return self._views(num_seqs, num_tokens, num_samples, max_query_len, is_decode)
+        inputs = self._views(view_seqs, num_rows, num_samples, max_query_len, is_decode)
+        inputs.num_tokens = num_tokens
+        inputs.attn.num_padded_tokens = num_rows - num_tokens
+        return inputs
+
+    def _pad_decode_rows(self, num_real: int, num_rows: int) -> None:
+        """Rows [num_real, num_rows) of a decode batch: harmless, write and read nothing."""
+        padded = slice(num_real, num_rows)
+        self.rows[padded] = self.rows[0] if num_real else 0  # a row that exists
+        self.seq_lens[padded] = 0
+        self.positions[padded] = 0
+        self.slot_mapping[padded] = -1
+        self.token_ids[padded] = 0
+        # query_start_loc[:num_rows + 1] already holds 0..num_rows (one token per row)
 
     def _fill_arange(self, query_start_loc: np.ndarray) -> None:
         """query_start_loc = 0, 1, ..., n: written only past what still holds it."""
@@ -212,7 +241,10 @@ class StepInputPool:
             changed = np.flatnonzero(self.rows_changed)
             if changed.shape[0]:  # only rows written since the last step travel
                 rows = torch.from_numpy(changed)
-                dev["block_table"][rows.to(self.device)] = host["block_table"][rows].to(self.device)
+                # non_blocking: a plain .to(device) would wait for the GPU's queue to drain
+                target = rows.to(self.device, non_blocking=True)
+                values = host["block_table"][rows].to(self.device, non_blocking=True)
+                dev["block_table"][target] = values
                 self.rows_changed[changed] = False
                 self.counters.add_bytes(
                     "block_table_device", int(changed.shape[0]) * self.max_blocks_per_seq * 4
@@ -226,6 +258,8 @@ class StepInputPool:
             inputs.attn.max_query_len = max_query_len
             inputs.attn.max_seq_len = max_seq_len
             inputs.is_decode = is_decode
+            inputs.num_tokens = num_tokens
+            inputs.num_rows = num_tokens
             return inputs
         attn = AttentionMetadata(
             query_start_loc=dev["query_start_loc"][: num_seqs + 1],
@@ -243,6 +277,7 @@ class StepInputPool:
             sample_token_index=dev["sample_index"][:num_samples],
             num_tokens=num_tokens,
             is_decode=is_decode,
+            num_rows=num_tokens,
         )
         self._cached_views = (shape, inputs)
         return inputs

@@ -84,7 +84,10 @@ def paged_attention(
     visible to a query at position p when j <= p (and p - j < sliding_window when a
     window is set). Computed in float32, returned in q's dtype.
     """
-    write_kv(k, v, layer_cache, attn.slot_mapping)
+    slot_mapping = attn.slot_mapping
+    if attn.num_padded_tokens:
+        k, v, slot_mapping = _redirect_padded_rows(k, v, slot_mapping)
+    write_kv(k, v, layer_cache, slot_mapping)
     if layout is None:
         layout = batch_layout(attn, layer_cache.shape[2], positions)
     _, num_q_heads, head_dim = q.shape
@@ -104,6 +107,19 @@ def paged_attention(
     out = torch.einsum("bhgqs,bshd->bqhgd", probs, values)  # [B, max_q, Hkv, G, D]
     out = out.reshape(num_seqs, max_q, num_q_heads, head_dim)
     return out[tokens].to(q.dtype)
+
+
+def _redirect_padded_rows(
+    k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded rows (slot -1) rewrite row 0's K/V at row 0's slot: the same bits to the same
+    place, so they change nothing, in any order, with no host sync (a CUDA graph can hold
+    it). Row 0 is real in every replay; a capture's all-padded warm-up writes slot 0 at
+    start-up, before any sequence owns it (a sequence reads only what it wrote)."""
+    padded = slot_mapping < 0
+    slots = torch.where(padded, slot_mapping[:1].clamp(min=0), slot_mapping)
+    rows = padded[:, None, None]
+    return torch.where(rows, k[:1], k), torch.where(rows, v[:1], v), slots
 
 
 def _token_coordinates(
@@ -143,9 +159,14 @@ class TorchAttentionPlan:
 
 
 class TorchAttentionBackend:
-    """Today's code behind the seam: write_kv + paged_attention over a shared layout."""
+    """Today's code behind the seam: write_kv + paged_attention over a shared layout.
+
+    Not capturable in a CUDA graph as it is: its gather is sized by attn.max_seq_len, a
+    host value of each step (PPRUNTIME_FORCE_CUDA_GRAPHS captures it planned for the
+    longest context: correct, slow)."""
 
     name = "torch"
+    supports_cuda_graphs = False
 
     def plan(
         self, attn: AttentionMetadata, positions: torch.Tensor, block_size: int

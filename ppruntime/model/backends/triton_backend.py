@@ -63,6 +63,9 @@ def _target_programs(device: torch.device) -> int:
 
 class TritonAttentionBackend:
     name = "triton"
+    # decode plans read host values only and launch grids fixed per batch size; padded
+    # rows (slot -1, seq_len 0) write nothing: ppruntime/stage/graphs.py captures it
+    supports_cuda_graphs = True
 
     def plan(
         self,
