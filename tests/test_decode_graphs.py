@@ -19,7 +19,13 @@ from ppruntime import LLM, SamplingParams
 from ppruntime.comm.waiting import WaitTracker, wait_until
 from ppruntime.engine.scheduler import ScheduledBatch
 from ppruntime.model import load_config, load_stage_model, partition_layers
-from ppruntime.stage.graphs import DecodePlan, bucket_for, capture_sizes, plan_decode
+from ppruntime.stage.graphs import (
+    DecodeGraphs,
+    DecodePlan,
+    bucket_for,
+    capture_sizes,
+    plan_decode,
+)
 from ppruntime.stage.runner import StageRunner
 from ppruntime.stage.step_inputs import StepInputPool
 
@@ -80,6 +86,9 @@ def test_plan_turns_graphs_on_only_for_cuda_with_a_capturable_backend():
     assert not plan_decode(cpu, capturable, 16, cuda_graphs=True).use_graphs
     forced = plan_decode(cpu, capturable, 16, cuda_graphs=True, force_padding=True)
     assert forced.pads and not forced.use_graphs and forced.sizes == (1, 2, 4, 8, 16)
+    uncapturable = _Model(_Backend(False))
+    assert plan_decode(cuda, uncapturable, 16, cuda_graphs=True, force_graphs=True).use_graphs
+    assert not plan_decode(cpu, uncapturable, 16, cuda_graphs=True, force_graphs=True).use_graphs
 
 
 # -- step inputs and one stage's forward ------------------------------------------------
@@ -203,6 +212,74 @@ def test_padded_forward_matches_unpadded_and_writes_no_kv_for_padded_rows(tiny_s
         untouched = [i for i in range(MAX_SLOTS * MAX_BLOCKS * BLOCK_SIZE) if i not in written]
         assert torch.equal(flat(after_padded)[:, :, untouched], flat(before)[:, :, untouched])
         torch.testing.assert_close(after_padded, after_plain, atol=1e-5, rtol=1e-5)
+
+
+class EagerReplayGraphs(DecodeGraphs):
+    """CUDA-graph semantics on CPU: a replay re-runs what was captured on the very tensors
+    it was captured with (fixed addresses) and rewrites one output buffer per size."""
+
+    def capture(self, sizes, prepare, run) -> None:
+        for size in sizes:
+            inputs = prepare(size)
+            output = run(inputs, size)
+            self.graphs[size] = lambda i=inputs, n=size, out=output: out.copy_(run(i, n))
+
+    def replay(self, size: int) -> torch.Tensor:
+        return self.graphs[size]()
+
+
+def test_replays_read_the_persistent_buffers_and_outputs_survive_the_next_replay(tiny_stages):
+    config, models, specs = tiny_stages
+    tokens = np.random.default_rng(2).integers(3, 250, (MAX_SLOTS, MAX_BLOCKS * BLOCK_SIZE))
+    token_table = tokens.astype(np.int32)
+
+    def runners(plan):
+        made = []
+        for model, spec in zip(models, specs):
+            cache = torch.zeros(
+                (
+                    len(model.layers),
+                    2,
+                    MAX_SLOTS * MAX_BLOCKS,
+                    BLOCK_SIZE,
+                    config.num_key_value_heads,
+                    config.hidden_size // config.num_attention_heads,
+                )
+            )
+            runner = StageRunner(model, spec, cache, _pool(token_table), 0, decode_plan=plan)
+            runner.reserve_device_input(64 * config.hidden_size)
+            made.append(runner)
+        return made
+
+    eager = runners(DecodePlan())
+    graphed = runners(DecodePlan(sizes=capture_sizes(8), use_graphs=True))
+    for runner, twin in zip(graphed, eager):
+        runner.graphs = EagerReplayGraphs()
+        runner.capture_decode_graphs(max_seq_len=MAX_BLOCKS * BLOCK_SIZE)
+        # the capture may write slot 0 (no sequence owns it yet); these batches read
+        # positions they never wrote, so start both from the same cache
+        twin.kv_cache.copy_(runner.kv_cache)
+    batches = [
+        _decode_batch([5, 2, 9], [7, 12, 3]),
+        _decode_batch([1, 4, 6], [2, 9, 11]),  # same bucket: replays the same "graph"
+        _decode_batch([0, 1, 2, 3, 4, 6], [20, 1, 22, 9, 14, 2]),
+        _decode_batch([7], [4]),
+    ]
+    kept = []
+    for batch in batches:
+        pair = []
+        for stage_runners in (eager, graphed):
+            hidden = None
+            for runner in stage_runners:
+                hidden, _ = runner.forward(batch, None if hidden is None else hidden.clone())
+            pair.append(hidden)
+        torch.testing.assert_close(pair[1], pair[0], atol=1e-5, rtol=1e-5)
+        kept.append(pair)
+    for eager_hidden, graphed_hidden in kept:  # later replays did not overwrite them
+        torch.testing.assert_close(graphed_hidden, eager_hidden, atol=1e-5, rtol=1e-5)
+    assert [r.num_replays for r in graphed] == [len(batches)] * 2
+    for runner, twin in zip(graphed, eager):
+        torch.testing.assert_close(runner.kv_cache, twin.kv_cache, atol=1e-5, rtol=1e-5)
 
 
 def test_waits_run_the_poll_hook():

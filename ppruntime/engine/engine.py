@@ -326,6 +326,7 @@ class PipelineEngine:
             config.max_batch_size,
             config.cuda_graphs,
             force_padding=bool(env_flag("PPRUNTIME_PAD_DECODE")),
+            force_graphs=bool(env_flag("PPRUNTIME_FORCE_CUDA_GRAPHS")),
         )
         if device.type == "cuda" and not decode_plan.use_graphs:
             log.info("rank %d: CUDA graphs off: %s", info.rank, decode_plan.reason)

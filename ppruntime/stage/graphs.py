@@ -15,6 +15,9 @@ on CPU too: that is how the CPU tests prove padded rows are harmless.
 Graphs need an attention backend without host synchronisation and whose shapes do
 not depend on the context length: a backend says so with `supports_cuda_graphs =
 True`; today's `torch` backend does not, so graphs stay off with it.
+`PPRUNTIME_FORCE_CUDA_GRAPHS=1` captures anyway (tests): the `torch` backend has no
+host sync in decode, and captured with a plan for the longest context it gives the
+right numbers, only slowly (it gathers the whole context of every sequence).
 """
 
 from __future__ import annotations
@@ -86,9 +89,10 @@ def plan_decode(
     max_batch_size: int,
     cuda_graphs: bool,
     force_padding: bool = False,
+    force_graphs: bool = False,
 ) -> DecodePlan:
-    """Graphs on CUDA when enabled and the backend can be captured; padding with them,
-    or alone when forced (the CPU tests' "eager padded" mode)."""
+    """Graphs on CUDA when enabled and the backend can be captured (or force_graphs);
+    padding with them, or alone when forced (the CPU tests' "eager padded" mode)."""
     sizes = capture_sizes(max_batch_size)
     if device.type != "cuda":
         reason = f"the stage computes on {device.type}"
@@ -96,7 +100,7 @@ def plan_decode(
         reason = "disabled (--enforce-eager / cuda_graphs=False)"
     else:
         backend = attention_backend_of(model)
-        if getattr(backend, "supports_cuda_graphs", False):
+        if force_graphs or getattr(backend, "supports_cuda_graphs", False):
             return DecodePlan(sizes, use_graphs=True)
         name = getattr(backend, "name", None) or type(backend).__name__
         if backend is None:
