@@ -235,6 +235,8 @@ class PipelineEngine:
         self.stage = stage
         device = select_device(info.local_rank, config.device)
         self.device = device
+        if device.type == "cuda":  # streams, graphs and events use the current device
+            torch.cuda.set_device(device)
         configure_determinism(device, parallel.deterministic)
         dtype = resolve_dtype(config.dtype, model_config)
         self.tokenizer = load_tokenizer(config.model)

@@ -70,12 +70,12 @@ class StageRunner:
         inputs = self.pool.prepare(batch, pad_to=size)
         self.num_padded_forwards += size > num_seqs
         model_input = self._padded_model_input(inputs, hidden_in, size)
-        if size in self.graphs:
-            self.num_replays += 1
-            # the next replay overwrites the graph's output, and this microbatch's
-            # output may still be on its way to the next stage: copy the real rows out
-            return self.graphs.replay(size)[:num_seqs].clone(), inputs
         with torch.inference_mode():
+            if size in self.graphs:
+                self.num_replays += 1
+                # the next replay overwrites the graph's output, and this microbatch's
+                # output may still be on its way to the next stage: copy the real rows out
+                return self.graphs.replay(size)[:num_seqs].clone(), inputs
             hidden = self.model(model_input, inputs.positions, inputs.attn, self.kv_cache)
         return hidden[:num_seqs], inputs
 
