@@ -11,8 +11,16 @@ def select_device(local_rank: int, requested: str | None = None) -> torch.device
     """`requested` ('cpu', 'cuda', 'cuda:N') or, by default, one GPU per local rank.
 
     PPRUNTIME_DEVICE overrides the default. Several ranks may share one GPU: their
-    activations travel through host memory (MPI buffers are host buffers).
+    activations travel through host memory (MPI buffers are host buffers). A CUDA
+    device becomes this process's current one (streams, graphs and events use it).
     """
+    device = _requested_device(local_rank, requested)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def _requested_device(local_rank: int, requested: str | None) -> torch.device:
     requested = requested or os.environ.get("PPRUNTIME_DEVICE") or "auto"
     if requested == "auto":
         if torch.cuda.is_available():

@@ -235,8 +235,6 @@ class PipelineEngine:
         self.stage = stage
         device = select_device(info.local_rank, config.device)
         self.device = device
-        if device.type == "cuda":  # streams, graphs and events use the current device
-            torch.cuda.set_device(device)
         configure_determinism(device, parallel.deterministic)
         dtype = resolve_dtype(config.dtype, model_config)
         self.tokenizer = load_tokenizer(config.model)
@@ -330,8 +328,6 @@ class PipelineEngine:
             force_padding=bool(env_flag("PPRUNTIME_PAD_DECODE")),
             force_graphs=bool(env_flag("PPRUNTIME_FORCE_CUDA_GRAPHS")),
         )
-        if device.type == "cuda" and not decode_plan.use_graphs:
-            log.info("rank %d: CUDA graphs off: %s", info.rank, decode_plan.reason)
         runner = StageRunner(
             model,
             stage,

@@ -109,6 +109,8 @@ class StageRunner:
 
         max_seq_len: the longest context a sequence can reach (the capture's plan)."""
         if not self.decode_plan.use_graphs:
+            if self.pool.device.type == "cuda":
+                log.info("rank %d: CUDA graphs off: %s", self.rank, self.decode_plan.reason)
             return
         if not self.is_first_stage:
             self._input_buffer(self._device_input_size)
