@@ -357,3 +357,15 @@ def test_pp2_with_padding_forced_gives_the_same_greedy_tokens(tmp_path, unpadded
     assert result.returncode == 0, result.stderr[-3000:]
     tokens = [json.loads(line)["token_ids"] for line in result.stdout.splitlines()]
     assert tokens == [output.token_ids for output in unpadded_tokens]
+
+
+def test_enforce_eager_flag_and_config_field():
+    from ppruntime.cli import build_parser
+    from ppruntime.config import ConfigError, EngineConfig
+
+    parser = build_parser()
+    assert parser.parse_args(["generate", "--enforce-eager"]).enforce_eager is True
+    assert parser.parse_args(["generate"]).enforce_eager is False
+    assert EngineConfig().cuda_graphs is True
+    with pytest.raises(ConfigError, match="cuda_graphs must be True or False, got 'no'"):
+        EngineConfig(cuda_graphs="no")
