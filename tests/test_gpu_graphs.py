@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 PROMPTS = [[1, 5, 9, 13, 21, 34], [7, 3, 2], list(range(40, 80)), [11, 12], [100, 101, 102]]
 FORCE_GRAPHS = {"PPRUNTIME_FORCE_CUDA_GRAPHS": "1"}
 BF16_CLEAR_GAP = 0.1  # nats between the reference's top-2 log-probs: a tie-free step
+FP32_CLEAR_GAP = 1e-3
 JOB_TIMEOUT_S = 300
 
 
@@ -183,7 +184,10 @@ def test_graphs_on_and_off_give_the_same_greedy_tokens(monkeypatch, capfd, check
     graphed, captured, replays = _generate(monkeypatch, model, dtype, True, params)
     assert captured == len(capture_sizes(16)) and replays > 0
     assert "captured 5 decode CUDA graphs" in capfd.readouterr().err  # the log says so
-    assert_same_greedy_tokens(graphed, eager, None if dtype == "float32" else BF16_CLEAR_GAP)
+    # padding changes the matmul shapes: only a near-tie may flip (fp32: ~1e-6 apart)
+    assert_same_greedy_tokens(
+        graphed, eager, FP32_CLEAR_GAP if dtype == "float32" else BF16_CLEAR_GAP
+    )
 
 
 def test_request_aborted_mid_decode_frees_its_blocks_with_graphs(monkeypatch, checkpoints):
