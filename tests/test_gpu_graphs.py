@@ -1,11 +1,11 @@
 """GPU checks of the decode step loop: CUDA graphs, pinned activation staging, determinism.
 
 Skipped without a GPU (CI has none); run on a GPU machine with scripts/gpu_check.sh.
-Graph runs set PPRUNTIME_FORCE_CUDA_GRAPHS=1, so they capture even while the default
-attention backend does not declare itself capturable (the `torch` backend captures
-correctly, only slowly); with a capturable backend the flag changes nothing. Every
-graph test also asserts that graphs were captured and replayed, so none can pass
-by running eagerly.
+The engine runs use the default attention backend (`triton` on CUDA, capturable); they
+also set PPRUNTIME_FORCE_CUDA_GRAPHS=1, which changes nothing with it and makes a run with
+`PPRUNTIME_ATTENTION_BACKEND=torch` capture too (correct, only slow). The stage test runs
+both backends. Every graph test asserts that graphs were captured and replayed, so none
+can pass by running eagerly.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from model_fixtures import make_tiny_checkpoint
 from ppruntime import LLM, SamplingParams
 from ppruntime.engine.scheduler import ScheduledBatch
 from ppruntime.model import load_config, load_stage_model, partition_layers
+from ppruntime.model.backends import select_attention_backend
+from ppruntime.model.layer_ops import select_layer_ops
 from ppruntime.stage.graphs import DecodePlan, capture_sizes
 from ppruntime.stage.runner import StageRunner
 from ppruntime.stage.step_inputs import StepInputPool
@@ -58,11 +60,13 @@ def _decode_batch(slots, starts) -> ScheduledBatch:
     )
 
 
-def test_stage_replays_match_the_eager_forward():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stage_replays_match_the_eager_forward(backend):
     device = torch.device("cuda")
     config = load_config("tiny")
     specs = partition_layers(config.num_hidden_layers, 2)
-    models = [load_stage_model("tiny", spec, "float32", device) for spec in specs]
+    attention, ops = select_attention_backend(backend, device), select_layer_ops(backend, device)
+    models = [load_stage_model("tiny", spec, "float32", device, attention, ops) for spec in specs]
     head_dim = config.hidden_size // config.num_attention_heads
     block_table = np.arange(MAX_SLOTS * MAX_BLOCKS, dtype=np.int32).reshape(MAX_SLOTS, -1)
     rng = np.random.default_rng(0)
