@@ -48,9 +48,9 @@ def _run(llm, prompts, params) -> list:
 MIXED = [
     ("hello", greedy()),
     ("once upon a time", greedy(logprobs=3)),
-    ("abc", seeded(11, top_k=5)),
-    ("x", seeded(12, temperature=0.8, top_p=0.7, logprobs=2)),
-    ("pipeline parallel", seeded(13, min_p=0.1)),
+    ("abc", seeded(11, temperature=2.5, top_k=3)),
+    ("x", seeded(12, temperature=1.5, top_p=0.7, logprobs=2)),
+    ("pipeline parallel", seeded(13, temperature=3.0, min_p=0.2)),
     ("MPI", seeded(14, temperature=1.3, top_k=40, top_p=0.9, min_p=0.05, logprobs=1)),
     ("hello", seeded(15, temperature=1.5)),
     ("abc", SamplingParams(max_tokens=MAX_TOKENS, temperature=0.9, top_k=3, ignore_eos=True)),
