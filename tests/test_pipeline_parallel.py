@@ -586,6 +586,7 @@ def test_abort_in_flight_ends_abort_soon_and_frees_kv_everywhere(jobs, job):
     for key, record in result["abort"].items():
         mode, when = key.split("/")
         what = f"{job} abort {key}: {record}"
+        assert sorted(record["outputs"]) == ["keeper", "victim"], f"not finished: {what}"
         victim, keeper = record["outputs"]["victim"], record["outputs"]["keeper"]
         # the abort hit the request while one of its microbatches was in the pipeline
         assert record["in_flight_at_abort"] and not record["victim_finished_before_abort"], what
