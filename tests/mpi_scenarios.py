@@ -34,6 +34,11 @@ SLICED_PROMPT_TOKENS = 300
 SHUTDOWN_AFTER_STEPS = (0, 1, 5)  # queued only, one microbatch in, pipeline full
 MAX_STEPS = 10_000
 SMALL_BLOCK = 8  # prompts and outputs cross several KV block boundaries
+ABORT_PROMPT_TOKENS = 40  # prefilled in chunks of ABORT_CHUNK_TOKENS
+ABORT_CHUNK_TOKENS = 8
+ABORT_MAX_TOKENS = 200
+CADENCE_TOKENS = 6
+KV_MIN_MEMORY_MB = 1  # small enough that stages with more layers get fewer blocks
 
 
 # -- prompts (shared with the test) ------------------------------------------------------
@@ -45,6 +50,11 @@ def greedy_prompts(vocab_size: int = 300) -> list[list[int]]:
 def sampled_prompts(vocab_size: int = 300) -> list[list[int]]:
     rng = np.random.default_rng(99)
     return [rng.integers(3, vocab_size, size=n).tolist() for n in (7, 19, 31)]
+
+
+def abort_prompt(vocab_size: int = 300) -> np.ndarray:
+    rng = np.random.default_rng(55)
+    return rng.integers(3, vocab_size, size=ABORT_PROMPT_TOKENS).astype(np.int32)
 
 
 def text_prompts() -> list[str]:
@@ -362,12 +372,127 @@ class Job:
                     out[f"{mode}/{steps}"] = record
         return out
 
+    def abort(self) -> dict:
+        """abort() of a request in flight at PP >= 2: during a prefill chunk and mid-decode.
+
+        Rank 0 records how many iterations (and steps) the abort took to land, what the
+        request ended with, and its own KV state once nothing runs any more; the shutdown
+        reports then show every rank's KV state (shutdown itself aborts nothing here).
+        """
+        from ppruntime import SamplingParams
+
+        out: dict = {}
+        victim_params = SamplingParams(
+            max_tokens=ABORT_MAX_TOKENS, temperature=0.0, ignore_eos=True
+        )
+        keeper_params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+        for mode in self.args.modes.split(","):
+            for when in ("prefill", "decode"):
+                llm = self.llm("llama", mode, max_num_tokens=ABORT_CHUNK_TOKENS, max_batch_size=4)
+                record = None
+                if llm.is_driver:
+                    record = self._abort_on(llm, when, victim_params, keeper_params)
+                reports = self.finish(llm)
+                if record is not None:
+                    record["reports"] = reports
+                    out[f"{mode}/{when}"] = record
+        return out
+
+    def _abort_on(self, llm, when: str, victim_params, keeper_params) -> dict:
+        executor, table = llm._executor, llm._executor.table
+        victim = llm.add_request(abort_prompt(), victim_params, request_id="victim", stream=True)
+        keeper = llm.add_request(greedy_prompts()[0], keeper_params, request_id="keeper")
+        victim_seq = executor._seq_by_request[victim]
+        finished: dict[str, object] = {}
+        tokens = 0
+
+        def caught() -> bool:  # the victim is in flight, in the phase asked for
+            info = executor.infos.get(victim_seq)
+            if info is None or info.slot < 0 or not table.in_flight[info.slot]:
+                return False
+            computed = int(table.num_computed[info.slot])
+            if when == "prefill":
+                return 0 < computed < ABORT_PROMPT_TOKENS
+            return tokens >= 3
+
+        for _ in range(MAX_STEPS):
+            if caught():
+                break
+            done, deltas = llm.step()
+            finished.update({o.request_id: o for o in done})
+            tokens += sum(len(d.token_ids) for d in deltas if d.request_id == victim)
+        slot = executor.infos[victim_seq].slot
+        record = {
+            "in_flight_at_abort": bool(table.in_flight[slot]),
+            "computed_at_abort": int(table.num_computed[slot]),
+            "tokens_at_abort": tokens,
+            "victim_finished_before_abort": victim in finished,
+        }
+        record["abort_accepted"] = llm.abort(victim)
+        iteration, steps = executor.iteration, 0
+        while victim not in finished and steps < MAX_STEPS:
+            done, _ = llm.step()
+            steps += 1
+            finished.update({o.request_id: o for o in done})
+        record["abort_iterations"] = executor.iteration - iteration
+        record["abort_steps"] = steps
+        while keeper not in finished and steps < 2 * MAX_STEPS:
+            done, _ = llm.step()
+            steps += 1
+            finished.update({o.request_id: o for o in done})
+        record["outputs"] = {k: output_record(v) for k, v in finished.items()}
+        record["rank0_kv_free"] = [table.blocks.num_free_blocks, table.blocks.num_blocks]
+        record["slots"] = len(executor.slots)
+        return record
+
+    def cadence(self) -> dict:
+        """Deterministic mode: the step at which each token of a lone request arrives
+        (a batch scheduled in iteration i is handled in iteration i + pp_size). The
+        engine also has a KV budget small enough to differ per stage: every rank must
+        use the minimum over ranks. After shutdown every rank says whether its three
+        communicators were freed."""
+        from ppruntime import SamplingParams
+
+        llm = self.llm("llama", "det", kv_cache_memory_mb=KV_MIN_MEMORY_MB)
+        record = None
+        if llm.is_driver:
+            params = SamplingParams(max_tokens=CADENCE_TOKENS, temperature=0.0, ignore_eos=True)
+            request = llm.add_request(greedy_prompts()[0], params, stream=True)
+            arrivals: list[int] = []
+            done: list = []
+            step = 0
+            while not done and step < MAX_STEPS:
+                done, deltas = llm.step()
+                for delta in deltas:
+                    if delta.request_id == request:
+                        arrivals += [step] * len(delta.token_ids)
+                step += 1
+            record = {
+                "arrival_steps": arrivals,
+                "token_ids": done[0].token_ids if done else None,
+                "slots": len(llm._executor.slots),
+            }
+        reports = self.finish(llm)
+        # gathered after shutdown: ranks > 0 serve inside LLM(...) until then
+        from mpi4py import MPI
+
+        comms = llm._engine.comms
+        freed = [c == MPI.COMM_NULL for c in (comms.pipeline, comms.relay, comms.watchdog)]
+        local_blocks = self.comm.gather(llm._engine._local_blocks, root=0)
+        comms_freed = self.comm.gather(freed, root=0)
+        if record is None:
+            return {}
+        record["reports"] = reports
+        record["local_blocks"] = local_blocks
+        record["comms_freed"] = comms_freed
+        return record
+
 
 def _req_num(request_id: str) -> int:
     return int(request_id.rsplit("-", 1)[1])
 
 
-SCENARIOS = ("greedy", "features", "sliced", "long", "shutdown")
+SCENARIOS = ("greedy", "features", "sliced", "long", "shutdown", "abort", "cadence")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,14 @@ BAD_CASES = {
     "missing-file": ("<missing>", [], ["--prompts-file", "missing.jsonl"]),
 }
 MPI_BAD_CASES = ["temperature", "id-out-of-vocab"]
+# an unseeded sampled request in deterministic mode: the same bits in every process
+UNSEEDED_PROMPTS = ["hello", "once upon a time"]
+UNSEEDED = [
+    *CLI,
+    *[arg for prompt in UNSEEDED_PROMPTS for arg in ("--prompt", prompt)],
+    *["--deterministic", "--temperature", "0.9", "--top-p", "0.95", "--logprobs", "3"],
+    *["--ignore-eos", *JSON_FLAGS],
+]
 
 
 def _start(args: list[str]) -> subprocess.Popen[bytes]:
@@ -118,11 +126,14 @@ def jobs(tmp_path_factory):
         "json-logprobs": ([*good, "--logprobs", "2"], str(good_file)),
         "stream": ([*CLI, "--prompt", "hello", "--max-tokens", "16", "--stream"], ""),
         "stream-json": ([*good, "--stream"], str(good_file)),
+        "unseeded-a": (UNSEEDED, ""),
+        "unseeded-b": (UNSEEDED, ""),
     }
     single.update({name: _bad_args(directory, name) for name in BAD_CASES})
     started = {name: (_start(args), file) for name, (args, file) in single.items()}
     mpi = {"mpi-json-logprobs": single["json-logprobs"]}
     mpi.update({f"mpi-{name}": single[name] for name in MPI_BAD_CASES})
+    mpi.update({f"mpi-unseeded-{run}": (UNSEEDED, "") for run in "ab"})
     started_mpi = {}
     try:
         results = {name: (_wait(proc), file) for name, (proc, file) in started.items()}
@@ -150,6 +161,9 @@ def api():
                 GOOD_PROMPTS, SamplingParams(max_tokens=12, temperature=0, logprobs=2)
             ),
         }
+        outputs["unseeded-greedy"] = llm.generate(
+            UNSEEDED_PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        )
         encoded = [llm.encode_prompt(prompt).tolist() for prompt in GOOD_PROMPTS]
     return outputs, encoded
 
@@ -242,6 +256,24 @@ def test_mpi_two_ranks_json_equals_single_process(jobs):
             assert step.keys() == expected.keys()
             for key, value in step.items():
                 assert value == pytest.approx(expected[key], rel=1e-5, abs=1e-5)
+
+
+def test_deterministic_unseeded_sampling_is_bitwise_identical_across_processes(jobs, api):
+    """temperature > 0 without a seed, --deterministic: two separate processes give the
+    same tokens and log-probs to the bit (JSON floats round-trip exactly), and so do two
+    `mpirun -n 2` jobs, whose tokens are those of the single processes."""
+    outputs, _ = api
+    first, second = (_json_lines(_ok(jobs, f"unseeded-{run}")) for run in "ab")
+    assert len(first) == len(UNSEEDED_PROMPTS)
+    assert first == second, "two processes sampled differently"
+    mpi_first, mpi_second = (_json_lines(_ok(jobs, f"mpi-unseeded-{run}")) for run in "ab")
+    assert mpi_first == mpi_second, "two mpirun -n 2 jobs sampled differently"
+    assert [r["token_ids"] for r in mpi_first] == [r["token_ids"] for r in first]
+    # it did sample: not the greedy tokens
+    greedy = [output.token_ids for output in outputs["unseeded-greedy"]]
+    assert [r["token_ids"] for r in first] != greedy
+    for record in first:
+        assert len(record["token_ids"]) == 12 and len(record["logprobs"]) == 12
 
 
 @pytest.mark.parametrize("name", MPI_BAD_CASES)

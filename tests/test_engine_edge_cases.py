@@ -72,9 +72,12 @@ def test_prompt_logits_complete_when_preempted_mid_prefill():
 
 
 def test_ranks_with_different_configurations_refuse_to_start():
+    """A different flag, then a different PPRUNTIME_DETERMINISTIC, on rank 1."""
     result, output = _job(2, "different_config.py")
     assert result.returncode == 0, output[-3000:]
     for rank in (0, 1):
-        assert f"rank {rank} caught ConfigError: ranks [1] were started with a configuration" in (
-            output
-        )
+        for source in ("", " from the environment"):
+            assert (
+                f"rank {rank} caught ConfigError{source}: ranks [1] were started with a "
+                "configuration"
+            ) in output, output[-3000:]

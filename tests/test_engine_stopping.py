@@ -84,6 +84,30 @@ def test_eos_stops_with_reason_stop_and_is_included(llama_dir):
     assert with_eos >= 1, "no prompt produced eos: the test would prove nothing"
 
 
+def test_eos_on_the_last_allowed_token(llama_dir):
+    """eos as the max_tokens-th token: `stop` normally, `length` with ignore_eos."""
+    prompts = [[5], list(range(3, 16)), [10, 20, 30, 40, 50]]
+    eos = 2
+    with LLM(str(llama_dir), deterministic=True, block_size=4) as llm:
+        unconstrained = llm.generate(prompts, greedy(32, ignore_eos=True), use_tqdm=False)
+        cases = [
+            (prompt, full.token_ids[: full.token_ids.index(eos) + 1])
+            for prompt, full in zip(prompts, unconstrained)
+            if eos in full.token_ids
+        ]
+        assert cases, "no prompt produced eos: the test would prove nothing"
+        for prompt, cut in cases:
+            n = len(cut)
+            # alone and beside a request that does stop at eos (one batch)
+            [alone] = llm.generate([prompt], greedy(n, ignore_eos=True), use_tqdm=False)
+            kept, ended = llm.generate(
+                [prompt, prompt], [greedy(n, ignore_eos=True), greedy(n)], use_tqdm=False
+            )
+            assert (alone.token_ids, alone.finish_reason) == (cut, "length")
+            assert (kept.token_ids, kept.finish_reason) == (cut, "length")
+            assert (ended.token_ids, ended.finish_reason) == (cut, "stop")
+
+
 # -- stop token ids ----------------------------------------------------------------------
 @pytest.mark.parametrize("step", [0, 5, 20])
 def test_stop_token_ids(tiny, baseline, step):
@@ -93,6 +117,19 @@ def test_stop_token_ids(tiny, baseline, step):
     [output] = tiny.generate(["hello"], greedy(stop_token_ids=[stop_id]), use_tqdm=False)
     assert output.token_ids == full[:cut]
     assert output.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("step", [0, 6])
+def test_stop_token_id_on_the_last_allowed_token_is_stop(tiny, baseline, step):
+    full = baseline["once upon a time"].token_ids
+    stop_id = full[step]
+    cut = full.index(stop_id) + 1  # its first occurrence
+    [output] = tiny.generate(
+        ["once upon a time"],
+        greedy(cut, stop_token_ids=[stop_id], ignore_eos=True),
+        use_tqdm=False,
+    )
+    assert (output.token_ids, output.finish_reason) == (full[:cut], "stop")
 
 
 def test_stop_token_ids_earliest_of_several(tiny, baseline):
@@ -114,6 +151,18 @@ def test_stop_string(tiny, baseline, prompt):
     assert output.token_ids == tokens  # includes the token that completed the match
     assert output.text == text  # the stop string itself is excluded
     assert stop not in output.text
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[:2])
+def test_stop_string_completed_by_the_last_allowed_token_is_stop(tiny, baseline, prompt):
+    full = baseline[prompt]
+    stop = _stop_string(full.text)
+    tokens, text = _expected_stop_string_cut(tiny.tokenizer, full.token_ids, [stop])
+    [output] = tiny.generate(
+        [prompt], greedy(len(tokens), stop=[stop], ignore_eos=True), use_tqdm=False
+    )
+    assert (output.token_ids, output.text, output.finish_reason) == (tokens, text, "stop")
+    assert output.stop_reason == stop
 
 
 def test_stop_strings_earliest_wins(tiny, baseline):

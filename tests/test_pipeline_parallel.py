@@ -8,8 +8,9 @@ needs it, with its output.
 
 Jobs (uneven layer partitions of the 5-layer tiny checkpoints):
   pp1       1 rank                 greedy, features, sliced, long, shutdown
-  pp2       2 ranks  "4,1"         greedy, features, sliced ("2,1"), long, shutdown
-  pp3       3 ranks  "1,3,1"       greedy, features, shutdown
+  pp2       2 ranks  "4,1"         greedy, features, sliced ("2,1"), long, shutdown, abort,
+                                   cadence
+  pp3       3 ranks  "1,3,1"       greedy, features, sliced ("1,1,1"), shutdown, abort, cadence
   pp4       4 ranks  "2,1,1,1"     greedy, shutdown
   pp2-slow  2 ranks  "4,1"  PPRUNTIME_STAGE_DELAY_MS=1:20   greedy, shutdown
   pp3-slow  3 ranks  "1,3,1" PPRUNTIME_STAGE_DELAY_MS=1:20  greedy (llama), shutdown
@@ -41,11 +42,16 @@ JOBS: dict[str, dict] = {
     "pp1": {"n": 1, "scenario": "greedy,features,sliced,long,shutdown"},
     "pp2": {
         "n": 2,
-        "scenario": "greedy,features,sliced,long,shutdown",
+        "scenario": "greedy,features,sliced,long,shutdown,abort,cadence",
         "partition": "4,1",
         "sliced_partition": "2,1",
     },
-    "pp3": {"n": 3, "scenario": "greedy,features,shutdown", "partition": "1,3,1"},
+    "pp3": {
+        "n": 3,
+        "scenario": "greedy,features,sliced,shutdown,abort,cadence",
+        "partition": "1,3,1",
+        "sliced_partition": "1,1,1",
+    },
     "pp4": {"n": 4, "scenario": "greedy,shutdown", "partition": "2,1,1,1"},
     "pp2-slow": {
         "n": 2,
@@ -507,18 +513,24 @@ def test_pp1_logits_match_transformers(jobs, ckpt_root):
 # ------------------------------------------------------------------------------------
 # large payloads: prompt logits over 2 MiB travel sliced; a 16k-token prompt
 # ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("job", ["pp2", "pp3"])
 @pytest.mark.parametrize("mode", MODES)
-def test_large_prompt_logits_travel_sliced(jobs, ckpt_root, mode):
+def test_large_prompt_logits_travel_sliced(jobs, ckpt_root, mode, job):
+    """The diff goes from the last rank to rank 0 only: no other rank sends or receives
+    it (at PP=3 the middle rank would otherwise get it on the ring)."""
     import torch
 
-    base, piped = jobs("pp1")["sliced"][mode], jobs("pp2")["sliced"][mode]
+    base, piped = jobs("pp1")["sliced"][mode], jobs(job)["sliced"][mode]
+    world = jobs(job)["world_size"]
     assert piped["prompt_logits_bytes"] > 2 * SLICE_BYTES
     # the last rank cut the diff into slices and rank 0 reassembled them
     assert piped["sliced_sends"][-1] >= 1, piped["sliced_sends"]
     assert piped["sliced_recvs"][0] >= 1, piped["sliced_recvs"]
+    assert piped["sliced_sends"][:-1] == [0] * (world - 1), piped["sliced_sends"]
+    assert piped["sliced_recvs"][1:] == [0] * (world - 1), piped["sliced_recvs"]
     assert base["sliced_sends"] == [0] and base["sliced_recvs"] == [0]
     assert piped["token_ids"] == base["token_ids"]
-    ours = jobs.array("pp2", piped["prompt_logits"])
+    ours = jobs.array(job, piped["prompt_logits"])
     theirs = jobs.array("pp1", base["prompt_logits"])
     assert ours.shape == (scen.SLICED_PROMPT_TOKENS, 4096)
     np.testing.assert_allclose(ours, theirs, rtol=LOGITS_RTOL, atol=LOGITS_ATOL)
@@ -526,7 +538,7 @@ def test_large_prompt_logits_travel_sliced(jobs, ckpt_root, mode):
     with torch.no_grad():
         logits = model(torch.tensor([piped["prompt_token_ids"]])).logits[0].numpy()
     np.testing.assert_allclose(ours, logits, rtol=LOGITS_RTOL, atol=LOGITS_ATOL)
-    assert_kv_all_free(piped["reports"], 2, f"sliced pp2 {mode}")
+    assert_kv_all_free(piped["reports"], world, f"sliced {job} {mode}")
 
 
 def test_16k_prompt_is_chunked_through_pp2(jobs):
@@ -559,6 +571,90 @@ def test_shutdown_with_requests_in_flight_frees_everything(jobs, job):
     for key, record in result["shutdown"].items():
         assert record["finished_before_shutdown"] == [], "requests were not in flight"
         assert_kv_all_free(record["reports"], result["world_size"], f"{job} shutdown {key}")
+
+
+# ------------------------------------------------------------------------------------
+# abort of a request in flight at PP >= 2, during a prefill chunk and mid-decode
+# ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("job", FEATURE_JOBS)
+def test_abort_in_flight_ends_abort_soon_and_frees_kv_everywhere(jobs, job):
+    result = jobs(job)
+    world = result["world_size"]
+    assert sorted(result["abort"]) == sorted(
+        f"{mode}/{when}" for mode in MODES for when in ("prefill", "decode")
+    )
+    for key, record in result["abort"].items():
+        mode, when = key.split("/")
+        what = f"{job} abort {key}: {record}"
+        assert sorted(record["outputs"]) == ["keeper", "victim"], f"not finished: {what}"
+        victim, keeper = record["outputs"]["victim"], record["outputs"]["keeper"]
+        # the abort hit the request while one of its microbatches was in the pipeline
+        assert record["in_flight_at_abort"] and not record["victim_finished_before_abort"], what
+        assert record["abort_accepted"] is True, what
+        if when == "prefill":  # one chunk computed of a prompt that needs several
+            assert 0 < record["computed_at_abort"] < scen.ABORT_PROMPT_TOKENS, what
+            assert victim["token_ids"] == [], what
+        else:
+            assert record["tokens_at_abort"] >= 3, what
+            assert (
+                record["tokens_at_abort"]
+                <= len(victim["token_ids"])
+                <= record["tokens_at_abort"] + 1  # the batch in flight may add one
+            ), what
+        assert victim["finish_reason"] == "abort", what
+        # bounded: the batch in flight lands (deterministic: within pp_size iterations)
+        bound = world if mode == "det" else 2 * world + 2
+        assert 0 < record["abort_iterations"] <= bound, what
+        assert keeper["finish_reason"] == "length" and len(keeper["token_ids"]) == 10, what
+        free, total = record["rank0_kv_free"]
+        assert free == total, what
+        # nothing was unfinished at shutdown: the reports show what the abort freed
+        assert_kv_all_free(record["reports"], world, f"{job} abort {key}")
+
+
+# ------------------------------------------------------------------------------------
+# deterministic cadence, microbatch slots, KV capacity agreed over ranks
+# ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("job", FEATURE_JOBS)
+def test_deterministic_batch_is_handled_pp_size_iterations_later(jobs, job):
+    """A lone request: scheduled in iteration 0, each batch handled pp_size iterations
+    after it was scheduled, so token k arrives in step k * pp_size."""
+    cadence = jobs(job)["cadence"]
+    world = jobs(job)["world_size"]
+    expected = [world * (k + 1) for k in range(scen.CADENCE_TOKENS)]
+    assert cadence["arrival_steps"] == expected, cadence
+
+
+@pytest.mark.parametrize("job", FEATURE_JOBS)
+def test_microbatch_slots_per_mode(jobs, job):
+    """pp_size slots in deterministic mode, max(pp_size, 4) in async mode."""
+    result = jobs(job)
+    world = result["world_size"]
+    assert result["cadence"]["slots"] == world
+    for key, record in result["abort"].items():
+        expected = world if key.startswith("det/") else max(world, 4)
+        assert record["slots"] == expected, f"{job} {key}: {record['slots']} slots"
+
+
+@pytest.mark.parametrize("job", FEATURE_JOBS)
+def test_kv_capacity_is_the_minimum_over_ranks(jobs, job):
+    """With a memory budget, stages with more layers afford fewer blocks; all use the
+    fewest (uneven partitions 4,1 and 1,3,1)."""
+    cadence = jobs(job)["cadence"]
+    local = cadence["local_blocks"]
+    assert len(set(local)) > 1, f"{job}: the ranks' budgets do not differ: {local}"
+    totals = [report["kv_blocks_total"] for report in cadence["reports"]]
+    assert totals == [min(local)] * len(local), f"{job}: local {local}, used {totals}"
+    assert_kv_all_free(cadence["reports"], len(local), f"{job} cadence")
+
+
+@pytest.mark.parametrize("job", FEATURE_JOBS)
+def test_communicators_are_freed_at_shutdown(jobs, job):
+    """Every rank's pipeline, relay and watchdog communicators are MPI_COMM_NULL after
+    shutdown (an engine per scenario in one job: a leak would pile up)."""
+    cadence = jobs(job)["cadence"]
+    world = jobs(job)["world_size"]
+    assert cadence["comms_freed"] == [[True, True, True]] * world, cadence["comms_freed"]
 
 
 # ------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ one after the other in this one job (exit_workers=False), each with
 PPRUNTIME_PYTHON_WORK_MS set (rank 1, rank 0, or both, in turn): before every forward
 that rank busy-loops in pure Python while its relay and watchdog threads need the GIL.
 Each run has its own timeout guard (a timer that aborts the job naming the run) and
-the engine's watchdog. Rank 0 prints `RESULT {json}`: runs, mismatching runs, seconds.
+the engine's watchdog. Rank 0 prints `RESULT {json}`: runs, mismatching runs, seconds,
+and per run the knob's setting and each rank's [forward seconds, forwards] (the
+"forward" span of the rank's tracer, which includes the knob's work).
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ def workload() -> tuple[list, list[SamplingParams]]:
     return prompts, params
 
 
-def run_once(info, label: str, timeout_s: float, watchdog_s: float) -> list | None:
+def run_once(
+    info, label: str, timeout_s: float, watchdog_s: float
+) -> tuple[list, list] | tuple[None, None]:
     llm = LLM(preset="tiny", max_model_len=256, exit_workers=False, watchdog_timeout_s=watchdog_s)
     if not llm.is_driver:
         llm.shutdown()
-        return None
+        return None, None
     guard = threading.Timer(
         timeout_s, report_and_abort, (info, f"GIL pressure run {label} hung for {timeout_s} s")
     )
@@ -53,7 +57,8 @@ def run_once(info, label: str, timeout_s: float, watchdog_s: float) -> list | No
     guard.cancel()
     for report in reports or []:
         assert report.kv_blocks_free == report.kv_blocks_total, (label, report)
-    return [output.token_ids for output in outputs]
+    forwards = [[r.busy_s.get("forward", 0.0), r.batches] for r in reports]
+    return [output.token_ids for output in outputs], forwards
 
 
 def main() -> int:
@@ -65,23 +70,34 @@ def main() -> int:
     info = bootstrap()
     last = info.size - 1
     os.environ.pop(KNOB, None)
-    reference = run_once(info, "baseline", args.run_timeout, watchdog_s=20)
+    reference, _ = run_once(info, "baseline", args.run_timeout, watchdog_s=20)
     patterns = [
         f"{last}:{args.work_ms:g}",
         f"0:{args.work_ms:g}",
         f"0:{args.work_ms:g},{last}:{args.work_ms:g}",
     ]
-    mismatches, seconds = [], []
+    mismatches, seconds, knobs, forwards = [], [], [], []
     for run in range(args.runs):
         os.environ[KNOB] = patterns[run % len(patterns)]  # every rank sets the same
         started = time.monotonic()
-        tokens = run_once(info, f"{run} ({os.environ[KNOB]})", args.run_timeout, watchdog_s=20)
+        tokens, busy = run_once(
+            info, f"{run} ({os.environ[KNOB]})", args.run_timeout, watchdog_s=20
+        )
         seconds.append(round(time.monotonic() - started, 2))
+        knobs.append(os.environ[KNOB])
+        forwards.append(busy)
         if tokens is not None and tokens != reference:
             mismatches.append(run)
     os.environ.pop(KNOB, None)
     if info.rank == 0:
-        result = {"runs": args.runs, "mismatches": mismatches, "seconds": seconds}
+        result = {
+            "runs": args.runs,
+            "mismatches": mismatches,
+            "seconds": seconds,
+            "work_ms": args.work_ms,
+            "knobs": knobs,
+            "forwards": forwards,
+        }
         print("RESULT " + json.dumps(result), flush=True)
     return 0
 
