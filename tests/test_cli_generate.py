@@ -19,7 +19,8 @@ from ppruntime import LLM, SamplingParams
 
 TIMEOUT_S = 120
 VOCAB = 512  # the tiny preset's
-CLI = [sys.executable, "-m", "ppruntime", "generate"]
+# the random `tiny` (the default model is the trained one), against LLM(preset="tiny")
+CLI = [sys.executable, "-m", "ppruntime", "generate", "--preset", "tiny"]
 
 # the good prompts: --prompt first, then the file's lines (a blank line is skipped)
 FLAG_PROMPT = "abc"

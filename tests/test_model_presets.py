@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
-from model_fixtures import PagedBatches
+from model_fixtures import PagedBatches, load_reference_model
 
+from ppruntime import LLM, SamplingParams
 from ppruntime.model import (
+    DEFAULT_PRESET,
     PRESETS,
+    TRAINED_PRESETS,
+    ByteTokenizer,
     StageSpec,
     allocate_kv_cache,
     is_preset,
@@ -21,8 +28,11 @@ def test_preset_names_and_unknown_name():
     assert {"tiny", "bench-small", "null"} <= set(PRESETS)
     assert is_preset("tiny") and not is_preset("/some/dir")
     assert preset_config("null").num_hidden_layers == 2 and preset_config("null").hidden_size == 8
-    with pytest.raises(ValueError, match="unknown preset 'huge'; presets: tiny, bench-small, null"):
+    with pytest.raises(
+        ValueError, match="unknown preset 'huge'; presets: tiny-trained, tiny, bench-small, null"
+    ):
         preset_config("huge")
+    assert is_preset("tiny-trained") and DEFAULT_PRESET == "tiny-trained"
 
 
 def test_layer_weights_do_not_depend_on_the_partition():
@@ -63,3 +73,55 @@ def test_tiny_logits_are_peaky_and_pipeline_equals_single_stage():
 def test_preset_bfloat16():
     model = load_stage_model("tiny", StageSpec(0, 1, 0, 4), dtype="bf16")
     assert model.embed_tokens.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------
+# the trained preset (shipped checkpoint, scripts/train_tiny.py)
+# ------------------------------------------------------------------------------------
+KJV_TEXT = Path(__file__).resolve().parent.parent / "data" / "kjv" / "genesis-matthew.txt"
+
+
+def test_trained_preset_is_small_and_in_the_id_space_of_tiny():
+    directory = TRAINED_PRESETS["tiny-trained"]
+    assert (directory / "model.safetensors").stat().st_size < 5_000_000
+    trained, tiny = preset_config("tiny-trained"), preset_config("tiny")
+    assert trained.torch_dtype == "float32"  # bfloat16 on disk, float32 by default
+    for field in ("vocab_size", "num_hidden_layers", "bos_token_id", "eos_token_ids"):
+        assert getattr(trained, field) == getattr(tiny, field), field
+    bf16 = load_stage_model("tiny-trained", StageSpec(0, 1, 0, 4), dtype="bf16")
+    assert bf16.embed_tokens.dtype == torch.bfloat16
+
+
+def test_trained_preset_logits_match_transformers_for_any_partition():
+    torch.set_num_threads(1)
+    config = preset_config("tiny-trained")
+    reference = load_reference_model(TRAINED_PRESETS["tiny-trained"])
+    prompt = ByteTokenizer(config.vocab_size).encode("And God said unto Abraham")
+    tokens = torch.from_numpy(prompt).long()
+    with torch.no_grad():
+        expected = reference(input_ids=tokens[None]).logits[0]
+    for partition in [(4,), (1, 3)]:
+        specs = partition_layers(4, len(partition), partition)
+        stages = [load_stage_model("tiny-trained", spec) for spec in specs]
+        metadata, positions = PagedBatches(16, 8).step([(0, len(tokens))])
+        hidden = tokens
+        with torch.no_grad():
+            for stage, spec in zip(stages, specs):
+                hidden = stage(hidden, positions, metadata, allocate_kv_cache(config, spec, 16, 8))
+            logits = stages[-1].compute_logits(hidden)
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_default_model_continues_a_prompt_with_words_of_its_text():
+    known = set(re.findall(r"[a-z]+", KJV_TEXT.read_text().lower()))
+    with LLM(deterministic=True, exit_workers=False) as llm:  # no model, no preset
+        assert llm.config.model == DEFAULT_PRESET
+        outputs = llm.generate(
+            ["And God said", "In the beginning"],
+            SamplingParams(max_tokens=48, temperature=0),
+            use_tqdm=False,
+        )
+    for output in outputs:
+        words = re.findall(r"[a-z]+", output.text.lower())[:-1]  # the last may be cut off
+        assert len(words) >= 6, output.text
+        assert sum(word in known for word in words) >= 0.9 * len(words), output.text

@@ -35,7 +35,11 @@ def add_generate_parser(sub, add_common) -> None:
     parser = sub.add_parser("generate", help="generate text for prompts")
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", help="Hugging Face checkpoint directory")
-    model.add_argument("--preset", help="built-in model: tiny (default), bench-small, null")
+    model.add_argument(
+        "--preset",
+        help="built-in model: tiny-trained (default; reads as words), tiny (random weights, "
+        "what the tests use), bench-small, null",
+    )
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument(
         "--prompts-file",

@@ -37,7 +37,7 @@ from ppruntime.engine.errors import InvalidRequestError
 from ppruntime.engine.outputs import RequestOutput
 from ppruntime.engine.sampling_params import SamplingParams, validate_prompt_token_ids
 from ppruntime.engine.trace import write_chrome_trace
-from ppruntime.model import PRESETS, is_preset, parse_layer_partition
+from ppruntime.model import DEFAULT_PRESET, is_preset, parse_layer_partition, preset_names
 from ppruntime.model.tokenizer import require_tokenizer
 
 Prompt = str | Sequence[int] | np.ndarray
@@ -77,8 +77,8 @@ class LLM:
             raise ValueError("give either model=DIR or preset=NAME, not both")
         if preset is not None and not is_preset(preset):
             # without this, an unknown preset name is taken for a (missing) directory
-            raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-        source = model if model is not None else (preset or "tiny")
+            raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(preset_names())}")
+        source = model if model is not None else (preset or DEFAULT_PRESET)
         self.info = bootstrap(log_level, log_dir)
         if deterministic is None:
             deterministic = bool(env_flag("PPRUNTIME_DETERMINISTIC"))

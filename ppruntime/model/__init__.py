@@ -18,7 +18,14 @@ from ppruntime.model.partition import (
     partition_layers,
     stage_extra_costs,
 )
-from ppruntime.model.presets import PRESETS, is_preset, preset_config
+from ppruntime.model.presets import (
+    DEFAULT_PRESET,
+    PRESETS,
+    TRAINED_PRESETS,
+    is_preset,
+    preset_config,
+    preset_names,
+)
 from ppruntime.model.stage_model import StageModel
 from ppruntime.model.tokenizer import (
     ByteTokenizer,
@@ -29,8 +36,10 @@ from ppruntime.model.tokenizer import (
 )
 
 __all__ = [
+    "DEFAULT_PRESET",
     "PRESETS",
     "SUPPORTED_DTYPES",
+    "TRAINED_PRESETS",
     "AttentionMetadata",
     "ByteTokenizer",
     "LayerOps",
@@ -53,6 +62,7 @@ __all__ = [
     "parse_layer_partition",
     "partition_layers",
     "preset_config",
+    "preset_names",
     "require_tokenizer",
     "resolve_dtype",
     "select_attention_backend",

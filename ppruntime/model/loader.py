@@ -12,7 +12,12 @@ from ppruntime.model.config import ModelConfig, load_model_config
 from ppruntime.model.errors import ModelLoadError
 from ppruntime.model.layer_ops import LayerOps
 from ppruntime.model.partition import StageSpec
-from ppruntime.model.presets import fill_preset_weights, is_preset, preset_config
+from ppruntime.model.presets import (
+    fill_preset_weights,
+    is_preset,
+    preset_config,
+    trained_preset_dir,
+)
 from ppruntime.model.stage_model import EMBED_NAME, LM_HEAD_NAME, StageModel
 
 SUPPORTED_DTYPES = {
@@ -66,7 +71,7 @@ def load_stage_model(
 
     `source` is a checkpoint directory (config.json + safetensors) or a preset name.
     The returned model's `loaded_tensor_names` lists the checkpoint tensors it read
-    (for presets: the tensors it generated). `layer_ops` as in StageModel.
+    (for random presets: the tensors it generated). `layer_ops` as in StageModel.
     """
     config = load_config(source)
     if stage.layer_end > config.num_hidden_layers:
@@ -83,7 +88,10 @@ def load_stage_model(
         attention_backend=attention_backend,
         layer_ops=layer_ops,
     )
-    if isinstance(source, str) and is_preset(source):
+    shipped = trained_preset_dir(source) if isinstance(source, str) else None
+    if shipped is not None:
+        model.loaded_tensor_names = _fill_from_checkpoint(model, shipped)
+    elif isinstance(source, str) and is_preset(source):
         model.loaded_tensor_names = fill_preset_weights(model, source)
     else:
         model.loaded_tensor_names = _fill_from_checkpoint(model, Path(source))
