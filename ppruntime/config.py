@@ -122,7 +122,8 @@ class ParallelConfig:
 class EngineConfig:
     """What to run and how much of it at once.
 
-    model: checkpoint directory or preset name ("tiny", "bench-small", "null").
+    model: checkpoint directory or preset name ("tiny-trained", "tiny", "bench-small",
+        "null"; LLM() and the CLI default to "tiny-trained").
     max_batch_size: most sequences in one microbatch.
     max_num_tokens: token budget of one microbatch (prefill chunks + decode tokens).
     kv_cache_blocks: KV blocks per rank; None = from kv_cache_memory_mb. The blocks

@@ -31,7 +31,8 @@ from launching import REPO_ROOT, mpi_env
 
 from ppruntime import LLM, SamplingParams
 
-pytestmark = pytest.mark.slurm
+# the first run on a machine installs Slurm: more than the suite's default per-test limit
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1500)]
 
 APT_PACKAGES = ("slurm-wlm", "munge", "libpmix-dev")
 APT_TIMEOUT_S = 900  # once per machine
