@@ -1,13 +1,14 @@
 """Train the built-in `tiny-trained` model: a small byte-level Llama on the King James Bible.
 
-    .venv/bin/python scripts/train_tiny.py                    # ~8 min on one core
+    .venv/bin/python scripts/train_tiny.py                    # ~10 min on one core
     .venv/bin/python scripts/train_tiny.py --steps 20 --out /tmp/tiny   # a quick try
 
 Reads data/kjv/genesis-matthew.txt (public domain, see data/kjv/README.md), trains
 `transformers.LlamaForCausalLM` (the test extras install it) with plain torch on one
 thread, and writes ppruntime/model/data/tiny-trained/{config.json, model.safetensors}
 (weights in bfloat16). Everything random comes from --seed, so a rerun with the same
-torch on the same kind of CPU gives the same weights.
+torch on the same kind of CPU gives the same weights (the shipped model.safetensors
+came out byte for byte again from a second full run).
 
 Tokens are the preset byte vocabulary: ids 0..255 are bytes, 256 is BOS, 257 EOS
 (vocab_size 512, the same id space as the random `tiny` preset). Each training window

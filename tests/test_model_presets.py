@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,24 @@ def test_default_model_continues_a_prompt_with_words_of_its_text():
         words = re.findall(r"[a-z]+", output.text.lower())[:-1]  # the last may be cut off
         assert len(words) >= 6, output.text
         assert sum(word in known for word in words) >= 0.9 * len(words), output.text
+
+
+def test_train_script_is_reproducible_and_writes_a_loadable_checkpoint(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "train_tiny.py"
+    short = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--warmup-steps", "1"]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *short, "--out", str(tmp_path / name)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
+    for run in runs:
+        output, _ = run.communicate(timeout=240)
+        assert run.returncode == 0, output
+    weights = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("a", "b")]
+    assert weights[0] == weights[1]  # the same seed, the same bytes
+    model = load_stage_model(str(tmp_path / "a"), StageSpec(0, 1, 0, 4))
+    assert model.embed_tokens.shape == (512, 192)
