@@ -24,7 +24,9 @@ def add_serve_parser(sub, add_common) -> None:
     parser = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API (rank 0)")
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", help="Hugging Face checkpoint directory")
-    model.add_argument("--preset", help="built-in model: tiny (default), bench-small, null")
+    model.add_argument(
+        "--preset", help="built-in model: tiny-trained (default), tiny, bench-small, null"
+    )
     http = parser.add_argument_group("http")
     http.add_argument("--host", default="127.0.0.1")
     http.add_argument("--port", type=int, default=8000, help="0 = any free port (printed)")
