@@ -4,6 +4,7 @@ beside the same prompts through offline `LLM.generate`, in one run.
 
     python scripts/bench_serve.py --json                       # tiny, PP=2, 64 streams
     python scripts/bench_serve.py --preset bench-small --clients 16 --json
+    python scripts/bench_serve.py --shape 1b --pp 1 --clients 16 --json   # GPU: random 1B
 
 The driver starts the offline run (`mpirun -n PP python this --worker`) and then the
 server (`mpirun -n PP ppruntime serve --port 0`) back to back; the clients run in the
@@ -34,6 +35,13 @@ START_TIMEOUT_S = 180.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--model", default=None, help="a checkpoint directory instead")
+    parser.add_argument(
+        "--shape",
+        default=None,
+        help="write a random bf16 checkpoint of this bench_gpu.py shape (1b, 8b) and serve it",
+    )
+    parser.add_argument("--workdir", default=None, help="where --shape writes (a temp dir)")
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--clients", type=int, default=64, help="concurrent streams")
     parser.add_argument("--requests", type=int, default=None, help="default: 2 x clients")
@@ -57,7 +65,12 @@ def worker(args: argparse.Namespace) -> None:
     common.one_torch_thread()
     from ppruntime import LLM, SamplingParams
 
-    llm = LLM(preset=args.preset, pp_size=args.pp, max_batch_size=args.max_batch_size)
+    llm = LLM(
+        args.model,
+        preset=None if args.model else args.preset,
+        pp_size=args.pp,
+        max_batch_size=args.max_batch_size,
+    )
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     prompts = _prompts(args)
     start = time.perf_counter()
@@ -188,7 +201,7 @@ def drive(args: argparse.Namespace) -> int:
     itl = [b - a for _, arrivals in record for a, b in zip(arrivals, arrivals[1:])]
     serve_tput = tokens / window
     result = {
-        "preset": args.preset,
+        "model": args.shape or args.model or args.preset,
         "pp": args.pp,
         "clients": args.clients,
         "requests": len(record),
@@ -201,8 +214,8 @@ def drive(args: argparse.Namespace) -> int:
         "itl_p99_s": common.percentile(itl, 99),
     }
     lines = [
-        f"{args.preset} PP={args.pp}, {args.clients} concurrent streams, {len(record)} requests "
-        f"of {args.input_len} + {args.output_len} tokens",
+        f"{result['model']} PP={args.pp}, {args.clients} concurrent streams, "
+        f"{len(record)} requests of {args.input_len} + {args.output_len} tokens",
         f"  serve:   {serve_tput:.1f} output tok/s; TTFT p50/p99 "
         f"{result['ttft_p50_s'] * 1e3:.1f}/{result['ttft_p99_s'] * 1e3:.1f} ms, ITL p50/p99 "
         f"{result['itl_p50_s'] * 1e3:.1f}/{result['itl_p99_s'] * 1e3:.1f} ms",
