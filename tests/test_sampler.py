@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from ppruntime.stage.sampler import Sampler, SamplingBatch, make_generator
+from ppruntime.stage.sampler import (
+    SAMPLING_EPS,
+    Sampler,
+    SamplingBatch,
+    make_generator,
+    nonfinite_rows,
+)
 
 VOCAB = 50
 
@@ -194,3 +200,69 @@ def test_row_without_generator_uses_global_rng():
     batch = make_batch(2, temperature=[1.0, 0.0], seeds=[None, None])
     tokens = Sampler().sample(logits, batch).token_ids
     assert 0 <= tokens[0] < VOCAB and tokens[1] == logits[1].argmax()
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-6, 9.9e-6])
+def test_temperature_below_eps_is_greedy(temperature):
+    """Dividing by such a temperature overflows float32 (every logit turns inf, softmax
+    NaN): the row is greedy instead, and consumes no randomness."""
+    logits = random_logits(5)
+    batch = make_batch(5, temperature=temperature)
+    result = Sampler().sample(logits, batch)
+    np.testing.assert_array_equal(result.token_ids, logits.argmax(-1).numpy())
+    assert result.nonfinite is None
+    untouched = make_generator(1000)
+    assert torch.equal(batch.generators[0].get_state(), untouched.get_state())
+
+
+def test_temperature_at_eps_is_sampled():
+    logits = torch.zeros(1, VOCAB)  # uniform: sampling picks all sorts of tokens
+    tokens = {
+        int(
+            Sampler()
+            .sample(logits, make_batch(1, temperature=SAMPLING_EPS, seeds=[s]))
+            .token_ids[0]
+        )
+        for s in range(20)
+    }
+    assert len(tokens) > 1
+
+
+def _poisoned_logits() -> torch.Tensor:
+    logits = random_logits(6)
+    logits[1, 7] = float("nan")
+    logits[3, 2] = float("inf")
+    logits[4] = -float("inf")  # no finite logit at all
+    logits[5, 0] = -float("inf")  # rules token 0 out: harmless
+    return logits
+
+
+POISONED_ROWS = [False, True, False, True, True, False]
+
+
+@pytest.mark.parametrize(
+    "temperature, num_logprobs",
+    [(0.0, 0), (0.0, 2), (0.8, 0), ([0.0, 0.9, 0.0, 0.5, 1.0, 0.0], 1)],
+)
+def test_nonfinite_rows_are_flagged(temperature, num_logprobs):
+    logits = _poisoned_logits()
+    result = Sampler().sample(logits, make_batch(6, temperature, num_logprobs=num_logprobs))
+    assert result.nonfinite is not None
+    assert result.nonfinite.tolist() == POISONED_ROWS
+    fine = ~np.asarray(POISONED_ROWS)
+    if num_logprobs:
+        assert np.isfinite(result.logprobs[fine]).all()
+
+
+def test_nonfinite_rows_none_when_all_finite():
+    logits = random_logits(4)
+    logits[2, :10] = -float("inf")
+    assert nonfinite_rows(logits) is None
+    assert nonfinite_rows(logits, logits.argmax(-1).numpy().astype(np.int32)) is None
+    assert Sampler().sample(logits, make_batch(4, temperature=0.7)).nonfinite is None
+
+
+def test_nonfinite_rows_greedy_shortcut_agrees_with_the_reduction():
+    logits = _poisoned_logits()
+    argmax = np.argmax(logits.numpy(), axis=-1).astype(np.int32)
+    assert nonfinite_rows(logits, argmax).tolist() == nonfinite_rows(logits).tolist()

@@ -225,6 +225,7 @@ def test_finish_reason_codes():
         wire.FINISH_STOP: "stop",
         wire.FINISH_LENGTH: "length",
         wire.FINISH_ABORT: "abort",
+        wire.FINISH_NONFINITE: "error",
     }
 
 

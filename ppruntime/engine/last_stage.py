@@ -1,7 +1,8 @@
 """What the last rank does with a microbatch's hidden states.
 
 It samples one token for every sequence whose chunk reached its end, decides which
-sequences finish (eos, stop ids, stop strings, max_tokens, model length) and builds
+sequences finish (eos, stop ids, stop strings, max_tokens, model length, logits that
+hold a NaN or an inf: that request alone ends with an error, no token) and builds
 the batch's sample state (tokens + finish codes, for every rank) and response diff
 (log-probs, logits, stop strings: what changed since the last send, for rank 0).
 Per-request parameters live in arrays indexed by slot, so a step costs array
@@ -19,7 +20,7 @@ from ppruntime.engine.detokenizer import IncrementalDetokenizer
 from ppruntime.engine.scheduler import ScheduledBatch
 from ppruntime.engine.seq_table import SeqInfo, SequenceTable
 from ppruntime.engine.stop import StopStringMatcher
-from ppruntime.engine.wire import FINISH_LENGTH, FINISH_STOP, SampleState
+from ppruntime.engine.wire import FINISH_LENGTH, FINISH_NONFINITE, FINISH_STOP, SampleState
 from ppruntime.stage.device_sampler import DeviceSampler, HostSample, SamplingRows, seed_key
 from ppruntime.stage.runner import StageRunner
 from ppruntime.stage.step_inputs import StepInputs
@@ -98,7 +99,7 @@ class LastStage:
     def admit(self, info: SeqInfo) -> None:
         slot, params = info.slot, info.params
         self.release(slot)  # no-op unless the slot still counts a previous sequence
-        self.temperature[slot] = params.temperature
+        self.temperature[slot] = 0.0 if params.is_greedy else params.temperature
         self.top_k[slot] = max(params.top_k, 0)  # -1 and 0 disable; SamplingParams caps k
         self.top_p[slot] = params.top_p
         self.min_p[slot] = params.min_p
@@ -169,10 +170,14 @@ class LastStage:
             # only the sampled ids and what was asked for come back to the host
             result = self.sampler.sample(logits, rows).to_host().wait()
             tokens = result.token_ids
+            codes = self._finish_codes(slots, tokens, diff)
             token_ids[sampled] = tokens
-            finish[sampled] = self._finish_codes(slots, tokens, diff)
+            nonfinite = result.nonfinite_rows()
+            if nonfinite is not None:  # rare: those requests end with an error, no token
+                sampled = self._end_nonfinite(sampled, nonfinite, slots, codes, token_ids, diff)
+            finish[batch.sample_mask] = codes
             if self.num_with["logprobs"] or self.num_with["generation_logits"]:
-                self._collect_sample_extras(slots, result, diff)
+                self._collect_sample_extras(slots, result, diff, nonfinite)
         if self.num_with["prompt_logits"] and self.wants_prompt_logits[batch.slots].any():
             self._collect_prompt_logits(batch, hidden, diff)
         state = SampleState(
@@ -184,6 +189,28 @@ class LastStage:
             has_diff=not diff.is_empty(),
         )
         return state, (None if diff.is_empty() else diff)
+
+    @staticmethod
+    def _end_nonfinite(
+        sampled: np.ndarray,
+        nonfinite: np.ndarray,
+        slots: np.ndarray,
+        codes: np.ndarray,
+        token_ids: np.ndarray,
+        diff: ResponseDiff,
+    ) -> np.ndarray:
+        """Finish the rows whose logits were not finite: error code, no token gained.
+
+        Returns the batch's new sampled mask (a copy: the schedule's mask is shared).
+        """
+        codes[nonfinite] = FINISH_NONFINITE
+        positions = np.flatnonzero(sampled)[nonfinite]  # in batch order
+        token_ids[positions] = -1
+        sampled = sampled.copy()
+        sampled[positions] = False
+        for slot in slots[nonfinite].tolist():
+            diff.stop_strings.pop(slot, None)
+        return sampled
 
     def _sampling_rows(self, batch: ScheduledBatch, slots: np.ndarray) -> SamplingRows:
         num_with = self.num_with
@@ -238,9 +265,15 @@ class LastStage:
         return codes
 
     def _collect_sample_extras(
-        self, slots: np.ndarray, result: HostSample, diff: ResponseDiff
+        self,
+        slots: np.ndarray,
+        result: HostSample,
+        diff: ResponseDiff,
+        nonfinite: np.ndarray | None,
     ) -> None:
         wants_logprobs = self.num_logprobs[slots] >= 0
+        if nonfinite is not None:  # those rows gained no token: nothing to report
+            wants_logprobs &= ~nonfinite
         if wants_logprobs.any():
             rows = np.flatnonzero(wants_logprobs)
             diff.logprob_slots = slots[rows]
@@ -250,8 +283,13 @@ class LastStage:
         wants_logits = self.wants_generation_logits[slots]
         if wants_logits.any():
             rows = np.flatnonzero(wants_logits)
-            diff.generation_logit_slots = slots[rows]
-            diff.generation_logits = result.logits  # the rows of SamplingRows.logit_rows
+            logits = result.logits  # the rows of SamplingRows.logit_rows
+            if nonfinite is not None:
+                keep = ~nonfinite[rows]
+                rows, logits = rows[keep], logits[keep]
+            if rows.shape[0]:
+                diff.generation_logit_slots = slots[rows]
+                diff.generation_logits = logits
 
     def _collect_prompt_logits(self, batch: ScheduledBatch, hidden: torch.Tensor, diff) -> None:
         """Logits of the prompt positions in this chunk, sent once per position."""

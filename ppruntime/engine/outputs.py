@@ -17,7 +17,10 @@ from ppruntime.engine.detokenizer import IncrementalDetokenizer
 from ppruntime.engine.last_stage import ResponseDiff
 from ppruntime.engine.seq_table import SeqInfo, SequenceTable
 from ppruntime.engine.stop import StopStringMatcher, truncate_at_stop
-from ppruntime.engine.wire import FINISH_REASONS
+from ppruntime.engine.wire import FINISH_NONFINITE, FINISH_REASONS
+from ppruntime.logs import get_logger
+
+log = get_logger("outputs")
 
 
 @dataclass
@@ -41,6 +44,8 @@ class RequestOutput:
         token and the top-n alternatives (when `SamplingParams.logprobs` is set).
     prompt_logits: [P, V] float32 raw logits at every prompt position.
     generation_logits: [N, V] float32 raw logits that produced each generated token.
+    error: why the request failed when `finish_reason` is "error" (the tokens before
+        the failure are kept), else None.
     """
 
     request_id: str
@@ -54,6 +59,7 @@ class RequestOutput:
     generation_logits: np.ndarray | None = None
     stop_reason: str | None = None
     metrics: RequestMetrics | None = None
+    error: str | None = None
 
     def to_json(self) -> dict:
         record = {
@@ -67,6 +73,8 @@ class RequestOutput:
             record["logprobs"] = [
                 {str(token): value for token, value in step.items()} for step in self.logprobs
             ]
+        if self.error is not None:
+            record["error"] = self.error
         return record
 
 
@@ -228,9 +236,23 @@ class OutputCollector:
             ),
             stop_reason=request.stop_string,
             metrics=request.metrics,
+            error=_error_message(finish_code, tokens.shape[0]),
         )
+        if output.error is not None:
+            log.warning("request %s failed: %s", info.request_id, output.error)
         if last_delta is not None:
             last_delta.finished = True
             last_delta.finish_reason = reason
             last_delta.metrics = request.metrics
+            last_delta.error = output.error
         return output, last_delta
+
+
+def _error_message(finish_code: int, num_tokens: int) -> str | None:
+    if finish_code != FINISH_NONFINITE:
+        return None
+    return (
+        f"the model produced non-finite logits (NaN or inf) for generated token "
+        f"{num_tokens + 1}, so the request ended with the {num_tokens} token(s) before it: "
+        "check the checkpoint's weights (with float16, try --dtype bfloat16 or float32)"
+    )

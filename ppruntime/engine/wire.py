@@ -146,7 +146,13 @@ def unpack_microbatch(message: np.ndarray) -> MicrobatchHeader:
 
 # -- sample state ---------------------------------------------------------------------
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH, FINISH_ABORT = 0, 1, 2, 3
-FINISH_REASONS = {FINISH_STOP: "stop", FINISH_LENGTH: "length", FINISH_ABORT: "abort"}
+FINISH_NONFINITE = 4  # the request's logits held a NaN or an inf: its token is meaningless
+FINISH_REASONS = {
+    FINISH_STOP: "stop",
+    FINISH_LENGTH: "length",
+    FINISH_ABORT: "abort",
+    FINISH_NONFINITE: "error",
+}
 S_HAS_DIFF = 1  # a RESPONSE_DIFF message follows
 
 

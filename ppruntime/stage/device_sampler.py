@@ -16,10 +16,13 @@ the CPU the same math runs with the noise computed by `gumbel_noise` (the kernel
 reference: the same bits).
 
 The semantics are those of ppruntime.stage.sampler.Sampler (kept as the test oracle):
-greedy rows take the argmax of the raw logits (ties: lowest id); sampled rows apply
+greedy rows (temperature below ``SAMPLING_EPS``) take the argmax of the raw logits (ties:
+lowest id); sampled rows apply
 temperature, then top-k (ties at the k-th value kept), top-p (the most likely token
 always kept), min-p (relative to the most likely token), and log-probs are
-``log_softmax`` of the RAW logits.
+``log_softmax`` of the RAW logits. Each row's maximum logit comes back too: when it is
+not finite (a NaN anywhere in the row, a +inf, no finite logit) the row's token is
+meaningless, and the caller ends that request.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 
 from ppruntime.logs import get_logger
+from ppruntime.stage.sampler import SAMPLING_EPS
 
 _log = get_logger("sampler")
 
@@ -162,9 +166,17 @@ class HostSample:
     top_token_ids: np.ndarray | None  # [N, K] int32, sorted by log-prob descending
     top_logprobs: np.ndarray | None  # [N, K] float32
     logits: np.ndarray | None  # [G, V] float32: raw logits of SamplingRows.logit_rows
+    max_logits: np.ndarray | None = None  # [N] float32: each row's maximum (NaN propagates)
+
+    def nonfinite_rows(self) -> np.ndarray | None:
+        """[N] bool rows whose logits hold a NaN or an inf; None when every row is fine."""
+        if self.max_logits is None:
+            return None
+        finite = np.isfinite(self.max_logits)
+        return None if finite.all() else ~finite
 
 
-_FIELDS = ("token_ids", "logprobs", "top_token_ids", "top_logprobs", "logits")
+_FIELDS = ("token_ids", "logprobs", "top_token_ids", "top_logprobs", "logits", "max_logits")
 
 
 class HostTransfer:
@@ -202,6 +214,7 @@ class HostTransfer:
                 top_token_ids=arrays.get("top_token_ids"),
                 top_logprobs=arrays.get("top_logprobs"),
                 logits=arrays.get("logits"),
+                max_logits=arrays.get("max_logits"),
             )
         return self._result
 
@@ -215,6 +228,7 @@ class DeviceSample:
     top_token_ids: torch.Tensor | None  # [N, K] int32
     top_logprobs: torch.Tensor | None  # [N, K] float32
     logits: torch.Tensor | None  # [G, V] float32
+    max_logits: torch.Tensor | None = None  # [N] float32
 
     def _parts(self) -> list[tuple[str, torch.Tensor]]:
         named = [
@@ -223,6 +237,7 @@ class DeviceSample:
             ("top_token_ids", self.top_token_ids),
             ("top_logprobs", self.top_logprobs),
             ("logits", self.logits),
+            ("max_logits", self.max_logits),
         ]
         return [(name, tensor) for name, tensor in named if tensor is not None]
 
@@ -261,15 +276,18 @@ class DeviceSampler:
     # -- the whole step -------------------------------------------------------------
     def sample(self, logits: torch.Tensor, rows: SamplingRows) -> DeviceSample:
         num_rows = logits.shape[0]
-        greedy_rows = rows.temperature == 0.0  # [N] host bool
+        greedy_rows = rows.temperature < SAMPLING_EPS  # [N] host bool
         if greedy_rows.all():
             token_ids = _argmax(logits)
+            # argmax picks the first NaN and any +inf: the chosen values are the maxima
+            max_logits = logits.gather(1, token_ids.to(torch.int64).unsqueeze(1)).squeeze(1)
         else:
             params = _upload_params(rows, greedy_rows, logits.shape[1], logits.device)
             scores = _filtered_scores(logits, params)
             token_ids = self._noise_argmax(logits.device)(
                 scores, params.key_a, params.key_b, params.noisy
             )
+            max_logits = logits.amax(dim=-1)
         logprobs = top_ids = top_values = None
         if rows.num_logprobs > 0:
             all_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
@@ -285,7 +303,12 @@ class DeviceSampler:
                 index = _to_device(rows.logit_rows.astype(np.int64), logits.device)
                 requested_logits = logits.index_select(0, index)
         return DeviceSample(
-            token_ids.to(torch.int32), logprobs, top_ids, top_values, requested_logits
+            token_ids.to(torch.int32),
+            logprobs,
+            top_ids,
+            top_values,
+            requested_logits,
+            max_logits.to(torch.float32),
         )
 
     def _noise_argmax(self, device: torch.device):
@@ -365,7 +388,7 @@ def _upload_params(
 def sampling_scores(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     """What the noise is added to: [N, V] scaled logits, the tokens that top-k, top-p and
     min-p drop at -inf; greedy rows: their raw logits."""
-    greedy_rows = rows.temperature == 0.0
+    greedy_rows = rows.temperature < SAMPLING_EPS
     return _filtered_scores(
         logits, _upload_params(rows, greedy_rows, logits.shape[1], logits.device)
     )

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+SAMPLING_EPS = 1e-5
+"""Temperatures below this are greedy (vLLM's ``_SAMPLING_EPS``). Dividing float32
+logits by a smaller temperature overflows (1e-40 turns every logit above 3.4e-2 into
+inf, and softmax into NaN), and anything this sharp is an argmax anyway: a logit gap
+of 1e-3 already weighs ``exp(100)`` to one at 1e-5."""
+
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A fresh generator seeded with ``seed`` (one per seeded request)."""
@@ -39,12 +45,35 @@ class SampleResult:
     logprobs: np.ndarray | None  # [N] float32, chosen token's log-prob
     top_token_ids: np.ndarray | None  # [N, K] int32, sorted by log-prob descending
     top_logprobs: np.ndarray | None  # [N, K] float32
+    nonfinite: np.ndarray | None = None  # [N] bool rows with NaN/inf logits; None: all fine
+
+
+def nonfinite_rows(
+    logits: torch.Tensor, greedy_tokens: np.ndarray | None = None
+) -> np.ndarray | None:
+    """[N] bool: the rows whose maximum logit is not finite; None when every row is fine.
+
+    That is a NaN anywhere in the row (the maximum propagates NaN), a +inf, or no
+    finite logit at all: rows whose token would be garbage. A -inf next to finite
+    logits only rules that token out, which is harmless. With the argmax of every row
+    at hand (``greedy_tokens``, CPU logits), the check reads only the N chosen values,
+    as argmax picks the first NaN and any +inf; otherwise it costs one max reduction.
+    """
+    if greedy_tokens is not None and logits.device.type == "cpu":
+        maxima = logits.numpy()[np.arange(greedy_tokens.shape[0]), greedy_tokens]
+    else:
+        maxima = logits.amax(dim=-1).cpu().numpy()
+    finite = np.isfinite(maxima)
+    if finite.all():
+        return None
+    return ~finite
 
 
 class Sampler:
     """Samples one token per row from ``[N, V]`` float32 logits.
 
-    Greedy rows (temperature 0) take the argmax; ties go to the lowest index.
+    Greedy rows (temperature below ``SAMPLING_EPS``) take the argmax; ties go to the
+    lowest index.
     Sampled rows apply temperature, then top-k, top-p (nucleus, always keeping the
     most likely token) and min-p (relative to the most likely token's probability),
     then draw with the exponential race: ``argmax(probs / E)`` with ``E ~ Exp(1)``
@@ -55,6 +84,9 @@ class Sampler:
     top-p and min-p (vLLM's default, and what transformers returns as scores). When
     ``num_logprobs > 0`` the result carries the chosen token's log-prob for every row
     and the top ``num_logprobs`` ids/log-probs, sorted descending.
+
+    ``SampleResult.nonfinite`` marks the rows whose logits hold a NaN or an inf (see
+    `nonfinite_rows`): their token is meaningless and the caller must not use it.
     """
 
     def greedy(self, logits: torch.Tensor) -> np.ndarray:
@@ -67,21 +99,26 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
         # logits: [N, V] float32
-        greedy_rows = batch.temperature == 0.0  # [N] bool
+        greedy_rows = batch.temperature < SAMPLING_EPS  # [N] bool
         if greedy_rows.all() and logits.device.type == "cpu":
             token_ids = self.greedy(logits)
+            nonfinite = nonfinite_rows(logits, token_ids)
             if batch.num_logprobs <= 0:
-                return SampleResult(token_ids, None, None, None)
+                return SampleResult(token_ids, None, None, None, nonfinite)
             chosen = torch.from_numpy(token_ids.astype(np.int64))
-            return self._with_logprobs(logits, chosen, token_ids, batch.num_logprobs)
-        if greedy_rows.all():
-            chosen = logits.argmax(dim=-1)  # [N]
+            result = self._with_logprobs(logits, chosen, token_ids, batch.num_logprobs)
         else:
-            chosen = self._sample_mixed(logits, batch, greedy_rows)
-        token_ids = chosen.to(torch.int32).cpu().numpy()
-        if batch.num_logprobs <= 0:
-            return SampleResult(token_ids, None, None, None)
-        return self._with_logprobs(logits, chosen, token_ids, batch.num_logprobs)
+            if greedy_rows.all():
+                chosen = logits.argmax(dim=-1)  # [N]
+            else:
+                chosen = self._sample_mixed(logits, batch, greedy_rows)
+            token_ids = chosen.to(torch.int32).cpu().numpy()
+            nonfinite = nonfinite_rows(logits)
+            if batch.num_logprobs <= 0:
+                return SampleResult(token_ids, None, None, None, nonfinite)
+            result = self._with_logprobs(logits, chosen, token_ids, batch.num_logprobs)
+        result.nonfinite = nonfinite
+        return result
 
     def _sample_mixed(
         self, logits: torch.Tensor, batch: SamplingBatch, greedy_rows: np.ndarray

@@ -36,6 +36,11 @@ class BatchLayout:
     index_in_seq: torch.Tensor  # [T] int64
     query_pos: torch.Tensor  # [B, max_q] int64, padding rows at position 0
     context_len: int  # padded keys per sequence (whole blocks)
+    # [B, context_len, 1, 1] bool: padded keys past the sequence's length. They are read
+    # from whatever the block table points at (free blocks, other sequences' blocks);
+    # their weight is 0, but 0 * NaN is NaN, so their values are zeroed: a request whose
+    # activations went NaN must not spread them to the others.
+    beyond_length: torch.Tensor
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def visible(self, sliding_window: int | None) -> torch.Tensor:
@@ -61,8 +66,12 @@ def batch_layout(
         positions = (attn.seq_lens - q_lens).to(torch.int64)[seq_of_token] + index_in_seq
     query_pos = positions.new_zeros((attn.num_seqs, attn.max_query_len), dtype=torch.int64)
     query_pos[seq_of_token, index_in_seq] = positions.to(torch.int64)
-    blocks_needed = -(-attn.max_seq_len // block_size)
-    return BatchLayout(seq_of_token, index_in_seq, query_pos, blocks_needed * block_size)
+    context_len = -(-attn.max_seq_len // block_size) * block_size
+    key_pos = torch.arange(context_len, device=query_pos.device)
+    beyond_length = key_pos[None, :] >= attn.seq_lens.to(query_pos.device)[:, None]
+    return BatchLayout(
+        seq_of_token, index_in_seq, query_pos, context_len, beyond_length[:, :, None, None]
+    )
 
 
 def paged_attention(
@@ -97,6 +106,7 @@ def paged_attention(
     tokens = (layout.seq_of_token, layout.index_in_seq)
 
     keys, values = _gather_context(layer_cache, attn, layout.context_len)  # [B, S, Hkv, D]
+    values.masked_fill_(layout.beyond_length, 0.0)
     padded_q = q.new_zeros((num_seqs, max_q, num_q_heads, head_dim), dtype=torch.float32)
     padded_q[tokens] = q.to(torch.float32)
     padded_q = padded_q.view(num_seqs, max_q, num_kv_heads, group, head_dim)
