@@ -21,9 +21,10 @@ from ppruntime.engine.sampling_params import SamplingParams
 PARAMS = [
     SamplingParams(),
     SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True, logprobs=0),
-    SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=-(2**40), logprobs=3),
+    SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=2**63 - 1, logprobs=3),
     SamplingParams(top_k=2**40, temperature=0.5),  # capped to int32: keeps every token
-    SamplingParams(seed=2**70, prompt_logits=True, generation_logits=True),  # seed > 64 bits
+    # SamplingParams takes seeds in [0, 2**63); the message still carries any int
+    SamplingParams.trusted(seed=2**70, prompt_logits=True, generation_logits=True),
     SamplingParams(stop=("end", "\n"), stop_token_ids=[2, 9], seed=12345),
 ]
 

@@ -30,17 +30,30 @@ from ppruntime.config import (
     ConfigError,
     EngineConfig,
     ParallelConfig,
+    check_writable_file,
     env_flag,
 )
 from ppruntime.engine.engine import PipelineEngine, RankReport
 from ppruntime.engine.errors import InvalidRequestError
 from ppruntime.engine.outputs import RequestOutput
-from ppruntime.engine.sampling_params import SamplingParams, validate_prompt_token_ids
+from ppruntime.engine.sampling_params import (
+    SamplingParams,
+    check_unicode,
+    validate_prompt_token_ids,
+)
 from ppruntime.engine.trace import write_chrome_trace
 from ppruntime.model import DEFAULT_PRESET, is_preset, parse_layer_partition, preset_names
 from ppruntime.model.tokenizer import require_tokenizer
 
 Prompt = str | Sequence[int] | np.ndarray
+
+
+class _Inbox:
+    """Outputs waiting for the one call that takes them."""
+
+    def __init__(self) -> None:
+        self.finished: list[RequestOutput] = []
+        self.events: list[RequestOutput] = []
 
 
 class LLM:
@@ -120,10 +133,15 @@ class LLM:
             cuda_graphs=cuda_graphs,
         )
         self.trace_path = trace
+        self._check_trace_path(trace)
         self.reports: list[RankReport] | None = None
         self._engine = PipelineEngine(self.config, self.info, trace=trace is not None)
         self._executor = self._engine.executor
         self._request_counter = itertools.count()
+        # Every output goes to exactly one consumer: requests submitted by generate or
+        # generate_stream are claimed by that call's inbox, all others go to step()'s.
+        self._claims: dict[str, _Inbox] = {}
+        self._step_inbox = _Inbox()
         self._closed = False
         if not self.is_driver:
             try:
@@ -143,6 +161,24 @@ class LLM:
                 sys.exit(0)
             return
         atexit.register(self.shutdown)
+
+    def _check_trace_path(self, trace: str | None) -> None:
+        """The trace is written at shutdown, after all the work: check the path now.
+
+        Rank 0 writes it, so rank 0 checks, and every rank learns the verdict (each
+        takes part whatever its own `trace` argument, so no rank waits alone)."""
+        error = None
+        if self.is_driver and trace is not None:
+            try:
+                check_writable_file(trace, "trace")
+            except ConfigError as exc:
+                error = str(exc)
+        if self.info.size > 1:
+            from mpi4py import MPI
+
+            error = MPI.COMM_WORLD.bcast(error, root=0)
+        if error is not None:
+            raise ConfigError(error)
 
     # -- properties ------------------------------------------------------------------
     @property
@@ -171,6 +207,7 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt must not be empty")
+            check_unicode("prompt", prompt)
             ids = require_tokenizer(self.tokenizer, self.config.model).encode(prompt)
         else:
             ids = prompt
@@ -199,23 +236,71 @@ class LLM:
         self._require_driver("add_request")
         if not isinstance(stream, (bool, np.bool_)):
             raise InvalidRequestError(f"stream must be a bool, got {stream!r}")
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise InvalidRequestError(f"request_id must be a non-empty str, got {request_id!r}")
         params = sampling_params or SamplingParams()
         prompt_ids = self.encode_prompt(prompt)
         self.validate_request(prompt_ids, params)
-        request_id = request_id if request_id is not None else f"req-{next(self._request_counter)}"
+        request_id = request_id if request_id is not None else self._new_request_id()
         self._executor.add_request(request_id, prompt_ids, params, stream=bool(stream))
         return request_id
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a request; it finishes with finish_reason="abort" and frees its blocks."""
+        """Cancel a request; it finishes with finish_reason="abort" and frees its blocks.
+
+        Returns False when there is nothing to cancel: the id is unknown, the request
+        has finished, or it was aborted already.
+        """
         self._require_driver("abort")
         return self._executor.abort(request_id)
 
     def step(self) -> tuple[list[RequestOutput], list[RequestOutput]]:
-        """Run one iteration: (finished outputs, streaming deltas)."""
+        """Run one iteration: (finished outputs, streaming deltas).
+
+        Returns the outputs of the requests added with `add_request`, also those that
+        finished while `generate` or `generate_stream` ran (those calls keep only
+        their own requests' outputs).
+        """
         self._require_driver("step")
-        self._executor.step()
-        return self._executor.take_finished(), self._executor.take_events()
+        self._pump()
+        inbox = self._step_inbox
+        finished, inbox.finished = inbox.finished, []
+        events, inbox.events = inbox.events, []
+        return finished, events
+
+    def _pump(self) -> None:
+        """One engine iteration; its outputs go to the inboxes that claim them."""
+        executor = self._executor
+        executor.step()
+        claims, unclaimed = self._claims, self._step_inbox
+        for delta in executor.take_events():
+            claims.get(delta.request_id, unclaimed).events.append(delta)
+        for output in executor.take_finished():  # after the deltas: the claim ends here
+            claims.pop(output.request_id, unclaimed).finished.append(output)
+
+    def _claim(self, request_ids: list[str]) -> _Inbox:
+        inbox = _Inbox()
+        for request_id in request_ids:
+            self._claims[request_id] = inbox
+        return inbox
+
+    def _release(self, inbox: _Inbox, request_ids: set[str]) -> None:
+        """A call that claimed `request_ids` ends before they all finished (an exception,
+        a stream closed early): the outputs of theirs it did not take, and those still
+        to come, go to step()."""
+        for request_id in request_ids:
+            if self._claims.get(request_id) is inbox:
+                del self._claims[request_id]
+        unclaimed = self._step_inbox
+        unclaimed.events.extend(d for d in inbox.events if d.request_id in request_ids)
+        unclaimed.finished.extend(o for o in inbox.finished if o.request_id in request_ids)
+        inbox.finished, inbox.events = [], []
+
+    def _new_request_id(self) -> str:
+        while True:
+            request_id = f"req-{next(self._request_counter)}"
+            if not self._executor.has_request(request_id):  # a caller may have chosen it
+                return request_id
 
     def has_unfinished(self) -> bool:
         """Whether any request added on rank 0 has not finished yet."""
@@ -264,7 +349,7 @@ class LLM:
             encoded.append((prompt_ids, params))
         ids = []
         for prompt_ids, params in encoded:
-            request_id = f"req-{next(self._request_counter)}"
+            request_id = self._new_request_id()
             self._executor.add_request(request_id, prompt_ids, params, stream=stream)
             ids.append(request_id)
         return ids
@@ -275,20 +360,27 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; outputs in input order."""
+        """Generate for every prompt; outputs in input order.
+
+        Requests added with `add_request` go on meanwhile; their outputs are left for
+        `step()`.
+        """
         ids = self._submit_all(prompts, sampling_params, stream=False)
-        wanted = set(ids)
+        inbox = self._claim(ids)
         results: dict[str, RequestOutput] = {}
         progress = ProgressBar(len(ids), enabled=use_tqdm)
-        executor = self._executor
-        while wanted - results.keys():
-            executor.step()
-            for output in executor.take_finished():
-                if output.request_id in wanted:
+        try:
+            while len(results) < len(ids):
+                self._pump()
+                for output in inbox.finished:
                     results[output.request_id] = output
                     progress.advance()
-            executor.take_events()
-        progress.close()
+                inbox.finished.clear()
+        except BaseException:
+            self._release(inbox, set(ids) - results.keys())
+            raise
+        finally:
+            progress.close()
         return [results[request_id] for request_id in ids]
 
     def generate_stream(
@@ -299,19 +391,30 @@ class LLM:
         """Yield per-step deltas (new tokens and text) as they are produced.
 
         The deltas of a request concatenate to its final output; its last delta has
-        `finished=True` and the `finish_reason`.
+        `finished=True` and the `finish_reason`. Other requests' outputs are left for
+        `step()`, also when the caller stops iterating early (its own requests then
+        go on, and their outputs too are left for `step()`).
         """
         ids = self._submit_all(prompts, sampling_params, stream=True)
-        remaining = set(ids)
-        executor = self._executor
-        while remaining:
-            executor.step()
-            executor.take_finished()
-            for delta in executor.take_events():
-                if delta.request_id in remaining:
+        inbox = self._claim(ids)
+        remaining = set(ids)  # requests whose last delta was not given yet
+        pending: list[RequestOutput] = []  # deltas of this iteration; pending[:given] given
+        given = 0
+        try:
+            while remaining:
+                self._pump()
+                # the final outputs of its requests: their deltas carry them
+                inbox.finished = [o for o in inbox.finished if o.request_id in remaining]
+                pending, inbox.events, given = inbox.events, [], 0
+                for delta in pending:
+                    given += 1
                     if delta.finished:
                         remaining.discard(delta.request_id)
                     yield delta
+        finally:
+            if remaining:  # closed early, or an exception
+                inbox.events[:0] = pending[given:]
+                self._release(inbox, remaining)
 
     # -- lifecycle -------------------------------------------------------------------
     def shutdown(self) -> list[RankReport] | None:

@@ -141,6 +141,7 @@ class PipelineExecutor:
         self._aborts: list[int] = []
         self._next_seq_id = 0
         self._seq_by_request: dict[str, int] = {}
+        self._aborting: set[str] = set()  # request ids whose abort is queued or applied
         self._events: list[RequestOutput] = []
         self._finished: list[RequestOutput] = []
         self._terminated = False
@@ -175,11 +176,18 @@ class PipelineExecutor:
         self._new_requests.append((info, stream))
 
     def abort(self, request_id: str) -> bool:
+        """Queue the cancellation of an unfinished request; False if there is none to
+        cancel (unknown, finished, or already being aborted)."""
         seq_id = self._seq_by_request.get(request_id)
-        if seq_id is None:
+        if seq_id is None or request_id in self._aborting:
             return False
+        self._aborting.add(request_id)
         self._aborts.append(seq_id)
         return True
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether `request_id` is in use by an unfinished request."""
+        return request_id in self._seq_by_request
 
     def has_unfinished(self) -> bool:
         return bool(self._seq_by_request)
@@ -537,6 +545,7 @@ class PipelineExecutor:
                 if last_delta is not None:
                     self._events.append(last_delta)
                 self._seq_by_request.pop(info.request_id, None)
+                self._aborting.discard(info.request_id)
             self.infos.pop(info.seq_id, None)
         slots = [info.slot for info in infos if info.slot >= 0]
         if slots:

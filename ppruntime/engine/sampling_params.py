@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ppruntime.config import SEED_LIMIT
 from ppruntime.engine.errors import InvalidRequestError
+from ppruntime.stage.sampler import SAMPLING_EPS
 
 MAX_LOGPROBS = 20
 INT32_MAX = 2**31 - 1  # counts travel between ranks as int32
@@ -45,6 +47,19 @@ def _check_probability(field: str, value: Any, low_open: bool) -> float:
     return number
 
 
+def check_unicode(what: str, text: str) -> None:
+    """Reject text that is not valid Unicode (a lone surrogate, e.g. from a file or an
+    argv that was not UTF-8): no tokenizer or output can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start]
+        raise InvalidRequestError(
+            f"{what} is not valid Unicode: lone surrogate {bad!r} at index {error.start} "
+            "(was it read from bytes that are not UTF-8?)"
+        ) from None
+
+
 def _normalise_stop(stop: Any) -> tuple[str, ...]:
     strings = (stop,) if isinstance(stop, str) else stop
     if isinstance(strings, (bytes, bytearray)) or not isinstance(strings, Sequence):
@@ -54,6 +69,7 @@ def _normalise_stop(stop: Any) -> tuple[str, ...]:
             raise _fail("stop", "must contain only str", stop)
         if not text:
             raise _fail("stop", "must not contain empty strings", stop)
+        check_unicode(f"{_PREFIX}.stop", text)
     return tuple(strings)
 
 
@@ -72,7 +88,9 @@ def _normalise_stop_token_ids(ids: Any) -> tuple[int, ...]:
 class SamplingParams:
     """How to generate tokens for one request (vLLM-like defaults).
 
-    ``temperature == 0`` means greedy decoding. ``top_k`` of 0 or -1 disables top-k.
+    ``temperature == 0`` means greedy decoding, and so does any temperature below
+    ``SAMPLING_EPS`` (1e-5), which float32 logits cannot be divided by without
+    overflowing. ``top_k`` of 0 or -1 disables top-k. ``seed`` is in ``[0, 2**63)``.
     ``logprobs`` asks for the top-n log-probs of each generated token (plus the chosen
     token's); ``prompt_logits`` / ``generation_logits`` ask for raw logits.
     """
@@ -117,6 +135,8 @@ class SamplingParams:
         if self.seed is not None:
             if not _is_int(self.seed):
                 raise _fail("seed", "must be an int or None", self.seed)
+            if not 0 <= self.seed < SEED_LIMIT:
+                raise _fail("seed", "must be in [0, 2**63)", self.seed)
             self.seed = int(self.seed)
 
         self.stop_token_ids = _normalise_stop_token_ids(self.stop_token_ids)
@@ -145,7 +165,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     @property
     def uses_top_k(self) -> bool:
