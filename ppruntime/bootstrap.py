@@ -6,6 +6,7 @@ import os
 
 from ppruntime.comm.failure import install_abort_on_error
 from ppruntime.comm.mpi_env import RankInfo, init_mpi
+from ppruntime.config import ConfigError, env_positive_int
 from ppruntime.logs import setup_logging
 
 
@@ -17,14 +18,33 @@ def bootstrap(
     """Initialize MPI and the process-wide hooks for this rank (idempotent).
 
     Sets torch to one thread per rank unless PPRUNTIME_TORCH_THREADS or
-    OMP_NUM_THREADS says otherwise: ranks share the machine's cores.
+    OMP_NUM_THREADS says otherwise: ranks share the machine's cores. A bad log level,
+    log directory or thread count raises ConfigError (MPI is initialized by then).
     """
     info = init_mpi()
     if abort_on_error:
         install_abort_on_error(info)
+    threads = torch_threads()
     setup_logging(info, log_level, log_dir)
     import torch
 
-    threads = os.environ.get("PPRUNTIME_TORCH_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(int(threads) if threads else 1)
+    torch.set_num_threads(threads)
     return info
+
+
+def torch_threads() -> int:
+    """PPRUNTIME_TORCH_THREADS, else the first field of OMP_NUM_THREADS ("4,2" is
+    OpenMP's nested form), else 1; a value that is not a positive integer is a
+    ConfigError naming the variable."""
+    threads = env_positive_int("PPRUNTIME_TORCH_THREADS")
+    if threads is not None:
+        return threads
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if not omp:
+        return 1
+    if not omp.isdigit() or int(omp) < 1:
+        raise ConfigError(
+            f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']!r} must be a positive integer "
+            "(or set PPRUNTIME_TORCH_THREADS)"
+        )
+    return int(omp)

@@ -27,6 +27,12 @@ class ConfigError(ValueError):
     """An engine or parallel-layout setting is invalid."""
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+INT32_MAX = 2**31 - 1  # block ids travel between ranks as int32
+SEED_LIMIT = 2**63
+
+
 def check_seconds(name: str, flag: str, value: object) -> None:
     """A timeout must be a finite number of seconds above 0 (there is no "off")."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -38,10 +44,59 @@ def check_seconds(name: str, flag: str, value: object) -> None:
 
 
 def env_flag(name: str) -> bool | None:
+    """A boolean environment variable: None when unset or empty; anything but
+    1/true/yes/on or 0/false/no/off (any case) is an error naming the variable."""
     value = os.environ.get(name)
-    if value is None or value == "":
+    if value is None or value.strip() == "":
         return None
-    return value.strip().lower() in ("1", "true", "yes", "on")
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigError(
+        f"{name}={value!r} is not a boolean; use one of {', '.join(_TRUE)} "
+        f"or {', '.join(_FALSE)} (or leave it unset)"
+    )
+
+
+def env_positive_int(name: str) -> int | None:
+    """A positive integer environment variable (None when unset or empty)."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return None
+    try:
+        number = int(value.strip())
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive integer")
+    return number
+
+
+def check_writable_file(path: str, what: str) -> None:
+    """Fail now, naming `what` and the path, if `path` cannot be written later (a file
+    written at the end of a run must not fail after the work is done). Leaves no file
+    behind that was not there."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path}: is a directory")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{what} {path}: cannot write there ({error.strerror})") from None
+    if not existed:
+        os.remove(path)
+
+
+def check_device_name(device: str | None, what: str = "device") -> None:
+    """`device` must be None, "auto", "cpu", "cuda" or "cuda:N"."""
+    if device is None or device in ("auto", "cpu", "cuda"):
+        return
+    if isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit():
+        return
+    raise ConfigError(f"{what} must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 @dataclass(frozen=True)
@@ -169,12 +224,22 @@ class EngineConfig:
             raise ConfigError(
                 f"kv_cache_blocks must be a positive integer, got {self.kv_cache_blocks!r}"
             )
+        if self.kv_cache_blocks is not None and self.kv_cache_blocks > INT32_MAX:
+            raise ConfigError(
+                f"kv_cache_blocks={self.kv_cache_blocks} is more than {INT32_MAX} blocks (block "
+                "ids travel between ranks as int32); lower --kv-cache-blocks"
+            )
+        check_device_name(self.device)
         if self.max_model_len is not None and (
             not isinstance(self.max_model_len, int) or self.max_model_len < 2
         ):
             raise ConfigError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(
+                f"engine seed (--engine-seed) must be in [0, 2**63), got {self.seed!r}"
+            )
         if self.attention_backend is not None and self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)} (or unset "

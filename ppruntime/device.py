@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from ppruntime.config import ConfigError, check_device_name
+
 
 def select_device(local_rank: int, requested: str | None = None) -> torch.device:
     """`requested` ('cpu', 'cuda', 'cuda:N') or, by default, one GPU per local rank.
@@ -21,16 +23,26 @@ def select_device(local_rank: int, requested: str | None = None) -> torch.device
 
 
 def _requested_device(local_rank: int, requested: str | None) -> torch.device:
-    requested = requested or os.environ.get("PPRUNTIME_DEVICE") or "auto"
+    if requested:
+        check_device_name(requested)
+    else:
+        requested = os.environ.get("PPRUNTIME_DEVICE") or "auto"
+        check_device_name(requested, "PPRUNTIME_DEVICE")
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {requested!r} requested but torch sees no GPU; use --device cpu")
+    count = torch.cuda.device_count()
     if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but torch sees no GPU; use --device cpu")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(requested)
+        return torch.device("cuda", local_rank % count)
+    index = int(requested.split(":")[1])
+    if index >= count:
+        raise ConfigError(f"device {requested!r} requested but torch sees only {count} GPU(s)")
+    return torch.device("cuda", index)
 
 
 def describe_device(device: torch.device) -> str:
@@ -63,3 +75,18 @@ def configure_determinism(device: torch.device, deterministic: bool) -> None:
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on `device` (host: MemAvailable); None if unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

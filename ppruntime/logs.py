@@ -13,12 +13,21 @@ import os
 import sys
 
 from ppruntime.comm.mpi_env import RankInfo
+from ppruntime.config import ConfigError
 
 LOGGER_NAME = "ppruntime"
 
 
 def setup_logging(info: RankInfo, level: str | None = None, log_dir: str | None = None) -> None:
+    """Raises ConfigError naming the flag (or variable) when the level or directory
+    cannot be used; nothing is changed then."""
+    level_source = "--log-level" if level else "PPRUNTIME_LOG_LEVEL"
     level = level or os.environ.get("PPRUNTIME_LOG_LEVEL")
+    if level:
+        _parse_level(level, level_source)
+    dir_source = "--log-dir" if log_dir else "PPRUNTIME_LOG_DIR"
+    log_dir = log_dir or os.environ.get("PPRUNTIME_LOG_DIR")
+    log_file = _checked_log_file(log_dir, info.rank, dir_source) if log_dir else None
     root = logging.getLogger(LOGGER_NAME)
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -34,10 +43,8 @@ def setup_logging(info: RankInfo, level: str | None = None, log_dir: str | None 
     console.setLevel(console_level)
     root.addHandler(console)
     root.setLevel(min(console_level, _parse_level(level) if level else logging.INFO))
-    log_dir = log_dir or os.environ.get("PPRUNTIME_LOG_DIR")
-    if log_dir:
-        os.makedirs(log_dir, exist_ok=True)
-        file_handler = logging.FileHandler(os.path.join(log_dir, f"rank-{info.rank}.log"))
+    if log_file is not None:
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
         file_handler.setFormatter(formatter)
         file_handler.setLevel(_parse_level(level) if level else logging.INFO)
         root.addHandler(file_handler)
@@ -45,13 +52,28 @@ def setup_logging(info: RankInfo, level: str | None = None, log_dir: str | None 
     root.propagate = False
 
 
-def _parse_level(level: str) -> int:
+def _parse_level(level: str, source: str = "--log-level") -> int:
     value = logging.getLevelName(level.upper())
     if not isinstance(value, int):
-        raise ValueError(
-            f"--log-level {level!r} is not a logging level; use DEBUG, INFO, WARNING or ERROR"
+        raise ConfigError(
+            f"{source} {level!r} is not a logging level; use DEBUG, INFO, WARNING or ERROR"
         )
     return value
+
+
+def _checked_log_file(log_dir: str, rank: int, source: str) -> str:
+    """DIR/rank-<r>.log, once DIR exists (created if missing) and the file can be
+    appended to."""
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise ConfigError(f"{source} {log_dir}: exists and is not a directory")
+    path = os.path.join(log_dir, f"rank-{rank}.log")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{source} {log_dir}: cannot write {path} ({error.strerror})") from None
+    return path
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -29,7 +29,7 @@ from ppruntime.comm.mpi_env import RankInfo, check_world_size, require_thread_mu
 from ppruntime.comm.tags import Tag
 from ppruntime.comm.waiting import WaitTracker
 from ppruntime.config import AUTO_PARTITION, ConfigError, EngineConfig, env_flag
-from ppruntime.device import configure_determinism, select_device
+from ppruntime.device import available_memory_bytes, configure_determinism, select_device
 from ppruntime.engine.block_manager import BlockManager
 from ppruntime.engine.executor import PipelineExecutor
 from ppruntime.engine.last_stage import LastStage
@@ -253,6 +253,7 @@ class PipelineEngine:
         self.activation_dtype = dtype
         self.model = model
         bytes_per_block = kv_cache_bytes_per_block(model_config, stage, config.block_size, dtype)
+        self._bytes_per_block = bytes_per_block
         if config.kv_cache_blocks is not None:
             self._local_blocks = config.kv_cache_blocks
         else:
@@ -301,9 +302,7 @@ class PipelineEngine:
                 f"request of max_model_len={self.max_model_len} ({max_blocks_per_seq} blocks): "
                 f"raise --kv-cache-blocks to at least {max_blocks_per_seq} or lower --max-model-len"
             )
-        kv_cache = allocate_kv_cache(
-            model_config, stage, self.num_blocks, block_size, dtype, device
-        )
+        kv_cache = self._allocate_kv_cache()
         max_slots = self._max_slots(config)
         table = SequenceTable(
             max_slots,
@@ -386,6 +385,33 @@ class PipelineEngine:
         self.watchdog = Watchdog(
             self.comms.watchdog, info, self.tracker, self._has_work, parallel.watchdog_timeout_s
         )
+
+    def _allocate_kv_cache(self) -> torch.Tensor:
+        """The agreed number of blocks, or a ConfigError saying they do not fit: checked
+        first, as on the host an allocation too large for the memory but not for the
+        address space succeeds and then gets the process killed while it is zeroed."""
+        config, device = self.config, self.device
+        needed = self.num_blocks * self._bytes_per_block
+        available = available_memory_bytes(device)
+        problem = (
+            f"a KV cache of {self.num_blocks} blocks needs {needed / 2**30:.1f} GiB on {device}"
+        )
+        remedy = "lower --kv-cache-blocks (kv_cache_blocks)"
+        if available is not None and needed > available:
+            raise ConfigError(f"{problem} but {available / 2**30:.1f} GiB is free: {remedy}")
+        try:
+            return allocate_kv_cache(
+                self.model_config,
+                self.stage,
+                self.num_blocks,
+                config.block_size,
+                self.activation_dtype,
+                device,
+            )
+        except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            raise ConfigError(
+                f"{problem}, which could not be allocated ({error}): {remedy}"
+            ) from None
 
     def _has_work(self) -> bool:
         executor = self.executor

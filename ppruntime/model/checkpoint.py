@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from ppruntime.model.errors import ModelLoadError
 
 SINGLE_FILE = "model.safetensors"
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors' names
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -61,12 +62,21 @@ class SafetensorsCheckpoint:
                 for name in names:
                     if name not in present:
                         raise ModelLoadError(self._missing_message(name, path))
-                    shape = tuple(handle.get_slice(name).get_shape())
+                    tensor_slice = handle.get_slice(name)
+                    shape = tuple(tensor_slice.get_shape())
                     expected = expected_shapes[name]
                     if shape != expected:
                         raise ModelLoadError(
                             f"tensor {name} in {path} has shape {list(shape)} but the model "
                             f"config expects {list(expected)}"
+                        )
+                    dtype = tensor_slice.get_dtype()
+                    if dtype not in FLOAT_DTYPES:
+                        # an integer tensor would be copied into the float weights as
+                        # numbers: quantized or mislabelled, either way wrong
+                        raise ModelLoadError(
+                            f"tensor {name} in {path} has dtype {dtype}; weights must be "
+                            f"floating point ({', '.join(FLOAT_DTYPES)})"
                         )
                     yield name, handle.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as exc:

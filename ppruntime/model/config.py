@@ -115,29 +115,43 @@ def config_from_dict(
     for name in _REQUIRED_FIELDS:
         if name not in raw:
             raise ModelLoadError(f"{source}: required field {name!r} is missing")
-    num_heads = int(raw["num_attention_heads"])
-    hidden = int(raw["hidden_size"])
-    num_layers = int(raw["num_hidden_layers"])
+
+    def integer(name: str, default: int | None = None, minimum: int = 1) -> int:
+        value = raw.get(name)
+        return (
+            default
+            if value is None and default is not None
+            else _int_field(name, value, source, minimum)
+        )
+
+    num_heads = integer("num_attention_heads")
+    hidden = integer("hidden_size")
+    num_layers = integer("num_hidden_layers")
+    values = dict(
+        vocab_size=integer("vocab_size"),
+        intermediate_size=integer("intermediate_size"),
+        num_key_value_heads=integer("num_key_value_heads", num_heads),
+        head_dim=integer("head_dim", hidden // num_heads),
+        rms_norm_eps=_float_field("rms_norm_eps", raw.get("rms_norm_eps", 1e-6), source),
+        max_position_embeddings=integer("max_position_embeddings", 2048, minimum=2),
+    )
     rope_theta, rope_scaling = _rope_settings(raw, source)
-    sliding_window, layer_types = _sliding_window(raw, architecture, num_layers)
+    sliding_window, layer_types = _sliding_window(raw, architecture, num_layers, source)
     qkv_bias, output_bias = _attention_biases(raw, architecture)
     activation = raw.get("hidden_act", "silu")
     if activation != "silu":
         raise ModelLoadError(f"{source}: hidden_act={activation!r} is not supported (only silu)")
+    bos_token_id = _optional_int(raw.get("bos_token_id"), "bos_token_id", source)
+    eos_token_ids = _eos_ids(raw, generation_config or {}, source)
     try:
         return ModelConfig(
             architecture=architecture,
-            vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads") or num_heads),
-            head_dim=int(raw.get("head_dim") or hidden // num_heads),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            **values,
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=qkv_bias,
             attention_output_bias=output_bias,
@@ -145,12 +159,29 @@ def config_from_dict(
             qk_norm=architecture == "qwen3",
             sliding_window=sliding_window,
             layer_types=layer_types,
-            bos_token_id=_optional_int(raw.get("bos_token_id")),
-            eos_token_ids=_eos_ids(raw, generation_config or {}),
+            bos_token_id=bos_token_id,
+            eos_token_ids=eos_token_ids,
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         )
     except ModelLoadError as exc:
         raise ModelLoadError(f"{source}: {exc}") from None
+
+
+def _int_field(name: str, value: Any, source: str, minimum: int | None = 1) -> int:
+    """A config.json integer (2048.0 is taken as 2048); anything else names the field."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelLoadError(f"{source}: field {name!r} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ModelLoadError(f"{source}: field {name!r} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float_field(name: str, value: Any, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ModelLoadError(f"{source}: field {name!r} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _architecture(raw: dict[str, Any], source: str) -> str:
@@ -190,8 +221,9 @@ def _rope_settings(raw: dict[str, Any], source: str) -> tuple[float, dict[str, A
     partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         raise ModelLoadError(f"{source}: partial_rotary_factor={partial} is not supported")
+    theta = _float_field("rope_theta", theta, source)
     if rope_type == "default":
-        return float(theta), None
+        return theta, None
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
     scaling["rope_type"] = rope_type
     if rope_type == "llama3":
@@ -203,7 +235,7 @@ def _rope_settings(raw: dict[str, Any], source: str) -> tuple[float, dict[str, A
                 raise ModelLoadError(f"{source}: llama3 rope scaling needs {key!r}")
     if rope_type == "linear" and "factor" not in scaling:
         raise ModelLoadError(f"{source}: linear rope scaling needs 'factor'")
-    return float(theta), scaling
+    return theta, scaling
 
 
 def _flatten_per_attention_type(params: dict[str, Any], source: str) -> dict[str, Any]:
@@ -220,15 +252,17 @@ def _flatten_per_attention_type(params: dict[str, Any], source: str) -> dict[str
 
 
 def _sliding_window(
-    raw: dict[str, Any], architecture: str, num_layers: int
+    raw: dict[str, Any], architecture: str, num_layers: int, source: str
 ) -> tuple[int | None, tuple[str, ...]]:
-    window = _optional_int(raw.get("sliding_window"))
+    window = _optional_int(raw.get("sliding_window"), "sliding_window", source)
     if architecture in ("qwen2", "qwen3"):
         if not raw.get("use_sliding_window", False):
             return None, ()
         layer_types = raw.get("layer_types")
         if not layer_types:
-            max_window_layers = int(raw.get("max_window_layers", num_layers))
+            max_window_layers = _int_field(
+                "max_window_layers", raw.get("max_window_layers", num_layers), source, 0
+            )
             layer_types = [
                 SLIDING_ATTENTION if i >= max_window_layers else FULL_ATTENTION
                 for i in range(num_layers)
@@ -248,18 +282,17 @@ def _attention_biases(raw: dict[str, Any], architecture: str) -> tuple[bool, boo
     return bias, bias
 
 
-def _optional_int(value: Any) -> int | None:
+def _optional_int(value: Any, name: str, source: str) -> int | None:
+    if isinstance(value, list):
+        value = value[0] if value else None
     if value is None:
         return None
-    if isinstance(value, list):
-        return int(value[0]) if value else None
-    return int(value)
+    return _int_field(name, value, source, minimum=0)
 
 
-def _eos_ids(raw: dict[str, Any], generation: dict[str, Any]) -> tuple[int, ...]:
+def _eos_ids(raw: dict[str, Any], generation: dict[str, Any], source: str) -> tuple[int, ...]:
     value = generation.get("eos_token_id", raw.get("eos_token_id"))
     if value is None:
         return ()
-    if isinstance(value, list):
-        return tuple(int(v) for v in value)
-    return (int(value),)
+    values = value if isinstance(value, list) else [value]
+    return tuple(_int_field("eos_token_id", v, source, minimum=0) for v in values)
