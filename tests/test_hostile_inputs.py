@@ -94,6 +94,11 @@ REQUEST_CASES = [
     RequestCase("logprobs-negative", params={"logprobs": -1}, expect=("logprobs", "-1")),
     RequestCase("seed-float", params={"seed": 1.5}, expect=("seed", "1.5")),
     RequestCase("seed-string", params={"seed": "42"}, expect=("seed", "'42'")),
+    RequestCase("seed-negative", params={"seed": -1}, expect=("seed", "-1", "2**63")),
+    RequestCase("seed-2-to-63", params={"seed": 2**63}, expect=("seed", str(2**63))),
+    RequestCase("seed-beyond-64-bits", params={"seed": -(2**70)}, expect=("seed", str(-(2**70)))),
+    RequestCase("stop-lone-surrogate", params={"stop": ["a\udc80"]}, expect=("stop", "surrogate")),
+    RequestCase("prompt-lone-surrogate", prompt="ab\ud800c", expect=("prompt", "surrogate", "2")),
     RequestCase("stop-not-strings", params={"stop": [1, 2]}, expect=("stop", "[1, 2]")),
     RequestCase("stop-not-a-sequence", params={"stop": 7}, expect=("stop", "7")),
     RequestCase("stop-empty-string", params={"stop": [""]}, expect=("stop", "['']")),
@@ -166,7 +171,8 @@ def test_extreme_but_valid_values_are_accepted(llm: LLM) -> None:
     params = [
         SamplingParams(max_tokens=3, top_k=2**40),
         SamplingParams(max_tokens=3, top_k=-1, top_p=1.0, min_p=1.0),
-        SamplingParams(max_tokens=3, seed=-(2**70)),
+        SamplingParams(max_tokens=3, seed=2**63 - 1),
+        SamplingParams(max_tokens=3, seed=0),
         SamplingParams(max_tokens=3, logprobs=20),
         SamplingParams(max_tokens=MAX_MODEL_LEN - 2),  # prompt "x" is BOS + 1 token
     ]

@@ -1,10 +1,12 @@
 """`ppruntime generate`: generate from the command line, under mpirun or alone.
 
 Every rank parses the same arguments. Rank 0 reads and validates the prompts
-(file lines, flag values) and tells the other ranks whether to go on, so bad input
+(file lines, flag values, the files it will write), every rank checks its own
+settings (log directory, thread count), and all agree on the verdict, so bad input
 ends every rank with status 2 before anything is loaded or generated. With
 `--json`, stdout carries exactly one JSON object per request, in input order;
-logs go to stderr.
+logs go to stderr. With `--output FILE`, each request is also appended to FILE as
+it finishes (see `results_file`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import json
 import sys
 from dataclasses import dataclass
 
+from ppruntime.api.results_file import ResultsFile
 from ppruntime.engine.errors import InvalidRequestError
-from ppruntime.engine.sampling_params import SamplingParams
+from ppruntime.engine.sampling_params import SamplingParams, check_unicode
 
+EXIT_REQUEST_FAILED = 1  # a request ended with finish_reason "error" (the others are fine)
 EXIT_BAD_INPUT = 2
 EXIT_TERMINATED = 143  # 128 + SIGTERM: stopped early, running requests were aborted
+PROMPT_FIELDS = ("prompt", "prompt_token_ids")
 
 
 class CliInputError(ValueError):
@@ -62,6 +67,13 @@ def add_generate_parser(sub, add_common) -> None:
     output = parser.add_argument_group("output")
     output.add_argument("--stream", action="store_true", help="print text as it is generated")
     output.add_argument("--json", action="store_true", help="one JSON object per request")
+    output.add_argument(
+        "--output",
+        default=None,
+        metavar="FILE",
+        help="append each request to FILE as one JSON line as it finishes; rewritten in "
+        "input order at the end",
+    )
     output.add_argument("--trace", default=None, help="write a Chrome trace of all ranks here")
     output.add_argument("--quiet", action="store_true", help="no progress bar")
     add_common(parser)
@@ -205,7 +217,9 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
 
 
 def read_prompts(args: argparse.Namespace) -> list[PromptSpec]:
-    prompts = [PromptSpec(f"--prompt #{i + 1}", text) for i, text in enumerate(args.prompt)]
+    prompts = []
+    for i, text in enumerate(args.prompt):
+        prompts.append(PromptSpec(f"--prompt #{i + 1}", _checked_text(f"--prompt #{i + 1}", text)))
     if args.prompts_file:
         prompts.extend(read_prompts_file(args.prompts_file))
     if not prompts:
@@ -213,63 +227,112 @@ def read_prompts(args: argparse.Namespace) -> list[PromptSpec]:
     return prompts
 
 
+def _checked_text(where: str, text: str) -> str:
+    try:
+        check_unicode("the prompt", text)
+    except InvalidRequestError as error:
+        raise CliInputError(f"{where}: {error}") from None
+    return text
+
+
 def read_prompts_file(path: str) -> list[PromptSpec]:
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.readlines()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except OSError as error:
         raise CliInputError(f"--prompts-file {path}: {error.strerror}") from None
     prompts = []
-    for number, line in enumerate(lines, start=1):
+    for number, raw in enumerate(data.split(b"\n"), start=1):
         where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise CliInputError(
+                f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                f"{error.start + 1})"
+            ) from None
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CliInputError(f"{where}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise CliInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        has_text, has_ids = "prompt" in record, "prompt_token_ids" in record
-        if has_text == has_ids:
-            raise CliInputError(
-                f"{where}: give exactly one of the fields 'prompt' or 'prompt_token_ids'"
-            )
-        if has_text:
-            value = record["prompt"]
-            if not isinstance(value, str) or not value:
-                raise CliInputError(f"{where}: field 'prompt' must be a non-empty string")
-        else:
-            value = record["prompt_token_ids"]
-            if not isinstance(value, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in value
-            ):
-                raise CliInputError(f"{where}: field 'prompt_token_ids' must be a list of integers")
-        prompts.append(PromptSpec(where, value))
+        prompts.append(PromptSpec(where, _parse_prompt_line(where, line)))
     return prompts
 
 
-def _agree_on_input(error: str | None) -> str | None:
-    """Rank 0's verdict on the input, known to every rank."""
+def _parse_prompt_line(where: str, line: str) -> str | list[int]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise CliInputError(f"{where}: not valid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise CliInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    has_text, has_ids = "prompt" in record, "prompt_token_ids" in record
+    if has_text == has_ids:
+        raise CliInputError(
+            f"{where}: give exactly one of the fields 'prompt' or 'prompt_token_ids'"
+        )
+    unknown = [key for key in record if key not in PROMPT_FIELDS]
+    if unknown:
+        raise CliInputError(
+            f"{where}: unknown field {unknown[0]!r}; a line holds only 'prompt' or "
+            "'prompt_token_ids'"
+        )
+    if has_text:
+        value = record["prompt"]
+        if not isinstance(value, str) or not value:
+            raise CliInputError(f"{where}: field 'prompt' must be a non-empty string")
+        return _checked_text(where, value)
+    value = record["prompt_token_ids"]
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    ):
+        raise CliInputError(f"{where}: field 'prompt_token_ids' must be a list of integers")
+    return value
+
+
+def _agree(error: str | None, info) -> str | None:
+    """The first rank's error (rank 0 checks the input, each rank its own settings),
+    known to every rank."""
+    if info.size == 1:
+        return error
     from mpi4py import MPI
 
-    return MPI.COMM_WORLD.bcast(error, root=0)
+    errors = MPI.COMM_WORLD.allgather(error)
+    for rank, text in enumerate(errors):
+        if text is not None:
+            return text if rank == 0 else f"rank {rank}: {text}"
+    return None
+
+
+def _check_input(args: argparse.Namespace) -> tuple[SamplingParams, list[PromptSpec]]:
+    """Rank 0: everything about the input that can be known before loading."""
+    from ppruntime.config import check_writable_file
+
+    params = sampling_params_from_args(args)
+    prompts = read_prompts(args)
+    for flag, path in (("--output", args.output), ("--trace", args.trace)):
+        if path is not None:
+            check_writable_file(path, flag)
+    return params, prompts
 
 
 def run_generate(args: argparse.Namespace) -> int:
     from ppruntime.bootstrap import bootstrap
+    from ppruntime.comm.mpi_env import init_mpi
+    from ppruntime.config import ConfigError
 
-    info = bootstrap(args.log_level, args.log_dir)
     error = None
+    try:
+        info = bootstrap(args.log_level, args.log_dir)
+    except ConfigError as exc:  # MPI is up: agree with the others, then end
+        info = init_mpi()
+        error = str(exc)
     prompts: list[PromptSpec] = []
     params = None
-    if info.rank == 0:
+    if info.rank == 0 and error is None:
         try:
-            params = sampling_params_from_args(args)
-            prompts = read_prompts(args)
-        except (InvalidRequestError, CliInputError) as exc:
+            params, prompts = _check_input(args)
+        except (InvalidRequestError, CliInputError, ConfigError) as exc:
             error = str(exc)
-    error = _agree_on_input(error)
+    error = _agree(error, info)
     if error is not None:
         if info.rank == 0:
             print(f"ppruntime generate: error: {error}", file=sys.stderr)
@@ -286,18 +349,27 @@ def run_generate(args: argparse.Namespace) -> int:
         except CliInputError as exc:
             print(f"ppruntime generate: error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        if args.stream:
-            outputs = _generate_streaming(llm, encoded, params, print_text=not args.json)
-        else:
-            outputs = llm.generate(encoded, params, use_tqdm=False if args.quiet else None)
+        results = ResultsFile(args.output) if args.output else None
+        outputs = _generate(llm, encoded, params, args, results)
         for spec, output in zip(prompts, outputs):
+            if output is None:  # never submitted: SIGTERM came first
+                continue
             if args.json:
                 print(json.dumps(output.to_json()), flush=True)
             elif not args.stream:
                 print(f"[{spec.source}] {output.text}", flush=True)
+        if results is not None:
+            results.finalize([(i, output) for i, output in enumerate(outputs) if output])
     from ppruntime.comm.failure import termination_requested
 
-    return EXIT_TERMINATED if termination_requested.is_set() else 0
+    failed = False
+    for spec, output in zip(prompts, outputs):
+        if output is not None and output.finish_reason == "error":
+            failed = True
+            print(f"ppruntime generate: error: {spec.source}: {output.error}", file=sys.stderr)
+    if termination_requested.is_set():
+        return EXIT_TERMINATED
+    return EXIT_REQUEST_FAILED if failed else 0
 
 
 def _encode(llm, spec: PromptSpec, params: SamplingParams):
@@ -309,33 +381,42 @@ def _encode(llm, spec: PromptSpec, params: SamplingParams):
     return ids
 
 
-def _generate_streaming(llm, encoded, params, print_text: bool) -> list:
-    """Print deltas as they come; return final outputs (reassembled) in input order."""
-    from ppruntime.engine.outputs import RequestOutput
+def _generate(llm, encoded, params, args, results: ResultsFile | None) -> list:
+    """Run every request; return the final outputs in input order (None for a request
+    never submitted), printing streamed text and appending to `results` on the way."""
+    from ppruntime.api.progress import ProgressBar
+    from ppruntime.comm.failure import termination_requested
 
-    pieces: dict[str, RequestOutput] = {}
-    order: list[str] = []
+    index_of: dict[str, int] = {}
+    for index, prompt_ids in enumerate(encoded):
+        try:
+            request_id = llm.add_request(prompt_ids, params, stream=args.stream)
+        except RuntimeError:
+            if termination_requested.is_set():  # SIGTERM: no new requests
+                break
+            raise
+        index_of[request_id] = index
+    outputs: list = [None] * len(encoded)
+    print_stream = args.stream and not args.json
     single = len(encoded) == 1
-    for delta in llm.generate_stream(encoded, params):
-        if delta.request_id not in pieces:
-            order.append(delta.request_id)
-            pieces[delta.request_id] = RequestOutput(delta.request_id, [], [], "", logprobs=None)
-        whole = pieces[delta.request_id]
-        whole.token_ids.extend(delta.token_ids)
-        whole.text += delta.text
-        if delta.logprobs is not None:
-            whole.logprobs = (whole.logprobs or []) + delta.logprobs
-        if delta.finished:
-            whole.finished = True
-            whole.finish_reason = delta.finish_reason
-        if print_text and delta.text:
-            prefix = "" if single else f"[{delta.request_id}] "
-            sys.stdout.write(prefix + delta.text + ("" if single else "\n"))
-            sys.stdout.flush()
-    if print_text and single:
+    progress = ProgressBar(len(index_of), enabled=False if args.quiet or args.stream else None)
+    remaining = len(index_of)
+    while remaining:
+        finished, deltas = llm.step()
+        if print_stream:
+            for delta in deltas:
+                if delta.text:
+                    prefix = "" if single else f"[{delta.request_id}] "
+                    sys.stdout.write(prefix + delta.text + ("" if single else "\n"))
+                    sys.stdout.flush()
+        for output in finished:
+            index = index_of[output.request_id]
+            outputs[index] = output
+            remaining -= 1
+            progress.advance()
+            if results is not None:
+                results.append(index, output)
+    progress.close()
+    if print_stream and single:
         sys.stdout.write("\n")
-    in_order = sorted(order, key=lambda r: int(r.split("-")[1]))
-    outputs = [pieces[request_id] for request_id in in_order]
-    for output, prompt_ids in zip(outputs, encoded):  # deltas carry no prompt: add it back
-        output.prompt_token_ids = prompt_ids.tolist()
     return outputs
