@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from launching import REPO_ROOT, describe, kill_job, mpi_command, mpi_env
 
 from ppruntime import LLM, SamplingParams
@@ -33,8 +35,8 @@ from ppruntime.engine.errors import InvalidRequestError
 
 MAX_MODEL_LEN = 128
 TINY_VOCAB = 512  # the "tiny" preset
-SUBPROCESS_TIMEOUT_S = 60
-MPI_FAIL_FAST_S = 30
+SUBPROCESS_TIMEOUT_S = 150  # every job of a table at once, on two busy cores
+MPI_FAIL_FAST_S = 60
 MPI_JOBS_AT_ONCE = 3
 
 
@@ -188,6 +190,120 @@ def _unchecked_params(**fields: Any) -> SamplingParams:
     return params
 
 
+@pytest.mark.parametrize("request_id", [[1], "", 5, None.__class__])
+def test_bad_request_id_is_rejected(llm: LLM, request_id) -> None:
+    with pytest.raises(InvalidRequestError, match="request_id must be a non-empty str"):
+        llm.add_request("hello", SamplingParams(max_tokens=2), request_id=request_id)
+    assert not llm._executor.has_unfinished()
+
+
+def test_abort_twice_is_false_the_second_time(llm: LLM) -> None:
+    request_id = llm.add_request("abort me", SamplingParams(max_tokens=40, temperature=0))
+    llm.step()
+    assert llm.abort(request_id) is True
+    assert llm.abort(request_id) is False  # already being aborted
+    output = _run_until_finished(llm, request_id)
+    assert output.finish_reason == "abort"
+    assert llm.abort(request_id) is False  # finished
+    assert llm.abort("no-such-request") is False
+
+
+# =====================================================================================
+# numerics: temperatures float32 cannot divide by are greedy
+# =====================================================================================
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-6])
+def test_tiny_temperature_is_greedy(llm: LLM, temperature: float) -> None:
+    """1e-40 once returned token 0 at every step (the logits / 1e-40 overflowed to inf)."""
+    greedy = SamplingParams(max_tokens=8, temperature=0, logprobs=2, ignore_eos=True)
+    tiny = SamplingParams(max_tokens=8, temperature=temperature, logprobs=2, ignore_eos=True)
+    seeded = SamplingParams(
+        max_tokens=8, temperature=temperature, seed=7, logprobs=2, ignore_eos=True
+    )
+    prompts = ["hello", "once upon a time"]
+    expected = llm.generate(prompts, greedy, use_tqdm=False)
+    for params in (tiny, seeded):
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        for output, reference in zip(outputs, expected):
+            assert output.token_ids == reference.token_ids, (temperature, params)
+            for step, token in zip(output.logprobs, output.token_ids):
+                assert step[token] == max(step.values())  # the most likely token
+
+
+# =====================================================================================
+# every output reaches exactly one consumer
+# =====================================================================================
+def _drain_step(llm: LLM, wanted: set[str], timeout_s: float = 30.0):
+    """step() until every request of `wanted` finished: (final outputs, deltas) by id."""
+    finals: dict[str, Any] = {}
+    deltas: dict[str, list] = {}
+    deadline = time.monotonic() + timeout_s
+    while not wanted <= finals.keys():
+        assert time.monotonic() < deadline, f"{wanted - finals.keys()} did not finish"
+        finished, events = llm.step()
+        for output in finished:
+            assert output.request_id not in finals, f"{output.request_id} finished twice"
+            finals[output.request_id] = output
+        for delta in events:
+            deltas.setdefault(delta.request_id, []).append(delta)
+    return finals, deltas
+
+
+def _add_others(llm: LLM) -> tuple[str, str]:
+    plain = llm.add_request("A plain request", SamplingParams(max_tokens=6, temperature=0))
+    streamed = llm.add_request(
+        "A streamed one", SamplingParams(max_tokens=9, temperature=0), stream=True
+    )
+    llm.step()
+    return plain, streamed
+
+
+def _check_others(llm: LLM, plain: str, streamed: str) -> None:
+    finals, deltas = _drain_step(llm, {plain, streamed})
+    assert set(finals) == {plain, streamed}
+    assert len(finals[plain].token_ids) == 6 and plain not in deltas
+    stream = deltas[streamed]
+    assert [t for d in stream for t in d.token_ids] == finals[streamed].token_ids
+    assert len(finals[streamed].token_ids) == 9
+    assert "".join(d.text for d in stream) == finals[streamed].text
+    assert stream[-1].finished and stream[-1].finish_reason == "length"
+
+
+def test_generate_leaves_other_requests_outputs_for_step(llm: LLM) -> None:
+    plain, streamed = _add_others(llm)
+    outputs = llm.generate(["x", "y"], SamplingParams(max_tokens=12), use_tqdm=False)
+    assert [len(o.token_ids) for o in outputs] == [12, 12]
+    assert {o.request_id for o in outputs}.isdisjoint({plain, streamed})
+    _check_others(llm, plain, streamed)
+
+
+def test_generate_stream_leaves_other_requests_outputs_for_step(llm: LLM) -> None:
+    plain, streamed = _add_others(llm)
+    deltas = list(llm.generate_stream(["x", "y"], SamplingParams(max_tokens=12)))
+    assert {d.request_id for d in deltas}.isdisjoint({plain, streamed})
+    assert sum(len(d.token_ids) for d in deltas) == 24
+    assert sum(d.finished for d in deltas) == 2
+    _check_others(llm, plain, streamed)
+
+
+def test_stream_closed_early_hands_its_requests_to_step(llm: LLM) -> None:
+    stream = llm.generate_stream(["x", "y"], SamplingParams(max_tokens=10, temperature=0))
+    first = next(stream)
+    stream.close()
+    finals, deltas = {}, {}
+    deadline = time.monotonic() + 30
+    while llm._executor.has_unfinished():  # both of its requests go on, their outputs to step()
+        assert time.monotonic() < deadline
+        finished, events = llm.step()
+        finals.update((output.request_id, output) for output in finished)
+        for delta in events:
+            deltas.setdefault(delta.request_id, []).append(delta)
+    assert len(finals) == 2 and first.request_id in finals
+    mine = finals[first.request_id]
+    rest = [t for d in deltas.get(first.request_id, []) for t in d.token_ids]
+    assert first.token_ids + rest == mine.token_ids  # no delta lost, none twice
+    assert all(len(output.token_ids) == 10 for output in finals.values())
+
+
 # =====================================================================================
 # engine level: LLM(...), in-process
 # =====================================================================================
@@ -233,6 +349,15 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     save_file(tensors, made["missing-tensor"] / weights.name, metadata={"format": "pt"})
     made["no-safetensors"] = variant("no-safetensors")
     (made["no-safetensors"] / weights.name).unlink()
+    made["layers-not-integer"] = variant("layers-not-integer")
+    config = json.loads((good / "config.json").read_text())
+    config["num_hidden_layers"] = "two"
+    (made["layers-not-integer"] / "config.json").write_text(json.dumps(config))
+    made["int32-tensor"] = variant("int32-tensor")
+    tensors = load_file(weights)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, made["int32-tensor"] / weights.name, metadata={"format": "pt"})
     return made
 
 
@@ -242,6 +367,7 @@ class EngineCase:
     kwargs: dict[str, Any]
     expect: tuple[str, ...]
     checkpoint: str | None = None  # key of `checkpoints`, passed as model=
+    env: dict[str, str] = field(default_factory=dict)
 
 
 ENGINE_CASES = [
@@ -310,11 +436,81 @@ ENGINE_CASES = [
         {"preset": "tiny", "startup_timeout_s": float("nan")},
         ("startup_timeout_s", "nan"),
     ),
+    EngineCase(
+        "config-field-not-integer",
+        {},
+        ("config.json", "'num_hidden_layers'", "'two'"),
+        "layers-not-integer",
+    ),
+    EngineCase(
+        "int32-weight-tensor",
+        {},
+        ("model.layers.0.self_attn.o_proj.weight", "I32", "floating point"),
+        "int32-tensor",
+    ),
+    EngineCase(
+        "kv-cache-blocks-beyond-int32",
+        {"preset": "tiny", "kv_cache_blocks": 10**12},
+        ("kv_cache_blocks=1000000000000", "int32"),
+    ),
+    EngineCase(
+        "kv-cache-beyond-memory",
+        {"preset": "tiny", "kv_cache_blocks": 2**31 - 1},
+        ("2147483647 blocks", "GiB", "--kv-cache-blocks"),
+    ),
+    EngineCase("device-unknown", {"preset": "tiny", "device": "tpu"}, ("device", "'tpu'")),
+    EngineCase("engine-seed-negative", {"preset": "tiny", "seed": -1}, ("seed", "-1", "2**63")),
+    EngineCase("engine-seed-2-to-63", {"preset": "tiny", "seed": 2**63}, ("seed", str(2**63))),
+    EngineCase(
+        "trace-directory-missing",
+        {"preset": "tiny", "trace": "/nonexistent/t.json"},
+        ("trace", "/nonexistent/t.json"),
+    ),
+    EngineCase(
+        "log-dir-is-a-file",
+        {"preset": "tiny", "log_dir": str(REPO_ROOT / "README.md")},
+        ("--log-dir", "README.md", "not a directory"),
+    ),
+    EngineCase("log-level-unknown", {"preset": "tiny", "log_level": "LOUD"}, ("'LOUD'", "level")),
+    EngineCase(
+        "deterministic-env-not-boolean",
+        {"preset": "tiny"},
+        ("PPRUNTIME_DETERMINISTIC", "'maybe'"),
+        env={"PPRUNTIME_DETERMINISTIC": "maybe"},
+    ),
+    EngineCase(
+        "torch-threads-not-integer",
+        {"preset": "tiny"},
+        ("PPRUNTIME_TORCH_THREADS", "'abc'"),
+        env={"PPRUNTIME_TORCH_THREADS": "abc"},
+    ),
+    EngineCase(
+        "torch-threads-negative",
+        {"preset": "tiny"},
+        ("PPRUNTIME_TORCH_THREADS", "'-1'"),
+        env={"PPRUNTIME_TORCH_THREADS": "-1"},
+    ),
+    EngineCase(
+        "omp-threads-not-integer",
+        {"preset": "tiny"},
+        ("OMP_NUM_THREADS", "'x'"),
+        env={"PPRUNTIME_TORCH_THREADS": "", "OMP_NUM_THREADS": "x"},
+    ),
+    EngineCase(
+        "device-env-unknown",
+        {"preset": "tiny"},
+        ("PPRUNTIME_DEVICE", "'tpu'"),
+        env={"PPRUNTIME_DEVICE": "tpu"},
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", ENGINE_CASES, ids=lambda c: c.name)
-def test_bad_engine_setting_is_named(case: EngineCase, checkpoints: dict[str, Path]) -> None:
+def test_bad_engine_setting_is_named(
+    case: EngineCase, checkpoints: dict[str, Path], monkeypatch
+) -> None:
+    for name, value in case.env.items():
+        monkeypatch.setenv(name, value)
     kwargs = dict(case.kwargs)
     if case.checkpoint is not None:
         kwargs["model"] = str(checkpoints[case.checkpoint])
@@ -334,6 +530,84 @@ def test_good_checkpoint_loads(checkpoints: dict[str, Path]) -> None:
 
 
 # =====================================================================================
+# numerics: logits that hold a NaN or an inf end that request, and only that one
+# =====================================================================================
+NAN_OTHERS = [[1, 5, 9, 10, 11], [1, 6, 8]]
+NAN_MID = [1, 20, 30, 40]
+NAN_MAX_TOKENS = 8
+
+
+def _nan_params() -> list[SamplingParams]:
+    """For NAN_OTHERS[0], the prompt holding the poisoned token, NAN_MID, NAN_OTHERS[1]."""
+    greedy = SamplingParams(max_tokens=NAN_MAX_TOKENS, temperature=0, ignore_eos=True, logprobs=2)
+    sampled = SamplingParams(max_tokens=NAN_MAX_TOKENS, temperature=0.8, seed=3, ignore_eos=True)
+    return [greedy, greedy, greedy, sampled]
+
+
+def _nan_engine(model: Path) -> LLM:
+    # small blocks and cache: the failed requests' blocks are reused by the next ones
+    return LLM(model=str(model), max_model_len=32, block_size=4, kv_cache_blocks=24)
+
+
+@pytest.fixture(scope="module")
+def poisoned(checkpoints: dict[str, Path], tmp_path_factory) -> dict[str, Any]:
+    """The good checkpoint with the embedding row of one token set to NaN, the token
+    chosen among NAN_MID's greedy continuation (so that request fails midway) and
+    absent from the other requests; and the good model's outputs, for comparison."""
+    from safetensors.torch import load_file, save_file
+
+    params = _nan_params()
+    with _nan_engine(checkpoints["good"]) as engine:
+        (mid,) = engine.generate([NAN_MID], params[2], use_tqdm=False)
+        others = engine.generate(NAN_OTHERS, [params[0], params[3]], use_tqdm=False)
+    forbidden = set(NAN_MID) | {t for p in NAN_OTHERS for t in p}
+    forbidden |= {t for output in others for t in output.token_ids}
+    position = next(
+        k
+        for k in range(2, NAN_MAX_TOKENS - 1)
+        if mid.token_ids[k] not in forbidden | set(mid.token_ids[:k])
+    )
+    token = mid.token_ids[position]
+    directory = tmp_path_factory.mktemp("poisoned") / "llama"
+    shutil.copytree(checkpoints["good"], directory)
+    (weights,) = directory.glob("*.safetensors")
+    tensors = load_file(weights)
+    tensors["model.embed_tokens.weight"][token] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return {"model": directory, "token": token, "position": position, "mid": mid, "others": others}
+
+
+def test_nonfinite_logits_end_that_request_and_the_others_go_on(poisoned) -> None:
+    token, position = poisoned["token"], poisoned["position"]
+    prompts = [NAN_OTHERS[0], [1, token, 9], NAN_MID, NAN_OTHERS[1]]
+    with _nan_engine(poisoned["model"]) as engine:
+        outputs = engine.generate(prompts, _nan_params(), use_tqdm=False)
+        other, at_once, midway, sampled = outputs
+        assert at_once.finish_reason == "error" and at_once.token_ids == [], at_once
+        assert "NaN or inf" in at_once.error and "generated token 1" in at_once.error
+        # NAN_MID generates the poisoned token, lands it, then fails on the next step
+        assert midway.finish_reason == "error", midway
+        assert midway.token_ids == poisoned["mid"].token_ids[: position + 1]
+        assert f"generated token {position + 2}" in midway.error
+        assert len(midway.logprobs) == position + 1
+        assert all(math.isfinite(v) for step in midway.logprobs for v in step.values())
+        # the others in the same batch are what the healthy model gives
+        expected = poisoned["others"]
+        assert other.token_ids == expected[0].token_ids and other.error is None
+        assert sampled.token_ids == expected[1].token_ids and sampled.finish_reason == "length"
+        # the failed requests' KV blocks (NaN inside) are reused without harm
+        again = engine.generate(NAN_OTHERS, [_nan_params()[0], _nan_params()[3]], use_tqdm=False)
+        assert [o.token_ids for o in again] == [o.token_ids for o in expected]
+        # streaming: the last delta carries the reason and the message
+        deltas = list(engine.generate_stream([[1, token, 9]], _nan_params()[1]))
+        assert deltas[-1].finished and deltas[-1].finish_reason == "error"
+        assert "NaN or inf" in deltas[-1].error
+        assert outputs[1].to_json()["error"] == at_once.error  # --json carries it
+        reports = engine.shutdown()
+    assert all(r.kv_blocks_free == r.kv_blocks_total for r in reports)
+
+
+# =====================================================================================
 # CLI level: `ppruntime generate` as a subprocess
 # =====================================================================================
 @dataclass(frozen=True)
@@ -341,7 +615,8 @@ class CliCase:
     name: str
     args: tuple[str, ...]
     expect: tuple[str, ...]
-    prompts: str | None = None  # contents of a prompts file, passed as --prompts-file
+    prompts: str | bytes | None = None  # contents of a prompts file, passed as --prompts-file
+    env: dict[str, str] = field(default_factory=dict)
 
 
 CLI_CASES = [
@@ -411,6 +686,60 @@ CLI_CASES = [
         ("3 blocks", "--kv-cache-blocks"),
     ),
     CliCase("no-prompts", (), ("no prompts",)),
+    CliCase(
+        "prompts-file-latin-1",
+        (),
+        ("prompts.jsonl:2", "not UTF-8", "0xe9"),
+        b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n',
+    ),
+    CliCase(
+        "prompts-file-binary",
+        (),
+        ("prompts.jsonl:1", "not UTF-8", "0x89"),
+        b"\x89PNG\r\n\x1a\n\0\0",
+    ),
+    CliCase(
+        "prompts-file-unknown-key",
+        (),
+        ("prompts.jsonl:2", "unknown field", "'max_tokens'"),
+        '{"prompt": "a"}\n{"prompt": "b", "max_tokens": 3}\n',
+    ),
+    CliCase(
+        "prompts-file-lone-surrogate",
+        (),
+        ("prompts.jsonl:1", "surrogate"),
+        '{"prompt": "a\\ud800"}\n',
+    ),
+    CliCase(
+        "kv-cache-blocks-beyond-int32",
+        ("--prompt", "x", "--kv-cache-blocks", "1000000000000"),
+        ("kv_cache_blocks=1000000000000", "--kv-cache-blocks"),
+    ),
+    CliCase("log-dir-is-a-file", ("--prompt", "x", "--log-dir", "README.md"), ("--log-dir",)),
+    CliCase("device-unknown", ("--prompt", "x", "--device", "tpu"), ("device", "'tpu'")),
+    CliCase(
+        "torch-threads-not-integer",
+        ("--prompt", "x"),
+        ("PPRUNTIME_TORCH_THREADS", "'abc'"),
+        env={"PPRUNTIME_TORCH_THREADS": "abc"},
+    ),
+    CliCase(
+        "deterministic-env-not-boolean",
+        ("--prompt", "x"),
+        ("PPRUNTIME_DETERMINISTIC", "'maybe'"),
+        env={"PPRUNTIME_DETERMINISTIC": "maybe"},
+    ),
+    CliCase(
+        "trace-directory-missing",
+        ("--prompt", "x", "--trace", "/nonexistent/t.json"),
+        ("--trace", "/nonexistent/t.json"),
+    ),
+    CliCase(
+        "output-directory-missing",
+        ("--prompt", "x", "--output", "/nonexistent/o.jsonl"),
+        ("--output", "/nonexistent/o.jsonl"),
+    ),
+    CliCase("output-is-a-directory", ("--prompt", "x", "--output", "tests"), ("--output", "tests")),
 ]
 
 
@@ -419,18 +748,27 @@ def _cli_command(case: CliCase, workdir: Path) -> list[str]:
     if case.prompts is not None:
         case_dir = workdir / case.name
         case_dir.mkdir()
-        (case_dir / "prompts.jsonl").write_text(case.prompts)
+        prompts_file = case_dir / "prompts.jsonl"
+        if isinstance(case.prompts, bytes):
+            prompts_file.write_bytes(case.prompts)
+        else:
+            prompts_file.write_text(case.prompts)
         args += ["--prompts-file", str(case_dir / "prompts.jsonl")]
     return args
 
 
-def _run_together(commands: dict[str, list[str]], timeout_s: float) -> dict[str, Any]:
+def _run_together(
+    commands: dict[str, list[str]],
+    timeout_s: float,
+    envs: dict[str, dict[str, str]] | None = None,
+) -> dict[str, Any]:
     """Start every command at once (own session each); wait for all; kill on timeout."""
+    envs = envs or {}
     procs = {
         name: subprocess.Popen(
             command,
             cwd=REPO_ROOT,
-            env=mpi_env({"PPRUNTIME_TORCH_THREADS": "1"}),
+            env=mpi_env({"PPRUNTIME_TORCH_THREADS": "1", **envs.get(name, {})}),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -468,7 +806,8 @@ def _run_together(commands: dict[str, list[str]], timeout_s: float) -> dict[str,
 def cli_results(tmp_path_factory) -> dict[str, Any]:
     workdir = tmp_path_factory.mktemp("cli")
     commands = {case.name: _cli_command(case, workdir) for case in CLI_CASES}
-    return _run_together(commands, SUBPROCESS_TIMEOUT_S)
+    envs = {case.name: case.env for case in CLI_CASES}
+    return _run_together(commands, SUBPROCESS_TIMEOUT_S, envs)
 
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=lambda c: c.name)
@@ -492,6 +831,8 @@ class MpiCase:
     args: tuple[str, ...]
     expect: tuple[str, ...]
     one_layer_model: bool = False
+    checkpoint: str | None = None  # key of `checkpoints`, passed as --model
+    rank_1_env: dict[str, str] = field(default_factory=dict)  # set on rank 1 only
 
 
 MPI_CASES = [
@@ -504,7 +845,35 @@ MPI_CASES = [
     MpiCase("more-stages-than-layers", (), ("pp_size=2", "only 1 layers"), one_layer_model=True),
     MpiCase("missing-model-dir", ("--model", "{missing}"), ("{missing}",)),
     MpiCase("corrupt-safetensors", ("--model", "{corrupt}"), ("model.safetensors",)),
+    MpiCase(
+        "bad-setting-on-rank-1-only",
+        (),
+        ("rank 1", "PPRUNTIME_TORCH_THREADS", "'abc'"),
+        rank_1_env={"PPRUNTIME_TORCH_THREADS": "abc"},
+    ),
+    MpiCase(
+        "kv-cache-beyond-memory",
+        ("--kv-cache-blocks", "2147483647"),
+        ("2147483647 blocks", "GiB", "--kv-cache-blocks"),
+    ),
+    MpiCase(
+        "config-field-not-integer",
+        (),
+        ("config.json", "'num_hidden_layers'", "'two'"),
+        checkpoint="layers-not-integer",
+    ),
 ]
+
+
+def _on_rank_1(env: dict[str, str], args: list[str]) -> list[str]:
+    """`args` run with `env` added on rank 1 only (Open MPI's or MPICH's rank variable)."""
+    exports = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
+    script = (
+        'if [ "${OMPI_COMM_WORLD_RANK:-$PMI_RANK}" = 1 ]; then export '
+        + exports
+        + '; fi; exec "$@"'
+    )
+    return ["sh", "-c", script, "sh", *args]
 
 
 @pytest.fixture(scope="module")
@@ -518,9 +887,15 @@ def mpi_results(tmp_path_factory, checkpoints: dict[str, Path]) -> dict[str, Any
     }
     commands = {}
     for case in MPI_CASES:
-        model = ("--model", str(one_layer)) if case.one_layer_model else ()
+        model: tuple[str, ...] = ()
+        if case.one_layer_model:
+            model = ("--model", str(one_layer))
+        elif case.checkpoint is not None:
+            model = ("--model", str(checkpoints[case.checkpoint]))
         case_args = [arg.format(**paths) for arg in case.args]
         args = [sys.executable, "-m", "ppruntime", "generate", "--prompt", "x", *model, *case_args]
+        if case.rank_1_env:
+            args = _on_rank_1(case.rank_1_env, args)
         commands[case.name] = mpi_command(2, args)
     # a few jobs at a time: the fail-fast bound is for a job sharing two cores with a
     # couple of others, not with every case of this list
