@@ -8,12 +8,23 @@ in this process.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from launching import REPO_ROOT, describe, kill_job, mpi_env, start_mpi, wait_mpi
+from launching import (
+    REPO_ROOT,
+    _session_members,
+    describe,
+    kill_job,
+    mpi_env,
+    start_mpi,
+    wait_mpi,
+)
 
 from ppruntime import LLM, SamplingParams
 
@@ -74,6 +85,13 @@ UNSEEDED = [
     *["--ignore-eos", *JSON_FLAGS],
 ]
 
+# --output under failure: many requests, two at a time, on a slowed-down stage
+MANY_PROMPTS = [[256, 5 + i, 6 + i, 7] for i in range(12)]
+MANY_MAX_TOKENS = 24
+MANY_FLAGS = ["--max-tokens", str(MANY_MAX_TOKENS), "--ignore-eos", "--max-batch-size", "2"]
+SLOW_STAGE_MS = 40
+FIRST_RESULTS = 2  # requests finished before the job is hit
+
 
 def _start(args: list[str]) -> subprocess.Popen[bytes]:
     """One process, bytes out (the text may hold a lone \\r: no newline translation)."""
@@ -129,6 +147,11 @@ def jobs(tmp_path_factory):
         "stream-json": ([*good, "--stream"], str(good_file)),
         "unseeded-a": (UNSEEDED, ""),
         "unseeded-b": (UNSEEDED, ""),
+        "json-output": ([*good, "--output", str(directory / "out.jsonl")], str(good_file)),
+        "stream-output": (
+            [*good, "--stream", "--output", str(directory / "out-stream.jsonl")],
+            str(good_file),
+        ),
     }
     single.update({name: _bad_args(directory, name) for name in BAD_CASES})
     started = {name: (_start(args), file) for name, (args, file) in single.items()}
@@ -160,6 +183,10 @@ def api():
             "json": llm.generate(GOOD_PROMPTS, SamplingParams(max_tokens=12, temperature=0)),
             "json-logprobs": llm.generate(
                 GOOD_PROMPTS, SamplingParams(max_tokens=12, temperature=0, logprobs=2)
+            ),
+            "many": llm.generate(
+                MANY_PROMPTS,
+                SamplingParams(max_tokens=MANY_MAX_TOKENS, temperature=0, ignore_eos=True),
             ),
         }
         outputs["unseeded-greedy"] = llm.generate(
@@ -284,3 +311,124 @@ def test_mpi_two_ranks_bad_input_exits_2(jobs, name):
     assert result.stdout == ""
     for needle in BAD_CASES[name][2]:
         assert needle.format(file=file) in result.stderr, describe(result)
+
+
+# =====================================================================================
+# --output FILE: every finished request survives the job
+# =====================================================================================
+def _read_results(path: Path) -> list[dict]:
+    """Every line of an --output file is one JSON object (a half line fails here)."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(isinstance(record, dict) for record in records)
+    return records
+
+
+@pytest.mark.parametrize("name", ["json-output", "stream-output"])
+def test_output_file_holds_the_json_records_in_input_order(jobs, name):
+    result = _ok(jobs, name)
+    stdout_records = _json_lines(result)  # stdout --json is unchanged by --output
+    assert len(stdout_records) == len(GOOD_PROMPTS)
+    path = Path(result.args[result.args.index("--output") + 1])
+    records = _read_results(path)
+    assert records == [{"index": i, **record} for i, record in enumerate(stdout_records)]
+    assert not list(path.parent.glob(f".{path.name}.*"))  # no temporary file left
+
+
+def _start_many(n: int, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """MANY_PROMPTS on n ranks (n=1: no mpirun), the last stage slowed, with --output."""
+    prompts = tmp_path / "many.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in MANY_PROMPTS))
+    output = tmp_path / "results.jsonl"
+    args = [*CLI, "--prompts-file", str(prompts), *MANY_FLAGS, "--quiet", "--json"]
+    args += ["--output", str(output)]
+    env = {"PPRUNTIME_STAGE_DELAY_MS": f"{n - 1}:{SLOW_STAGE_MS}", "PYTHONIOENCODING": "utf-8"}
+    if n > 1:
+        return start_mpi(n, args, env=env), output
+    proc = subprocess.Popen(
+        args,
+        cwd=str(REPO_ROOT),
+        env=mpi_env(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    return proc, output
+
+
+def _wait_for_results(proc: subprocess.Popen, path: Path, count: int) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (path.exists() and len(path.read_text().splitlines()) >= count):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stdout, stderr = kill_job(proc)
+            raise AssertionError(f"{count} results not seen in {path}:\n{stdout}\n{stderr}")
+        time.sleep(0.1)
+
+
+def _rank_pid(session: int, rank: int) -> int:
+    """The pid of MPI rank `rank` of the job in session `session`."""
+    for pid in _session_members(session):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ranks = {b"OMPI_COMM_WORLD_RANK=%d" % rank, b"PMI_RANK=%d" % rank}
+        if b"ppruntime" in cmdline and ranks & set(environ):
+            return pid
+    raise AssertionError(f"rank {rank} not found in session {session}")
+
+
+def _check_partial_results(path: Path, api, at_least: int) -> list[dict]:
+    """The records are valid, distinct, and what the Python API generates."""
+    outputs, _ = api
+    records = _read_results(path)
+    assert len(records) >= at_least, records
+    assert len({record["index"] for record in records}) == len(records)
+    for record in records:
+        expected = outputs["many"][record["index"]]
+        assert set(record) == KEYS | {"index"}
+        if record["finish_reason"] == "length":
+            assert record["token_ids"] == expected.token_ids
+        else:  # aborted by SIGTERM: what it had
+            assert record["finish_reason"] == "abort", record
+            assert record["token_ids"] == expected.token_ids[: len(record["token_ids"])]
+    return records
+
+
+def test_output_file_keeps_finished_requests_when_a_rank_is_killed(tmp_path, api):
+    proc, path = _start_many(2, tmp_path)
+    try:
+        _wait_for_results(proc, path, FIRST_RESULTS)
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+        result = wait_mpi(proc, TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+    assert result.returncode != 0, describe(result)
+    records = _check_partial_results(path, api, FIRST_RESULTS)
+    finished = [record for record in records if record["finish_reason"] == "length"]
+    assert FIRST_RESULTS <= len(finished) < len(MANY_PROMPTS), records
+    # (rank 0 may also have ended waiting requests with "abort" on mpirun's SIGTERM)
+
+
+@pytest.mark.parametrize("n", [1, 2], ids=["ppruntime-alone", "mpirun-2-ranks"])
+def test_output_file_is_complete_and_ordered_after_sigterm(tmp_path, api, n):
+    """SIGTERM (Slurm's time limit) to the ppruntime process, or to mpirun (which
+    forwards it): the running requests end with "abort" and the file is rewritten in
+    input order with every request, the finished ones complete."""
+    proc, path = _start_many(n, tmp_path)
+    try:
+        _wait_for_results(proc, path, FIRST_RESULTS)
+        proc.send_signal(signal.SIGTERM)
+        result = wait_mpi(proc, TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+    if n == 1:
+        assert result.returncode == 143, describe(result)
+    records = _check_partial_results(path, api, len(MANY_PROMPTS))
+    assert [record["index"] for record in records] == list(range(len(MANY_PROMPTS)))
+    reasons = [record["finish_reason"] for record in records]
+    assert reasons.count("length") >= FIRST_RESULTS and "abort" in reasons, reasons
