@@ -47,10 +47,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from ppruntime.api.cli_generate import EXIT_BAD_INPUT, agree_on_error
     from ppruntime.bootstrap import bootstrap
+    from ppruntime.comm.mpi_env import init_mpi
+    from ppruntime.config import ConfigError
     from ppruntime.info import format_job_info, gather_job_info
 
-    info = bootstrap(args.log_level, args.log_dir)
+    error = None
+    try:
+        info = bootstrap(args.log_level, args.log_dir)
+    except ConfigError as exc:
+        info = init_mpi()
+        error = str(exc)
+    error = agree_on_error(error, info)
+    if error is not None:
+        if info.rank == 0:
+            print(f"ppruntime info: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.model or args.preset:
         from ppruntime.api.cli_partition import run_partition_dry_run
 

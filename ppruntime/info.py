@@ -22,12 +22,16 @@ def gather_job_info(info: RankInfo) -> list[dict] | None:
     import mpi4py
     import torch
 
+    try:
+        device = describe_device(select_device(info.local_rank))
+    except ValueError as error:  # a bad PPRUNTIME_DEVICE: say so, in the rank's line
+        device = f"none ({error})"
     mine = {
         "rank": info.rank,
         "host": info.host,
         "local_rank": info.local_rank,
         "local_size": info.local_size,
-        "device": describe_device(select_device(info.local_rank)),
+        "device": device,
         "pid": os.getpid(),
         "torch": torch.__version__,
         "mpi4py": mpi4py.__version__,

@@ -288,7 +288,7 @@ def _parse_prompt_line(where: str, line: str) -> str | list[int]:
     return value
 
 
-def _agree(error: str | None, info) -> str | None:
+def agree_on_error(error: str | None, info) -> str | None:
     """The first rank's error (rank 0 checks the input, each rank its own settings),
     known to every rank."""
     if info.size == 1:
@@ -332,7 +332,7 @@ def run_generate(args: argparse.Namespace) -> int:
             params, prompts = _check_input(args)
         except (InvalidRequestError, CliInputError, ConfigError) as exc:
             error = str(exc)
-    error = _agree(error, info)
+    error = agree_on_error(error, info)
     if error is not None:
         if info.rank == 0:
             print(f"ppruntime generate: error: {error}", file=sys.stderr)

@@ -15,7 +15,12 @@ import sys
 import threading
 import time
 
-from ppruntime.api.cli_generate import EXIT_BAD_INPUT, add_engine_arguments, start_engine
+from ppruntime.api.cli_generate import (
+    EXIT_BAD_INPUT,
+    add_engine_arguments,
+    agree_on_error,
+    start_engine,
+)
 
 STARTUP_WAIT_S = 30.0
 
@@ -62,9 +67,16 @@ def _check_http_flags(args: argparse.Namespace) -> str | None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from ppruntime.bootstrap import bootstrap
+    from ppruntime.comm.mpi_env import init_mpi
+    from ppruntime.config import ConfigError
 
-    info = bootstrap(args.log_level, args.log_dir)
-    problem = _check_http_flags(args)  # the same on every rank: every rank stops
+    try:
+        info = bootstrap(args.log_level, args.log_dir)
+        problem = _check_http_flags(args)
+    except ConfigError as exc:  # a bad log dir or variable, maybe on one rank only
+        info = init_mpi()
+        problem = str(exc)
+    problem = agree_on_error(problem, info)  # every rank stops
     if problem is not None:
         if info.rank == 0:
             print(f"ppruntime serve: error: {problem}", file=sys.stderr)

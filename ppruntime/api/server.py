@@ -62,7 +62,7 @@ class _Choice:
         if delta.finished:
             self.finish_reason = delta.finish_reason
             if delta.finish_reason == "error":
-                self.error = delta.stop_reason or "the request failed"
+                self.error = delta.error or "the request failed"
 
 
 def build_app(

@@ -160,7 +160,7 @@ class EngineDriver:
             self.release(1)
             failure = RequestOutput(command.request_id, [], [], "", finish_reason="error")
             failure.finished = True
-            failure.stop_reason = str(error)
+            failure.error = str(error)
             command.loop.call_soon_threadsafe(command.deliver, [failure])
             return
         self._routes[command.request_id] = (command.loop, command.deliver)
