@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from launching import REPO_ROOT, describe, kill_job, mpi_command, mpi_env
+from launching import REPO_ROOT, describe, kill_job, mpi_command, mpi_env, run_mpi
 
 from ppruntime import LLM, SamplingParams
 from ppruntime.engine.errors import InvalidRequestError
@@ -605,6 +605,30 @@ def test_nonfinite_logits_end_that_request_and_the_others_go_on(poisoned) -> Non
         assert outputs[1].to_json()["error"] == at_once.error  # --json carries it
         reports = engine.shutdown()
     assert all(r.kv_blocks_free == r.kv_blocks_total for r in reports)
+
+
+def test_nonfinite_logits_under_mpirun_cli(poisoned, tmp_path: Path) -> None:
+    """PP=2: every rank releases the failed requests in the same iteration; the CLI
+    names them on stderr, exits 1, and --json / --output carry the error."""
+    prompts = [NAN_OTHERS[0], [1, poisoned["token"], 9], NAN_MID]
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in prompts))
+    output = tmp_path / "results.jsonl"
+    args = [sys.executable, "-m", "ppruntime", "generate", "--model", str(poisoned["model"])]
+    args += ["--prompts-file", str(prompts_file), "--max-tokens", str(NAN_MAX_TOKENS)]
+    args += ["--ignore-eos", "--json", "--quiet", "--output", str(output), "--block-size", "4"]
+    args += ["--kv-cache-blocks", "24", "--max-model-len", "32"]
+    result = run_mpi(2, args, SUBPROCESS_TIMEOUT_S, env={"PPRUNTIME_TORCH_THREADS": "1"})
+    assert result.returncode == 1, describe(result)
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["finish_reason"] for r in records] == ["length", "error", "error"], records
+    assert records[0]["token_ids"] == poisoned["others"][0].token_ids and "error" not in records[0]
+    assert records[1]["token_ids"] == []
+    assert records[2]["token_ids"] == poisoned["mid"].token_ids[: poisoned["position"] + 1]
+    for line in (2, 3):
+        assert f"error: {prompts_file}:{line}: the model produced non-finite" in result.stderr
+    results = [json.loads(line) for line in output.read_text().splitlines()]
+    assert results == [{"index": i, **record} for i, record in enumerate(records)]
 
 
 # =====================================================================================
