@@ -349,6 +349,41 @@ def test_requested_logit_rows_come_back(device):
     assert host.top_token_ids.shape == (5, 2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 9.9e-6])
+def test_temperature_below_eps_is_greedy(device, temperature):
+    """Dividing by such a temperature overflows float32 (logits inf, scores NaN)."""
+    logits = random_logits(6, device=device)
+    host = DeviceSampler().sample(logits, make_rows(6, temperature=temperature)).to_host().wait()
+    np.testing.assert_array_equal(host.token_ids, logits.argmax(-1).cpu().numpy())
+    assert host.nonfinite_rows() is None
+
+
+def _poisoned_logits(device: str) -> torch.Tensor:
+    logits = random_logits(6, device="cpu")
+    logits[1, 7] = float("nan")
+    logits[3, 2] = float("inf")
+    logits[4] = -float("inf")  # no finite logit at all
+    logits[5, 0] = -float("inf")  # rules token 0 out: harmless
+    return logits.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "temperature, num_logprobs",
+    [(0.0, 0), (0.0, 2), (0.8, 0), ([0.0, 0.9, 0.0, 0.5, 1.0, 0.0], 1)],
+)
+def test_nonfinite_rows_come_back_flagged(device, temperature, num_logprobs):
+    rows = make_rows(6, temperature=temperature, num_logprobs=num_logprobs)
+    host = DeviceSampler().sample(_poisoned_logits(device), rows).to_host().wait()
+    nonfinite = host.nonfinite_rows()
+    assert nonfinite is not None
+    assert nonfinite.tolist() == [False, True, False, True, True, False]
+    clean = random_logits(6, device=device)
+    clean[2, :5] = -float("inf")
+    assert DeviceSampler().sample(clean, rows).to_host().wait().nonfinite_rows() is None
+
+
 def test_empty_batch():
     rows = make_rows(0, num_logprobs=2)
     host = DeviceSampler().sample(torch.zeros(0, VOCAB), rows).to_host().wait()
