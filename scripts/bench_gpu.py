@@ -618,19 +618,34 @@ def attention_benchmark(setup: AttentionSetup, device: torch.device, bandwidth, 
         )
         q, k, v = inputs(length, attn.slot_mapping, length)
 
-        def prefill(attn=attn, q=q, k=k, v=v, token=token, backend=backend):
-            plan = backend.plan(attn, token, bs)
-            return backend.forward(q, k, v, cache, plan, scale, None)
+        # the triton backend's prefill kernel as configured, and its legacy all-masked
+        # loop beside it (PPRUNTIME_TRITON_PREFILL=legacy makes that the backend's choice)
+        kernels = [(name, None)] + ([(f"{name}-legacy", "legacy")] if name == "triton" else [])
+        group = setup.heads // setup.kv_heads
+        for entry, kernel in kernels:
+            launch = None
+            if name == "triton":  # it imported, so triton is there
+                from ppruntime.kernels.paged_attention import prefill_launch
 
-        seconds = time_op(prefill, timer, max(setup.repeats // 2, 1))
-        flops = attention_prefill_flops(1, length, setup.heads, setup.head_dim)
-        out["prefill"][name] = {
-            "tokens": length,
-            "ms": seconds * 1e3,
-            "flops_per_s": flops / seconds,
-            "matmul_fraction": flops / seconds / matmul,
-            "max_abs_diff_vs_torch": compared("prefill", prefill()),
-        }
+                launch = prefill_launch(dtype, length, group, kernel=kernel)
+
+            def prefill(attn=attn, q=q, k=k, v=v, token=token, backend=backend, launch=launch):
+                plan = backend.plan(attn, token, bs)
+                if launch is not None:
+                    plan.launch = launch
+                return backend.forward(q, k, v, cache, plan, scale, None)
+
+            seconds = time_op(prefill, timer, max(setup.repeats // 2, 1))
+            flops = attention_prefill_flops(1, length, setup.heads, setup.head_dim)
+            out["prefill"][entry] = {
+                "tokens": length,
+                "ms": seconds * 1e3,
+                "flops_per_s": flops / seconds,
+                "matmul_fraction": flops / seconds / matmul,
+                "max_abs_diff_vs_torch": compared("prefill", prefill()),
+            }
+            if launch is not None:
+                out["prefill"][entry]["launch"] = str(launch)
     cache = flat_cache = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -774,6 +789,13 @@ def print_table(result: dict) -> None:
         print(
             f"attention {backend}: decode KV-bandwidth {cells}; prefill "
             f"{prefill['tokens']} tokens {_fmt(prefill['matmul_fraction'], 1, 100, '%')} of matmul"
+        )
+    for backend, prefill in attention["prefill"].items():
+        if backend in attention["decode"] or isinstance(prefill, str):
+            continue  # printed with its decode figures
+        print(
+            f"attention {backend}: prefill {prefill['tokens']} tokens "
+            f"{_fmt(prefill['matmul_fraction'], 1, 100, '%')} of matmul"
         )
 
 
