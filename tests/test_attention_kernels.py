@@ -256,6 +256,9 @@ def test_prefill_kernel_choice_and_its_error(monkeypatch):
     monkeypatch.setenv(PREFILL_KERNEL_ENV, "fast")
     with pytest.raises(ValueError, match="PPRUNTIME_TRITON_PREFILL='fast'.*tiled, legacy"):
         prefill_launch(torch.bfloat16, 4096, 4)
+    with pytest.raises(ConfigError, match="PPRUNTIME_TRITON_PREFILL='fast'"):
+        select_attention_backend("triton", DEVICE)
+    assert select_attention_backend("torch", DEVICE).name == "torch"  # triton's knob only
     decode = AttentionLaunch(16, 16, one_program_per_seq=True, causal_tiling=True)
     q = torch.zeros(1, 2, 64)
     cache = torch.zeros(2, 4, 8, 2, 64)

@@ -431,6 +431,17 @@ PREFILL_KERNEL_ENV = "PPRUNTIME_TRITON_PREFILL"
 PREFILL_KERNELS = ("tiled", "legacy")
 
 
+def prefill_kernel_from_env() -> str:
+    """$PPRUNTIME_TRITON_PREFILL (default "tiled"); ValueError naming a bad value."""
+    kernel = os.environ.get(PREFILL_KERNEL_ENV) or "tiled"
+    if kernel not in PREFILL_KERNELS:
+        raise ValueError(
+            f"{PREFILL_KERNEL_ENV}={kernel!r} is not a prefill kernel: use one of "
+            f"{', '.join(PREFILL_KERNELS)}"
+        )
+    return kernel
+
+
 def prefill_launch(
     dtype: torch.dtype, max_query_len: int, group: int, kernel: str | None = None
 ) -> AttentionLaunch:
@@ -441,12 +452,9 @@ def prefill_launch(
     for comparison); None reads $PPRUNTIME_TRITON_PREFILL.
     """
     if kernel is None:
-        kernel = os.environ.get(PREFILL_KERNEL_ENV) or "tiled"
-    if kernel not in PREFILL_KERNELS:
-        raise ValueError(
-            f"{PREFILL_KERNEL_ENV}={kernel!r} is not a prefill kernel: use one of "
-            f"{', '.join(PREFILL_KERNELS)}"
-        )
+        kernel = prefill_kernel_from_env()
+    elif kernel not in PREFILL_KERNELS:
+        raise ValueError(f"prefill kernel {kernel!r}: use one of {', '.join(PREFILL_KERNELS)}")
     if kernel == "legacy":
         if dtype == torch.float32:
             return AttentionLaunch(block_m=32, block_n=32)
