@@ -200,6 +200,9 @@ def test_backend_plan_splits_a_long_decode():
     torch.testing.assert_close(out.cpu(), expected, **TOLERANCE[torch.float32])
 
 
+# 16-key tiles over blocks of 5 (each key looked up), 8 (a tile spans whole blocks) and
+# 32 (a tile lies inside one block)
+@pytest.mark.parametrize("block_size", [5, 8, 32])
 @pytest.mark.parametrize("window", [None, 40], ids=["causal", "window-40"])
 @pytest.mark.parametrize(
     "launch",
@@ -209,12 +212,12 @@ def test_backend_plan_splits_a_long_decode():
     ],
     ids=["causal-tiling", "legacy"],
 )
-def test_prefill_kernels_match_torch_over_every_kind_of_tile(launch, window):
-    """A chunk over a cached prefix (70 keys), a decode token and a fresh prompt, with
-    16-key tiles over 5-slot blocks: under causal tiling the query blocks have masked
-    window-edge tiles, unmasked tiles and masked diagonal tiles (window 40 over 8-token
-    query blocks leaves room for all three); the legacy loop masks every tile."""
-    hq, hkv, head_dim, block_size, dtype = 4, 2, 64, 5, torch.float32
+def test_prefill_kernels_match_torch_over_every_kind_of_tile(launch, window, block_size):
+    """A chunk over a cached prefix (70 keys), a decode token and a fresh prompt: under
+    causal tiling the query blocks have masked window-edge tiles, unmasked tiles and
+    masked diagonal tiles (window 40 over 8-token query blocks leaves room for all
+    three); the legacy loop masks every tile."""
+    hq, hkv, head_dim, dtype = 4, 2, 64, torch.float32
     paging = PagedBatches(64, block_size, seed=3)
     generator = torch.Generator().manual_seed(11)
     cache = torch.zeros(2, 64, block_size, hkv, head_dim, dtype=dtype)

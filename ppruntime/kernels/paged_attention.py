@@ -89,16 +89,35 @@ def _attend_tile(
 ):
     """One BLOCK_N-key tile of the online softmax (causal tiling). Unmasked tiles hold
     keys every query row sees: no key, causal or window masks, no -inf guard."""
-    key_pos = tile_start + tl.arange(0, BLOCK_N)
+    keys = tl.arange(0, BLOCK_N)
+    key_pos = tile_start + keys
     dims = tl.arange(0, DIM_PAD)
     if MASKED:
         key_valid = (key_pos >= kv_low) & (key_pos < kv_high)
-        block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
-    else:
-        block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE)
-    key_offset = (
-        block_ids.to(tl.int64) * stride_cache_block + (key_pos % BLOCK_SIZE) * stride_cache_offset
-    )
+    # tile_start is a multiple of BLOCK_N: when blocks and tiles nest, the block-table
+    # lookups are per block, and the offsets inside a block are the same every tile
+    if BLOCK_SIZE % BLOCK_N == 0:  # the tile lies inside one block: one lookup
+        block_id = tl.load(table_ptr + tile_start // BLOCK_SIZE).to(tl.int64)
+        in_block = tile_start % BLOCK_SIZE + keys
+        key_offset = block_id * stride_cache_block + in_block * stride_cache_offset
+    elif BLOCK_N % BLOCK_SIZE == 0:  # the tile spans whole blocks
+        block_index = tile_start // BLOCK_SIZE + keys // BLOCK_SIZE
+        if MASKED:
+            block_ids = tl.load(table_ptr + block_index, mask=key_valid, other=0)
+        else:
+            block_ids = tl.load(table_ptr + block_index)
+        key_offset = (
+            block_ids.to(tl.int64) * stride_cache_block + (keys % BLOCK_SIZE) * stride_cache_offset
+        )
+    else:  # any block size: each key's block looked up
+        if MASKED:
+            block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+        else:
+            block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE)
+        key_offset = (
+            block_ids.to(tl.int64) * stride_cache_block
+            + (key_pos % BLOCK_SIZE) * stride_cache_offset
+        )
     k_ptrs = k_ptr + key_offset[None, :] + dims[:, None]  # [DIM_PAD, BLOCK_N]
     v_ptrs = k_ptr + stride_cache_kv + key_offset[:, None] + dims[None, :]  # [BLOCK_N, DIM_PAD]
     if MASKED:
