@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -618,16 +618,24 @@ def attention_benchmark(setup: AttentionSetup, device: torch.device, bandwidth, 
         )
         q, k, v = inputs(length, attn.slot_mapping, length)
 
-        # the triton backend's prefill kernel as configured, and its legacy all-masked
-        # loop beside it (PPRUNTIME_TRITON_PREFILL=legacy makes that the backend's choice)
-        kernels = [(name, None)] + ([(f"{name}-legacy", "legacy")] if name == "triton" else [])
-        group = setup.heads // setup.kv_heads
-        for entry, kernel in kernels:
-            launch = None
-            if name == "triton":  # it imported, so triton is there
-                from ppruntime.kernels.paged_attention import prefill_launch
+        # the triton backend's prefill kernel as configured, beside its legacy all-masked
+        # loop (PPRUNTIME_TRITON_PREFILL=legacy makes that the backend's choice) and the
+        # tiled kernel with 64-key tiles (3 stages), for tuning
+        launches: list = [(name, None)]
+        if name == "triton":  # it imported, so triton is there
+            from ppruntime.kernels.paged_attention import prefill_launch
 
-                launch = prefill_launch(dtype, length, group, kernel=kernel)
+            group = setup.heads // setup.kv_heads
+            configured = prefill_launch(dtype, length, group)
+            tiled = prefill_launch(dtype, length, group, kernel="tiled")
+            launches = [
+                (name, configured),
+                (f"{name}-legacy", prefill_launch(dtype, length, group, kernel="legacy")),
+            ]
+            if tiled.block_n == 128:
+                narrow = replace(tiled, block_n=64, num_stages=3)
+                launches.append((f"{name}-tiled-n64", narrow))
+        for entry, launch in launches:
 
             def prefill(attn=attn, q=q, k=k, v=v, token=token, backend=backend, launch=launch):
                 plan = backend.plan(attn, token, bs)

@@ -120,6 +120,8 @@ def main() -> int:
         True,
     )
     attention("fp32 decode d96 window", torch.float32, 8, 4, 96, decode, window=True)
+    fp32_prefill = pa.prefill_launch(torch.float32, 512, 2)
+    attention("fp32 prefill d96 window", torch.float32, 8, 4, 96, fp32_prefill, window=True)
     pointers = {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*bf16", "slot_ptr": "*i64"}
     constants = {"BLOCK_SIZE": 16, "HEAD_DIM": 80, "HEADS_PAD": 8, "DIM_PAD": 128}
     compile_kernel(kv_store._kv_store_kernel, pointers, constants, 4, 2)
