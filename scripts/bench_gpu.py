@@ -41,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -618,19 +618,42 @@ def attention_benchmark(setup: AttentionSetup, device: torch.device, bandwidth, 
         )
         q, k, v = inputs(length, attn.slot_mapping, length)
 
-        def prefill(attn=attn, q=q, k=k, v=v, token=token, backend=backend):
-            plan = backend.plan(attn, token, bs)
-            return backend.forward(q, k, v, cache, plan, scale, None)
+        # the triton backend's prefill kernel as configured, beside its legacy all-masked
+        # loop (PPRUNTIME_TRITON_PREFILL=legacy makes that the backend's choice) and the
+        # tiled kernel with 64-key tiles (3 stages), for tuning
+        launches: list = [(name, None)]
+        if name == "triton":  # it imported, so triton is there
+            from ppruntime.kernels.paged_attention import prefill_launch
 
-        seconds = time_op(prefill, timer, max(setup.repeats // 2, 1))
-        flops = attention_prefill_flops(1, length, setup.heads, setup.head_dim)
-        out["prefill"][name] = {
-            "tokens": length,
-            "ms": seconds * 1e3,
-            "flops_per_s": flops / seconds,
-            "matmul_fraction": flops / seconds / matmul,
-            "max_abs_diff_vs_torch": compared("prefill", prefill()),
-        }
+            group = setup.heads // setup.kv_heads
+            configured = prefill_launch(dtype, length, group)
+            tiled = prefill_launch(dtype, length, group, kernel="tiled")
+            launches = [
+                (name, configured),
+                (f"{name}-legacy", prefill_launch(dtype, length, group, kernel="legacy")),
+            ]
+            if tiled.block_n == 128:
+                narrow = replace(tiled, block_n=64, num_stages=3)
+                launches.append((f"{name}-tiled-n64", narrow))
+        for entry, launch in launches:
+
+            def prefill(attn=attn, q=q, k=k, v=v, token=token, backend=backend, launch=launch):
+                plan = backend.plan(attn, token, bs)
+                if launch is not None:
+                    plan.launch = launch
+                return backend.forward(q, k, v, cache, plan, scale, None)
+
+            seconds = time_op(prefill, timer, max(setup.repeats // 2, 1))
+            flops = attention_prefill_flops(1, length, setup.heads, setup.head_dim)
+            out["prefill"][entry] = {
+                "tokens": length,
+                "ms": seconds * 1e3,
+                "flops_per_s": flops / seconds,
+                "matmul_fraction": flops / seconds / matmul,
+                "max_abs_diff_vs_torch": compared("prefill", prefill()),
+            }
+            if launch is not None:
+                out["prefill"][entry]["launch"] = str(launch)
     cache = flat_cache = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -774,6 +797,13 @@ def print_table(result: dict) -> None:
         print(
             f"attention {backend}: decode KV-bandwidth {cells}; prefill "
             f"{prefill['tokens']} tokens {_fmt(prefill['matmul_fraction'], 1, 100, '%')} of matmul"
+        )
+    for backend, prefill in attention["prefill"].items():
+        if backend in attention["decode"] or isinstance(prefill, str):
+            continue  # printed with its decode figures
+        print(
+            f"attention {backend}: prefill {prefill['tokens']} tokens "
+            f"{_fmt(prefill['matmul_fraction'], 1, 100, '%')} of matmul"
         )
 
 

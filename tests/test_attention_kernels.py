@@ -26,9 +26,11 @@ from reference_compare import compare_greedy, hf_greedy_reference
 from ppruntime.config import ConfigError, EngineConfig
 from ppruntime.kernels.kv_store import store_kv
 from ppruntime.kernels.paged_attention import (
+    PREFILL_KERNEL_ENV,
     AttentionLaunch,
     decode_launch,
     paged_attention,
+    prefill_launch,
 )
 from ppruntime.model.attention import AttentionMetadata
 from ppruntime.model.backends import select_attention_backend
@@ -198,6 +200,76 @@ def test_backend_plan_splits_a_long_decode():
     torch.testing.assert_close(out.cpu(), expected, **TOLERANCE[torch.float32])
 
 
+# 16-key tiles over blocks of 5 (each key looked up), 8 (a tile spans whole blocks) and
+# 32 (a tile lies inside one block)
+@pytest.mark.parametrize("block_size", [5, 8, 32])
+@pytest.mark.parametrize("window", [None, 40], ids=["causal", "window-40"])
+@pytest.mark.parametrize(
+    "launch",
+    [
+        AttentionLaunch(block_m=16, block_n=16, causal_tiling=True),
+        AttentionLaunch(block_m=16, block_n=16),
+    ],
+    ids=["causal-tiling", "legacy"],
+)
+def test_prefill_kernels_match_torch_over_every_kind_of_tile(launch, window, block_size):
+    """A chunk over a cached prefix (70 keys), a decode token and a fresh prompt: under
+    causal tiling the query blocks have masked window-edge tiles, unmasked tiles and
+    masked diagonal tiles (window 40 over 8-token query blocks leaves room for all
+    three); the legacy loop masks every tile."""
+    hq, hkv, head_dim, dtype = 4, 2, 64, torch.float32
+    paging = PagedBatches(64, block_size, seed=3)
+    generator = torch.Generator().manual_seed(11)
+    cache = torch.zeros(2, 64, block_size, hkv, head_dim, dtype=dtype)
+    cached, _ = paging.step([(0, 40), (1, 50)])
+    keys = torch.randn(2, cached.slot_mapping.shape[0], hkv, head_dim, generator=generator)
+    write_kv(keys[0], keys[1], cache, cached.slot_mapping)
+    metadata, positions = paging.step([(0, 30), (1, 1), (2, 25)])
+    total = metadata.slot_mapping.shape[0]
+    q = torch.randn(total, hq, head_dim, generator=generator)
+    k, v = torch.randn(2, total, hkv, head_dim, generator=generator).unbind(0)
+    reference_cache = cache.clone()
+    expected = TORCH.forward(
+        q, k, v, reference_cache, TORCH.plan(metadata, positions, block_size), 0.125, window
+    )
+    device_metadata = _on(DEVICE, metadata)
+    cache = cache.to(DEVICE)
+    store_kv(k.to(DEVICE), v.to(DEVICE), cache, device_metadata.slot_mapping)
+    out = paged_attention(
+        q.to(DEVICE),
+        cache,
+        device_metadata.query_start_loc,
+        device_metadata.seq_lens,
+        device_metadata.block_table,
+        0.125,
+        launch,
+        sliding_window=window,
+    )
+    torch.testing.assert_close(out.cpu(), expected, **TOLERANCE[dtype])
+
+
+def test_prefill_kernel_choice_and_its_error(monkeypatch):
+    monkeypatch.delenv(PREFILL_KERNEL_ENV, raising=False)
+    tiled = prefill_launch(torch.bfloat16, 4096, 4)
+    assert tiled.causal_tiling and (tiled.block_m, tiled.block_n) == (128, 128)
+    monkeypatch.setenv(PREFILL_KERNEL_ENV, "legacy")
+    legacy = prefill_launch(torch.bfloat16, 4096, 4)
+    assert not legacy.causal_tiling and (legacy.block_m, legacy.block_n) == (128, 64)
+    assert prefill_launch(torch.bfloat16, 4096, 4, kernel="tiled") == tiled
+    monkeypatch.setenv(PREFILL_KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match="PPRUNTIME_TRITON_PREFILL='fast'.*tiled, legacy"):
+        prefill_launch(torch.bfloat16, 4096, 4)
+    with pytest.raises(ConfigError, match="PPRUNTIME_TRITON_PREFILL='fast'"):
+        select_attention_backend("triton", DEVICE)
+    assert select_attention_backend("torch", DEVICE).name == "torch"  # triton's knob only
+    decode = AttentionLaunch(16, 16, one_program_per_seq=True, causal_tiling=True)
+    q = torch.zeros(1, 2, 64)
+    cache = torch.zeros(2, 4, 8, 2, 64)
+    one = torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="causal_tiling"):
+        paged_attention(q, cache, torch.arange(2), one, one[None], 0.125, decode)
+
+
 @pytest.mark.parametrize(
     "launch",
     [
@@ -291,7 +363,7 @@ def test_kernels_compile_for_hopper(tmp_path):
     )
     assert result.returncode == 0, describe(result)
     compiled = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
-    assert len(compiled) == 7, describe(result)
+    assert len(compiled) == 9, describe(result)
 
 
 # ---------------------------------------------------------------------------------------

@@ -61,6 +61,109 @@ def _split_runs(kv_low, kv_high, num_splits, BLOCK_N: tl.constexpr):
     return base, tl.maximum(per_split, BLOCK_N)
 
 
+@triton.jit
+def _attend_tile(
+    acc,
+    running_max,
+    running_sum,
+    q,
+    q_pos,
+    tile_start,
+    kv_low,
+    kv_high,
+    table_ptr,
+    k_ptr,  # the cache's K of this program's KV head; V is stride_cache_kv further
+    stride_cache_kv,
+    stride_cache_block,
+    stride_cache_offset,
+    scale_log2,
+    sliding_window,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One BLOCK_N-key tile of the online softmax (causal tiling). Unmasked tiles hold
+    keys every query row sees: no key, causal or window masks, no -inf guard."""
+    keys = tl.arange(0, BLOCK_N)
+    key_pos = tile_start + keys
+    dims = tl.arange(0, DIM_PAD)
+    if MASKED:
+        key_valid = (key_pos >= kv_low) & (key_pos < kv_high)
+    # tile_start is a multiple of BLOCK_N: when blocks and tiles nest, the block-table
+    # lookups are per block, and the offsets inside a block are the same every tile
+    if BLOCK_SIZE % BLOCK_N == 0:  # the tile lies inside one block: one lookup
+        block_id = tl.load(table_ptr + tile_start // BLOCK_SIZE).to(tl.int64)
+        in_block = tile_start % BLOCK_SIZE + keys
+        key_offset = block_id * stride_cache_block + in_block * stride_cache_offset
+    elif BLOCK_N % BLOCK_SIZE == 0:  # the tile spans whole blocks
+        block_index = tile_start // BLOCK_SIZE + keys // BLOCK_SIZE
+        if MASKED:
+            block_ids = tl.load(table_ptr + block_index, mask=key_valid, other=0)
+        else:
+            block_ids = tl.load(table_ptr + block_index)
+        key_offset = (
+            block_ids.to(tl.int64) * stride_cache_block + (keys % BLOCK_SIZE) * stride_cache_offset
+        )
+    else:  # any block size: each key's block looked up
+        if MASKED:
+            block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+        else:
+            block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE)
+        key_offset = (
+            block_ids.to(tl.int64) * stride_cache_block
+            + (key_pos % BLOCK_SIZE) * stride_cache_offset
+        )
+    k_ptrs = k_ptr + key_offset[None, :] + dims[:, None]  # [DIM_PAD, BLOCK_N]
+    v_ptrs = k_ptr + stride_cache_kv + key_offset[:, None] + dims[None, :]  # [BLOCK_N, DIM_PAD]
+    if MASKED:
+        dim_valid = dims < HEAD_DIM
+        k = tl.load(k_ptrs, mask=key_valid[None, :] & dim_valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
+    elif HEAD_DIM != DIM_PAD:
+        dim_valid = dims < HEAD_DIM
+        k = tl.load(k_ptrs, mask=dim_valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=dim_valid[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    cache_type = k_ptr.dtype.element_ty
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if IEEE:
+        scores = tl.dot(q, k, input_precision="ieee")
+    else:
+        scores = tl.dot(q, k)  # raw q.k; the scale is folded into the exp2 below
+    if MASKED:
+        visible = key_valid[None, :] & (key_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (key_pos[None, :] > q_pos[:, None] - sliding_window)
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, 1) * scale_log2)
+        # a row that has seen no visible key yet keeps max -inf: shift by 0 instead
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    else:
+        new_max = tl.maximum(running_max, tl.max(scores, 1) * scale_log2)
+        shift = new_max
+    probs = tl.exp2(scores * scale_log2 - shift[:, None])  # one FMA a score
+    rescale = tl.exp2(running_max - shift)
+    running_sum = running_sum * rescale + tl.sum(probs, 1)
+    acc = acc * rescale[:, None]
+    probs = probs.to(cache_type)  # the rounding of a native bf16/fp16 dot
+    if UPCAST:
+        probs = probs.to(tl.float32)
+    if IEEE:
+        acc = tl.dot(probs, v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(probs, v, acc)  # accumulate in place: no second [BLOCK_M, D] tile
+    return acc, new_max, running_sum
+
+
 @triton.jit(do_not_specialize=["num_seqs", "sliding_window"])
 def _paged_attention_kernel(
     out_ptr,  # [T, Hq, D] (not SPLIT)
@@ -95,10 +198,15 @@ def _paged_attention_kernel(
     ONE_PROGRAM_PER_SEQ: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    CAUSAL_TILING: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     program = tl.program_id(0)
+    if CAUSAL_TILING:
+        # the last query blocks of a sequence see the most keys: start them first, so
+        # that the short ones fill the tail of the grid
+        program = tl.num_programs(0) - 1 - program
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     if ONE_PROGRAM_PER_SEQ:
@@ -153,52 +261,87 @@ def _paged_attention_kernel(
     running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_PAD], dtype=tl.float32)
-    for tile_start in range((kv_low // BLOCK_N) * BLOCK_N, kv_high, BLOCK_N):
-        key_pos = tile_start + tl.arange(0, BLOCK_N)
-        key_valid = (key_pos >= kv_low) & (key_pos < kv_high)
-        block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
-        key_offset = (
-            block_ids.to(tl.int64) * stride_cache_block
-            + (key_pos % BLOCK_SIZE) * stride_cache_offset
-            + head_offset
-        )
-        k = tl.load(
-            cache_ptr + key_offset[None, :] + dims[:, None],
-            mask=key_valid[None, :] & dim_valid[:, None],
-            other=0.0,
-        )  # [DIM_PAD, BLOCK_N]
-        v = tl.load(
-            cache_ptr + stride_cache_kv + key_offset[:, None] + dims[None, :],
-            mask=key_valid[:, None] & dim_valid[None, :],
-            other=0.0,
-        )  # [BLOCK_N, DIM_PAD]
-        probs_type = cache_type
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            probs_type = tl.float32
-        if IEEE:
-            scores = tl.dot(q, k, input_precision="ieee")
-        else:
-            scores = tl.dot(q, k)
-        scores = scores * scale_log2
-        visible = key_valid[None, :] & (key_pos[None, :] <= q_pos[:, None])
+    if CAUSAL_TILING:
+        # tiles [full_low, full_high) hold keys every row of this query block sees (at or
+        # before its first query, inside its last query's window): no masks there; the
+        # tiles before them (window) and after them (the diagonal) are masked
+        first_pos = context_len + q_block * BLOCK_Q
+        low = (kv_low // BLOCK_N) * BLOCK_N
+        tiles_end = tl.cdiv(kv_high, BLOCK_N) * BLOCK_N
+        full_low = low
         if USE_WINDOW:
-            visible = visible & (key_pos[None, :] > q_pos[:, None] - sliding_window)
-        scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, 1))
-        # a row that has seen no visible key yet keeps max -inf: shift by 0 instead
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        probs = tl.exp2(scores - shift[:, None])
-        rescale = tl.exp2(running_max - shift)
-        running_sum = running_sum * rescale + tl.sum(probs, 1)
-        probs = probs.to(cache_type)  # the rounding of a native bf16/fp16 dot
-        if IEEE:
-            update = tl.dot(probs.to(probs_type), v, input_precision="ieee")
-        else:
-            update = tl.dot(probs.to(probs_type), v)
-        acc = acc * rescale[:, None] + update
-        running_max = new_max
+            window_start = tl.maximum(kv_high - sliding_window, 0)  # the last row's first key
+            full_low = tl.maximum(low, tl.cdiv(window_start, BLOCK_N) * BLOCK_N)
+            full_low = tl.minimum(full_low, tiles_end)
+            for tile_start in range(low, full_low, BLOCK_N):
+                acc, running_max, running_sum = _attend_tile(
+                    acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
+                    table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
+                    stride_cache_offset, scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM,
+                    DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST,
+                )  # fmt: skip
+        full_high = tl.maximum(((first_pos + 1) // BLOCK_N) * BLOCK_N, full_low)
+        for tile_start in range(full_low, full_high, BLOCK_N):
+            acc, running_max, running_sum = _attend_tile(
+                acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
+                table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
+                stride_cache_offset, scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM,
+                DIM_PAD, BLOCK_N, False, USE_WINDOW, IEEE, UPCAST,
+            )  # fmt: skip
+        for tile_start in range(full_high, kv_high, BLOCK_N):
+            acc, running_max, running_sum = _attend_tile(
+                acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
+                table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
+                stride_cache_offset, scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM,
+                DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST,
+            )  # fmt: skip
+    else:
+        for tile_start in range((kv_low // BLOCK_N) * BLOCK_N, kv_high, BLOCK_N):
+            key_pos = tile_start + tl.arange(0, BLOCK_N)
+            key_valid = (key_pos >= kv_low) & (key_pos < kv_high)
+            block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+            key_offset = (
+                block_ids.to(tl.int64) * stride_cache_block
+                + (key_pos % BLOCK_SIZE) * stride_cache_offset
+                + head_offset
+            )
+            k = tl.load(
+                cache_ptr + key_offset[None, :] + dims[:, None],
+                mask=key_valid[None, :] & dim_valid[:, None],
+                other=0.0,
+            )  # [DIM_PAD, BLOCK_N]
+            v = tl.load(
+                cache_ptr + stride_cache_kv + key_offset[:, None] + dims[None, :],
+                mask=key_valid[:, None] & dim_valid[None, :],
+                other=0.0,
+            )  # [BLOCK_N, DIM_PAD]
+            probs_type = cache_type
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+                probs_type = tl.float32
+            if IEEE:
+                scores = tl.dot(q, k, input_precision="ieee")
+            else:
+                scores = tl.dot(q, k)
+            scores = scores * scale_log2
+            visible = key_valid[None, :] & (key_pos[None, :] <= q_pos[:, None])
+            if USE_WINDOW:
+                visible = visible & (key_pos[None, :] > q_pos[:, None] - sliding_window)
+            scores = tl.where(visible, scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, 1))
+            # a row that has seen no visible key yet keeps max -inf: shift by 0 instead
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            probs = tl.exp2(scores - shift[:, None])
+            rescale = tl.exp2(running_max - shift)
+            running_sum = running_sum * rescale + tl.sum(probs, 1)
+            probs = probs.to(cache_type)  # the rounding of a native bf16/fp16 dot
+            if IEEE:
+                update = tl.dot(probs.to(probs_type), v, input_precision="ieee")
+            else:
+                update = tl.dot(probs.to(probs_type), v)
+            acc = acc * rescale[:, None] + update
+            running_max = new_max
 
     if not SPLIT:
         denominator = tl.where(running_sum > 0.0, running_sum, 1.0)
@@ -283,6 +426,9 @@ class AttentionLaunch:
     one_program_per_seq: decode-only batches (every sequence has exactly one new token
         and num_tokens == num_seqs); required when num_splits > 1.
     num_splits: programs a (sequence, KV head) pair's keys are split over.
+    causal_tiling: mask only the tiles that need it (the diagonal, a window's edge), run
+        the query blocks that see the most keys first, and fold the softmax scale into
+        one FMA; False runs the single all-masked loop (decode, and the legacy prefill).
     """
 
     block_m: int
@@ -291,6 +437,7 @@ class AttentionLaunch:
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    causal_tiling: bool = False
 
 
 def _rows(group: int, block_m: int) -> tuple[int, int]:
@@ -299,14 +446,50 @@ def _rows(group: int, block_m: int) -> tuple[int, int]:
     return block_m, block_m // group
 
 
-def prefill_launch(dtype: torch.dtype, max_query_len: int, group: int) -> AttentionLaunch:
+PREFILL_KERNEL_ENV = "PPRUNTIME_TRITON_PREFILL"
+PREFILL_KERNELS = ("tiled", "legacy")
+
+
+def prefill_kernel_from_env() -> str:
+    """$PPRUNTIME_TRITON_PREFILL (default "tiled"); ValueError naming a bad value."""
+    kernel = os.environ.get(PREFILL_KERNEL_ENV) or "tiled"
+    if kernel not in PREFILL_KERNELS:
+        raise ValueError(
+            f"{PREFILL_KERNEL_ENV}={kernel!r} is not a prefill kernel: use one of "
+            f"{', '.join(PREFILL_KERNELS)}"
+        )
+    return kernel
+
+
+def prefill_launch(
+    dtype: torch.dtype, max_query_len: int, group: int, kernel: str | None = None
+) -> AttentionLaunch:
     """Tiles for mixed / prefill batches: 128 query rows once a chunk fills them (the
-    usual flash-attention shape on Hopper), fp32 smaller (twice the bytes a tile)."""
+    usual flash-attention shape on Hopper), fp32 smaller (twice the bytes a tile).
+
+    kernel: "tiled" (default) or "legacy" (the all-masked loop with 64-key tiles, kept
+    for comparison); None reads $PPRUNTIME_TRITON_PREFILL.
+    """
+    if kernel is None:
+        kernel = prefill_kernel_from_env()
+    elif kernel not in PREFILL_KERNELS:
+        raise ValueError(f"prefill kernel {kernel!r}: use one of {', '.join(PREFILL_KERNELS)}")
+    if kernel == "legacy":
+        if dtype == torch.float32:
+            return AttentionLaunch(block_m=32, block_n=32)
+        if max_query_len * group >= 128:
+            return AttentionLaunch(block_m=128, block_n=64, num_warps=8, num_stages=3)
+        return AttentionLaunch(block_m=64, block_n=64)
     if dtype == torch.float32:
-        return AttentionLaunch(block_m=32, block_n=32)
+        return AttentionLaunch(block_m=32, block_n=32, causal_tiling=True)
     if max_query_len * group >= 128:
-        return AttentionLaunch(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    return AttentionLaunch(block_m=64, block_n=64)
+        # 128 x 128 tiles halve the per-tile costs (rescaling the [128, D] accumulator,
+        # row reductions, barriers) a key against 128 x 64; two stages of K and V tiles
+        # (64 KiB each at D=128) and the Q tile fit Hopper's shared memory
+        return AttentionLaunch(
+            block_m=128, block_n=128, num_warps=8, num_stages=2, causal_tiling=True
+        )
+    return AttentionLaunch(block_m=64, block_n=64, causal_tiling=True)
 
 
 def decode_launch(
@@ -373,6 +556,8 @@ def paged_attention(
         if num_splits != 1:
             raise ValueError("split-KV attention needs a decode-only launch")
         grid = (num_tokens // block_q + num_seqs, num_kv_heads, 1)
+    if launch.causal_tiling and launch.one_program_per_seq:
+        raise ValueError("causal_tiling is for mixed / prefill launches, not decode-only ones")
     if num_splits > 1:
         partial_out = torch.empty(
             (num_tokens, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
@@ -455,6 +640,7 @@ def attention_constants(
         "ONE_PROGRAM_PER_SEQ": launch.one_program_per_seq,
         "HAS_ROWS": has_rows,
         "USE_WINDOW": has_window,
+        "CAUSAL_TILING": launch.causal_tiling,
         "IEEE": dtype == torch.float32 or INTERPRETED,
         "UPCAST": INTERPRETED,
     }

@@ -24,10 +24,19 @@ from ppruntime.kernels import paged_attention as pa  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 INT64_ARGS = ("stride_cache_kv", "stride_cache_block")  # large caches pass 64-bit strides
+# what the launcher specialises at run time: pointers and strides that are multiples of 16
+# (all of them for the shapes below) get tt.divisibility=16, which is what lets the K/V
+# loads become 16-byte cp.async copies (without it the cubin is not the one that runs)
+ALIGNED = ("_ptr", "stride_")
 
 
 def compile_kernel(kernel, pointers: dict[str, str], constants: dict, warps: int, stages: int):
     signature = {}
+    attrs = {
+        (index,): [["tt.divisibility", 16]]
+        for index, name in enumerate(kernel.arg_names)
+        if name not in constants and (name.endswith(ALIGNED[0]) or name.startswith(ALIGNED[1]))
+    }
     for name in kernel.arg_names:
         if name in constants:
             signature[name] = "constexpr"
@@ -39,7 +48,7 @@ def compile_kernel(kernel, pointers: dict[str, str], constants: dict, warps: int
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-    source = ASTSource(kernel, signature, constexprs=constants)
+    source = ASTSource(kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=TARGET, options={"num_warps": warps, "num_stages": stages})
 
 
@@ -93,6 +102,15 @@ def main() -> int:
         False,
     )
     attention(
+        "8B prefill bf16 legacy",
+        torch.bfloat16,
+        32,
+        8,
+        128,
+        pa.prefill_launch(torch.bfloat16, 512, 4, kernel="legacy"),
+        False,
+    )
+    attention(
         "mixed fp16 d80 window",
         torch.float16,
         16,
@@ -102,6 +120,8 @@ def main() -> int:
         True,
     )
     attention("fp32 decode d96 window", torch.float32, 8, 4, 96, decode, window=True)
+    fp32_prefill = pa.prefill_launch(torch.float32, 512, 2)
+    attention("fp32 prefill d96 window", torch.float32, 8, 4, 96, fp32_prefill, window=True)
     pointers = {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*bf16", "slot_ptr": "*i64"}
     constants = {"BLOCK_SIZE": 16, "HEAD_DIM": 80, "HEADS_PAD": 8, "DIM_PAD": 128}
     compile_kernel(kv_store._kv_store_kernel, pointers, constants, 4, 2)

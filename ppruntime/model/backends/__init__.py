@@ -46,8 +46,13 @@ def select_attention_backend(name: str | None, device: torch.device | str) -> At
             "attention backend 'triton' needs the triton package (pip install triton), "
             f"which failed to import ({exc}); or choose --attention-backend torch"
         ) from exc
+    from ppruntime.kernels.paged_attention import prefill_kernel_from_env
     from ppruntime.model.backends.triton_backend import TritonAttentionBackend
 
+    try:
+        prefill_kernel_from_env()  # refused at start-up, not at the first prefill
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     return TritonAttentionBackend()
 
 
