@@ -22,6 +22,9 @@ AUTO_PARTITION = "auto"
 ATTENTION_BACKENDS = ("torch", "triton")
 """Attention backends (ppruntime/model/backends); None picks triton on CUDA, torch on CPU."""
 
+ACTIVATION_CHANNELS = ("auto", "nccl", "gloo", "host", "cuda-aware-mpi")
+"""How activations travel between neighbouring stages (ppruntime/comm/channels)."""
+
 
 class ConfigError(ValueError):
     """An engine or parallel-layout setting is invalid."""
@@ -188,6 +191,9 @@ class EngineConfig:
         (loading included) before the job aborts naming the ranks that did not.
     cuda_graphs: replay decode steps from CUDA graphs captured at start-up (CUDA with a
         capturable attention backend only; no effect on CPU). False = --enforce-eager.
+    activation_channel: how activations reach the next stage: "auto" (nccl between
+        distinct GPUs, host otherwise), "nccl", "gloo" (CPU), "host" (MPI via host
+        memory) or "cuda-aware-mpi" (MPI on device buffers, where the MPI supports it).
     """
 
     model: str = "tiny"
@@ -204,6 +210,7 @@ class EngineConfig:
     attention_backend: str | None = None
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
     cuda_graphs: bool = True
+    activation_channel: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_tokens", "block_size", "kv_cache_memory_mb"):
@@ -248,3 +255,8 @@ class EngineConfig:
         check_seconds("startup_timeout_s", "--startup-timeout", self.startup_timeout_s)
         if not isinstance(self.cuda_graphs, bool):
             raise ConfigError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        if self.activation_channel not in ACTIVATION_CHANNELS:
+            raise ConfigError(
+                f"activation_channel (--activation-channel / PPRUNTIME_ACTIVATION_CHANNEL) must "
+                f"be one of {', '.join(ACTIVATION_CHANNELS)}, got {self.activation_channel!r}"
+            )

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from ppruntime.api.results_file import ResultsFile
+from ppruntime.config import ACTIVATION_CHANNELS
 from ppruntime.engine.errors import InvalidRequestError
 from ppruntime.engine.sampling_params import SamplingParams, check_unicode
 
@@ -123,6 +124,13 @@ def add_engine_arguments(parser) -> None:
         action="store_true",
         help="no CUDA graphs: run every decode step eagerly (graphs are on by default on CUDA)",
     )
+    engine.add_argument(
+        "--activation-channel",
+        default=None,
+        choices=ACTIVATION_CHANNELS,
+        help="how activations reach the next stage (default: "
+        "$PPRUNTIME_ACTIVATION_CHANNEL, else auto: nccl between distinct GPUs, host otherwise)",
+    )
 
 
 def add_partition_cost_arguments(group) -> None:
@@ -164,6 +172,7 @@ def llm_from_args(args: argparse.Namespace):
         seed=args.engine_seed,
         attention_backend=args.attention_backend,
         cuda_graphs=not args.enforce_eager,
+        activation_channel=args.activation_channel,
         watchdog_timeout_s=args.watchdog_timeout,
         startup_timeout_s=args.startup_timeout,
         trace=args.trace,

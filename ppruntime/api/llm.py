@@ -79,6 +79,7 @@ class LLM:
         seed: int = 0,
         attention_backend: str | None = None,
         cuda_graphs: bool = True,
+        activation_channel: str | None = None,
         watchdog_timeout_s: float | None = None,
         startup_timeout_s: float | None = None,
         trace: str | None = None,
@@ -97,6 +98,8 @@ class LLM:
             deterministic = bool(env_flag("PPRUNTIME_DETERMINISTIC"))
         if attention_backend is None:
             attention_backend = os.environ.get("PPRUNTIME_ATTENTION_BACKEND") or None
+        if activation_channel is None:
+            activation_channel = os.environ.get("PPRUNTIME_ACTIVATION_CHANNEL") or "auto"
         if isinstance(layer_partition, str) and layer_partition != AUTO_PARTITION:
             layer_partition = parse_layer_partition(layer_partition)
         parallel = ParallelConfig(
@@ -131,6 +134,7 @@ class LLM:
                 DEFAULT_STARTUP_TIMEOUT_S if startup_timeout_s is None else startup_timeout_s
             ),
             cuda_graphs=cuda_graphs,
+            activation_channel=activation_channel,
         )
         self.trace_path = trace
         self._check_trace_path(trace)

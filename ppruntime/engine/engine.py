@@ -21,11 +21,20 @@ import torch
 from mpi4py import MPI
 from mpi4py.util import pkl5
 
-from ppruntime.comm.activation_staging import make_activation_sender
 from ppruntime.comm.bounded import RanksMissing, allgather_within, describe_ranks, gather_within
+from ppruntime.comm.channels import RankDevice, choose_channel, make_channel
+from ppruntime.comm.channels.process_group import (
+    destroy_process_group,
+    init_process_group_from_mpi,
+)
 from ppruntime.comm.communicators import PipelineComms
 from ppruntime.comm.failure import report_and_abort
-from ppruntime.comm.mpi_env import RankInfo, check_world_size, require_thread_multiple
+from ppruntime.comm.mpi_env import (
+    RankInfo,
+    check_world_size,
+    cuda_aware_mpi,
+    require_thread_multiple,
+)
 from ppruntime.comm.tags import Tag
 from ppruntime.comm.waiting import WaitTracker
 from ppruntime.config import AUTO_PARTITION, ConfigError, EngineConfig, env_flag
@@ -123,6 +132,7 @@ class PipelineEngine:
             self.num_blocks = min(
                 self._exchange(self._local_blocks, "agreeing on the KV cache size")
             )
+            self._start_activation_channel(config, info)
             self._collectively(
                 lambda: self._build_executor(config, info, trace), "building the executors"
             )
@@ -262,6 +272,39 @@ class PipelineEngine:
             budget = config.kv_cache_memory_mb * 2**20 // max(bytes_per_block, 1)
             self._local_blocks = max(1, min(budget, max_useful))
 
+    def _start_activation_channel(self, config: EngineConfig, info: RankInfo) -> None:
+        """Choose the activation channel (the same on every rank, from what every rank
+        computes on) and join the torch.distributed group it may need."""
+        device = self.device
+        mine = RankDevice(
+            rank=info.rank,
+            host=info.host,
+            device_type=device.type,
+            device_id=str(device.index if device.index is not None else 0),
+            cuda_aware_mpi=cuda_aware_mpi() if device.type == "cuda" else "no",
+        )
+        ranks = self._exchange(mine, "choosing the activation channel")
+        chosen: list[str] = []
+        self._collectively(
+            lambda: chosen.append(choose_channel(config.activation_channel, ranks)),
+            "choosing the activation channel",
+        )
+        self.activation_channel = chosen[0] if info.size > 1 else "host"
+        self._process_group = self.activation_channel in ("gloo", "nccl")
+        if info.rank == 0 and info.size > 1:
+            log.info(
+                "activation channel: %s (requested %s)",
+                self.activation_channel,
+                config.activation_channel,
+            )
+        if self._process_group:
+            self._collectively(
+                lambda: init_process_group_from_mpi(
+                    self.comms.pipeline, self.activation_channel, config.startup_timeout_s
+                ),
+                f"joining the {self.activation_channel} process group",
+            )
+
     def _measure_costs(self, config: EngineConfig, info: RankInfo) -> None:
         """`--layer-partition auto`: this rank's costs (measured, or from the costs file)."""
         parallel = config.parallel
@@ -353,18 +396,17 @@ class PipelineEngine:
         relay = ResponseRelay(
             self.comms.relay, threaded=not parallel.deterministic, tracker=self.tracker
         )
-        sender = None
-        if not stage.is_last_stage:
-            sender = make_activation_sender(
-                self.comms.pipeline,
-                info.rank + 1,
-                Tag.ACTIVATIONS,
-                parallel.microbatch_slots,
-                config.max_num_tokens * model_config.hidden_size,
-                dtype,
-                device,
-                self.tracker,
-            )
+        channel = make_channel(
+            self.activation_channel,
+            self.comms.pipeline,
+            Tag.ACTIVATIONS,
+            parallel.microbatch_slots,
+            config.max_num_tokens * model_config.hidden_size,
+            dtype,
+            device,
+            runner.input_buffer,
+            self.tracker,
+        )
         self.executor = PipelineExecutor(
             comms=self.comms,
             runner=runner,
@@ -375,12 +417,11 @@ class PipelineEngine:
             max_batch_size=config.max_batch_size,
             max_num_tokens=config.max_num_tokens,
             hidden_size=model_config.hidden_size,
-            activation_dtype=dtype,
+            channel=channel,
             last_stage=last_stage,
             tokenizer=self.tokenizer,
             tracer=self.tracer,
             tracker=self.tracker,
-            sender=sender,
         )
         self.watchdog = Watchdog(
             self.comms.watchdog, info, self.tracker, self._has_work, parallel.watchdog_timeout_s
@@ -458,6 +499,8 @@ class PipelineEngine:
                 f"{missing.what}",
             )
         self.watchdog.stop()
+        if self._process_group:
+            destroy_process_group()
         self.comms.free()
         gc.unfreeze()  # what the engine held may now be collected
         return reports

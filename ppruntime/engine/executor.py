@@ -19,10 +19,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from mpi4py import MPI
 
-from ppruntime.comm.activation_staging import ActivationSender
+from ppruntime.comm.channels import ActivationChannel
 from ppruntime.comm.communicators import PipelineComms
 from ppruntime.comm.failure import termination_requested
 from ppruntime.comm.tags import Tag
@@ -30,7 +29,6 @@ from ppruntime.comm.waiting import (
     WaitTracker,
     wait_all,
     wait_raw_message,
-    wait_request,
 )
 from ppruntime.engine.control import Control, NewRequests, isend_control, recv_control
 from ppruntime.engine.errors import InvalidRequestError
@@ -41,8 +39,6 @@ from ppruntime.engine.scheduler import ScheduledBatch, Scheduler, apply_schedule
 from ppruntime.engine.seq_table import SeqInfo, SequenceTable
 from ppruntime.engine.trace import Tracer
 from ppruntime.engine.wire import (
-    DTYPE_CODES,
-    DTYPES_BY_CODE,
     FINISH_ABORT,
     MicrobatchHeader,
     SampleState,
@@ -86,12 +82,11 @@ class PipelineExecutor:
         max_batch_size: int,
         max_num_tokens: int,
         hidden_size: int,
-        activation_dtype: torch.dtype,
+        channel: ActivationChannel,
         last_stage: LastStage | None,
         tokenizer,
         tracer: Tracer,
         tracker: WaitTracker,
-        sender: ActivationSender | None = None,  # None on the last stage
     ) -> None:
         self.comms = comms
         self.comm = comms.pipeline
@@ -107,8 +102,7 @@ class PipelineExecutor:
         self.tracker = tracker
         self.stats = ExecutorStats()
         self.hidden_size = hidden_size
-        self.activation_dtype = activation_dtype
-        self.activation_dtype_code = DTYPE_CODES[np.dtype(_numpy_dtype(activation_dtype))]
+        self.channel = channel
         self.iteration = 0
         self.stopped = False
         self.failure: BaseException | None = None  # rank 0: what broke an iteration
@@ -119,19 +113,11 @@ class PipelineExecutor:
             MicrobatchSlot(index=index, header_buffer=np.zeros(capacity, dtype=np.int32))
             for index in range(num_slots)
         ]
-        self.sender = sender
         self.header_in = np.zeros(capacity, dtype=np.int32)
         self.infos: dict[int, SeqInfo] = {}  # every known, unfinished sequence by id
         self.pending: dict[int, SeqInfo] = {}  # registered, not yet admitted (ranks > 0)
         self.is_first = runner.is_first_stage
         self.is_last = runner.is_last_stage
-        if not self.is_first:
-            self.activation_buffer = torch.empty(
-                max_num_tokens * hidden_size, dtype=activation_dtype
-            )
-            # numpy views made once: every torch call costs microseconds in the loop
-            self.activation_bytes = self.activation_buffer.view(torch.uint8).numpy()
-            self._hidden_in_view: tuple[int, torch.Tensor] | None = None
         # rank 0 only
         self.scheduler = (
             Scheduler(table, max_batch_size, max_num_tokens, self.size) if self.rank == 0 else None
@@ -214,8 +200,7 @@ class PipelineExecutor:
         self.tracker.resume()
         try:
             self._step()
-            if self.sender is not None:
-                self.sender.progress()
+            self.channel.progress()
         except BaseException as exc:
             self.failure = exc
             raise
@@ -338,18 +323,8 @@ class PipelineExecutor:
             control = recv_control(self.comm, source, self.tracker)
         slot = self.slots[header.iteration % self.num_slots]
         self._wait_slot(slot)
-        activation_request = None
         if header.has_activations:
-            if header.dtype_code != self.activation_dtype_code:
-                sent = DTYPES_BY_CODE.get(header.dtype_code)
-                raise RuntimeError(
-                    f"rank {source} sends activations as {sent} but rank {self.rank} computes "
-                    f"in {self.activation_dtype}: start every rank with the same --dtype"
-                )
-            count = header.num_tokens * header.hidden_size * self.activation_buffer.itemsize
-            activation_request = self.comm.Irecv(
-                [self.activation_bytes[:count], MPI.BYTE], source, Tag.ACTIVATIONS
-            )
+            self.channel.post_receive(header.num_tokens, header.hidden_size, header.dtype_code)
         if not self.is_last:
             self._forward_header(slot, message, control)
         with self.tracer.span("relay-wait"):
@@ -363,29 +338,16 @@ class PipelineExecutor:
             apply_schedule(self.table, batch, self.pending)
             self._on_admitted(batch)
             hidden_in = None
-            if activation_request is not None:
+            if header.has_activations:
                 with self.tracer.span("receive-wait", batch.batch_id):
-                    wait_request(
-                        activation_request, f"activations from rank {source}", self.tracker
-                    )
-                hidden_in = self._received_hidden(header.num_tokens, header.hidden_size)
+                    hidden_in = self.channel.wait_receive(self.tracker)
             self._compute(slot, batch, hidden_in)
-            if self.sender is not None:
-                self.sender.progress()
+            self.channel.progress()
         self.iteration = header.iteration + 1
         self.stats.iterations += 1
         self.tracker.progress()
         if header.shutdown:
             self._teardown()
-
-    def _received_hidden(self, num_tokens: int, hidden_size: int) -> torch.Tensor:
-        """[num_tokens, hidden_size] view of the receive buffer (reused while the size is)."""
-        cached = self._hidden_in_view
-        if cached is not None and cached[0] == num_tokens:
-            return cached[1]
-        view = self.activation_buffer[: num_tokens * hidden_size].view(num_tokens, hidden_size)
-        self._hidden_in_view = (num_tokens, view)
-        return view
 
     def _forward_header(self, slot: MicrobatchSlot, message: np.ndarray, control) -> None:
         size = message.shape[0]
@@ -432,7 +394,7 @@ class PipelineExecutor:
             batch=batch,
             num_tokens=num_tokens if self.size > 1 else 0,
             hidden_size=self.hidden_size if self.size > 1 else 0,
-            dtype_code=self.activation_dtype_code,
+            dtype_code=self.channel.dtype_code,
         )
         if self.size > 1:
             message = pack_microbatch(header, slot.header_buffer)
@@ -460,13 +422,12 @@ class PipelineExecutor:
                 self.relay.publish(state, diff)
             return
         with self.tracer.span("send", batch.batch_id):
-            slot.requests.append(self.sender.send(slot.index, hidden))
+            slot.requests.append(self.channel.send(slot.index, hidden))
 
     def _post_all_sends(self) -> None:
         """Before a wait on the relay (no polling there): post every activation send,
         as the stages downstream may need them to produce what this rank waits for."""
-        if self.sender is not None:
-            self.sender.post_all(self.tracker)
+        self.channel.post_all(self.tracker)
 
     def _wait_slot(self, slot: MicrobatchSlot) -> None:
         if slot.requests:
@@ -558,8 +519,5 @@ class PipelineExecutor:
         for slot in self.slots:
             self._wait_slot(slot)
         self.relay.stop()
+        self.channel.close()
         self.stopped = True
-
-
-def _numpy_dtype(dtype: torch.dtype) -> type:
-    return {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[dtype]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ppruntime.comm.activation_dtypes import DTYPE_CODES, DTYPES_BY_CODE  # noqa: F401
 from ppruntime.engine.scheduler import ScheduledBatch
 
 HEADER_LEN = 16
@@ -25,9 +26,6 @@ F_SHUTDOWN = 1
 F_CONTROL = 2  # a MICROBATCH_CONTROL message follows
 F_BATCH = 4
 F_ACTIVATIONS = 8  # an ACTIVATIONS message follows
-
-DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float16): 2, np.dtype(np.uint16): 3}
-DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 @dataclass

@@ -44,7 +44,7 @@ class StageRunner:
         self.num_replays = 0
 
     def reserve_device_input(self, num_elements: int) -> None:
-        """Size of the device copy of received activations (allocated on first use)."""
+        """Size of the persistent input buffer (allocated on first use)."""
         self._device_input_size = num_elements
 
     @property
@@ -56,7 +56,8 @@ class StageRunner:
         return self.stage.is_last_stage
 
     def forward(self, batch, hidden_in: torch.Tensor | None) -> tuple[torch.Tensor, StepInputs]:
-        """hidden_in: [T, H] from the previous stage (None on the first stage).
+        """hidden_in: [T, H] from the previous stage, on this stage's device (the
+        activation channel delivers it in `input_buffer`); None on the first stage.
 
         Returns the hidden states [T, H] of the real rows and their step inputs.
         """
@@ -82,8 +83,6 @@ class StageRunner:
     def _eager(self, batch, hidden_in: torch.Tensor | None) -> tuple[torch.Tensor, StepInputs]:
         inputs = self.pool.prepare(batch)
         model_input = inputs.token_ids if self.is_first_stage else hidden_in
-        if model_input is not None and model_input.device != self.pool.device:
-            model_input = self._to_device(model_input)
         with torch.inference_mode():
             hidden = self.model(model_input, inputs.positions, inputs.attn, self.kv_cache)
         return hidden, inputs
@@ -96,11 +95,12 @@ class StageRunner:
         if self.is_first_stage:
             return inputs.token_ids
         hidden_size = self.model.config.hidden_size
-        buffer = self._input_buffer(size * hidden_size)
+        buffer = self.input_buffer(size * hidden_size)
         padded = buffer[: size * hidden_size].view(size, hidden_size)
         if hidden_in is not None:
             num_real = hidden_in.shape[0]
-            padded[:num_real].copy_(hidden_in, non_blocking=True)
+            if hidden_in.data_ptr() != padded.data_ptr():  # not received in place
+                padded[:num_real].copy_(hidden_in, non_blocking=True)
             padded[num_real:].zero_()
         return padded
 
@@ -113,7 +113,7 @@ class StageRunner:
                 log.info("rank %d: CUDA graphs off: %s", self.rank, self.decode_plan.reason)
             return
         if not self.is_first_stage:
-            self._input_buffer(self._device_input_size)
+            self.input_buffer(self._device_input_size)
 
         def prepare(size: int) -> StepInputs:
             inputs = self.pool.prepare(PaddingOnlyBatch(), pad_to=size)
@@ -133,8 +133,9 @@ class StageRunner:
             self.graphs.capture_s,
         )
 
-    def _input_buffer(self, count: int) -> torch.Tensor:
-        """The persistent input buffer (fixed address: graphs read from it)."""
+    def input_buffer(self, count: int) -> torch.Tensor:
+        """The persistent (flat) input buffer of at least `count` elements, on the
+        stage's device (fixed address: graphs read from it; channels write into it)."""
         if self._device_input is None or self._device_input.numel() < count:
             if self.graphs.graphs:
                 raise RuntimeError(
@@ -147,13 +148,6 @@ class StageRunner:
                 device=self.pool.device,
             )
         return self._device_input
-
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """Activations arrive in host memory (MPI buffers); copy them into a device buffer."""
-        count = host.numel()
-        view = self._input_buffer(count)[:count].view(host.shape)
-        view.copy_(host, non_blocking=True)
-        return view
 
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Logits [N, V] float32 of the given flat token rows (last stage).
