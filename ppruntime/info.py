@@ -23,15 +23,21 @@ def gather_job_info(info: RankInfo) -> list[dict] | None:
     import torch
 
     try:
-        device = describe_device(select_device(info.local_rank))
+        selected = select_device(info.local_rank)
+        device = describe_device(selected)
+        device_type = selected.type
+        device_id = str(selected.index if selected.index is not None else 0)
     except ValueError as error:  # a bad PPRUNTIME_DEVICE: say so, in the rank's line
-        device = f"none ({error})"
+        device, device_type, device_id = f"none ({error})", "none", ""
     mine = {
         "rank": info.rank,
         "host": info.host,
         "local_rank": info.local_rank,
         "local_size": info.local_size,
         "device": device,
+        "device_type": device_type,
+        "device_id": device_id,
+        "cuda_aware_mpi": cuda_aware_mpi() if device_type == "cuda" else "no",
         "pid": os.getpid(),
         "torch": torch.__version__,
         "mpi4py": mpi4py.__version__,
@@ -52,6 +58,7 @@ def format_job_info(info: RankInfo, ranks: list[dict], as_json: bool = False) ->
         "mpi4py": ranks[0]["mpi4py"],
         "ranks": ranks,
     }
+    summary["activation_channels"] = _activation_channels(ranks)
     warning = launcher_mismatch_warning(info)
     if warning:
         summary["warning"] = warning
@@ -72,6 +79,27 @@ def format_job_info(info: RankInfo, ranks: list[dict], as_json: bool = False) ->
             f"  rank {rank['rank']}: host {rank['host']} local_rank {rank['local_rank']}"
             f"/{rank['local_size']} device {rank['device']} pid {rank['pid']}"
         )
+    channels = summary["activation_channels"]
+    lines.append(f"activation channel: {channels['chosen']} (requested {channels['requested']})")
+    lines += [f"  {pair}" for pair in channels["pairs_auto"]]
     if warning:
         lines.append(f"WARNING: {warning}")
     return "\n".join(lines)
+
+
+def _activation_channels(ranks: list[dict]) -> dict:
+    """What `auto` would use between each pair of neighbours, and what the job's
+    PPRUNTIME_ACTIVATION_CHANNEL would give (or why it would be refused)."""
+    from ppruntime.comm.channels.choice import RankDevice, choose_channel, describe_pairs
+    from ppruntime.config import ConfigError
+
+    devices = [
+        RankDevice(r["rank"], r["host"], r["device_type"], r["device_id"], r["cuda_aware_mpi"])
+        for r in ranks
+    ]
+    requested = os.environ.get("PPRUNTIME_ACTIVATION_CHANNEL") or "auto"
+    try:
+        chosen = choose_channel(requested, devices) if len(devices) > 1 else "none (one rank)"
+    except ConfigError as refused:
+        chosen = f"refused: {refused}"
+    return {"requested": requested, "chosen": chosen, "pairs_auto": describe_pairs(devices)}

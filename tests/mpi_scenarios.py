@@ -199,6 +199,32 @@ class Job:
                     out[f"{arch}/{key}"] = record
         return out
 
+    def channels(self) -> dict:
+        """Greedy prompts over each activation channel of --channels, in each mode."""
+        from ppruntime import SamplingParams
+
+        out: dict = {}
+        greedy = SamplingParams(
+            max_tokens=GREEDY_MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=2
+        )
+        prompts = [np.asarray(p, dtype=np.int32) for p in greedy_prompts()]
+        for arch in self.args.archs.split(","):
+            for channel in self.args.channels.split(","):
+                for mode in self.args.modes.split(","):
+                    llm = self.llm(arch, mode, activation_channel=channel)
+                    record = None
+                    if llm.is_driver:
+                        outputs = llm.generate(prompts, [greedy] * len(prompts), use_tqdm=False)
+                        record = {
+                            "greedy": [output_record(o) for o in outputs],
+                            "channel": llm._engine.activation_channel,
+                        }
+                    reports = self.finish(llm)
+                    if record is not None:
+                        record["reports"] = reports
+                        out[f"{arch}/{channel}/{mode}"] = record
+        return out
+
     def features(self) -> dict:
         """Streaming, stop strings, abort, log-probs, prompt and generation logits."""
         from ppruntime import SamplingParams
@@ -492,7 +518,7 @@ def _req_num(request_id: str) -> int:
     return int(request_id.rsplit("-", 1)[1])
 
 
-SCENARIOS = ("greedy", "features", "sliced", "long", "shutdown", "abort", "cadence")
+SCENARIOS = ("greedy", "features", "sliced", "long", "shutdown", "abort", "cadence", "channels")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -505,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archs", default=",".join(ARCHS))
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--repeat-det", default="", help="archs whose det run is repeated")
+    parser.add_argument("--channels", default="host", help="activation channels (channels)")
     args = parser.parse_args(argv)
     os.environ.setdefault("PPRUNTIME_DEVICE", "cpu")
     job = Job(args)

@@ -35,6 +35,21 @@ def test_info_two_ranks() -> None:
     assert "rank 0:" in result.stdout and "rank 1:" in result.stdout, describe(result)
     assert result.stdout.count("MPI library:") == 1, describe(result)  # rank 0 prints
     assert "WARNING" not in result.stdout, describe(result)
+    # which activation channel each neighbouring pair would use (CPU ranks: host)
+    assert "activation channel: host (requested auto)" in result.stdout, describe(result)
+    assert "rank 0 -> rank 1: host" in result.stdout, describe(result)
+
+
+def test_info_names_the_refusal_of_an_impossible_activation_channel() -> None:
+    env = {"PPRUNTIME_ACTIVATION_CHANNEL": "nccl", "PPRUNTIME_DEVICE": "cpu"}
+    result = run_mpi(2, [*ppruntime_cmd(), "info", "--json"], timeout=60, env=env)
+    assert result.returncode == 0, describe(result)
+    channels = json.loads(result.stdout)["activation_channels"]
+    assert channels["requested"] == "nccl", channels
+    assert channels["chosen"].startswith("refused: activation channel 'nccl' needs a CUDA"), (
+        channels
+    )
+    assert channels["pairs_auto"] == ["rank 0 -> rank 1: host"], channels
 
 
 def test_info_json_two_ranks() -> None:

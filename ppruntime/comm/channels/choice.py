@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ppruntime.config import ConfigError
+from ppruntime.config import ACTIVATION_CHANNELS, ConfigError
 
 FLAG = "--activation-channel / PPRUNTIME_ACTIVATION_CHANNEL / LLM(activation_channel=...)"
 
@@ -39,6 +39,11 @@ def pair_channel(upstream: RankDevice, downstream: RankDevice) -> str:
 def choose_channel(requested: str, ranks: list[RankDevice]) -> str:
     """The pipeline's channel for `requested` (one of base.CHANNEL_NAMES); ConfigError
     (the same on every rank) when the ranks cannot use it."""
+    if requested not in ACTIVATION_CHANNELS:
+        raise ConfigError(
+            f"activation channel must be one of {', '.join(ACTIVATION_CHANNELS)} ({FLAG}), "
+            f"got {requested!r}"
+        )
     pairs = list(zip(ranks, ranks[1:]))
     if requested == "auto":
         if pairs and all(pair_channel(a, b) == "nccl" for a, b in pairs):

@@ -35,25 +35,32 @@ class Transfer:
     (flag, None) that comm.waiting uses, so a send's Transfer sits in the slot's
     request list like an MPI request."""
 
-    __slots__ = ("work", "tensor", "what", "completed", "error", "_finished")
+    __slots__ = ("work", "tensor", "what", "waited_elsewhere", "completed", "error", "_finished")
 
-    def __init__(self, work, tensor: torch.Tensor, what: str) -> None:
+    def __init__(self, work, tensor: torch.Tensor, what: str, waited_elsewhere: bool) -> None:
         self.work = work
         self.tensor = tensor  # kept alive until the transfer completed
         self.what = what
-        self.completed = False  # set by a waiter thread (gloo)
+        # gloo: a Waiter thread calls wait() and sets `completed` or `error`; this
+        # thread must then never touch the work (is_completed() turns true inside that
+        # wait(), and a second wait() on a gloo work blocks for a second message)
+        self.waited_elsewhere = waited_elsewhere
+        self.completed = False
         self.error: BaseException | None = None
         self._finished = False
 
     def done(self) -> bool:
         if self._finished:
             return True
-        if self.error is not None:
-            raise ChannelError(f"{self.what} failed: {self.error}") from self.error
-        if not (self.completed or self.work.is_completed()):
-            return False
-        if not self.completed:  # nccl: wait() only orders the current stream after it
-            try:
+        if self.waited_elsewhere:
+            if self.error is not None:
+                raise ChannelError(f"{self.what} failed: {self.error}") from self.error
+            if not self.completed:
+                return False
+        else:
+            if not self.work.is_completed():
+                return False
+            try:  # nccl: raises the work's error; orders the current stream after it
                 self.work.wait()
             except Exception as exc:
                 raise ChannelError(f"{self.what} failed: {exc}") from exc
@@ -140,7 +147,12 @@ class TorchP2PChannel:
             self._comm_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._comm_stream):
                 work = self.dist.irecv(target, src=source)
-        transfer = Transfer(work, target, f"activations from rank {source} over {self.backend}")
+        transfer = Transfer(
+            work,
+            target,
+            f"activations from rank {source} over {self.backend}",
+            waited_elsewhere=self._receive_waiter is not None,
+        )
         if self._receive_waiter is not None:
             self._receive_waiter.add(transfer)
         self._receive = transfer
@@ -161,7 +173,10 @@ class TorchP2PChannel:
                 work = self.dist.isend(hidden, dst=self.next_rank)
             hidden.record_stream(self._comm_stream)
         transfer = Transfer(
-            work, hidden, f"activations to rank {self.next_rank} over {self.backend}"
+            work,
+            hidden,
+            f"activations to rank {self.next_rank} over {self.backend}",
+            waited_elsewhere=self._send_waiter is not None,
         )
         if self._send_waiter is not None:
             self._send_waiter.add(transfer)
