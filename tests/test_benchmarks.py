@@ -162,6 +162,19 @@ def test_bench_sliced_reports_every_phase():
         assert result[f"{phase}_diff_transfers"] > 0, result
 
 
+def test_bench_channel_reports_host_and_gloo_beside_raw_mpi():
+    args = [sys.executable, str(SCRIPTS / "bench_channel.py"), "--tokens", "1,32"]
+    result = _run([*args, "--hidden", "64", "--reps", "3", "--warmup", "1"])
+    assert result["channels"] == ["host", "gloo"], result  # CPU: both measured
+    assert set(result["refused"]) == {"nccl", "cuda-aware-mpi"}, result
+    for t in (1, 32):
+        assert result[f"bytes_t{t}"] == t * 64 * 4, result
+        keys = [
+            f"{name}_{what}_t{t}" for name in ("host", "gloo") for what in ("one_way_us", "gbps")
+        ]
+        _positive_numbers(result, [*keys, f"mpi_one_way_us_t{t}"])
+
+
 def test_generate_trace_under_mpirun(tmp_path):
     trace = tmp_path / "generate.json"
     args = [sys.executable, "-m", "ppruntime", "generate", "--prompt", "hello"]
