@@ -8,6 +8,7 @@ rank and the MPI world size. Created once, in the main thread, at start-up.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 
 from mpi4py import MPI
@@ -17,13 +18,27 @@ from ppruntime.logs import get_logger
 log = get_logger("channels")
 
 
-def _host_address() -> str:
-    """An address of this host the other ranks can reach (loopback as a last resort)."""
-    name = socket.gethostname()
+ADDRESS_ENV = "PPRUNTIME_CHANNEL_ADDRESS"
+
+
+def _host_address(multi_host: bool) -> str:
+    """An address of this host the other ranks can reach: PPRUNTIME_CHANNEL_ADDRESS, else
+    the host name's address; a loopback one only if every rank runs on this host (else
+    the address of the interface of the default route)."""
+    override = os.environ.get(ADDRESS_ENV)
+    if override:
+        return override
     try:
-        address = socket.gethostbyname(name)
+        address = socket.gethostbyname(socket.gethostname())
     except OSError:
-        return "127.0.0.1"
+        address = "127.0.0.1"
+    if address.startswith("127.") and multi_host:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect(("10.255.255.255", 1))  # UDP: picks a route, sends nothing
+                address = probe.getsockname()[0]
+            except OSError:
+                pass
     return address
 
 
@@ -42,9 +57,10 @@ def init_process_group_from_mpi(comm: MPI.Comm, backend: str, timeout_s: float) 
     if dist.is_initialized():
         return
     rank, size = comm.Get_rank(), comm.Get_size()
+    multi_host = len(set(comm.allgather(socket.gethostname()))) > 1
     endpoint = None
     if rank == 0:
-        address = _host_address()
+        address = _host_address(multi_host)
         endpoint = (address, _free_port(address))
     address, port = comm.bcast(endpoint, root=0)
     dist.init_process_group(
