@@ -7,6 +7,7 @@ must still be named by the watchdog (the channel's waits poll and stay visible).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from test_failures import (
     DEAD_RANK_LIMIT_S,
     FAULT_LIMIT_S,
     LONG_GENERATE,
+    SIGTERM_LIMIT_S,
     START_TIMEOUT_S,
     WATCHDOG_SLACK_S,
     WATCHDOG_TIMEOUT_S,
@@ -33,13 +35,18 @@ pytestmark = pytest.mark.timeout(240)
 GLOO = {"PPRUNTIME_ACTIVATION_CHANNEL": "gloo"}
 
 
-def test_killed_middle_rank_ends_the_gloo_job(tmp_path: Path, jobs) -> None:  # noqa: F811
-    n, victim = 3, 1
+def _long_gloo_generation(n: int, tmp_path: Path, started: list[Job]) -> Job:
     env = {**GLOO, "PPRUNTIME_STAGE_DELAY_MS": "0:5", "PPRUNTIME_LOG_DIR": str(tmp_path / "logs")}
     job = Job(n, [sys.executable, LONG_GENERATE, str(tmp_path)], env=env)
-    jobs.append(job)
+    started.append(job)
     job.wait_for(lambda: "GENERATING" in job.output, START_TIMEOUT_S, "generation")
     assert "activation channel: gloo" in (tmp_path / "logs" / "rank-0.log").read_text()
+    return job
+
+
+def test_killed_middle_rank_ends_the_gloo_job(tmp_path: Path, jobs) -> None:  # noqa: F811
+    n, victim = 3, 1
+    job = _long_gloo_generation(n, tmp_path, jobs)
     pids = _rank_pids(tmp_path, n)
     killed = time.monotonic()
     os.kill(pids[victim], signal.SIGKILL)
@@ -81,3 +88,21 @@ def test_stalled_rank_is_named_by_the_watchdog_with_gloo(jobs) -> None:  # noqa:
     assert "activation channel: gloo" in job.output, job.tail()
     assert f"stalled rank(s): {rank} " in job.output, job.tail()
     assert "FATAL: watchdog" in job.output, job.tail()
+
+
+def test_sigterm_drains_the_gloo_job_cleanly(tmp_path: Path, jobs) -> None:  # noqa: F811
+    n = 2
+    job = _long_gloo_generation(n, tmp_path, jobs)
+    pids = _rank_pids(tmp_path, n)
+    signalled = time.monotonic()
+    job.proc.send_signal(signal.SIGTERM)  # to mpirun, which forwards it to every rank
+    ended = job.end(timeout=SIGTERM_LIMIT_S + 30)
+    deadline = time.monotonic() + 2
+    while any(_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [rank for rank, pid in pids.items() if _alive(pid)], job.tail()
+    assert ended - signalled < SIGTERM_LIMIT_S, f"took {ended - signalled:.1f} s\n{job.tail()}"
+    outputs = (tmp_path / "outputs.jsonl").read_text().splitlines()
+    assert [json.loads(line)["finish_reason"] for line in outputs] == ["abort"] * 4, outputs
+    reports = json.loads((tmp_path / "reports.json").read_text())
+    assert [r[0] for r in reports] == list(range(n)), reports  # every rank reached the end
