@@ -114,6 +114,8 @@ class ParallelConfig:
         info --partition-costs FILE`) for "auto" to use instead of measuring.
     partition_decode_fraction: for "auto", the expected share of decode microbatches
         (the rest are prefill chunks of max_num_tokens) that the costs are weighted by.
+    partition_decode_context: for "auto", the context length of each sequence of the
+        timed decode microbatch (the expected mean context while decoding).
     deterministic: no relay thread; each batch is handled in a fixed iteration and
         num_microbatches = pp_size (PPRUNTIME_DETERMINISTIC=1 sets it too).
     num_microbatches: microbatch slots; None = pp_size (deterministic) or
@@ -124,6 +126,7 @@ class ParallelConfig:
     layer_partition: tuple[int, ...] | str | None = None
     partition_costs: str | None = None
     partition_decode_fraction: float = 0.9
+    partition_decode_context: int = 256
     deterministic: bool = False
     num_microbatches: int | None = None
     watchdog_timeout_s: float = DEFAULT_WATCHDOG_TIMEOUT_S
@@ -140,6 +143,15 @@ class ParallelConfig:
             raise ConfigError(
                 f"partition_costs={self.partition_costs!r} is only used with "
                 "layer_partition='auto' (--layer-partition auto)"
+            )
+        if (
+            isinstance(self.partition_decode_context, bool)
+            or not isinstance(self.partition_decode_context, int)
+            or self.partition_decode_context < 1
+        ):
+            raise ConfigError(
+                "partition_decode_context must be a positive integer (tokens), got "
+                f"{self.partition_decode_context!r}"
             )
         if not 0.0 <= self.partition_decode_fraction <= 1.0:
             raise ConfigError(

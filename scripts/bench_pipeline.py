@@ -104,6 +104,7 @@ def worker(args: argparse.Namespace) -> None:
         pp_size=args.pp,
         layer_partition=args.layer_partition,
         partition_decode_fraction=args.partition_decode_fraction or 0.9,
+        partition_decode_context=args.input_len + args.output_len // 2,
         deterministic=args.deterministic,
         max_batch_size=args.max_batch_size,
         max_num_tokens=args.max_num_tokens or max(1024, args.max_batch_size * args.input_len),
@@ -277,6 +278,9 @@ def _compare_partitions(args) -> tuple[list[str], dict]:
 
     pp = args.pp
     num_layers = preset_config(args.preset).num_hidden_layers
+    if args.max_num_tokens is None:
+        # a prefill microbatch of this workload is max_batch_size prompts: let auto time that
+        args.max_num_tokens = max(args.max_batch_size * args.input_len, args.max_batch_size)
     default = _run(args, pp)
     auto = _run(args, pp, partition="auto")
     every = {}

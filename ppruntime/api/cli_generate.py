@@ -147,6 +147,12 @@ def add_partition_cost_arguments(group) -> None:
         default=0.9,
         help="with --layer-partition auto: expected share of decode microbatches",
     )
+    group.add_argument(
+        "--partition-decode-context",
+        type=int,
+        default=256,
+        help="with --layer-partition auto: context length of the timed decode microbatch",
+    )
 
 
 def llm_from_args(args: argparse.Namespace):
@@ -160,6 +166,7 @@ def llm_from_args(args: argparse.Namespace):
         layer_partition=args.layer_partition,
         partition_costs=args.partition_costs,
         partition_decode_fraction=args.partition_decode_fraction,
+        partition_decode_context=args.partition_decode_context,
         dtype=args.dtype,
         device=args.device,
         max_batch_size=args.max_batch_size,

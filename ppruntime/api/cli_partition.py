@@ -62,6 +62,7 @@ def run_partition_dry_run(args: argparse.Namespace, info: RankInfo) -> int:
                 pp_size=pp_size,
                 layer_partition=AUTO_PARTITION,
                 partition_decode_fraction=args.partition_decode_fraction,
+                partition_decode_context=args.partition_decode_context,
             ),
             dtype=args.dtype,
             device=args.device,

@@ -66,6 +66,7 @@ class LLM:
         layer_partition: str | Sequence[int] | None = None,
         partition_costs: str | None = None,
         partition_decode_fraction: float = 0.9,
+        partition_decode_context: int = 256,
         dtype: str = "auto",
         device: str | None = None,
         max_batch_size: int = 64,
@@ -111,6 +112,7 @@ class LLM:
             ),
             partition_costs=partition_costs,
             partition_decode_fraction=partition_decode_fraction,
+            partition_decode_context=partition_decode_context,
             deterministic=deterministic,
             num_microbatches=num_microbatches,
             watchdog_timeout_s=(

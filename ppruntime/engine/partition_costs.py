@@ -46,6 +46,7 @@ def measure_costs_for(
         max_num_tokens=config.max_num_tokens,
         block_size=config.block_size,
         decode_fraction=config.parallel.partition_decode_fraction,
+        decode_context=config.parallel.partition_decode_context,
     )
     costs, sizes = measure_rank_costs(
         model_config,
