@@ -240,3 +240,42 @@ def test_bench_gpu_small_reports_every_figure(tmp_path):
         assert attention["prefill"]["torch"]["matmul_fraction"] > 0, attention
     else:
         assert attention["status"] == "unavailable" and attention["reason"], attention
+
+
+def test_sweep_decode_attention_small_checks_every_variant(tmp_path):
+    """scripts/sweep_decode_attention.py --small (interpreted triton): each variant of the
+    decode launch runs, agrees with the default launch and has a time."""
+    out = tmp_path / "sweep.json"
+    env = {**mpi_env(), "TRITON_INTERPRET": "1"}
+    args = [sys.executable, str(SCRIPTS / "sweep_decode_attention.py"), "--small"]
+    result = subprocess.run(
+        [*args, "--out", str(out)], cwd=str(REPO_ROOT), env=env, capture_output=True,
+        text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    cases = report["shapes"]["small"]
+    assert len(cases) == 2
+    for case in cases.values():
+        variants = {name: row for name, row in case.items() if name != "default_launch"}
+        assert {"default", "single-split", "floor0"} <= set(variants)
+        for name, row in variants.items():
+            assert "error" not in row, (name, row)
+            assert row["us"] > 0 and row["max_abs_diff"] < 1e-4, (name, row)
+
+
+def test_profile_decode_small_reports_matmuls_and_host_functions(tmp_path):
+    """scripts/profile_decode.py --small on the CPU: the step time, each projection alone,
+    and the host's cProfile of the decode steps."""
+    args = [sys.executable, str(SCRIPTS / "profile_decode.py"), "--small", "--device", "cpu"]
+    result = subprocess.run(
+        [*args, "--out-dir", str(tmp_path), "--steps", "4"], cwd=str(REPO_ROOT),
+        env=mpi_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "small-decode.json").read_text())
+    assert report["decode_step_ms"] > 0 and report["steps"] == 4
+    assert set(report["matmul_alone"]) == {"qkv", "o", "gate_up", "down", "lm_head"}
+    assert all(row["us"] > 0 for row in report["matmul_alone"].values())
+    host = (tmp_path / "small-decode-host.txt").read_text()
+    assert "last_stage.py" in host and "sample" in host, host[:2000]

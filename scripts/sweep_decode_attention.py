@@ -1,0 +1,193 @@
+"""Sweep the Triton decode-attention launch: split floor and tiles, as a graph replays it.
+
+    python scripts/sweep_decode_attention.py --out sweep_decode.json     # CUDA, ~1-2 min
+    TRITON_INTERPRET=1 python scripts/sweep_decode_attention.py --small  # the flow, CPU
+
+A decode launch is fixed when a CUDA graph is captured, for the longest context the
+engine allows (`--max-context`), while the contexts it then runs are mostly shorter.
+For each attention shape (the 1B and 8B models') and each decode batch it times
+`paged_attention` for the launch `decode_launch` picks, and for variants of it (the
+fewest keys a split takes, BLOCK_N, warps, stages), each replayed from a CUDA graph of
+`--calls` back-to-back launches (no host launch cost in the time), and reports the KV
+bytes read over the device copy bandwidth measured in the same process. Every
+variant's output is checked against the default launch's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gpu
+
+from ppruntime.kernels.paged_attention import (
+    AttentionLaunch,
+    decode_launch,
+    paged_attention,
+)
+from ppruntime.model.backends.triton_backend import _target_programs
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    name: str
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+SHAPES = [AttentionShape("1b", 32, 8, 64), AttentionShape("8b", 32, 8, 128)]
+SMALL_SHAPES = [AttentionShape("small", 4, 2, 16)]
+# (batch, context): the bench_gpu cases' contexts, then long ones
+CASES = [(64, 192), (64, 288), (64, 512), (64, 1024), (64, 4096), (16, 4032), (1, 4096)]
+SMALL_CASES = [(4, 24), (2, 80)]
+
+
+def variants(default: AttentionLaunch, small: bool) -> dict[str, AttentionLaunch]:
+    found = {"default": default}
+    for floor in (0, 128, 256, 512, 1024) if not small else (0, 32):
+        found[f"floor{floor}"] = replace(default, min_split_keys=floor)
+    for block_n in (32, 64, 128) if not small else (16,):
+        for warps in (2, 4) if not small else (4,):
+            for stages in (2, 3, 4) if not small else (2,):
+                found[f"n{block_n}-w{warps}-s{stages}"] = replace(
+                    default, block_n=block_n, num_warps=warps, num_stages=stages
+                )
+    found["single-split"] = replace(default, num_splits=1, min_split_keys=0)
+    for block_n, warps, stages in ((64, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2)):
+        found[f"single-n{block_n}-w{warps}-s{stages}"] = replace(
+            default,
+            num_splits=1,
+            min_split_keys=0,
+            block_n=block_n,
+            num_warps=warps,
+            num_stages=stages,
+        )
+    return found
+
+
+def decode_inputs(shape: AttentionShape, batch: int, context: int, block_size: int, device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    blocks_per_seq = -(-context // block_size)
+    num_blocks = batch * blocks_per_seq + 1
+    generator = torch.Generator().manual_seed(batch * 100003 + context)
+    cache = torch.randn(
+        (2, num_blocks, block_size, shape.kv_heads, shape.head_dim), generator=generator
+    ).to(device=device, dtype=dtype)
+    order = torch.randperm(num_blocks - 1, generator=generator).to(device)  # scattered
+    table = order.view(batch, blocks_per_seq).to(torch.int32)
+    q = torch.randn(batch, shape.q_heads, shape.head_dim, generator=generator)
+    return {
+        "q": q.to(device=device, dtype=dtype),
+        "layer_cache": cache,
+        "query_start_loc": torch.arange(batch + 1, device=device, dtype=torch.int32),
+        "seq_lens": torch.full((batch,), context, device=device, dtype=torch.int32),
+        "block_table": table,
+        "scale": shape.head_dim**-0.5,
+    }
+
+
+def time_launch(inputs: dict, launch: AttentionLaunch, calls: int, device) -> float:
+    """Seconds a launch, replayed from a graph of `calls` launches (CUDA), else wall."""
+
+    def call():
+        return paged_attention(launch=launch, **inputs)
+
+    call()  # compile
+    if device.type != "cuda":
+        timer = bench_gpu.Timer(device)
+        return bench_gpu.time_op(call, timer, 2)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def sweep(args, device) -> dict:
+    bandwidth = bench_gpu.copy_bandwidth(device, args.small)
+    target = _target_programs(device)  # the triton backend's own
+    result = {"copy_bandwidth": bandwidth, "max_context": args.max_context, "shapes": {}}
+    element = 2 if device.type == "cuda" else 4
+    for shape in SMALL_SHAPES if args.small else SHAPES:
+        rows = {}
+        for batch, context in SMALL_CASES if args.small else CASES:
+            inputs = decode_inputs(shape, batch, context, args.block_size, device)
+            default = decode_launch(
+                batch, shape.kv_heads, args.max_context, target, head_dim=shape.head_dim
+            )
+            expected = paged_attention(launch=default, **inputs).float()
+            kv_bytes = batch * context * 2 * shape.kv_heads * shape.head_dim * element
+            case = {"default_launch": asdict(default)}
+            for name, launch in variants(default, args.small).items():
+                try:
+                    out = paged_attention(launch=launch, **inputs).float()
+                    diff = (out - expected).abs().max().item()
+                    seconds = time_launch(inputs, launch, args.calls, device)
+                except Exception as exc:  # a variant that fails is reported, not fatal
+                    case[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+                    continue
+                case[name] = {
+                    "us": seconds * 1e6,
+                    "kv_bandwidth_fraction": kv_bytes / seconds / bandwidth,
+                    "max_abs_diff": diff,
+                }
+            rows[f"b{batch}-ctx{context}"] = case
+            best = min(
+                (k for k in case if isinstance(case[k], dict) and "us" in case[k]),
+                key=lambda k: case[k]["us"],
+            )
+            print(
+                f"{shape.name} b{batch} ctx{context}: default "
+                f"{case['default']['us']:.1f} us ({case['default']['kv_bandwidth_fraction']:.0%})"
+                f", best {best} {case[best]['us']:.1f} us "
+                f"({case[best]['kv_bandwidth_fraction']:.0%})",
+                flush=True,
+            )
+        result["shapes"][shape.name] = rows
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--max-context", type=int, default=8192)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--calls", type=int, default=20)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.small:
+        args.max_context = min(args.max_context, 128)
+        args.block_size = min(args.block_size, 8)
+    result = sweep(args, device)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
