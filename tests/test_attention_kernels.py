@@ -146,14 +146,18 @@ def _decode_case(contexts, block_size, hq, hkv, head_dim, dtype, table_rows=None
 
 
 @pytest.mark.parametrize(
-    "contexts, window, dtype, table_rows, target_programs",
+    "contexts, window, dtype, table_rows, target_programs, min_keys",
     [
-        ([70, 33, 5], None, torch.float32, None, 24),  # 4 splits; a 5-key one fills 1
-        ([70, 40], 20, torch.bfloat16, 5, 16),  # the splits share the window only
-        ([300], None, torch.float32, 3, 64),  # batch 1, 20 splits: merged in 2 chunks
+        ([70, 33, 5], None, torch.float32, None, 24, 16),  # 4 splits; a 5-key one fills 1
+        # 48 keys a split at least: 70 keys use 2 of the 4 splits, 33 and 5 one (unmerged)
+        ([70, 33, 5], None, torch.float32, None, 24, 48),
+        ([70, 40], 20, torch.bfloat16, 5, 16, 16),  # the splits share the window only
+        ([300], None, torch.float32, 3, 64, 16),  # batch 1, 20 splits: merged in 2 chunks
     ],
 )
-def test_split_kv_decode_matches_torch(contexts, window, dtype, table_rows, target_programs):
+def test_split_kv_decode_matches_torch(
+    contexts, window, dtype, table_rows, target_programs, min_keys
+):
     hq, hkv, head_dim, block_size = 4, 2, 64, 8
     metadata, positions, cache, q, k, v = _decode_case(
         contexts, block_size, hq, hkv, head_dim, dtype, table_rows
@@ -163,7 +167,7 @@ def test_split_kv_decode_matches_torch(contexts, window, dtype, table_rows, targ
         q, k, v, reference_cache, TORCH.plan(metadata, positions, block_size), 0.125, window
     )
     launch = decode_launch(
-        len(contexts), hkv, 320, target_programs, block_n=16, min_keys_per_split=16
+        len(contexts), hkv, 320, target_programs, block_n=16, min_keys_per_split=min_keys
     )
     assert launch.num_splits >= 4
     device_metadata = _on(DEVICE, metadata)
@@ -275,8 +279,10 @@ def test_prefill_kernel_choice_and_its_error(monkeypatch):
     [
         AttentionLaunch(block_m=16, block_n=16),
         AttentionLaunch(16, 16, one_program_per_seq=True, num_splits=3),
+        # 16 keys a split at least: the 9-key row is written by its one split, unmerged
+        AttentionLaunch(16, 16, one_program_per_seq=True, num_splits=3, min_split_keys=16),
     ],
-    ids=["unified", "split-kv"],
+    ids=["unified", "split-kv", "split-kv-floor"],
 )
 def test_padded_rows_write_nothing_and_give_zeros(launch):
     """Padded rows as a captured graph has them: seq_len 0, slot -1, one query each."""

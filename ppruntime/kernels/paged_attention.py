@@ -11,10 +11,12 @@ table, so any cache block size works.
   (num_tokens // BLOCK_Q + num_seqs, Hkv); a program finds its sequence by binary
   search over query_start_loc.
 - Decode-only batches (one token per sequence): one program per (sequence, KV head,
-  split). Each sequence's visible keys are cut into num_splits equal runs of whole
-  tiles, computed on the device from its seq_len (so a short context uses the splits
-  as well as a long one); split s writes an unnormalised partial output and its
-  (max, sum), and `_merge_splits_kernel` combines the splits that held keys. The grid
+  split). Each sequence's visible keys are cut into up to num_splits equal runs of
+  whole tiles, at least min_split_keys each, computed on the device from its seq_len;
+  split s writes an unnormalised partial output and its (max, sum), and
+  `_merge_splits_kernel` combines the splits that held keys. A context that one split
+  covers (a short one, whatever the launch's split count) is written directly, and
+  the merge kernel skips it. The grid
   depends only on num_seqs, Hkv and num_splits, never on this step's context lengths:
   no host synchronisation, CUDA-graph friendly.
 
@@ -54,11 +56,14 @@ def _find_sequence(query_start_loc_ptr, num_seqs, program, BLOCK_Q: tl.constexpr
 
 
 @triton.jit
-def _split_runs(kv_low, kv_high, num_splits, BLOCK_N: tl.constexpr):
-    """(base, keys a split): split s covers [base + s * per, base + (s + 1) * per)."""
+def _split_runs(kv_low, kv_high, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr):
+    """(base, keys a split, splits used): split s covers [base + s * per, base + (s + 1) *
+    per). A split holds at least MIN_SPLIT_KEYS keys (a multiple of BLOCK_N), so a short
+    context uses fewer splits than the launch has (one: no merge needed)."""
     base = (kv_low // BLOCK_N) * BLOCK_N
     per_split = tl.cdiv(tl.cdiv(kv_high - base, num_splits), BLOCK_N) * BLOCK_N
-    return base, tl.maximum(per_split, BLOCK_N)
+    per_split = tl.maximum(per_split, tl.maximum(MIN_SPLIT_KEYS, BLOCK_N))
+    return base, per_split, tl.cdiv(kv_high - base, per_split)
 
 
 @triton.jit
@@ -195,6 +200,7 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
+    MIN_SPLIT_KEYS: tl.constexpr,
     ONE_PROGRAM_PER_SEQ: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     USE_WINDOW: tl.constexpr,
@@ -246,7 +252,9 @@ def _paged_attention_kernel(
     if USE_WINDOW:
         kv_low = tl.maximum(context_len + q_block * BLOCK_Q - sliding_window + 1, 0)
     if SPLIT:
-        base, per_split = _split_runs(kv_low, kv_high, tl.num_programs(2), BLOCK_N)
+        base, per_split, splits_used = _split_runs(
+            kv_low, kv_high, tl.num_programs(2), BLOCK_N, MIN_SPLIT_KEYS
+        )
         kv_low = tl.maximum(kv_low, base + split * per_split)
         kv_high = tl.minimum(kv_high, base + split * per_split + per_split)
         if kv_low >= kv_high:
@@ -343,7 +351,13 @@ def _paged_attention_kernel(
             acc = acc * rescale[:, None] + update
             running_max = new_max
 
-    if not SPLIT:
+    if SPLIT:
+        # one split held every key (a context up to MIN_SPLIT_KEYS): it writes the output
+        # itself, and the merge kernel skips the token
+        write_partial = splits_used > 1
+    else:
+        write_partial = False
+    if not write_partial:
         denominator = tl.where(running_sum > 0.0, running_sum, 1.0)
         out = acc / denominator[:, None]
         tl.store(
@@ -378,6 +392,7 @@ def _merge_splits_kernel(
     HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MIN_SPLIT_KEYS: tl.constexpr,
     CHUNK: tl.constexpr,
     USE_WINDOW: tl.constexpr,
 ):
@@ -387,8 +402,9 @@ def _merge_splits_kernel(
     kv_low = 0
     if USE_WINDOW:
         kv_low = tl.maximum(seq_len - sliding_window, 0)
-    base, per_split = _split_runs(kv_low, seq_len, num_splits, BLOCK_N)
-    used = tl.cdiv(seq_len - base, per_split)  # the splits that held keys wrote
+    base, per_split, used = _split_runs(kv_low, seq_len, num_splits, BLOCK_N, MIN_SPLIT_KEYS)
+    if used == 1:
+        return  # the only split wrote the output (a padded row, no keys: zeros below)
     dims = tl.arange(0, DIM_PAD)
     dim_valid = dims < HEAD_DIM
     cell = (token.to(tl.int64) * tl.num_programs(1) + head) * num_splits
@@ -435,6 +451,7 @@ class AttentionLaunch:
     block_n: int
     one_program_per_seq: bool = False
     num_splits: int = 1
+    min_split_keys: int = 0  # fewest keys a split takes (a short context uses fewer splits)
     num_warps: int = 4
     num_stages: int = 2
     causal_tiling: bool = False
@@ -500,12 +517,15 @@ def decode_launch(
     block_n: int = 64,
     min_keys_per_split: int = 256,
     max_splits: int = 128,
+    head_dim: int = 128,
 ) -> AttentionLaunch:
     """Split each sequence's keys so that about `target_programs` programs run at once,
     but no more splits than a `max_context_len` context fills with `min_keys_per_split`.
 
     Depends only on the batch shape and `max_context_len` (the block table's reach, not
     this step's longest context), so one launch serves every step of a captured graph.
+    Two stages of 64-key tiles, with 2 warps at head_dim <= 64 and 4 above, measured
+    fastest on the H200 (scripts/sweep_decode_attention.py).
     """
     programs = max(num_seqs * num_kv_heads, 1)
     splits = -(-target_programs // programs)
@@ -515,7 +535,9 @@ def decode_launch(
         block_n=block_n,
         one_program_per_seq=True,
         num_splits=max(splits, 1),
-        num_stages=3,
+        min_split_keys=min_keys_per_split,
+        num_warps=2 if head_dim <= 64 else 4,
+        num_stages=2,
     )
 
 
@@ -637,6 +659,7 @@ def attention_constants(
         "BLOCK_Q": block_q,
         "BLOCK_N": launch.block_n,
         "SPLIT": launch.num_splits > 1,
+        "MIN_SPLIT_KEYS": _min_split_keys(launch),
         "ONE_PROGRAM_PER_SEQ": launch.one_program_per_seq,
         "HAS_ROWS": has_rows,
         "USE_WINDOW": has_window,
@@ -646,12 +669,18 @@ def attention_constants(
     }
 
 
+def _min_split_keys(launch: AttentionLaunch) -> int:
+    """launch.min_split_keys rounded up to whole tiles (splits start on tile bounds)."""
+    return -(-launch.min_split_keys // launch.block_n) * launch.block_n
+
+
 def merge_constants(launch: AttentionLaunch, head_dim: int, has_window: bool) -> dict[str, object]:
     """The compile-time constants of `_merge_splits_kernel` for one split launch."""
     return {
         "HEAD_DIM": head_dim,
         "DIM_PAD": triton.next_power_of_2(head_dim),
         "BLOCK_N": launch.block_n,
+        "MIN_SPLIT_KEYS": _min_split_keys(launch),
         "CHUNK": MERGE_CHUNK,
         "USE_WINDOW": has_window,
     }

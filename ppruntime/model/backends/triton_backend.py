@@ -31,7 +31,9 @@ from ppruntime.kernels.paged_attention import (
 )
 from ppruntime.model.attention import AttentionMetadata
 
-PROGRAMS_PER_SM = 4
+# a decode batch of at least 2 programs an SM runs unsplit: on the H200 one split beat two
+# at batch 64 x 8 KV heads for every context up to 4k (scripts/sweep_decode_attention.py)
+PROGRAMS_PER_SM = 2
 INTERPRETED_TARGET_PROGRAMS = 8
 
 
@@ -43,11 +45,17 @@ class TritonAttentionPlan:
     target_programs: int
     launch: AttentionLaunch | None = None  # fixed on first use (all layers share it)
 
-    def launch_for(self, num_kv_heads: int, group: int, dtype: torch.dtype) -> AttentionLaunch:
+    def launch_for(
+        self, num_kv_heads: int, group: int, head_dim: int, dtype: torch.dtype
+    ) -> AttentionLaunch:
         if self.launch is None:
             if self.decode:
                 self.launch = decode_launch(
-                    self.attn.num_seqs, num_kv_heads, self.max_context_len, self.target_programs
+                    self.attn.num_seqs,
+                    num_kv_heads,
+                    self.max_context_len,
+                    self.target_programs,
+                    head_dim=head_dim,
                 )
             else:
                 self.launch = prefill_launch(dtype, self.attn.max_query_len, group)
@@ -123,7 +131,9 @@ class TritonAttentionBackend:
             attn.seq_lens,
             attn.block_table,
             scale,
-            plan.launch_for(layer_cache.shape[3], q.shape[1] // layer_cache.shape[3], q.dtype),
+            plan.launch_for(
+                layer_cache.shape[3], q.shape[1] // layer_cache.shape[3], q.shape[2], q.dtype
+            ),
             block_table_rows=attn.block_table_rows,
             sliding_window=sliding_window,
         )
