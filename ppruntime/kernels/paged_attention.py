@@ -514,7 +514,7 @@ def decode_launch(
     num_kv_heads: int,
     max_context_len: int,
     target_programs: int,
-    block_n: int = 64,
+    block_n: int | None = None,
     min_keys_per_split: int = 256,
     max_splits: int = 128,
     head_dim: int = 128,
@@ -524,9 +524,13 @@ def decode_launch(
 
     Depends only on the batch shape and `max_context_len` (the block table's reach, not
     this step's longest context), so one launch serves every step of a captured graph.
-    Two stages of 64-key tiles, with 2 warps at head_dim <= 64 and 4 above, measured
-    fastest on the H200 (scripts/sweep_decode_attention.py).
+    Tiles, warps and stages (block_n None: per head_dim) are those measured fastest over
+    batches 1-64 and contexts 192-4k on the H200 (scripts/sweep_decode_attention.py):
+    128-key tiles with 4 warps at head_dim <= 64, 64-key tiles with 2 warps above.
     """
+    small_head = head_dim <= 64
+    if block_n is None:
+        block_n = 128 if small_head else 64
     programs = max(num_seqs * num_kv_heads, 1)
     splits = -(-target_programs // programs)
     splits = min(splits, max_splits, -(-max(max_context_len, 1) // max(min_keys_per_split, 1)))
@@ -536,8 +540,8 @@ def decode_launch(
         one_program_per_seq=True,
         num_splits=max(splits, 1),
         min_split_keys=min_keys_per_split,
-        num_warps=2 if head_dim <= 64 else 4,
-        num_stages=2,
+        num_warps=4 if small_head else 2,
+        num_stages=3,
     )
 
 
