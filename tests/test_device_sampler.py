@@ -384,6 +384,27 @@ def test_nonfinite_rows_come_back_flagged(device, temperature, num_logprobs):
     assert DeviceSampler().sample(clean, rows).to_host().wait().nonfinite_rows() is None
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_kernel_is_torch_argmax_ties_lowest_and_flags_nonfinite(device, dtype):
+    """The all-greedy step's Triton kernel: torch's argmax (the lowest id on ties, across
+    vocabulary blocks too), and the rows with a NaN, a +inf or no finite logit flagged
+    through the sampler, as the torch path flags them."""
+    sampler = sampler_for(device, "triton")
+    logits = random_logits(6, vocab=2100, device="cpu")
+    logits[0, [5, 1500]] = 50.0  # a tie in two vocabulary blocks: 5 wins
+    logits[2, [1030, 1031]] = 60.0  # a tie inside one block
+    logits = logits.to(dtype)
+    rows = make_rows(6, temperature=0.0)
+    host = sampler.sample(logits.to(device), rows).to_host().wait()
+    assert host.token_ids.tolist()[0] == 5 and host.token_ids.tolist()[2] == 1030
+    np.testing.assert_array_equal(host.token_ids, logits.float().argmax(-1).numpy())
+    np.testing.assert_array_equal(host.max_logits, logits.float().amax(-1).numpy())
+    assert host.nonfinite_rows() is None
+    poisoned = sampler.sample(_poisoned_logits(device).to(dtype), rows).to_host().wait()
+    assert poisoned.nonfinite_rows().tolist() == [False, True, False, True, True, False]
+
+
 def test_empty_batch():
     rows = make_rows(0, num_logprobs=2)
     host = DeviceSampler().sample(torch.zeros(0, VOCAB), rows).to_host().wait()

@@ -278,9 +278,7 @@ class DeviceSampler:
         num_rows = logits.shape[0]
         greedy_rows = rows.temperature < SAMPLING_EPS  # [N] host bool
         if greedy_rows.all():
-            token_ids = _argmax(logits)
-            # argmax picks the first NaN and any +inf: the chosen values are the maxima
-            max_logits = logits.gather(1, token_ids.to(torch.int64).unsqueeze(1)).squeeze(1)
+            token_ids, max_logits = self._greedy(logits)
         else:
             params = _upload_params(rows, greedy_rows, logits.shape[1], logits.device)
             scores = _filtered_scores(logits, params)
@@ -310,6 +308,17 @@ class DeviceSampler:
             requested_logits,
             max_logits.to(torch.float32),
         )
+
+    def _greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(argmax, each row's maximum: not finite when the row holds a NaN or +inf)."""
+        if self._noise_argmax(logits.device) is torch_gumbel_argmax:
+            token_ids = _argmax(logits)
+            # argmax picks the first NaN and any +inf: the chosen values are the maxima
+            maxima = logits.gather(1, token_ids.to(torch.int64).unsqueeze(1)).squeeze(1)
+            return token_ids, maxima
+        from ppruntime.kernels.sampling import greedy_argmax  # triton is there
+
+        return greedy_argmax(logits)
 
     def _noise_argmax(self, device: torch.device):
         noise = self.noise or ("triton" if device.type == "cuda" else "torch")
