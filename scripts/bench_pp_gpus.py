@@ -177,11 +177,10 @@ def cut_layers(shape: Shape, machine: Machine, load: Load, element_bytes: int) -
 
 def plan_runs(args, machine: Machine, load: Load) -> tuple[list[Run], dict]:
     """The runs in order, and what was decided about the 70B-cut shape (printed)."""
-    small = "small" if args.small else ""
-    base_key, big_key = ("small", "small-70b") if small else ("8b", "70b")
+    base_key, big_key = ("small", "small-70b") if args.small else ("8b", "70b")
     runs: list[Run] = []
     notes: dict = {}
-    pp_sizes = [p for p in args.pp_sizes if p <= machine.gpus or "host" in args.channels]
+    pp_sizes = args.pp_sizes
     if "8b" in args.shapes:
         runs += runs_of(base_key, SHAPES[base_key], pp_sizes, args.channels, machine)
     if "70b" in args.shapes:
@@ -326,10 +325,10 @@ def worker_args(run: Run, checkpoint: Path, trace: Path, args, machine: Machine)
 
 def launch(run: Run, checkpoint: Path, trace: Path, args, machine: Machine) -> dict:
     env = {}
-    if machine.device == "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = os.environ.get(
-            "CUDA_VISIBLE_DEVICES", ",".join(str(i) for i in range(machine.gpus))
-        )
+    if machine.device == "cuda":  # the first G GPUs; rank r computes on the r-th of them
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(machine.gpus)]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[: machine.gpus])
     return common.run_mpi_worker(
         run.pp,
         SCRIPT,
@@ -457,8 +456,11 @@ def add_efficiencies(runs: list[dict]) -> None:
     (1 for the 8B shape: the issue's tput(PP=N) / (N x tput(PP=1)))."""
     for shape in dict.fromkeys(r["shape"] for r in runs):
         mine = [r for r in runs if r["shape"] == shape]
-        base = min(mine, key=lambda r: (r["pp"], r["channel"] != "-"))
+        smallest = min(r["pp"] for r in mine)
+        bases = [r for r in mine if r["pp"] == smallest]
         for r in mine:
+            # the same channel's run where there is one (PP=1 has none)
+            base = next((b for b in bases if b["channel"] == r["channel"]), bases[0])
             scale = r["pp"] / base["pp"]
             r["efficiency"] = r["output_tokens_per_s"] / (scale * base["output_tokens_per_s"])
             r["efficiency_base_pp"] = base["pp"]
@@ -546,8 +548,12 @@ def check_targets(runs: list[dict]) -> dict:
     """Each target of issue 15 beside what this invocation measured (None: not run)."""
     out = {}
     for pp, key in ((2, "efficiency_pp2"), (4, "efficiency_pp4")):
-        got = [r["efficiency"] for r in runs if r["shape"] in ("8b", "small") and r["pp"] == pp]
-        out[key] = f">= {TARGETS[key]}: measured {', '.join(f'{g:.3f}' for g in got) or 'not run'}"
+        got = [
+            f"{r['channel']} {r['efficiency']:.3f}"
+            for r in runs
+            if r["shape"] in ("8b", "small") and r["pp"] == pp
+        ]
+        out[key] = f">= {TARGETS[key]}: measured {', '.join(got) or 'not run'}"
     fractions = [
         x["roofline_fraction"]
         for r in runs
@@ -563,38 +569,50 @@ def check_targets(runs: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------
-def write_checkpoints(runs: list[Run], workdir: Path, machine: Machine) -> dict[str, Path]:
-    """One checkpoint per shape, each written by a child process (on the GPU, whose
-    context then goes with it: the driver leaves the GPUs to the ranks)."""
-    paths = {}
-    for run in runs:
-        if run.shape.name in paths:
-            continue
-        directory = workdir / run.shape.name
-        need = run.shape.checkpoint_bytes()
-        free = shutil.disk_usage(workdir).free
-        if not (directory / "model.safetensors.index.json").exists() and need > 0.95 * free:
-            raise SystemExit(
-                f"the {run.shape.name} checkpoint needs {need / 2**30:.1f} GiB but {workdir} has "
-                f"{free / 2**30:.1f} GiB free: give --workdir on a larger disk or --layers-70b"
-            )
-        began = time.perf_counter()
-        if machine.device == "cpu":  # no GPU to keep free: in this process (faster)
-            from _bench_models import reuse_or_write_checkpoint
+def check_disk(runs: list[Run], workdir: Path, keep: bool) -> None:
+    """Before anything runs: room for the checkpoints (all of them when kept, else the
+    largest: each is deleted after its shape's last run)."""
+    sizes = {
+        run.shape.name: run.shape.checkpoint_bytes()
+        for run in runs
+        if not (workdir / run.shape.name / "model.safetensors.index.json").exists()
+    }
+    need = sum(sizes.values()) if keep else max(sizes.values(), default=0)
+    free = shutil.disk_usage(workdir).free
+    if need > 0.95 * free:
+        raise SystemExit(
+            f"the checkpoints ({', '.join(f'{k} {gib(v)}' for k, v in sizes.items())}) need "
+            f"{gib(need)} at once but {workdir} has {gib(free)} free: give --workdir on a "
+            "larger disk, fewer --shapes, or --layers-70b"
+        )
 
-            done = reuse_or_write_checkpoint(run.shape, directory, torch_cpu())
-            print(f"{'wrote' if done else 'reused'} {directory} in {_since(began)}", flush=True)
-            paths[run.shape.name] = directory
-            continue
-        command = [worker_python(), SCRIPT, "--make-checkpoint", str(directory)]
-        command += ["--shape-json", json.dumps(asdict(run.shape)), "--device", machine.device]
-        env = common.worker_env({"CUDA_VISIBLE_DEVICES": "0"} if machine.device == "cuda" else {})
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"writing {directory} failed:\n{done.stdout}{done.stderr[-4000:]}")
-        print(f"{done.stdout.strip()} {directory} ({gib(need)}) in {_since(began)}", flush=True)
-        paths[run.shape.name] = directory
-    return paths
+
+def checkpoint_for(shape: Shape, workdir: Path, machine: Machine) -> Path:
+    """A random checkpoint of `shape` (reused when complete). On a GPU it is written by
+    a child process, whose CUDA context goes with it: the driver leaves the GPUs to
+    the ranks. On the CPU it is written here (faster)."""
+    directory = workdir / shape.name
+    began = time.perf_counter()
+    if machine.device == "cpu":
+        from _bench_models import reuse_or_write_checkpoint
+
+        done = reuse_or_write_checkpoint(shape, directory, torch_cpu())
+        print(f"{'wrote' if done else 'reused'} {directory} in {_since(began)}", flush=True)
+        return directory
+    command = [worker_python(), SCRIPT, "--make-checkpoint", str(directory)]
+    command += ["--shape-json", json.dumps(asdict(shape)), "--device", machine.device]
+    env = common.worker_env({"CUDA_VISIBLE_DEVICES": first_gpu()})
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"writing {directory} failed:\n{done.stdout}{done.stderr[-4000:]}")
+    size = gib(shape.checkpoint_bytes())
+    print(f"{done.stdout.strip()} {directory} ({size}) in {_since(began)}", flush=True)
+    return directory
+
+
+def first_gpu() -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[0] if visible else "0"
 
 
 def torch_cpu():
@@ -634,7 +652,12 @@ def drive(args) -> int:
     machine = probe_machine(args)
     if args.small and machine.device == "cpu":
         machine = Machine("cpu", machine.gpus, pretend_memory(args), "cpu (pretend memory)")
+    if args.pp is None:  # 1, 2, 4 as the GPUs allow (one GPU: PP=2 shares it)
+        args.pp_sizes = [p for p in args.pp_sizes if p <= max(machine.gpus, 2)]
     check_channels(args.channels, machine, args.pp_sizes)
+    if args.png and not can_draw():
+        print("matplotlib is missing: no --png (the traces are kept for plot_timeline.py)")
+        args.png = None
     load = load_from(args)
     runs, cut = plan_runs(args, machine, load)
     if cut:
@@ -644,16 +667,17 @@ def drive(args) -> int:
     with workdir_for(args) as workdir:
         results = execute(runs, workdir, args, machine, load)
     summary = summarise(results, args, machine, load, cut)
-    if args.out:
-        Path(args.out).write_text(json.dumps(common.rounded(summary), indent=2) + "\n")
-    common.emit(table_lines(summary), summary, args.json)
+    if args.out:  # unrounded: a roofline on the CPU is microseconds
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n".join(table_lines(summary)))
+    if args.json:
+        print(json.dumps(summary), flush=True)
     return 0
 
 
 def settle_defaults(args) -> None:
-    if args.pp is None:
-        args.pp = "1,2" if args.gpus == 1 or args.small else "1,2,4"
-    args.pp_sizes = [int(p) for p in args.pp.split(",")]
+    default_pp = "1,2" if args.gpus == 1 or args.device == "cpu" else "1,2,4"
+    args.pp_sizes = [int(p) for p in (args.pp or default_pp).split(",")]
     args.shapes = args.shapes.split(",")
     on_cpu = args.device == "cpu"
     if args.channels is None:
@@ -709,26 +733,36 @@ class workdir_for:
 
 
 def execute(runs: list[Run], workdir: Path, args, machine: Machine, load: Load) -> list[dict]:
-    checkpoints = write_checkpoints(runs, workdir, machine)
+    """Every run, shape by shape: its checkpoint, its runs, then (unless --workdir keeps
+    it) the checkpoint goes, making room for the next shape's."""
+    keep = bool(args.workdir)
+    check_disk(runs, workdir, keep)
     trace_dir = trace_dir_for(args, workdir)
     trace_dir.mkdir(parents=True, exist_ok=True)
-    element = element_bytes(args, machine)
     results = []
-    for run in runs:
-        trace = trace_dir / f"{run.label}.json"
-        began = time.perf_counter()
-        raw = launch(run, checkpoints[run.shape.name], trace, args, machine)
-        figures = run_figures(run, raw, trace, load, element)
-        figures["trace_window_start"] = raw["window_start"]
-        results.append(figures)
-        print(
-            f"{run.label}: {figures['output_tokens_per_s']:.1f} tok/s "
-            f"({time.perf_counter() - began:.1f} s with start-up)",
-            flush=True,
-        )
-        if args.png and run is largest_run(runs):
-            figures["png"] = draw_timeline(figures, Path(args.png))
+    for name in dict.fromkeys(run.shape.name for run in runs):
+        mine = [run for run in runs if run.shape.name == name]
+        checkpoint = checkpoint_for(mine[0].shape, workdir, machine)
+        for run in mine:
+            results.append(one_run(run, checkpoint, trace_dir, args, machine, load))
+            if args.png and run is largest_run(runs):
+                results[-1]["png"] = draw_timeline(results[-1], Path(args.png))
+        if not keep:
+            shutil.rmtree(checkpoint, ignore_errors=True)
     return results
+
+
+def one_run(run: Run, checkpoint: Path, trace_dir: Path, args, machine: Machine, load) -> dict:
+    trace = trace_dir / f"{run.label}.json"
+    began = time.perf_counter()
+    raw = launch(run, checkpoint, trace, args, machine)
+    figures = run_figures(run, raw, trace, load, element_bytes(args, machine))
+    figures["trace_window_start"] = raw["window_start"]
+    print(
+        f"{run.label}: {figures['output_tokens_per_s']:.1f} tok/s ({_since(began)} with start-up)",
+        flush=True,
+    )
+    return figures
 
 
 def trace_dir_for(args, workdir: Path) -> Path:
@@ -739,6 +773,14 @@ def trace_dir_for(args, workdir: Path) -> Path:
         out = Path(args.out)
         return out.with_name(out.stem + "-traces")
     return workdir / "traces"
+
+
+def can_draw() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def largest_run(runs: list[Run]) -> Run:
