@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,7 @@ class Load:
     num_requests: int
     input_len: int
     output_len: int
-    max_batch_size: int
+    max_batch_size: int  # 0: each run's ceil(requests / PP), the microbatch it schedules
     max_num_tokens: int
     block_size: int
 
@@ -79,6 +79,13 @@ class Load:
     def kv_blocks(self) -> int:
         per_request = -(-(self.input_len + self.output_len) // self.block_size)
         return self.num_requests * per_request + 16
+
+    def for_run(self, pp: int, weak_scaling: bool) -> Load:
+        """This load at PP=pp: as many requests (strong scaling) or pp times as many
+        (weak: every microbatch as large as PP=1's)."""
+        requests = self.num_requests * (pp if weak_scaling else 1)
+        batch = self.max_batch_size or -(-requests // pp)
+        return replace(self, num_requests=requests, max_batch_size=batch)
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class Run:
     shape: Shape
     pp: int
     channel: str  # "-" at PP=1
+    load: Load  # this run's (Load.for_run)
 
     @property
     def label(self) -> str:
@@ -106,7 +114,7 @@ def load_from(args) -> Load:
         args.num_requests,
         args.input_len,
         args.output_len,
-        args.max_batch_size or args.num_requests,
+        args.max_batch_size or 0,
         args.max_num_tokens,
         args.block_size,
     )
@@ -182,26 +190,39 @@ def plan_runs(args, machine: Machine, load: Load) -> tuple[list[Run], dict]:
     notes: dict = {}
     pp_sizes = args.pp_sizes
     if "8b" in args.shapes:
-        runs += runs_of(base_key, SHAPES[base_key], pp_sizes, args.channels, machine)
+        runs += runs_of(base_key, SHAPES[base_key], pp_sizes, args, load)
     if "70b" in args.shapes:
         shape, notes = big_shape(args, machine, load, SHAPES[big_key])
         if shape is not None:
             big_pp = [p for p in pp_sizes if p >= 2 or args.layers_70b]
-            runs += runs_of(big_key, shape, big_pp, args.channels, machine)
+            big = runs_of(big_key, shape, big_pp, args, load)
+            element = element_bytes(args, machine)
+            fits = [r for r in big if stage_fits(r, machine, element) or args.layers_70b]
+            skipped = sorted({r.pp for r in big} - {r.pp for r in fits})
+            if skipped:
+                notes["skipped_pp"] = skipped  # a stage of that PP would not fit one device
+            runs += fits
     return runs, notes
 
 
-def runs_of(key: str, shape: Shape, pp_sizes, channels, machine: Machine) -> list[Run]:
+def runs_of(key: str, shape: Shape, pp_sizes, args, load: Load) -> list[Run]:
     runs = []
     for pp in pp_sizes:
-        if pp == 1:
-            runs.append(Run(key, shape, 1, "-"))
-            continue
-        for channel in channels:
-            if channel == "nccl" and pp > machine.gpus:
-                continue  # ranks would share a GPU (check_channels said so for the rest)
-            runs.append(Run(key, shape, pp, channel))
+        run_load = load.for_run(pp, args.weak_scaling)
+        for channel in ["-"] if pp == 1 else args.channels:
+            runs.append(Run(key, shape, pp, channel, run_load))
     return runs
+
+
+def stage_fits(run: Run, machine: Machine, element: int) -> bool:
+    """The largest stage of this run (its share of the layers with their KV, plus the
+    embedding or the head) within STAGE_FILL of one device's memory."""
+    shape = run.shape
+    per_layer = (shape.layer_params + 2 * shape.hidden_size) * element
+    per_layer += shape.kv_bytes_per_token_layer(element) * run.load.kv_tokens
+    layers = -(-shape.num_hidden_layers // run.pp)
+    ends = shape.vocab_size * shape.hidden_size * element * (1 if run.pp > 1 else 2)
+    return layers * per_layer + ends <= STAGE_FILL * machine.memory_bytes
 
 
 def big_shape(args, machine: Machine, load: Load, shape: Shape) -> tuple[Shape | None, dict]:
@@ -310,7 +331,7 @@ def measured_bandwidth(llm, device, small: bool) -> float:
 
 
 def worker_args(run: Run, checkpoint: Path, trace: Path, args, machine: Machine) -> list[str]:
-    load = load_from(args)
+    load = run.load
     out = ["--model", str(checkpoint), "--pp", str(run.pp), "--channel", run.channel]
     out += ["--trace", str(trace), "--dtype", run_dtype(args, machine)]
     out += ["--num-requests", str(load.num_requests), "--input-len", str(load.input_len)]
@@ -413,7 +434,7 @@ def stage_roofline(
     return {"weight_bytes": weights, "kv_bytes": kv, "roofline_s": (weights + kv) / bandwidth}
 
 
-def run_figures(run: Run, result: dict, trace: Path, load: Load, element: int) -> dict:
+def run_figures(run: Run, result: dict, trace: Path, element: int) -> dict:
     lo, hi = result["window_start"], result["window_end"]
     spans = read_trace(trace)
     ranks = []
@@ -437,6 +458,8 @@ def run_figures(run: Run, result: dict, trace: Path, load: Load, element: int) -
         "layers": run.shape.num_hidden_layers,
         "pp": run.pp,
         "channel": run.channel,
+        "num_requests": run.load.num_requests,
+        "max_batch_size": run.load.max_batch_size,
         "window_s": window,
         "startup_s": result["startup_s"],
         "output_tokens": result["output_tokens"],
@@ -521,7 +544,7 @@ def table_lines(result: dict) -> list[str]:
         cut = result["cut_70b"]
         lines.append(f"70b shape: {cut.get('layers')} layers ({cut.get('why')})")
     lines.append(
-        f"{'run':<20} {'tok/s':>9} {'eff':>6} {'TTFT p50':>9} {'busy per rank':<24} "
+        f"{'run':<20} {'reqs':>5} {'tok/s':>9} {'eff':>6} {'TTFT p50':>9} {'busy per rank':<24} "
         f"{'bubble per rank':<24} {'decode ms / roof % per stage'}"
     )
     for r in result["runs"]:
@@ -534,7 +557,8 @@ def table_lines(result: dict) -> list[str]:
             for x in r["ranks"]
         )
         lines.append(
-            f"{r['label']:<20} {r['output_tokens_per_s']:>9.1f} {_ratio(r.get('efficiency')):>6} "
+            f"{r['label']:<20} {r['num_requests']:>5} {r['output_tokens_per_s']:>9.1f} "
+            f"{_ratio(r.get('efficiency')):>6} "
             f"{r['ttft_p50_s'] * 1e3:>7.1f}ms {busy:<24} {bubble:<24} {stages}"
         )
     for key, value in result["channel_shares"].items():
@@ -665,7 +689,7 @@ def drive(args) -> int:
     if not runs:
         raise SystemExit("nothing to run: check --shapes, --pp and --gpus")
     with workdir_for(args) as workdir:
-        results = execute(runs, workdir, args, machine, load)
+        results = execute(runs, workdir, args, machine)
     summary = summarise(results, args, machine, load, cut)
     if args.out:  # unrounded: a roofline on the CPU is microseconds
         Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
@@ -732,7 +756,7 @@ class workdir_for:
             self._temp.cleanup()
 
 
-def execute(runs: list[Run], workdir: Path, args, machine: Machine, load: Load) -> list[dict]:
+def execute(runs: list[Run], workdir: Path, args, machine: Machine) -> list[dict]:
     """Every run, shape by shape: its checkpoint, its runs, then (unless --workdir keeps
     it) the checkpoint goes, making room for the next shape's."""
     keep = bool(args.workdir)
@@ -744,7 +768,7 @@ def execute(runs: list[Run], workdir: Path, args, machine: Machine, load: Load) 
         mine = [run for run in runs if run.shape.name == name]
         checkpoint = checkpoint_for(mine[0].shape, workdir, machine)
         for run in mine:
-            results.append(one_run(run, checkpoint, trace_dir, args, machine, load))
+            results.append(one_run(run, checkpoint, trace_dir, args, machine))
             if args.png and run is largest_run(runs):
                 results[-1]["png"] = draw_timeline(results[-1], Path(args.png))
         if not keep:
@@ -752,11 +776,11 @@ def execute(runs: list[Run], workdir: Path, args, machine: Machine, load: Load) 
     return results
 
 
-def one_run(run: Run, checkpoint: Path, trace_dir: Path, args, machine: Machine, load) -> dict:
+def one_run(run: Run, checkpoint: Path, trace_dir: Path, args, machine: Machine) -> dict:
     trace = trace_dir / f"{run.label}.json"
     began = time.perf_counter()
     raw = launch(run, checkpoint, trace, args, machine)
-    figures = run_figures(run, raw, trace, load, element_bytes(args, machine))
+    figures = run_figures(run, raw, trace, element_bytes(args, machine))
     figures["trace_window_start"] = raw["window_start"]
     print(
         f"{run.label}: {figures['output_tokens_per_s']:.1f} tok/s ({_since(began)} with start-up)",
@@ -795,6 +819,7 @@ def summarise(results: list[dict], args, machine: Machine, load: Load, cut: dict
     summary = {
         "machine": asdict(machine),
         "load": asdict(load),
+        "weak_scaling": args.weak_scaling,
         "dtype": run_dtype(args, machine),
         "channels": args.channels,
         "cut_70b": cut,
@@ -826,7 +851,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=None, help="default 512")
     parser.add_argument("--output-len", type=int, default=None, help="default 256")
     parser.add_argument(
-        "--max-batch-size", type=int, default=None, help="per microbatch (default: all requests)"
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="per microbatch (default: requests / PP, what the scheduler gives each)",
+    )
+    parser.add_argument(
+        "--weak-scaling",
+        action="store_true",
+        help="PP times the requests at PP > 1 (microbatches as large as PP=1's batch)",
     )
     parser.add_argument("--max-num-tokens", type=int, default=None, help="default 8192")
     parser.add_argument("--block-size", type=int, default=16)
