@@ -50,8 +50,9 @@ import torch
 from ppruntime import LLM, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_models import (
+from _bench_models import (  # Shape too: profile_decode.py reads it from here
     SHAPES,
+    Shape,  # noqa: F401
     Timer,
     attention_prefill_flops,
     copy_bandwidth,
