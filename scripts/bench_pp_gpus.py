@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -561,6 +561,8 @@ def table_lines(result: dict) -> list[str]:
             f"{_ratio(r.get('efficiency')):>6} "
             f"{r['ttft_p50_s'] * 1e3:>7.1f}ms {busy:<24} {bubble:<24} {stages}"
         )
+    for failure in result["failed"]:
+        lines.append(f"{failure['label']}: FAILED (its output is in the JSON's 'failed')")
     for key, value in result["channel_shares"].items():
         lines.append(f"{key} = {value:.3f}")
     for key, value in result["targets"].items():
@@ -688,15 +690,33 @@ def drive(args) -> int:
         print(f"70b shape: {cut.get('layers')} layers: {cut.get('why')}", flush=True)
     if not runs:
         raise SystemExit("nothing to run: check --shapes, --pp and --gpus")
+
+    def record(progress: Progress) -> dict:
+        """The summary so far, to --out after every run (a command cut short keeps it)."""
+        summary = summarise(progress, args, machine, load, cut)
+        if args.out:  # unrounded: a roofline on the CPU is microseconds
+            Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    progress = Progress()
     with workdir_for(args) as workdir:
-        results = execute(runs, workdir, args, machine)
-    summary = summarise(results, args, machine, load, cut)
-    if args.out:  # unrounded: a roofline on the CPU is microseconds
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+        execute(runs, workdir, args, machine, progress, record)
+    progress.complete = True
+    summary = record(progress)
     print("\n".join(table_lines(summary)))
     if args.json:
         print(json.dumps(summary), flush=True)
-    return 0
+    return 1 if progress.failed else 0
+
+
+@dataclass
+class Progress:
+    """What the runs gave so far."""
+
+    results: list = field(default_factory=list)  # run_figures of each finished run
+    failed: list = field(default_factory=list)  # {"label", "error"} of each failed run
+    png: list | None = None
+    complete: bool = False
 
 
 def settle_defaults(args) -> None:
@@ -756,24 +776,29 @@ class workdir_for:
             self._temp.cleanup()
 
 
-def execute(runs: list[Run], workdir: Path, args, machine: Machine) -> list[dict]:
+def execute(runs: list[Run], workdir: Path, args, machine: Machine, progress, record) -> None:
     """Every run, shape by shape: its checkpoint, its runs, then (unless --workdir keeps
-    it) the checkpoint goes, making room for the next shape's."""
+    it) the checkpoint goes, making room for the next shape's. A run that fails is
+    named in progress.failed with its output's tail, and the others still run."""
     keep = bool(args.workdir)
     check_disk(runs, workdir, keep)
     trace_dir = trace_dir_for(args, workdir)
     trace_dir.mkdir(parents=True, exist_ok=True)
-    results = []
     for name in dict.fromkeys(run.shape.name for run in runs):
         mine = [run for run in runs if run.shape.name == name]
         checkpoint = checkpoint_for(mine[0].shape, workdir, machine)
         for run in mine:
-            results.append(one_run(run, checkpoint, trace_dir, args, machine))
+            try:
+                progress.results.append(one_run(run, checkpoint, trace_dir, args, machine))
+            except RuntimeError as error:  # the job failed or timed out (its output in it)
+                print(f"{run.label}: FAILED\n{error}", flush=True)
+                progress.failed.append({"label": run.label, "error": str(error)[-3000:]})
+                continue
             if args.png and run is largest_run(runs):
-                results[-1]["png"] = draw_timeline(results[-1], Path(args.png))
+                progress.png = draw_timeline(progress.results[-1], Path(args.png))
+            record(progress)
         if not keep:
             shutil.rmtree(checkpoint, ignore_errors=True)
-    return results
 
 
 def one_run(run: Run, checkpoint: Path, trace_dir: Path, args, machine: Machine) -> dict:
@@ -813,10 +838,11 @@ def largest_run(runs: list[Run]) -> Run:
     return max(first, key=lambda r: r.pp)
 
 
-def summarise(results: list[dict], args, machine: Machine, load: Load, cut: dict) -> dict:
+def summarise(progress: Progress, args, machine: Machine, load: Load, cut: dict) -> dict:
+    results = progress.results
     add_efficiencies(results)
-    pngs = next((r.pop("png") for r in results if "png" in r), None)
     summary = {
+        "complete": progress.complete,
         "machine": asdict(machine),
         "load": asdict(load),
         "weak_scaling": args.weak_scaling,
@@ -826,9 +852,10 @@ def summarise(results: list[dict], args, machine: Machine, load: Load, cut: dict
         "runs": results,
         "channel_shares": channel_shares(results),
         "targets": check_targets(results),
+        "failed": progress.failed,
     }
-    if pngs:
-        summary["png"] = pngs
+    if progress.png:
+        summary["png"] = progress.png
     return summary
 
 

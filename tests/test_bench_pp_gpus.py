@@ -134,3 +134,21 @@ def test_busy_time_is_the_union_inside_the_window():
     assert figures["decode_steps"] == 2 and figures["decode_step_s"] == pytest.approx(0.75)
     assert figures["decode_context_tokens_mean"] == 15
     assert figures["host_compute_fraction"] == pytest.approx(0.1 / 4.0)
+
+
+def test_a_failing_run_is_named_and_the_driver_exits_1(tmp_path, monkeypatch):
+    """PPRUNTIME_FAULT makes rank 1 raise in its first forward: the job ends, the run is
+    named in the JSON's 'failed' with its output, the driver goes on and exits 1."""
+    monkeypatch.setenv("PPRUNTIME_FAULT", "1:0")
+    args = ["--device", "cpu", "--small", "--shapes", "8b", "--pp", "2", "--channels", "host"]
+    args += ["--workdir", str(tmp_path), "--out", str(tmp_path / "pp.json")]
+    args += ["--run-timeout", str(TIMEOUT_S)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert bench.main(args) == 1
+    report = json.loads((tmp_path / "pp.json").read_text())
+    assert report["complete"] and report["runs"] == []
+    [failure] = report["failed"]
+    assert failure["label"] == "small-pp2-host"
+    assert "InjectedFault" in failure["error"], failure["error"]
+    assert "small-pp2-host: FAILED" in printed.getvalue()
