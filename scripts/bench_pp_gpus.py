@@ -561,6 +561,8 @@ def table_lines(result: dict) -> list[str]:
             f"{_ratio(r.get('efficiency')):>6} "
             f"{r['ttft_p50_s'] * 1e3:>7.1f}ms {busy:<24} {bubble:<24} {stages}"
         )
+    if result["not_run"]:
+        lines.append(f"not run (--time-budget-s): {', '.join(result['not_run'])}")
     for failure in result["failed"]:
         lines.append(f"{failure['label']}: FAILED (its output is in the JSON's 'failed')")
     for key, value in result["channel_shares"].items():
@@ -716,7 +718,27 @@ class Progress:
     results: list = field(default_factory=list)  # run_figures of each finished run
     failed: list = field(default_factory=list)  # {"label", "error"} of each failed run
     png: list | None = None
+    not_run: list = field(default_factory=list)  # labels left out by --time-budget-s
     complete: bool = False
+
+
+class TimeBudget:
+    """--time-budget-s: start nothing that the longest run so far would take past it."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.started = self.last = time.perf_counter()
+        self.longest = 0.0
+
+    def allows(self) -> bool:
+        if self.seconds is None:
+            return True
+        return time.perf_counter() - self.started + self.longest <= self.seconds
+
+    def ran(self) -> None:
+        now = time.perf_counter()
+        self.longest = max(self.longest, now - self.last)
+        self.last = now
 
 
 def settle_defaults(args) -> None:
@@ -784,10 +806,17 @@ def execute(runs: list[Run], workdir: Path, args, machine: Machine, progress, re
     check_disk(runs, workdir, keep)
     trace_dir = trace_dir_for(args, workdir)
     trace_dir.mkdir(parents=True, exist_ok=True)
+    budget = TimeBudget(args.time_budget_s)
     for name in dict.fromkeys(run.shape.name for run in runs):
         mine = [run for run in runs if run.shape.name == name]
+        if not budget.allows():
+            progress.not_run += [run.label for run in mine]
+            continue
         checkpoint = checkpoint_for(mine[0].shape, workdir, machine)
         for run in mine:
+            if not budget.allows():
+                progress.not_run.append(run.label)
+                continue
             try:
                 progress.results.append(one_run(run, checkpoint, trace_dir, args, machine))
             except RuntimeError as error:  # the job failed or timed out (its output in it)
@@ -797,6 +826,7 @@ def execute(runs: list[Run], workdir: Path, args, machine: Machine, progress, re
             if args.png and run is largest_run(runs):
                 progress.png = draw_timeline(progress.results[-1], Path(args.png))
             record(progress)
+            budget.ran()
         if not keep:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
@@ -853,6 +883,7 @@ def summarise(progress: Progress, args, machine: Machine, load: Load, cut: dict)
         "channel_shares": channel_shares(results),
         "targets": check_targets(results),
         "failed": progress.failed,
+        "not_run": progress.not_run,
     }
     if progress.png:
         summary["png"] = progress.png
@@ -896,6 +927,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=None, help="checkpoints (kept and reused) here")
     parser.add_argument("--trace-dir", default=None, help="traces here (default: beside --out)")
     parser.add_argument("--run-timeout", type=float, default=900.0, help="seconds per run")
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=None,
+        help="start no run (or checkpoint) that the longest run so far would take past this",
+    )
     # worker-only
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--channel", help=argparse.SUPPRESS)
