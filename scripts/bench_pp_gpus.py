@@ -26,8 +26,11 @@ ignore_eos) after a short warm-up, with `--trace` on. Reported per run:
   device copy bandwidth measured in the same job;
 - with several channels, tput(host) / tput(nccl) at each PP (the channel's share).
 
-The JSON goes to --out, a table is printed last, and the timeline of the largest PP
-run (8B, first channel) is drawn to --png, with a zoom on its steady decode beside.
+--weak-scaling gives PP=N N times the requests (microbatches as large as PP=1's batch).
+The JSON goes to --out (after every run; a failed run is named there and the others
+still run), a table is printed last, and the timeline of the largest PP run (8B,
+first channel) is drawn to --png, with a zoom on its steady decode beside.
+--time-budget-s bounds how long the invocation goes on starting runs.
 Environment: MPIRUN (the mpirun to use), PYTHON (the ranks' interpreter).
 """
 
@@ -50,8 +53,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench_common as common
 from _bench_models import SHAPES, Shape
 
+from ppruntime.stage.device_spans import DECODE_SPAN, DEVICE_SPANS
+
 SCRIPT = os.path.abspath(__file__)
-DEVICE_SPANS = ("device-decode", "device-prefill")
 HOST_COMPUTE_SPANS = ("forward", "sample")
 STAGE_FILL = 0.9  # a stage must fit in this share of one GPU's memory
 OVERFLOW = 1.1  # the 70B-cut's weights + KV exceed one GPU's memory by this factor
@@ -289,8 +293,10 @@ def worker(args) -> None:
     prompts = [
         rng.integers(0, vocab, load.input_len, dtype=np.int32) for _ in range(load.num_requests)
     ]
+    # warm-up: a full prefill chunk of prompts (its kernels compile now, not in the window)
     warm = SamplingParams(max_tokens=4, ignore_eos=True, temperature=0)
-    llm.generate(prompts[: 2 * args.pp], warm, use_tqdm=False)
+    num_warm = max(2 * args.pp, load.max_num_tokens // load.input_len)
+    llm.generate(prompts[:num_warm], warm, use_tqdm=False)
     params = SamplingParams(max_tokens=load.output_len, ignore_eos=True, temperature=0)
     window_start = time.time()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -399,9 +405,7 @@ def rank_figures(spans: list[dict], lo: float, hi: float) -> dict:
     device = [(s["start"], s["end"]) for s in inside if s["name"] in DEVICE_SPANS]
     host = [(s["start"], s["end"]) for s in inside if s["name"] in HOST_COMPUTE_SPANS]
     busy = union_within(device, lo, hi) / window
-    decode = [
-        s for s in inside if s["name"] == "device-decode" and lo <= s["start"] and s["end"] <= hi
-    ]
+    decode = [s for s in inside if s["name"] == DECODE_SPAN and lo <= s["start"] and s["end"] <= hi]
     host_s: dict[str, float] = {}
     for s in inside:
         if s["name"] not in DEVICE_SPANS:
