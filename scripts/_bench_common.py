@@ -47,9 +47,12 @@ def run_mpi_worker(
     args: Sequence[str],
     env: Mapping[str, str] | None = None,
     timeout_s: float = 600.0,
+    python: str | None = None,
 ) -> dict:
-    """Run `script --worker args` under `mpirun -n n`; return rank 0's result dict."""
-    command = mpi_command(n, [sys.executable, script, "--worker", *args])
+    """Run `script --worker args` under `mpirun -n n`; return rank 0's result dict.
+
+    python: the ranks' interpreter (default: this one)."""
+    command = mpi_command(n, [python or sys.executable, script, "--worker", *args])
     started = time.perf_counter()
     proc = subprocess.Popen(
         command,

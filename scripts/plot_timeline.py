@@ -7,7 +7,9 @@ The trace comes from `LLM(trace=...)`, `ppruntime generate --trace FILE` or
 `scripts/bench_pipeline.py --trace FILE`. One row per rank; forward (and sample)
 bars are colored by microbatch, so a microbatch can be followed down the pipeline;
 send, receive-wait, relay, handle, schedule and idle are drawn as thin grey/colored
-bars under them, and the white gaps are the bubbles.
+bars under them, and the white gaps are the bubbles. A thin lane above the bars shows
+when the device computed each microbatch (device-decode / device-prefill: on CUDA
+the GPU's own timestamps, as the host spans there only launch the work).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ OTHER_COLORS = {
     "schedule": "#8172b3",
     "idle": "#e0e0e0",
 }
+# when the device computed (ppruntime/stage/device_spans.py): a lane above the bars
+DEVICE_COLORS = {"device-decode": "#2ca02c", "device-prefill": "#d62728"}
 
 
 def load(path: str) -> dict[int, list[tuple[str, float, float, int]]]:
@@ -88,6 +92,10 @@ def main(argv=None) -> int:
                     linewidth=0.2,
                     hatch=hatch,
                 )
+            elif name in DEVICE_COLORS:
+                ax.broken_barh(
+                    [(start, end - start)], (y + 0.22, 0.1), facecolors=DEVICE_COLORS[name]
+                )
             else:
                 ax.broken_barh(
                     [(start, end - start)],
@@ -105,6 +113,7 @@ def main(argv=None) -> int:
         Patch(facecolor="white", edgecolor="black", hatch="//", label="sample"),
     ]
     legend += [Patch(facecolor=color, label=name) for name, color in OTHER_COLORS.items()]
+    legend += [Patch(facecolor=color, label=name) for name, color in DEVICE_COLORS.items()]
     ax.legend(
         handles=legend,
         loc="upper center",

@@ -88,6 +88,8 @@ def test_bench_trace_merges_every_rank_and_plots(compare_run, tmp_path):
     assert set(spans) == {0, 1}
     assert {"forward", "send", "schedule", "handle"} <= spans[0]
     assert {"forward", "sample", "receive-wait", "relay"} <= spans[1]
+    for rank in (0, 1):  # when the device computed (on the CPU: the forward's wall time)
+        assert {"device-prefill", "device-decode"} <= spans[rank], spans[rank]
     png = tmp_path / "timeline.png"
     plot = subprocess.run(
         [sys.executable, str(SCRIPTS / "plot_timeline.py"), str(trace), "-o", str(png)],

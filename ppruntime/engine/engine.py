@@ -67,6 +67,7 @@ from ppruntime.model import (
 )
 from ppruntime.model.partition import CostBalancedPartition, StageSpec, balance_by_cost
 from ppruntime.stage.debug_knobs import StageKnobs
+from ppruntime.stage.device_spans import make_device_spans
 from ppruntime.stage.graphs import plan_decode
 from ppruntime.stage.null_model import NullStageModel
 from ppruntime.stage.runner import StageRunner
@@ -393,6 +394,7 @@ class PipelineEngine:
             )
         self.tracker = WaitTracker()
         self.tracer = Tracer(info.rank, trace)
+        self.device_spans = make_device_spans(device, trace)
         relay = ResponseRelay(
             self.comms.relay, threaded=not parallel.deterministic, tracker=self.tracker
         )
@@ -422,6 +424,7 @@ class PipelineEngine:
             tokenizer=self.tokenizer,
             tracer=self.tracer,
             tracker=self.tracker,
+            device_spans=self.device_spans,
         )
         self.watchdog = Watchdog(
             self.comms.watchdog, info, self.tracker, self._has_work, parallel.watchdog_timeout_s
@@ -480,7 +483,7 @@ class PipelineEngine:
             busy_s=dict(self.tracer.busy_s),
             step_counters=vars(executor.runner.pool.counters).copy(),
             block_table_counters=vars(table.counters).copy(),
-            events=self.tracer.events,
+            events=self.tracer.events + self.device_spans.events(),
         )
         timeout_s = self.config.parallel.watchdog_timeout_s
         try:

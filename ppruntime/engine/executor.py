@@ -47,6 +47,7 @@ from ppruntime.engine.wire import (
     unpack_microbatch,
 )
 from ppruntime.logs import get_logger
+from ppruntime.stage.device_spans import DECODE_SPAN, PREFILL_SPAN, DeviceSpans
 from ppruntime.stage.runner import StageRunner
 
 log = get_logger("executor")
@@ -87,6 +88,7 @@ class PipelineExecutor:
         tokenizer,
         tracer: Tracer,
         tracker: WaitTracker,
+        device_spans: DeviceSpans | None = None,
     ) -> None:
         self.comms = comms
         self.comm = comms.pipeline
@@ -99,6 +101,7 @@ class PipelineExecutor:
         self.deterministic = deterministic
         self.last_stage = last_stage
         self.tracer = tracer
+        self.device_spans = device_spans or DeviceSpans()
         self.tracker = tracker
         self.stats = ExecutorStats()
         self.hidden_size = hidden_size
@@ -409,18 +412,22 @@ class PipelineExecutor:
         self.tracker.progress()
 
     def _compute(self, slot: MicrobatchSlot, batch: ScheduledBatch, hidden_in) -> None:
+        device_mark = self.device_spans.begin()
         with self.tracer.span("forward", batch.batch_id):
             hidden, inputs = self.runner.forward(batch, hidden_in)
         self.stats.batches += 1
         self.stats.tokens_computed += inputs.num_tokens
         if self.deterministic:
             slot.pending_batch = batch.batch_id
+        kind = DECODE_SPAN if batch.num_tokens == batch.num_seqs else PREFILL_SPAN
         if self.is_last:
             with self.tracer.span("sample", batch.batch_id):
                 state, diff = self.last_stage.sample(batch, hidden, inputs)
+            self.device_spans.end(device_mark, kind, batch)
             with self.tracer.span("relay", batch.batch_id):
                 self.relay.publish(state, diff)
             return
+        self.device_spans.end(device_mark, kind, batch)
         with self.tracer.span("send", batch.batch_id):
             slot.requests.append(self.channel.send(slot.index, hidden))
 

@@ -56,7 +56,9 @@ def chrome_trace(per_rank_events: list[list[tuple[str, float, float, int]]], ori
                 "args": {"name": f"rank {rank}"},
             }
         )
-        for name, start, end, microbatch in rank_events:
+        for name, start, end, microbatch, *extra in rank_events:
+            # a device span (ppruntime/stage/device_spans.py) adds a dict of its batch's sizes
+            args = {"microbatch": microbatch, **(extra[0] if extra else {})}
             events.append(
                 {
                     "name": name,
@@ -65,7 +67,7 @@ def chrome_trace(per_rank_events: list[list[tuple[str, float, float, int]]], ori
                     "tid": rank,
                     "ts": (start - origin) * 1e6,
                     "dur": max(end - start, 0.0) * 1e6,
-                    "args": {"microbatch": microbatch},
+                    "args": args,
                 }
             )
     return {"traceEvents": events, "displayTimeUnit": "ms"}
