@@ -8,10 +8,12 @@ compiled and run on CUDA tensors. The interpreter is slow: shapes are tiny.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -27,6 +29,7 @@ from ppruntime.config import ConfigError, EngineConfig
 from ppruntime.kernels.kv_store import store_kv
 from ppruntime.kernels.paged_attention import (
     PREFILL_KERNEL_ENV,
+    PREFILL_VARIANTS,
     AttentionLaunch,
     decode_launch,
     paged_attention,
@@ -221,6 +224,61 @@ def test_prefill_kernels_match_torch_over_every_kind_of_tile(launch, window, blo
     causal tiling the query blocks have masked window-edge tiles, unmasked tiles and
     masked diagonal tiles (window 40 over 8-token query blocks leaves room for all
     three); the legacy loop masks every tile."""
+    _check_every_kind_of_tile(launch, window, block_size)
+
+
+# the candidate prefill kernels (scripts/sweep_prefill_attention.py times them): the
+# chunk's own keys read from k / v (plain loads, TMA descriptors) after the prefix from
+# the cache, one query head a program, q pre-scaled, lazy rescaling
+CANDIDATES = [name for name in PREFILL_VARIANTS if name != "tiled"]
+
+
+@pytest.mark.parametrize("window", [None, 40], ids=["causal", "window-40"])
+@pytest.mark.parametrize("variant", CANDIDATES)
+def test_prefill_candidates_match_torch_over_every_kind_of_tile(variant, window):
+    launch = AttentionLaunch(block_m=16, block_n=16, causal_tiling=True)
+    _check_every_kind_of_tile(replace(launch, **PREFILL_VARIANTS[variant]), window, 8)
+
+
+# head_dim 64 / 80 / 96 / 128 / 24, GQA 1 / 2 / 4, windows, odd block sizes, each dtype
+CANDIDATE_SHAPES = [
+    (4, 2, 80, 16, 7, torch.bfloat16),
+    (4, 1, 128, 8, 5, torch.float16),
+    (2, 2, 64, 16, None, torch.float32),
+    (4, 1, 96, 5, None, torch.bfloat16),
+    (8, 2, 24, 3, None, torch.float16),
+]
+
+
+@pytest.mark.parametrize(
+    "variant, shape", list(zip(CANDIDATES, itertools.cycle(CANDIDATE_SHAPES))), ids=CANDIDATES
+)
+def test_prefill_candidates_through_the_backend(monkeypatch, variant, shape):
+    """$PPRUNTIME_TRITON_PREFILL picks the candidate for the mixed steps (prefill chunks
+    over cached prefixes with decode tokens); decode keeps its own kernel."""
+    monkeypatch.setenv(PREFILL_KERNEL_ENV, variant)
+    plans = _run_steps(*shape)
+    assert [plan.decode for plan in plans] == [False, False, True]
+    for field, value in PREFILL_VARIANTS[variant].items():
+        assert getattr(plans[0].launch, field) == value, field
+
+
+def test_new_kv_launches_need_the_new_keys():
+    paging = PagedBatches(8, 8)
+    metadata, _ = paging.step([(0, 5)])
+    q = torch.zeros(5, 2, 64)
+    cache = torch.zeros(2, 8, 8, 2, 64)
+    launch = AttentionLaunch(16, 16, causal_tiling=True, new_kv="pointer")
+    args = (metadata.query_start_loc, metadata.seq_lens, metadata.block_table, 0.125)
+    with pytest.raises(ValueError, match="needs this step's k_new and v_new"):
+        paged_attention(q, cache, *args, launch)
+    with pytest.raises(ValueError, match="new_kv='tma'"):
+        paged_attention(q, cache, *args, replace(launch, new_kv="tma"))
+    with pytest.raises(ValueError, match="needs causal_tiling"):
+        paged_attention(q, cache, *args, replace(launch, causal_tiling=False), k_new=q, v_new=q)
+
+
+def _check_every_kind_of_tile(launch, window, block_size):
     hq, hkv, head_dim, dtype = 4, 2, 64, torch.float32
     paging = PagedBatches(64, block_size, seed=3)
     generator = torch.Generator().manual_seed(11)
@@ -248,6 +306,8 @@ def test_prefill_kernels_match_torch_over_every_kind_of_tile(launch, window, blo
         0.125,
         launch,
         sliding_window=window,
+        k_new=k.to(DEVICE),
+        v_new=v.to(DEVICE),
     )
     torch.testing.assert_close(out.cpu(), expected, **TOLERANCE[dtype])
 
@@ -369,7 +429,7 @@ def test_kernels_compile_for_hopper(tmp_path):
     )
     assert result.returncode == 0, describe(result)
     compiled = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
-    assert len(compiled) == 9, describe(result)
+    assert len(compiled) == 11, describe(result)
 
 
 # ---------------------------------------------------------------------------------------

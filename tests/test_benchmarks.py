@@ -281,3 +281,35 @@ def test_profile_decode_small_reports_matmuls_and_host_functions(tmp_path):
     assert all(row["us"] > 0 for row in report["matmul_alone"].values())
     host = (tmp_path / "small-decode-host.txt").read_text()
     assert "last_stage.py" in host and "sample" in host, host[:2000]
+
+
+def test_sweep_prefill_attention_small_checks_and_times_each_candidate(tmp_path):
+    """scripts/sweep_prefill_attention.py --small on the CPU (interpreted): every
+    candidate named is checked against the current kernel and timed in every case; a
+    configuration past the budget is listed as skipped, not dropped."""
+    out = tmp_path / "sweep.json"
+    args = [sys.executable, str(SCRIPTS / "sweep_prefill_attention.py"), "--small"]
+    args += ["--variants", "tiled,new-kv-tma,head", "--configs", "1", "--out", str(out)]
+    env = mpi_env({"TRITON_INTERPRET": "1"})
+    result = subprocess.run(
+        args, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert result.returncode == 0, describe(result)
+    report = json.loads(out.read_text())
+    assert report["matmul_flops_per_s"] > 0 and not report["skipped"]
+    assert [entry["variant"] for entry in report["results"]] == ["tiled", "new-kv-tma", "head"]
+    for entry in report["results"]:
+        assert entry["status"] == "ok", entry
+        assert set(entry["cases"]) == set(report["cases"]), entry
+        for figures in entry["cases"].values():
+            assert figures["tolerance_excess"] <= 0 and figures["matmul_fraction"] > 0
+    assert set(report["best"]) == set(report["cases"])
+    assert result.stdout.rstrip().splitlines()[-1].startswith("total")
+    budget = tmp_path / "budget.json"
+    args = [*args[:-1], str(budget), "--budget-s", "0"]
+    result = subprocess.run(
+        args, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert result.returncode == 0, describe(result)
+    report = json.loads(budget.read_text())
+    assert not report["results"] and len(report["skipped"]) == 3

@@ -32,6 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: no TMA descriptors (new_kv="descriptor" is refused)
+    TensorDescriptor = None
+
 LOG2_E = 1.4426950408889634
 MERGE_CHUNK = 16  # splits the merge kernel combines at a time
 # The interpreter's bf16/fp16 tl.dot returns garbage (triton 3.9): interpreted, the dot
@@ -81,6 +86,12 @@ def _attend_tile(
     stride_cache_kv,
     stride_cache_block,
     stride_cache_offset,
+    k_new,  # SOURCE 1: the new tokens' K of this KV head; SOURCE 2: K's descriptor
+    v_new,
+    new_row_offset,  # key position p is row p + new_row_offset of k_new / v_new
+    new_column,  # SOURCE 2: this KV head's first column in the [T, Hkv * D] descriptors
+    stride_k_new,
+    stride_v_new,
     scale_log2,
     sliding_window,
     BLOCK_SIZE: tl.constexpr,
@@ -91,51 +102,72 @@ def _attend_tile(
     USE_WINDOW: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    SOURCE: tl.constexpr,
+    SCALED_Q: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
 ):
     """One BLOCK_N-key tile of the online softmax (causal tiling). Unmasked tiles hold
-    keys every query row sees: no key, causal or window masks, no -inf guard."""
+    keys every query row sees: no key, causal or window masks, no -inf guard.
+
+    SOURCE 0 reads the keys from the paged cache through the block table; 1 and 2 read
+    this step's own keys from the contiguous new k / v (pointers / TMA descriptors).
+    SCALED_Q: q already holds scale * log2(e), the scores are in the log2 domain.
+    LAZY_RESCALE: keep the running max (and skip rescaling the accumulator) unless a
+    row's max grows by more than 2^8; the stale max only scales p and the sum alike."""
     keys = tl.arange(0, BLOCK_N)
     key_pos = tile_start + keys
     dims = tl.arange(0, DIM_PAD)
     if MASKED:
         key_valid = (key_pos >= kv_low) & (key_pos < kv_high)
-    # tile_start is a multiple of BLOCK_N: when blocks and tiles nest, the block-table
-    # lookups are per block, and the offsets inside a block are the same every tile
-    if BLOCK_SIZE % BLOCK_N == 0:  # the tile lies inside one block: one lookup
-        block_id = tl.load(table_ptr + tile_start // BLOCK_SIZE).to(tl.int64)
-        in_block = tile_start % BLOCK_SIZE + keys
-        key_offset = block_id * stride_cache_block + in_block * stride_cache_offset
-    elif BLOCK_N % BLOCK_SIZE == 0:  # the tile spans whole blocks
-        block_index = tile_start // BLOCK_SIZE + keys // BLOCK_SIZE
-        if MASKED:
-            block_ids = tl.load(table_ptr + block_index, mask=key_valid, other=0)
-        else:
-            block_ids = tl.load(table_ptr + block_index)
-        key_offset = (
-            block_ids.to(tl.int64) * stride_cache_block + (keys % BLOCK_SIZE) * stride_cache_offset
-        )
-    else:  # any block size: each key's block looked up
-        if MASKED:
-            block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
-        else:
-            block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE)
-        key_offset = (
-            block_ids.to(tl.int64) * stride_cache_block
-            + (key_pos % BLOCK_SIZE) * stride_cache_offset
-        )
-    k_ptrs = k_ptr + key_offset[None, :] + dims[:, None]  # [DIM_PAD, BLOCK_N]
-    v_ptrs = k_ptr + stride_cache_kv + key_offset[:, None] + dims[None, :]  # [BLOCK_N, DIM_PAD]
-    if MASKED:
-        dim_valid = dims < HEAD_DIM
-        k = tl.load(k_ptrs, mask=key_valid[None, :] & dim_valid[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
-    elif HEAD_DIM != DIM_PAD:
-        dim_valid = dims < HEAD_DIM
-        k = tl.load(k_ptrs, mask=dim_valid[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=dim_valid[None, :], other=0.0)
+    if SOURCE == 2:
+        row = (tile_start + new_row_offset).to(tl.int32)  # descriptor coordinates: int32
+        k = tl.trans(k_new.load([row, new_column]))  # [DIM_PAD, BLOCK_N]; zeros past T
+        v = v_new.load([row, new_column])  # [BLOCK_N, DIM_PAD]
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+        if SOURCE == 1:
+            rows = (key_pos + new_row_offset).to(tl.int64)
+            k_ptrs = k_new + rows[None, :] * stride_k_new + dims[:, None]
+            v_ptrs = v_new + rows[:, None] * stride_v_new + dims[None, :]
+        else:
+            # tile_start is a multiple of BLOCK_N: when blocks and tiles nest, the
+            # block-table lookups are per block, and the offsets inside a block are the
+            # same every tile
+            if BLOCK_SIZE % BLOCK_N == 0:  # the tile lies inside one block: one lookup
+                block_id = tl.load(table_ptr + tile_start // BLOCK_SIZE).to(tl.int64)
+                in_block = tile_start % BLOCK_SIZE + keys
+                key_offset = block_id * stride_cache_block + in_block * stride_cache_offset
+            elif BLOCK_N % BLOCK_SIZE == 0:  # the tile spans whole blocks
+                block_index = tile_start // BLOCK_SIZE + keys // BLOCK_SIZE
+                if MASKED:
+                    block_ids = tl.load(table_ptr + block_index, mask=key_valid, other=0)
+                else:
+                    block_ids = tl.load(table_ptr + block_index)
+                key_offset = (
+                    block_ids.to(tl.int64) * stride_cache_block
+                    + (keys % BLOCK_SIZE) * stride_cache_offset
+                )
+            else:  # any block size: each key's block looked up
+                if MASKED:
+                    block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+                else:
+                    block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE)
+                key_offset = (
+                    block_ids.to(tl.int64) * stride_cache_block
+                    + (key_pos % BLOCK_SIZE) * stride_cache_offset
+                )
+            k_ptrs = k_ptr + key_offset[None, :] + dims[:, None]  # [DIM_PAD, BLOCK_N]
+            v_ptrs = k_ptr + stride_cache_kv + key_offset[:, None] + dims[None, :]
+        if MASKED:
+            dim_valid = dims < HEAD_DIM
+            k = tl.load(k_ptrs, mask=key_valid[None, :] & dim_valid[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
+        elif HEAD_DIM != DIM_PAD:
+            dim_valid = dims < HEAD_DIM
+            k = tl.load(k_ptrs, mask=dim_valid[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=dim_valid[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
     cache_type = k_ptr.dtype.element_ty
     if UPCAST:
         k = k.to(tl.float32)
@@ -144,21 +176,53 @@ def _attend_tile(
         scores = tl.dot(q, k, input_precision="ieee")
     else:
         scores = tl.dot(q, k)  # raw q.k; the scale is folded into the exp2 below
+    if not SCALED_Q:
+        score_scale = scale_log2
+    else:
+        score_scale = 1.0
     if MASKED:
         visible = key_valid[None, :] & (key_pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             visible = visible & (key_pos[None, :] > q_pos[:, None] - sliding_window)
         scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, 1) * scale_log2)
-        # a row that has seen no visible key yet keeps max -inf: shift by 0 instead
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    if SCALED_Q:
+        new_max = tl.maximum(running_max, tl.max(scores, 1))
     else:
-        new_max = tl.maximum(running_max, tl.max(scores, 1) * scale_log2)
-        shift = new_max
-    probs = tl.exp2(scores * scale_log2 - shift[:, None])  # one FMA a score
-    rescale = tl.exp2(running_max - shift)
-    running_sum = running_sum * rescale + tl.sum(probs, 1)
-    acc = acc * rescale[:, None]
+        new_max = tl.maximum(running_max, tl.max(scores, 1) * score_scale)
+    if LAZY_RESCALE:
+        grows = (new_max > running_max + 8.0).to(tl.int32)
+        if tl.max(grows, 0) > 0:
+            if MASKED:
+                target = tl.where(new_max == float("-inf"), 0.0, new_max)
+            else:
+                target = new_max
+            rescale = tl.exp2(running_max - target)
+            running_sum = running_sum * rescale
+            acc = acc * rescale[:, None]
+            running_max = new_max
+        new_max = running_max
+        if MASKED:
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        else:
+            shift = new_max
+        if SCALED_Q:
+            probs = tl.exp2(scores - shift[:, None])
+        else:
+            probs = tl.exp2(scores * score_scale - shift[:, None])
+        running_sum = running_sum + tl.sum(probs, 1)
+    else:
+        if MASKED:
+            # a row that has seen no visible key yet keeps max -inf: shift by 0 instead
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        else:
+            shift = new_max
+        if SCALED_Q:
+            probs = tl.exp2(scores - shift[:, None])
+        else:
+            probs = tl.exp2(scores * score_scale - shift[:, None])  # one FMA a score
+        rescale = tl.exp2(running_max - shift)
+        running_sum = running_sum * rescale + tl.sum(probs, 1)
+        acc = acc * rescale[:, None]
     probs = probs.to(cache_type)  # the rounding of a native bf16/fp16 dot
     if UPCAST:
         probs = probs.to(tl.float32)
@@ -167,6 +231,174 @@ def _attend_tile(
     else:
         acc = tl.dot(probs, v, acc)  # accumulate in place: no second [BLOCK_M, D] tile
     return acc, new_max, running_sum
+
+
+@triton.jit
+def _attend_range(
+    acc,
+    running_max,
+    running_sum,
+    q,
+    q_pos,
+    range_start,
+    range_end,
+    kv_low,
+    kv_high,
+    table_ptr,
+    k_ptr,
+    stride_cache_kv,
+    stride_cache_block,
+    stride_cache_offset,
+    k_new,
+    v_new,
+    new_row_offset,
+    new_column,
+    stride_k_new,
+    stride_v_new,
+    scale_log2,
+    sliding_window,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SOURCE: tl.constexpr,
+    SCALED_Q: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
+):
+    """_attend_tile over the tiles starting at range_start, range_start + BLOCK_N, ..."""
+    for tile_start in range(range_start, range_end, BLOCK_N):
+        acc, running_max, running_sum = _attend_tile(
+            acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high, table_ptr,
+            k_ptr, stride_cache_kv, stride_cache_block, stride_cache_offset, k_new, v_new,
+            new_row_offset, new_column, stride_k_new, stride_v_new, scale_log2,
+            sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, MASKED, USE_WINDOW, IEEE,
+            UPCAST, SOURCE, SCALED_Q, LAZY_RESCALE,
+        )  # fmt: skip
+    return acc, running_max, running_sum
+
+
+@triton.jit
+def _attend_prefix_then_new(
+    acc,
+    running_max,
+    running_sum,
+    q,
+    q_pos,
+    first_q_index,  # the program's first query, counted from the chunk's first token
+    context_len,
+    first_token,
+    kv_low,
+    kv_high,
+    kv_head,
+    table_ptr,
+    k_ptr,
+    stride_cache_kv,
+    stride_cache_block,
+    stride_cache_offset,
+    k_new,
+    v_new,
+    stride_k_new_token,
+    stride_k_new_head,
+    stride_v_new_token,
+    stride_v_new_head,
+    scale_log2,
+    sliding_window,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    NEW_KV: tl.constexpr,
+    SCALED_Q: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
+):
+    """Causal tiling in two parts: the cached prefix [kv_low, context_len) through the
+    block table (tiles at multiples of BLOCK_N; every query sees every prefix key but for
+    a window's lower edge, so only that edge and the prefix's last partial tile are
+    masked), then the chunk's own keys [context_len, kv_high) from the contiguous new
+    k / v (tiles at context_len + multiples of BLOCK_N: the plain causal self-attention
+    of the chunk, unmasked below the diagonal)."""
+    prefix_high = tl.minimum(context_len, kv_high)
+    low = (kv_low // BLOCK_N) * BLOCK_N
+    window_tiles = low  # keys from here on are in every row's window
+    if USE_WINDOW:
+        window_start = tl.maximum(kv_high - sliding_window, 0)  # the last row's first key
+        window_tiles = tl.maximum(low, tl.cdiv(window_start, BLOCK_N) * BLOCK_N)
+    if NEW_KV == 1:
+        k_src = k_new + kv_head.to(tl.int64) * stride_k_new_head
+        v_src = v_new + kv_head.to(tl.int64) * stride_v_new_head
+    else:
+        k_src = k_new
+        v_src = v_new
+    new_row_offset = first_token - context_len
+    new_column = (kv_head * HEAD_DIM).to(tl.int32)
+
+    # the cached prefix
+    unmasked_low = tl.minimum(window_tiles, tl.cdiv(prefix_high, BLOCK_N) * BLOCK_N)
+    unmasked_high = tl.maximum((prefix_high // BLOCK_N) * BLOCK_N, unmasked_low)
+    acc, running_max, running_sum = _attend_range(
+        acc, running_max, running_sum, q, q_pos, low, unmasked_low, kv_low, prefix_high,
+        table_ptr, k_ptr, stride_cache_kv, stride_cache_block, stride_cache_offset, k_src,
+        v_src, new_row_offset, new_column, stride_k_new_token, stride_v_new_token,
+        scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW,
+        IEEE, UPCAST, 0, SCALED_Q, LAZY_RESCALE,
+    )  # fmt: skip
+    acc, running_max, running_sum = _attend_range(
+        acc, running_max, running_sum, q, q_pos, unmasked_low, unmasked_high, kv_low,
+        prefix_high, table_ptr, k_ptr, stride_cache_kv, stride_cache_block,
+        stride_cache_offset, k_src, v_src, new_row_offset, new_column, stride_k_new_token,
+        stride_v_new_token, scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD,
+        BLOCK_N, False, USE_WINDOW, IEEE, UPCAST, 0, SCALED_Q, LAZY_RESCALE,
+    )  # fmt: skip
+    acc, running_max, running_sum = _attend_range(
+        acc, running_max, running_sum, q, q_pos, unmasked_high, prefix_high, kv_low,
+        prefix_high, table_ptr, k_ptr, stride_cache_kv, stride_cache_block,
+        stride_cache_offset, k_src, v_src, new_row_offset, new_column, stride_k_new_token,
+        stride_v_new_token, scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD,
+        BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, 0, SCALED_Q, LAZY_RESCALE,
+    )  # fmt: skip
+
+    # the chunk's own keys, in positions relative to its first token
+    chunk_end = kv_high - context_len
+    chunk_low = (tl.maximum(kv_low - context_len, 0) // BLOCK_N) * BLOCK_N
+    chunk_window = chunk_low
+    if USE_WINDOW:
+        chunk_window = tl.maximum(
+            chunk_low, tl.cdiv(tl.maximum(window_start - context_len, 0), BLOCK_N) * BLOCK_N
+        )
+        chunk_window = tl.minimum(chunk_window, tl.cdiv(chunk_end, BLOCK_N) * BLOCK_N)
+    # unmasked: tiles whose keys are at or before the program's first query
+    chunk_full = tl.maximum(((first_q_index + 1) // BLOCK_N) * BLOCK_N, chunk_window)
+    acc, running_max, running_sum = _attend_range(
+        acc, running_max, running_sum, q, q_pos, context_len + chunk_low,
+        context_len + chunk_window, kv_low, kv_high, table_ptr, k_ptr, stride_cache_kv,
+        stride_cache_block, stride_cache_offset, k_src, v_src, new_row_offset, new_column,
+        stride_k_new_token, stride_v_new_token, scale_log2, sliding_window, BLOCK_SIZE,
+        HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, NEW_KV, SCALED_Q,
+        LAZY_RESCALE,
+    )  # fmt: skip
+    acc, running_max, running_sum = _attend_range(
+        acc, running_max, running_sum, q, q_pos, context_len + chunk_window,
+        context_len + chunk_full, kv_low, kv_high, table_ptr, k_ptr, stride_cache_kv,
+        stride_cache_block, stride_cache_offset, k_src, v_src, new_row_offset, new_column,
+        stride_k_new_token, stride_v_new_token, scale_log2, sliding_window, BLOCK_SIZE,
+        HEAD_DIM, DIM_PAD, BLOCK_N, False, USE_WINDOW, IEEE, UPCAST, NEW_KV, SCALED_Q,
+        LAZY_RESCALE,
+    )  # fmt: skip
+    acc, running_max, running_sum = _attend_range(
+        acc, running_max, running_sum, q, q_pos, context_len + chunk_full, kv_high, kv_low,
+        kv_high, table_ptr, k_ptr, stride_cache_kv, stride_cache_block, stride_cache_offset,
+        k_src, v_src, new_row_offset, new_column, stride_k_new_token, stride_v_new_token,
+        scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW,
+        IEEE, UPCAST, NEW_KV, SCALED_Q, LAZY_RESCALE,
+    )  # fmt: skip
+    return acc, running_max, running_sum
 
 
 @triton.jit(do_not_specialize=["num_seqs", "sliding_window"])
@@ -180,6 +412,8 @@ def _paged_attention_kernel(
     seq_lens_ptr,  # [B]
     block_table_ptr,  # [B or R, max_blocks]
     block_table_rows_ptr,  # [B] (HAS_ROWS)
+    k_new,  # NEW_KV 1: this step's k [T, Hkv, D]; NEW_KV 2: its [T, Hkv * D] descriptor
+    v_new,
     scale_log2,
     sliding_window,
     num_seqs,
@@ -192,6 +426,10 @@ def _paged_attention_kernel(
     stride_cache_offset,
     stride_cache_head,
     stride_table_row,
+    stride_k_new_token,
+    stride_k_new_head,
+    stride_v_new_token,
+    stride_v_new_head,
     BLOCK_SIZE: tl.constexpr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -207,13 +445,20 @@ def _paged_attention_kernel(
     CAUSAL_TILING: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    PACK_GROUP: tl.constexpr,
+    NEW_KV: tl.constexpr,
+    SCALED_Q: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
 ):
     program = tl.program_id(0)
     if CAUSAL_TILING:
         # the last query blocks of a sequence see the most keys: start them first, so
         # that the short ones fill the tail of the grid
         program = tl.num_programs(0) - 1 - program
-    kv_head = tl.program_id(1)
+    if PACK_GROUP:
+        kv_head = tl.program_id(1)
+    else:  # one query head a program: grid dim 1 runs over the query heads
+        kv_head = tl.program_id(1) // GROUP
     split = tl.program_id(2)
     if ONE_PROGRAM_PER_SEQ:
         seq = program
@@ -229,10 +474,14 @@ def _paged_attention_kernel(
     context_len = seq_len - q_len  # keys cached before this step's tokens
 
     rows = tl.arange(0, BLOCK_M)
-    token_in_block = rows // GROUP
+    if PACK_GROUP:  # row r: token r // GROUP of the block, head r % GROUP of the group
+        token_in_block = rows // GROUP
+        q_head = kv_head * GROUP + rows % GROUP
+    else:  # row r: token r of the block, this program's head
+        token_in_block = rows
+        q_head = tl.program_id(1) + rows * 0
     q_index = q_block * BLOCK_Q + token_in_block
     row_valid = (token_in_block < BLOCK_Q) & (q_index < q_len)
-    q_head = kv_head * GROUP + rows % GROUP
     q_token = (first_token + q_index).to(tl.int64)
     q_pos = context_len + q_index
     dims = tl.arange(0, DIM_PAD)
@@ -242,7 +491,10 @@ def _paged_attention_kernel(
         q_ptr + q_token[:, None] * stride_q_token + q_head[:, None] * stride_q_head + dims[None, :],
         mask=row_valid[:, None] & dim_valid[None, :],
         other=0.0,
-    ).to(cache_type)
+    )
+    if SCALED_Q:  # the softmax scale (log2 domain) applied once, before the rounding
+        q = q.to(tl.float32) * scale_log2
+    q = q.to(cache_type)
     if UPCAST:
         q = q.to(tl.float32)
 
@@ -269,7 +521,16 @@ def _paged_attention_kernel(
     running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DIM_PAD], dtype=tl.float32)
-    if CAUSAL_TILING:
+    if CAUSAL_TILING and NEW_KV != 0:
+        acc, running_max, running_sum = _attend_prefix_then_new(
+            acc, running_max, running_sum, q, q_pos, q_block * BLOCK_Q, context_len,
+            first_token, kv_low, kv_high, kv_head, table_ptr, cache_ptr + head_offset,
+            stride_cache_kv, stride_cache_block, stride_cache_offset, k_new, v_new,
+            stride_k_new_token, stride_k_new_head, stride_v_new_token, stride_v_new_head,
+            scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, USE_WINDOW,
+            IEEE, UPCAST, NEW_KV, SCALED_Q, LAZY_RESCALE,
+        )  # fmt: skip
+    elif CAUSAL_TILING:
         # tiles [full_low, full_high) hold keys every row of this query block sees (at or
         # before its first query, inside its last query's window): no masks there; the
         # tiles before them (window) and after them (the diagonal) are masked
@@ -285,23 +546,26 @@ def _paged_attention_kernel(
                 acc, running_max, running_sum = _attend_tile(
                     acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
                     table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
-                    stride_cache_offset, scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM,
-                    DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST,
+                    stride_cache_offset, q_ptr, q_ptr, 0, 0, 0, 0, scale_log2, sliding_window,
+                    BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, 0,
+                    SCALED_Q, LAZY_RESCALE,
                 )  # fmt: skip
         full_high = tl.maximum(((first_pos + 1) // BLOCK_N) * BLOCK_N, full_low)
         for tile_start in range(full_low, full_high, BLOCK_N):
             acc, running_max, running_sum = _attend_tile(
                 acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
                 table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
-                stride_cache_offset, scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM,
-                DIM_PAD, BLOCK_N, False, USE_WINDOW, IEEE, UPCAST,
+                stride_cache_offset, q_ptr, q_ptr, 0, 0, 0, 0, scale_log2, sliding_window,
+                BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, False, USE_WINDOW, IEEE, UPCAST, 0,
+                SCALED_Q, LAZY_RESCALE,
             )  # fmt: skip
         for tile_start in range(full_high, kv_high, BLOCK_N):
             acc, running_max, running_sum = _attend_tile(
                 acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
                 table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
-                stride_cache_offset, scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM,
-                DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST,
+                stride_cache_offset, q_ptr, q_ptr, 0, 0, 0, 0, scale_log2, sliding_window,
+                BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, 0,
+                SCALED_Q, LAZY_RESCALE,
             )  # fmt: skip
     else:
         for tile_start in range((kv_low // BLOCK_N) * BLOCK_N, kv_high, BLOCK_N):
@@ -332,7 +596,8 @@ def _paged_attention_kernel(
                 scores = tl.dot(q, k, input_precision="ieee")
             else:
                 scores = tl.dot(q, k)
-            scores = scores * scale_log2
+            if not SCALED_Q:
+                scores = scores * scale_log2
             visible = key_valid[None, :] & (key_pos[None, :] <= q_pos[:, None])
             if USE_WINDOW:
                 visible = visible & (key_pos[None, :] > q_pos[:, None] - sliding_window)
@@ -445,6 +710,15 @@ class AttentionLaunch:
     causal_tiling: mask only the tiles that need it (the diagonal, a window's edge), run
         the query blocks that see the most keys first, and fold the softmax scale into
         one FMA; False runs the single all-masked loop (decode, and the legacy prefill).
+    pack_group: a program's rows are BLOCK_Q tokens x the GROUP query heads of one KV
+        head (each K/V tile loaded once for the group); False: BLOCK_M tokens of one
+        query head (the group's programs share the K/V tiles through the L2).
+    new_kv: where causal tiling reads the keys of a sequence's own new tokens: "cache"
+        (the paged cache, as every other key), "pointer" (the contiguous k / v given to
+        `paged_attention`, plain loads) or "descriptor" (the same through TMA tensor
+        descriptors, sm_90+); the cached prefix is always read through the block table.
+    scaled_q: multiply q by scale * log2(e) once (scores come out in the log2 domain).
+    lazy_rescale: rescale the accumulator only when a row's max grows by more than 2^8.
     """
 
     block_m: int
@@ -455,16 +729,45 @@ class AttentionLaunch:
     num_warps: int = 4
     num_stages: int = 2
     causal_tiling: bool = False
+    pack_group: bool = True
+    new_kv: str = "cache"
+    scaled_q: bool = False
+    lazy_rescale: bool = False
 
 
-def _rows(group: int, block_m: int) -> tuple[int, int]:
+NEW_KV_SOURCES = {"cache": 0, "pointer": 1, "descriptor": 2}
+
+
+def _rows(group: int, block_m: int, pack_group: bool = True) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_Q): at least `block_m` rows, and whole query-head groups."""
+    if not pack_group:
+        block_m = max(block_m, 16)
+        return block_m, block_m
     block_m = max(block_m, triton.next_power_of_2(group), 16)
     return block_m, block_m // group
 
 
 PREFILL_KERNEL_ENV = "PPRUNTIME_TRITON_PREFILL"
-PREFILL_KERNELS = ("tiled", "legacy")
+# candidate prefill kernels beside "tiled" (the default) and "legacy": the causal-tiled
+# kernel with these AttentionLaunch fields changed (scripts/sweep_prefill_attention.py
+# times them and their tile / warp / stage configurations on the GPU)
+PREFILL_VARIANTS: dict[str, dict[str, object]] = {
+    "tiled": {},
+    "scaled-q": {"scaled_q": True},
+    "head": {"pack_group": False, "scaled_q": True},
+    "new-kv": {"new_kv": "pointer", "scaled_q": True},
+    "new-kv-tma": {"new_kv": "descriptor", "scaled_q": True},
+    "head-new-kv": {"pack_group": False, "new_kv": "pointer", "scaled_q": True},
+    "head-new-kv-tma": {"pack_group": False, "new_kv": "descriptor", "scaled_q": True},
+    "lazy": {"scaled_q": True, "lazy_rescale": True},
+    "head-new-kv-tma-lazy": {
+        "pack_group": False,
+        "new_kv": "descriptor",
+        "scaled_q": True,
+        "lazy_rescale": True,
+    },
+}
+PREFILL_KERNELS = ("tiled", "legacy", *(name for name in PREFILL_VARIANTS if name != "tiled"))
 
 
 def prefill_kernel_from_env() -> str:
@@ -484,8 +787,9 @@ def prefill_launch(
     """Tiles for mixed / prefill batches: 128 query rows once a chunk fills them (the
     usual flash-attention shape on Hopper), fp32 smaller (twice the bytes a tile).
 
-    kernel: "tiled" (default) or "legacy" (the all-masked loop with 64-key tiles, kept
-    for comparison); None reads $PPRUNTIME_TRITON_PREFILL.
+    kernel: "tiled" (default), "legacy" (the all-masked loop with 64-key tiles, kept
+    for comparison) or one of PREFILL_VARIANTS (candidates, tiled with other fields);
+    None reads $PPRUNTIME_TRITON_PREFILL.
     """
     if kernel is None:
         kernel = prefill_kernel_from_env()
@@ -497,16 +801,18 @@ def prefill_launch(
         if max_query_len * group >= 128:
             return AttentionLaunch(block_m=128, block_n=64, num_warps=8, num_stages=3)
         return AttentionLaunch(block_m=64, block_n=64)
+    features = PREFILL_VARIANTS[kernel]
+    rows_per_token = group if features.get("pack_group", True) else 1
     if dtype == torch.float32:
-        return AttentionLaunch(block_m=32, block_n=32, causal_tiling=True)
-    if max_query_len * group >= 128:
+        return AttentionLaunch(block_m=32, block_n=32, causal_tiling=True, **features)
+    if max_query_len * rows_per_token >= 128:
         # 128 x 128 tiles halve the per-tile costs (rescaling the [128, D] accumulator,
         # row reductions, barriers) a key against 128 x 64; two stages of K and V tiles
         # (64 KiB each at D=128) and the Q tile fit Hopper's shared memory
         return AttentionLaunch(
-            block_m=128, block_n=128, num_warps=8, num_stages=2, causal_tiling=True
+            block_m=128, block_n=128, num_warps=8, num_stages=2, causal_tiling=True, **features
         )
-    return AttentionLaunch(block_m=64, block_n=64, causal_tiling=True)
+    return AttentionLaunch(block_m=64, block_n=64, causal_tiling=True, **features)
 
 
 def decode_launch(
@@ -555,6 +861,8 @@ def paged_attention(
     launch: AttentionLaunch,
     block_table_rows: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] against the paged cache [2, NB, BS, Hkv, D] -> [T, Hq, D] in q's dtype.
 
@@ -562,6 +870,9 @@ def paged_attention(
     seq_lens[b] keys in all (cached prefix + its new tokens, already stored); its
     blocks are row b (or block_table_rows[b]) of block_table. float32 inputs use
     IEEE-precision dots. No host synchronisation.
+
+    k_new, v_new [T, Hkv, D]: this step's keys and values (already stored in the cache),
+    read from there instead of the cache when launch.new_kv is not "cache".
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = layer_cache.shape[3]
@@ -574,16 +885,20 @@ def paged_attention(
         q = q.contiguous()
     if layer_cache.stride(-1) != 1:
         raise ValueError("layer_cache must be contiguous in its last (head_dim) dimension")
-    block_q = _rows(group, launch.block_m)[1]
+    block_q = _rows(group, launch.block_m, launch.pack_group)[1]
     num_splits = launch.num_splits
     if launch.one_program_per_seq:
         grid = (num_seqs, num_kv_heads, num_splits)
     else:
         if num_splits != 1:
             raise ValueError("split-KV attention needs a decode-only launch")
-        grid = (num_tokens // block_q + num_seqs, num_kv_heads, 1)
+        heads = num_kv_heads if launch.pack_group else num_q_heads
+        grid = (num_tokens // block_q + num_seqs, heads, 1)
     if launch.causal_tiling and launch.one_program_per_seq:
         raise ValueError("causal_tiling is for mixed / prefill launches, not decode-only ones")
+    if not launch.pack_group and launch.one_program_per_seq:
+        raise ValueError("pack_group=False is for mixed / prefill launches, not decode-only ones")
+    k_source, v_source, new_strides = _new_kv_sources(launch, q, k_new, v_new, group)
     if num_splits > 1:
         partial_out = torch.empty(
             (num_tokens, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
@@ -604,6 +919,8 @@ def paged_attention(
         seq_lens,
         block_table,
         block_table_rows if block_table_rows is not None else seq_lens,
+        k_source,
+        v_source,
         scale * LOG2_E,
         window,
         num_seqs,
@@ -616,6 +933,7 @@ def paged_attention(
         layer_cache.stride(2),
         layer_cache.stride(3),
         block_table.stride(0),
+        *new_strides,
         **attention_constants(
             launch,
             group,
@@ -643,6 +961,54 @@ def paged_attention(
     return out
 
 
+def _new_kv_sources(
+    launch: AttentionLaunch,
+    q: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    group: int,
+) -> tuple[object, object, tuple[int, int, int, int]]:
+    """The kernel's (k_new, v_new, their token / head strides) for launch.new_kv."""
+    if launch.new_kv not in NEW_KV_SOURCES:
+        raise ValueError(f"new_kv={launch.new_kv!r}: use one of {', '.join(NEW_KV_SOURCES)}")
+    if launch.new_kv == "cache":
+        return q, q, (0, 0, 0, 0)
+    if not launch.causal_tiling:
+        raise ValueError(f"new_kv={launch.new_kv!r} needs causal_tiling")
+    if k_new is None or v_new is None:
+        raise ValueError(f"new_kv={launch.new_kv!r} needs this step's k_new and v_new")
+    num_tokens, num_kv_heads, head_dim = k_new.shape
+    if v_new.shape != k_new.shape or num_tokens != q.shape[0]:
+        raise ValueError(
+            f"k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} must both be "
+            f"[{q.shape[0]}, Hkv, {q.shape[2]}]"
+        )
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+        raise ValueError("k_new and v_new must be contiguous in their last (head_dim) dimension")
+    strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1))
+    if launch.new_kv == "pointer":
+        return k_new, v_new, strides
+    if TensorDescriptor is None:
+        raise ValueError("new_kv='descriptor' needs triton.tools.tensor_descriptor (triton >= 3.4)")
+    if k_new.stride(1) != head_dim or v_new.stride(1) != head_dim:
+        raise ValueError("new_kv='descriptor' needs each token's KV heads side by side")
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        if x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+            raise ValueError(
+                f"new_kv='descriptor' needs {name} 16-byte aligned, its token stride too "
+                f"(stride {x.stride(0)} x {x.element_size()} bytes)"
+            )
+    dim_pad = max(triton.next_power_of_2(head_dim), 16)
+    block = [launch.block_n, dim_pad]
+    # [T, Hkv * D] views; a box past a head's D columns reads the next head's (zeros past
+    # the last), which meet q's zero padding in QK^T and land in unstored output columns
+    descriptors = tuple(
+        TensorDescriptor(x, [num_tokens, num_kv_heads * head_dim], [x.stride(0), 1], block)
+        for x in (k_new, v_new)
+    )
+    return descriptors[0], descriptors[1], (0, 0, 0, 0)
+
+
 def attention_constants(
     launch: AttentionLaunch,
     group: int,
@@ -653,7 +1019,7 @@ def attention_constants(
     has_window: bool,
 ) -> dict[str, object]:
     """The compile-time constants of `_paged_attention_kernel` for one launch."""
-    block_m, block_q = _rows(group, launch.block_m)
+    block_m, block_q = _rows(group, launch.block_m, launch.pack_group)
     return {
         "BLOCK_SIZE": block_size,
         "GROUP": group,
@@ -670,6 +1036,10 @@ def attention_constants(
         "CAUSAL_TILING": launch.causal_tiling,
         "IEEE": dtype == torch.float32 or INTERPRETED,
         "UPCAST": INTERPRETED,
+        "PACK_GROUP": launch.pack_group,
+        "NEW_KV": NEW_KV_SOURCES[launch.new_kv],
+        "SCALED_Q": launch.scaled_q,
+        "LAZY_RESCALE": launch.lazy_rescale,
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 
 import torch
 import triton
@@ -64,7 +65,12 @@ def attention(name, dtype, hq, hkv, head_dim, launch, window, block_size=16):
         "seq_lens_ptr": "*i64",
         "block_table_ptr": "*i32",
         "block_table_rows_ptr": "*i64",
+        "k_new": f"*{element}",
+        "v_new": f"*{element}",
     }
+    if launch.new_kv == "descriptor":  # TMA descriptors of [T, Hkv * D] k / v
+        box = f"[{launch.block_n},{max(triton.next_power_of_2(head_dim), 16)}]"
+        pointers["k_new"] = pointers["v_new"] = f"tensordesc<{element}{box}>"
     group = hq // hkv
     constants = pa.attention_constants(
         launch, group, head_dim, block_size, dtype, has_rows=True, has_window=window
@@ -109,6 +115,27 @@ def main() -> int:
         128,
         pa.prefill_launch(torch.bfloat16, 512, 4, kernel="legacy"),
         False,
+    )
+    # prefill candidates: the chunk's keys through TMA descriptors with every other
+    # feature on; one head a program with plain new-key loads and a window
+    tiled = pa.prefill_launch(torch.bfloat16, 512, 4)
+    attention(
+        "8B prefill bf16 head-new-kv-tma-lazy",
+        torch.bfloat16,
+        32,
+        8,
+        128,
+        replace(tiled, **pa.PREFILL_VARIANTS["head-new-kv-tma-lazy"]),
+        False,
+    )
+    attention(
+        "8B prefill bf16 new-kv window",
+        torch.bfloat16,
+        32,
+        8,
+        128,
+        replace(tiled, **pa.PREFILL_VARIANTS["new-kv"]),
+        True,
     )
     attention(
         "mixed fp16 d80 window",

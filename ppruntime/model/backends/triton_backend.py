@@ -136,4 +136,6 @@ class TritonAttentionBackend:
             ),
             block_table_rows=attn.block_table_rows,
             sliding_window=sliding_window,
+            k_new=k,  # read from here when the launch's new_kv says so
+            v_new=v,
         )
