@@ -268,16 +268,41 @@ def _attend_range(
     SOURCE: tl.constexpr,
     SCALED_Q: tl.constexpr,
     LAZY_RESCALE: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
-    """_attend_tile over the tiles starting at range_start, range_start + BLOCK_N, ..."""
-    for tile_start in range(range_start, range_end, BLOCK_N):
-        acc, running_max, running_sum = _attend_tile(
-            acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high, table_ptr,
-            k_ptr, stride_cache_kv, stride_cache_block, stride_cache_offset, k_new, v_new,
-            new_row_offset, new_column, stride_k_new, stride_v_new, scale_log2,
-            sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, MASKED, USE_WINDOW, IEEE,
-            UPCAST, SOURCE, SCALED_Q, LAZY_RESCALE,
-        )  # fmt: skip
+    """_attend_tile over the tiles starting at range_start, range_start + BLOCK_N, ...
+
+    LOOP_STAGES 0 pipelines the loop with the launch's num_stages, n > 0 with n (1: not
+    at all: the masked edge loops run a tile or two); WARP_SPECIALIZE asks triton to
+    split the loop into producer and consumer warps."""
+    if WARP_SPECIALIZE:
+        for tile_start in tl.range(range_start, range_end, BLOCK_N, warp_specialize=True):
+            acc, running_max, running_sum = _attend_tile(
+                acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
+                table_ptr, k_ptr, stride_cache_kv, stride_cache_block, stride_cache_offset,
+                k_new, v_new, new_row_offset, new_column, stride_k_new, stride_v_new,
+                scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, MASKED,
+                USE_WINDOW, IEEE, UPCAST, SOURCE, SCALED_Q, LAZY_RESCALE,
+            )  # fmt: skip
+    elif LOOP_STAGES > 0:
+        for tile_start in tl.range(range_start, range_end, BLOCK_N, num_stages=LOOP_STAGES):
+            acc, running_max, running_sum = _attend_tile(
+                acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
+                table_ptr, k_ptr, stride_cache_kv, stride_cache_block, stride_cache_offset,
+                k_new, v_new, new_row_offset, new_column, stride_k_new, stride_v_new,
+                scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, MASKED,
+                USE_WINDOW, IEEE, UPCAST, SOURCE, SCALED_Q, LAZY_RESCALE,
+            )  # fmt: skip
+    else:
+        for tile_start in range(range_start, range_end, BLOCK_N):
+            acc, running_max, running_sum = _attend_tile(
+                acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
+                table_ptr, k_ptr, stride_cache_kv, stride_cache_block, stride_cache_offset,
+                k_new, v_new, new_row_offset, new_column, stride_k_new, stride_v_new,
+                scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, MASKED,
+                USE_WINDOW, IEEE, UPCAST, SOURCE, SCALED_Q, LAZY_RESCALE,
+            )  # fmt: skip
     return acc, running_max, running_sum
 
 
@@ -317,6 +342,8 @@ def _attend_prefix_then_new(
     NEW_KV: tl.constexpr,
     SCALED_Q: tl.constexpr,
     LAZY_RESCALE: tl.constexpr,
+    EDGE_STAGES: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """Causal tiling in two parts: the cached prefix [kv_low, context_len) through the
     block table (tiles at multiples of BLOCK_N; every query sees every prefix key but for
@@ -347,21 +374,22 @@ def _attend_prefix_then_new(
         table_ptr, k_ptr, stride_cache_kv, stride_cache_block, stride_cache_offset, k_src,
         v_src, new_row_offset, new_column, stride_k_new_token, stride_v_new_token,
         scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW,
-        IEEE, UPCAST, 0, SCALED_Q, LAZY_RESCALE,
+        IEEE, UPCAST, 0, SCALED_Q, LAZY_RESCALE, EDGE_STAGES, False,
     )  # fmt: skip
     acc, running_max, running_sum = _attend_range(
         acc, running_max, running_sum, q, q_pos, unmasked_low, unmasked_high, kv_low,
         prefix_high, table_ptr, k_ptr, stride_cache_kv, stride_cache_block,
         stride_cache_offset, k_src, v_src, new_row_offset, new_column, stride_k_new_token,
         stride_v_new_token, scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD,
-        BLOCK_N, False, USE_WINDOW, IEEE, UPCAST, 0, SCALED_Q, LAZY_RESCALE,
+        BLOCK_N, False, USE_WINDOW, IEEE, UPCAST, 0, SCALED_Q, LAZY_RESCALE, 0,
+        WARP_SPECIALIZE,
     )  # fmt: skip
     acc, running_max, running_sum = _attend_range(
         acc, running_max, running_sum, q, q_pos, unmasked_high, prefix_high, kv_low,
         prefix_high, table_ptr, k_ptr, stride_cache_kv, stride_cache_block,
         stride_cache_offset, k_src, v_src, new_row_offset, new_column, stride_k_new_token,
         stride_v_new_token, scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD,
-        BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, 0, SCALED_Q, LAZY_RESCALE,
+        BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, 0, SCALED_Q, LAZY_RESCALE, EDGE_STAGES, False,
     )  # fmt: skip
 
     # the chunk's own keys, in positions relative to its first token
@@ -381,7 +409,7 @@ def _attend_prefix_then_new(
         stride_cache_block, stride_cache_offset, k_src, v_src, new_row_offset, new_column,
         stride_k_new_token, stride_v_new_token, scale_log2, sliding_window, BLOCK_SIZE,
         HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, NEW_KV, SCALED_Q,
-        LAZY_RESCALE,
+        LAZY_RESCALE, EDGE_STAGES, False,
     )  # fmt: skip
     acc, running_max, running_sum = _attend_range(
         acc, running_max, running_sum, q, q_pos, context_len + chunk_window,
@@ -389,14 +417,14 @@ def _attend_prefix_then_new(
         stride_cache_block, stride_cache_offset, k_src, v_src, new_row_offset, new_column,
         stride_k_new_token, stride_v_new_token, scale_log2, sliding_window, BLOCK_SIZE,
         HEAD_DIM, DIM_PAD, BLOCK_N, False, USE_WINDOW, IEEE, UPCAST, NEW_KV, SCALED_Q,
-        LAZY_RESCALE,
+        LAZY_RESCALE, 0, WARP_SPECIALIZE,
     )  # fmt: skip
     acc, running_max, running_sum = _attend_range(
         acc, running_max, running_sum, q, q_pos, context_len + chunk_full, kv_high, kv_low,
         kv_high, table_ptr, k_ptr, stride_cache_kv, stride_cache_block, stride_cache_offset,
         k_src, v_src, new_row_offset, new_column, stride_k_new_token, stride_v_new_token,
         scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW,
-        IEEE, UPCAST, NEW_KV, SCALED_Q, LAZY_RESCALE,
+        IEEE, UPCAST, NEW_KV, SCALED_Q, LAZY_RESCALE, EDGE_STAGES, False,
     )  # fmt: skip
     return acc, running_max, running_sum
 
@@ -449,6 +477,8 @@ def _paged_attention_kernel(
     NEW_KV: tl.constexpr,
     SCALED_Q: tl.constexpr,
     LAZY_RESCALE: tl.constexpr,
+    EDGE_STAGES: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     program = tl.program_id(0)
     if CAUSAL_TILING:
@@ -528,7 +558,7 @@ def _paged_attention_kernel(
             stride_cache_kv, stride_cache_block, stride_cache_offset, k_new, v_new,
             stride_k_new_token, stride_k_new_head, stride_v_new_token, stride_v_new_head,
             scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, USE_WINDOW,
-            IEEE, UPCAST, NEW_KV, SCALED_Q, LAZY_RESCALE,
+            IEEE, UPCAST, NEW_KV, SCALED_Q, LAZY_RESCALE, EDGE_STAGES, WARP_SPECIALIZE,
         )  # fmt: skip
     elif CAUSAL_TILING:
         # tiles [full_low, full_high) hold keys every row of this query block sees (at or
@@ -542,31 +572,28 @@ def _paged_attention_kernel(
             window_start = tl.maximum(kv_high - sliding_window, 0)  # the last row's first key
             full_low = tl.maximum(low, tl.cdiv(window_start, BLOCK_N) * BLOCK_N)
             full_low = tl.minimum(full_low, tiles_end)
-            for tile_start in range(low, full_low, BLOCK_N):
-                acc, running_max, running_sum = _attend_tile(
-                    acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
-                    table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
-                    stride_cache_offset, q_ptr, q_ptr, 0, 0, 0, 0, scale_log2, sliding_window,
-                    BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, 0,
-                    SCALED_Q, LAZY_RESCALE,
-                )  # fmt: skip
-        full_high = tl.maximum(((first_pos + 1) // BLOCK_N) * BLOCK_N, full_low)
-        for tile_start in range(full_low, full_high, BLOCK_N):
-            acc, running_max, running_sum = _attend_tile(
-                acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
-                table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
-                stride_cache_offset, q_ptr, q_ptr, 0, 0, 0, 0, scale_log2, sliding_window,
-                BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, False, USE_WINDOW, IEEE, UPCAST, 0,
-                SCALED_Q, LAZY_RESCALE,
-            )  # fmt: skip
-        for tile_start in range(full_high, kv_high, BLOCK_N):
-            acc, running_max, running_sum = _attend_tile(
-                acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
+            acc, running_max, running_sum = _attend_range(
+                acc, running_max, running_sum, q, q_pos, low, full_low, kv_low, kv_high,
                 table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
                 stride_cache_offset, q_ptr, q_ptr, 0, 0, 0, 0, scale_log2, sliding_window,
                 BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, 0,
-                SCALED_Q, LAZY_RESCALE,
+                SCALED_Q, LAZY_RESCALE, EDGE_STAGES, False,
             )  # fmt: skip
+        full_high = tl.maximum(((first_pos + 1) // BLOCK_N) * BLOCK_N, full_low)
+        acc, running_max, running_sum = _attend_range(
+            acc, running_max, running_sum, q, q_pos, full_low, full_high, kv_low, kv_high,
+            table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
+            stride_cache_offset, q_ptr, q_ptr, 0, 0, 0, 0, scale_log2, sliding_window,
+            BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, False, USE_WINDOW, IEEE, UPCAST, 0,
+            SCALED_Q, LAZY_RESCALE, 0, WARP_SPECIALIZE,
+        )  # fmt: skip
+        acc, running_max, running_sum = _attend_range(
+            acc, running_max, running_sum, q, q_pos, full_high, kv_high, kv_low, kv_high,
+            table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
+            stride_cache_offset, q_ptr, q_ptr, 0, 0, 0, 0, scale_log2, sliding_window,
+            BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, 0,
+            SCALED_Q, LAZY_RESCALE, EDGE_STAGES, False,
+        )  # fmt: skip
     else:
         for tile_start in range((kv_low // BLOCK_N) * BLOCK_N, kv_high, BLOCK_N):
             key_pos = tile_start + tl.arange(0, BLOCK_N)
@@ -719,6 +746,9 @@ class AttentionLaunch:
         descriptors, sm_90+); the cached prefix is always read through the block table.
     scaled_q: multiply q by scale * log2(e) once (scores come out in the log2 domain).
     lazy_rescale: rescale the accumulator only when a row's max grows by more than 2^8.
+    edge_stages: pipeline stages of causal tiling's masked loops (the diagonal, a window's
+        edge, a prefix's last tile: a tile or two each); 0: num_stages, as the others.
+    warp_specialize: triton's warp specialisation of the unmasked loops.
     """
 
     block_m: int
@@ -733,6 +763,8 @@ class AttentionLaunch:
     new_kv: str = "cache"
     scaled_q: bool = False
     lazy_rescale: bool = False
+    edge_stages: int = 0
+    warp_specialize: bool = False
 
 
 NEW_KV_SOURCES = {"cache": 0, "pointer": 1, "descriptor": 2}
@@ -753,19 +785,15 @@ PREFILL_KERNEL_ENV = "PPRUNTIME_TRITON_PREFILL"
 # times them and their tile / warp / stage configurations on the GPU)
 PREFILL_VARIANTS: dict[str, dict[str, object]] = {
     "tiled": {},
+    "new-kv-tma": {"new_kv": "descriptor", "edge_stages": 1},
+    "new-kv": {"new_kv": "pointer", "edge_stages": 1},
+    "head": {"pack_group": False},
+    "head-new-kv-tma": {"pack_group": False, "new_kv": "descriptor", "edge_stages": 1},
+    "tiled-edge1": {"edge_stages": 1},
+    "lazy": {"lazy_rescale": True},
+    "new-kv-tma-lazy": {"new_kv": "descriptor", "edge_stages": 1, "lazy_rescale": True},
+    "new-kv-tma-ws": {"new_kv": "descriptor", "edge_stages": 1, "warp_specialize": True},
     "scaled-q": {"scaled_q": True},
-    "head": {"pack_group": False, "scaled_q": True},
-    "new-kv": {"new_kv": "pointer", "scaled_q": True},
-    "new-kv-tma": {"new_kv": "descriptor", "scaled_q": True},
-    "head-new-kv": {"pack_group": False, "new_kv": "pointer", "scaled_q": True},
-    "head-new-kv-tma": {"pack_group": False, "new_kv": "descriptor", "scaled_q": True},
-    "lazy": {"scaled_q": True, "lazy_rescale": True},
-    "head-new-kv-tma-lazy": {
-        "pack_group": False,
-        "new_kv": "descriptor",
-        "scaled_q": True,
-        "lazy_rescale": True,
-    },
 }
 PREFILL_KERNELS = ("tiled", "legacy", *(name for name in PREFILL_VARIANTS if name != "tiled"))
 
@@ -1040,6 +1068,8 @@ def attention_constants(
         "NEW_KV": NEW_KV_SOURCES[launch.new_kv],
         "SCALED_Q": launch.scaled_q,
         "LAZY_RESCALE": launch.lazy_rescale,
+        "EDGE_STAGES": launch.edge_stages,
+        "WARP_SPECIALIZE": launch.warp_specialize,
     }
 
 
