@@ -786,14 +786,14 @@ PREFILL_KERNEL_ENV = "PPRUNTIME_TRITON_PREFILL"
 PREFILL_VARIANTS: dict[str, dict[str, object]] = {
     "tiled": {},
     "new-kv-tma": {"new_kv": "descriptor", "edge_stages": 1},
-    "new-kv": {"new_kv": "pointer", "edge_stages": 1},
-    "head": {"pack_group": False},
     "head-new-kv-tma": {"pack_group": False, "new_kv": "descriptor", "edge_stages": 1},
-    "tiled-edge1": {"edge_stages": 1},
-    "lazy": {"lazy_rescale": True},
     "new-kv-tma-lazy": {"new_kv": "descriptor", "edge_stages": 1, "lazy_rescale": True},
-    "new-kv-tma-ws": {"new_kv": "descriptor", "edge_stages": 1, "warp_specialize": True},
+    "tiled-edge1": {"edge_stages": 1},
+    "head": {"pack_group": False},
+    "lazy": {"lazy_rescale": True},
+    "new-kv": {"new_kv": "pointer", "edge_stages": 1},
     "scaled-q": {"scaled_q": True},
+    "new-kv-tma-ws": {"new_kv": "descriptor", "edge_stages": 1, "warp_specialize": True},
 }
 PREFILL_KERNELS = ("tiled", "legacy", *(name for name in PREFILL_VARIANTS if name != "tiled"))
 
