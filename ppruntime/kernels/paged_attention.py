@@ -109,8 +109,9 @@ def _attend_tile(
     """One BLOCK_N-key tile of the online softmax (causal tiling). Unmasked tiles hold
     keys every query row sees: no key, causal or window masks, no -inf guard.
 
-    SOURCE 0 reads the keys from the paged cache through the block table; 1 and 2 read
-    this step's own keys from the contiguous new k / v (pointers / TMA descriptors).
+    SOURCE 0 reads the keys from the paged cache through the block table (3: the same,
+    one table lookup a block when a tile spans whole blocks); 1 and 2 read this step's
+    own keys from the contiguous new k / v (pointers / TMA descriptors).
     SCALED_Q: q already holds scale * log2(e), the scores are in the log2 domain.
     LAZY_RESCALE: keep the running max (and skip rescaling the accumulator) unless a
     row's max grows by more than 2^8; the stale max only scales p and the sum alike."""
@@ -136,6 +137,19 @@ def _attend_tile(
                 block_id = tl.load(table_ptr + tile_start // BLOCK_SIZE).to(tl.int64)
                 in_block = tile_start % BLOCK_SIZE + keys
                 key_offset = block_id * stride_cache_block + in_block * stride_cache_offset
+            elif BLOCK_N % BLOCK_SIZE == 0 and SOURCE == 3:  # whole blocks, one lookup each
+                tile_blocks = tl.arange(0, BLOCK_N // BLOCK_SIZE)
+                block_index = tile_start // BLOCK_SIZE + tile_blocks
+                if MASKED:
+                    block_valid = tile_start + tile_blocks * BLOCK_SIZE < kv_high
+                    block_ids = tl.load(table_ptr + block_index, mask=block_valid, other=0)
+                else:
+                    block_ids = tl.load(table_ptr + block_index)
+                block_offset = (
+                    block_ids.to(tl.int64)[:, None] * stride_cache_block
+                    + tl.arange(0, BLOCK_SIZE)[None, :] * stride_cache_offset
+                )  # [blocks of the tile, BLOCK_SIZE]
+                key_offset = tl.reshape(block_offset, [BLOCK_N])
             elif BLOCK_N % BLOCK_SIZE == 0:  # the tile spans whole blocks
                 block_index = tile_start // BLOCK_SIZE + keys // BLOCK_SIZE
                 if MASKED:
@@ -344,6 +358,7 @@ def _attend_prefix_then_new(
     LAZY_RESCALE: tl.constexpr,
     EDGE_STAGES: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    CACHE_SOURCE: tl.constexpr,
 ):
     """Causal tiling in two parts: the cached prefix [kv_low, context_len) through the
     block table (tiles at multiples of BLOCK_N; every query sees every prefix key but for
@@ -374,14 +389,14 @@ def _attend_prefix_then_new(
         table_ptr, k_ptr, stride_cache_kv, stride_cache_block, stride_cache_offset, k_src,
         v_src, new_row_offset, new_column, stride_k_new_token, stride_v_new_token,
         scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW,
-        IEEE, UPCAST, 0, SCALED_Q, LAZY_RESCALE, EDGE_STAGES, False,
+        IEEE, UPCAST, CACHE_SOURCE, SCALED_Q, LAZY_RESCALE, EDGE_STAGES, False,
     )  # fmt: skip
     acc, running_max, running_sum = _attend_range(
         acc, running_max, running_sum, q, q_pos, unmasked_low, unmasked_high, kv_low,
         prefix_high, table_ptr, k_ptr, stride_cache_kv, stride_cache_block,
         stride_cache_offset, k_src, v_src, new_row_offset, new_column, stride_k_new_token,
         stride_v_new_token, scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD,
-        BLOCK_N, False, USE_WINDOW, IEEE, UPCAST, 0, SCALED_Q, LAZY_RESCALE, 0,
+        BLOCK_N, False, USE_WINDOW, IEEE, UPCAST, CACHE_SOURCE, SCALED_Q, LAZY_RESCALE, 0,
         WARP_SPECIALIZE,
     )  # fmt: skip
     acc, running_max, running_sum = _attend_range(
@@ -389,7 +404,8 @@ def _attend_prefix_then_new(
         prefix_high, table_ptr, k_ptr, stride_cache_kv, stride_cache_block,
         stride_cache_offset, k_src, v_src, new_row_offset, new_column, stride_k_new_token,
         stride_v_new_token, scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD,
-        BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, 0, SCALED_Q, LAZY_RESCALE, EDGE_STAGES, False,
+        BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, CACHE_SOURCE, SCALED_Q, LAZY_RESCALE,
+        EDGE_STAGES, False,
     )  # fmt: skip
 
     # the chunk's own keys, in positions relative to its first token
@@ -479,6 +495,7 @@ def _paged_attention_kernel(
     LAZY_RESCALE: tl.constexpr,
     EDGE_STAGES: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    CACHE_SOURCE: tl.constexpr,
 ):
     program = tl.program_id(0)
     if CAUSAL_TILING:
@@ -559,6 +576,7 @@ def _paged_attention_kernel(
             stride_k_new_token, stride_k_new_head, stride_v_new_token, stride_v_new_head,
             scale_log2, sliding_window, BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, USE_WINDOW,
             IEEE, UPCAST, NEW_KV, SCALED_Q, LAZY_RESCALE, EDGE_STAGES, WARP_SPECIALIZE,
+            CACHE_SOURCE,
         )  # fmt: skip
     elif CAUSAL_TILING:
         # tiles [full_low, full_high) hold keys every row of this query block sees (at or
@@ -576,22 +594,22 @@ def _paged_attention_kernel(
                 acc, running_max, running_sum, q, q_pos, low, full_low, kv_low, kv_high,
                 table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
                 stride_cache_offset, q_ptr, q_ptr, 0, 0, 0, 0, scale_log2, sliding_window,
-                BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, 0,
-                SCALED_Q, LAZY_RESCALE, EDGE_STAGES, False,
+                BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST,
+                CACHE_SOURCE, SCALED_Q, LAZY_RESCALE, EDGE_STAGES, False,
             )  # fmt: skip
         full_high = tl.maximum(((first_pos + 1) // BLOCK_N) * BLOCK_N, full_low)
         acc, running_max, running_sum = _attend_range(
             acc, running_max, running_sum, q, q_pos, full_low, full_high, kv_low, kv_high,
             table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
             stride_cache_offset, q_ptr, q_ptr, 0, 0, 0, 0, scale_log2, sliding_window,
-            BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, False, USE_WINDOW, IEEE, UPCAST, 0,
+            BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, False, USE_WINDOW, IEEE, UPCAST, CACHE_SOURCE,
             SCALED_Q, LAZY_RESCALE, 0, WARP_SPECIALIZE,
         )  # fmt: skip
         acc, running_max, running_sum = _attend_range(
             acc, running_max, running_sum, q, q_pos, full_high, kv_high, kv_low, kv_high,
             table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
             stride_cache_offset, q_ptr, q_ptr, 0, 0, 0, 0, scale_log2, sliding_window,
-            BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, 0,
+            BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, True, USE_WINDOW, IEEE, UPCAST, CACHE_SOURCE,
             SCALED_Q, LAZY_RESCALE, EDGE_STAGES, False,
         )  # fmt: skip
     else:
@@ -749,6 +767,8 @@ class AttentionLaunch:
     edge_stages: pipeline stages of causal tiling's masked loops (the diagonal, a window's
         edge, a prefix's last tile: a tile or two each); 0: num_stages, as the others.
     warp_specialize: triton's warp specialisation of the unmasked loops.
+    table_per_block: causal tiling's cache tiles that span whole blocks look each block up
+        once (BLOCK_N // block_size loads) instead of once a key.
     """
 
     block_m: int
@@ -765,6 +785,7 @@ class AttentionLaunch:
     lazy_rescale: bool = False
     edge_stages: int = 0
     warp_specialize: bool = False
+    table_per_block: bool = False
 
 
 NEW_KV_SOURCES = {"cache": 0, "pointer": 1, "descriptor": 2}
@@ -789,6 +810,8 @@ PREFILL_VARIANTS: dict[str, dict[str, object]] = {
     "head-new-kv-tma": {"pack_group": False, "new_kv": "descriptor", "edge_stages": 1},
     "new-kv-tma-lazy": {"new_kv": "descriptor", "edge_stages": 1, "lazy_rescale": True},
     "tiled-edge1": {"edge_stages": 1},
+    "tiled-table": {"table_per_block": True},
+    "new-kv-tma-table": {"new_kv": "descriptor", "edge_stages": 1, "table_per_block": True},
     "head": {"pack_group": False},
     "lazy": {"lazy_rescale": True},
     "new-kv": {"new_kv": "pointer", "edge_stages": 1},
@@ -1070,6 +1093,7 @@ def attention_constants(
         "LAZY_RESCALE": launch.lazy_rescale,
         "EDGE_STAGES": launch.edge_stages,
         "WARP_SPECIALIZE": launch.warp_specialize,
+        "CACHE_SOURCE": 3 if launch.table_per_block else 0,
     }
 
 
