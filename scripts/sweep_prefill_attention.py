@@ -42,7 +42,8 @@ if not torch.cuda.is_available():  # the kernels run interpreted on CPU tensors
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import attention_prefill_flops, matmul_throughput
+from _bench_models import attention_prefill_flops
+from bench_gpu import matmul_throughput
 
 from ppruntime.kernels.paged_attention import (
     PREFILL_VARIANTS,
