@@ -45,6 +45,17 @@ class StepCounters:
 
 
 @dataclass
+class CarriedTokens:
+    """Input tokens of a step that are not on the host yet: the sampled ids of the step
+    in flight, still on the device (async scheduling at PP=1). They are gathered into
+    the step's token-id buffer on the device, after the host's token ids went up."""
+
+    sampled: torch.Tensor  # [S] int32: the step in flight's sampled ids, on the device
+    sampled_rows: np.ndarray  # [C] int64: which of them...
+    token_index: np.ndarray  # [C] int64: ...is the input of which flat token of this step
+
+
+@dataclass
 class StepInputs:
     """Views into the pooled buffers for one microbatch (no copies)."""
 
@@ -119,9 +130,12 @@ class StepInputPool:
         self.counters.allocations += 1
         return np.zeros(size, dtype=np.int64)
 
-    def prepare(self, batch, pad_to: int | None = None) -> StepInputs:
+    def prepare(
+        self, batch, pad_to: int | None = None, carried: CarriedTokens | None = None
+    ) -> StepInputs:
         """Fill the pooled buffers for one microbatch.
 
+        carried: token ids to take on the device from a step in flight (first stage).
         pad_to: decode only: append rows up to this many (a CUDA graph's batch size).
         A padded row writes no KV (slot -1), attends to nothing (seq_len 0), sits at
         position 0 with token 0 and reads an existing block-table row; it samples
@@ -203,7 +217,21 @@ class StepInputPool:
         inputs = self._views(view_seqs, num_rows, num_samples, max_query_len, is_decode)
         inputs.num_tokens = num_tokens
         inputs.attn.num_padded_tokens = num_rows - num_tokens
+        if carried is not None:
+            self._write_carried(inputs.token_ids, carried)
         return inputs
+
+    def _write_carried(self, token_ids: torch.Tensor, carried: CarriedTokens) -> None:
+        """token_ids[token_index] = sampled[sampled_rows], on the device, in stream order
+        after the host's copy (the buffer keeps its address: graphs read it)."""
+        index = np.stack([carried.sampled_rows, carried.token_index]).astype(np.int64)
+        index = torch.from_numpy(index)  # [2, C]
+        if self.device.type != "cpu":
+            staged = torch.empty(index.shape, dtype=index.dtype, pin_memory=True)
+            staged.copy_(index)
+            index = staged.to(self.device, non_blocking=True)
+        values = carried.sampled.index_select(0, index[0]).to(token_ids.dtype)
+        token_ids.index_copy_(0, index[1], values)
 
     def _pad_decode_rows(self, num_real: int, num_rows: int) -> None:
         """Rows [num_real, num_rows) of a decode batch: harmless, write and read nothing."""
