@@ -313,3 +313,15 @@ def test_cli_flags():
     assert parser.parse_args(["generate"]).async_scheduling is None
     assert parser.parse_args(["generate", "--async-scheduling"]).async_scheduling is True
     assert parser.parse_args(["generate", "--no-async-scheduling"]).async_scheduling is False
+
+
+def test_cli_refuses_async_scheduling_with_several_stages():
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "ppruntime", "generate", "--preset", "tiny"]
+    command += ["--pp-size", "2", "--async-scheduling", "--prompt", "hi"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "async scheduling (--async-scheduling) needs pp_size 1, got pp_size=2" in result.stderr
+    assert "drop --async-scheduling" in result.stderr

@@ -143,3 +143,56 @@ def test_abort_mid_decode_frees_every_block_with_async_scheduling(monkeypatch, c
         executor = llm._engine.executor
         assert executor.runner.num_replays > 0 and executor.stats.rows_continued > 0
         assert executor.table.all_blocks_free() and not executor.table.num_in_flight_batches
+
+
+# -- the step-input pool: pinned, double-buffered host staging ---------------------------
+def _decode_batch(slots, starts):
+    from ppruntime.engine.scheduler import ScheduledBatch
+
+    count = len(slots)
+    return ScheduledBatch(
+        batch_id=0,
+        slots=np.asarray(slots, dtype=np.intp),
+        num_new=np.ones(count, np.int32),
+        starts=np.asarray(starts, dtype=np.int32),
+        sample_mask=np.ones(count, bool),
+        block_counts=np.zeros(count, np.int32),
+        block_ids=np.zeros(0, np.int32),
+        admit_seq_ids=np.zeros(0, np.int64),
+        admit_slots=np.zeros(0, np.intp),
+        preempt_slots=np.zeros(0, np.intp),
+    )
+
+
+def test_step_inputs_written_while_the_gpu_is_busy_reach_it_intact():
+    """Three steps prepared while the GPU is still busy (a long sleep kernel queued in
+    front): each step's device buffers, snapshotted in stream order right after its
+    copies, hold that step's inputs, not a later step's (the host never rewrites a
+    pinned buffer whose copy has not run)."""
+    from ppruntime.stage.step_inputs import CarriedTokens, StepInputPool
+
+    device = torch.device("cuda")
+    block_table = np.arange(8 * 4, dtype=np.int32).reshape(8, 4)
+    token_table = np.arange(8 * 16, dtype=np.int32).reshape(8, 16)
+    pool = StepInputPool(block_table, np.zeros(8, bool), 4, 32, 8, token_table, device)
+    batches = [_decode_batch([0, 1, 2], [3, 4, 5]), _decode_batch([4, 5], [7, 8])]
+    batches.append(_decode_batch([6, 7, 3, 2], [1, 2, 9, 10]))
+    sampled = torch.tensor([500, 501, 502], dtype=torch.int32, device=device)
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time: every copy below waits behind it
+    snapshots = []
+    for index, batch in enumerate(batches):
+        carried = None
+        if index == 2:  # its first row's token is another step's sample, on the device
+            carried = CarriedTokens(sampled, np.array([1]), np.array([0]))
+        inputs = pool.prepare(batch, carried=carried)
+        snapshots.append(
+            (inputs.positions.clone(), inputs.token_ids.clone(), inputs.attn.seq_lens.clone())
+        )
+    torch.cuda.synchronize()
+    for index, (batch, (positions, tokens, seq_lens)) in enumerate(zip(batches, snapshots)):
+        assert positions.tolist() == batch.starts.tolist()
+        assert seq_lens.tolist() == (batch.starts + 1).tolist()
+        expected = token_table[batch.slots, batch.starts].tolist()
+        if index == 2:
+            expected[0] = 501
+        assert tokens.tolist() == expected
