@@ -206,6 +206,10 @@ class EngineConfig:
     activation_channel: how activations reach the next stage: "auto" (nccl between
         distinct GPUs, host otherwise), "nccl", "gloo" (CPU), "host" (MPI via host
         memory) or "cuda-aware-mpi" (MPI on device buffers, where the MPI supports it).
+    async_scheduling: with one pipeline stage, schedule and launch the next decode step
+        before the tokens of the step in flight are on the host (the host's work then
+        overlaps the device's). None = on where the stage computes on CUDA at pp_size 1
+        outside deterministic mode, off elsewhere (`async_scheduling_on`).
     """
 
     model: str = "tiny"
@@ -223,6 +227,14 @@ class EngineConfig:
     startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
     cuda_graphs: bool = True
     activation_channel: str = "auto"
+    async_scheduling: bool | None = None
+
+    def async_scheduling_on(self, device_type: str) -> bool:
+        """Whether async scheduling runs for a stage computing on `device_type`."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        parallel = self.parallel
+        return device_type == "cuda" and parallel.pp_size == 1 and not parallel.deterministic
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_num_tokens", "block_size", "kv_cache_memory_mb"):
@@ -267,6 +279,22 @@ class EngineConfig:
         check_seconds("startup_timeout_s", "--startup-timeout", self.startup_timeout_s)
         if not isinstance(self.cuda_graphs, bool):
             raise ConfigError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        if self.async_scheduling not in (None, True, False):
+            raise ConfigError(
+                f"async_scheduling must be True, False or None (the device's default), "
+                f"got {self.async_scheduling!r}"
+            )
+        if self.async_scheduling and self.parallel.pp_size > 1:
+            raise ConfigError(
+                f"async scheduling (--async-scheduling) needs pp_size 1, got pp_size="
+                f"{self.parallel.pp_size}: with several stages the pipeline already overlaps "
+                "microbatches; drop --async-scheduling or run one stage"
+            )
+        if self.async_scheduling and self.parallel.deterministic:
+            raise ConfigError(
+                "async scheduling (--async-scheduling) is not available in deterministic "
+                "mode (--deterministic / PPRUNTIME_DETERMINISTIC=1): drop one of them"
+            )
         if self.activation_channel not in ACTIVATION_CHANNELS:
             raise ConfigError(
                 f"activation_channel (--activation-channel / PPRUNTIME_ACTIVATION_CHANNEL) must "

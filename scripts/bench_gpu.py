@@ -20,7 +20,10 @@ with like:
   prompts, and the ratio;
 - on CUDA: the host time per decode step (wall time minus the time inside the calls that
   wait on the device, from the timed runs), and with the profiler the fraction of decode
-  wall time the GPU was busy (union of kernel/copy intervals);
+  wall time the GPU was busy (union of kernel/copy intervals). With async scheduling (the
+  engine's default on CUDA at PP=1; --no-async-scheduling turns it off) the host's work
+  of step k+1 overlaps the device's step k: the step time then approaches the larger of
+  the two, not their sum;
 - attention alone, through `select_attention_backend` (torch vs triton): decode at
   batch 64 over contexts 512..32k (fraction of the copy bandwidth its KV bytes need) and
   a 4k-token prefill (fraction of the matmul throughput). "unavailable" when the
@@ -243,9 +246,12 @@ def run_ppruntime(
 ) -> dict[str, dict]:
     timer = Timer(device)
     kwargs = engine_kwargs(case_list, args.block_size, args.attention_backend)
+    if args.async_scheduling is not None:  # else the engine's default: on for CUDA at PP=1
+        kwargs["async_scheduling"] = args.async_scheduling
     started = time.perf_counter()
     llm = LLM(model=str(checkpoint), dtype="bfloat16", device=device.type, **kwargs)
     startup_s = time.perf_counter() - started
+    overlapped = getattr(llm._executor, "overlap", None) is not None
     results = {}
     try:
         for case in case_list:
@@ -260,7 +266,12 @@ def run_ppruntime(
             busy = {"gpu_busy_fraction": None}
             if on_cuda and args.profile:
                 busy = busy_fraction(generate, case.new_tokens, trace_dir)
-            results[case.name] = {**asdict(times), **busy, "startup_s": startup_s}
+            results[case.name] = {
+                **asdict(times),
+                **busy,
+                "startup_s": startup_s,
+                "async_scheduling": overlapped,
+            }
     finally:
         llm.shutdown()
         llm = None  # the weights and the KV cache go before transformers loads its copy
@@ -508,6 +519,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--attention-backend", default=None, help="passed to LLM(...)")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="passed to LLM(...) (default: the engine's, on for CUDA at PP=1)",
+    )
     parser.add_argument(
         "--attention-contexts",
         default="512,1024,2048,4096,8192,16384,32768",

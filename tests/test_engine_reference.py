@@ -97,6 +97,18 @@ def test_greedy_matches_transformers_async_and_chunked(references, arch):
     _check_against_reference(outputs, reference)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+def test_greedy_matches_transformers_with_async_scheduling(references, chunked):
+    """Each step scheduled before the previous one's tokens are on the host (forced on
+    the CPU): the reference's tokens, and the synchronous loop's, token for token."""
+    directory, reference = references["llama"]
+    sizes = {"max_num_tokens": 7, "max_batch_size": 3} if chunked else {}
+    overlapped = _generate(directory, async_scheduling=True, **sizes)
+    _check_against_reference(overlapped, reference)
+    sync = _generate(directory, async_scheduling=False, **sizes)
+    assert [o.token_ids for o in overlapped] == [o.token_ids for o in sync]
+
+
 def test_reference_contains_eos_so_ignore_eos_matters(references):
     """The llama reference emits its eos (id 2) mid-sequence: ignore_eos is exercised."""
     _, reference = references["llama"]

@@ -544,9 +544,9 @@ def _nan_params() -> list[SamplingParams]:
     return [greedy, greedy, greedy, sampled]
 
 
-def _nan_engine(model: Path) -> LLM:
+def _nan_engine(model: Path, **kwargs) -> LLM:
     # small blocks and cache: the failed requests' blocks are reused by the next ones
-    return LLM(model=str(model), max_model_len=32, block_size=4, kv_cache_blocks=24)
+    return LLM(model=str(model), max_model_len=32, block_size=4, kv_cache_blocks=24, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -605,6 +605,25 @@ def test_nonfinite_logits_end_that_request_and_the_others_go_on(poisoned) -> Non
         assert outputs[1].to_json()["error"] == at_once.error  # --json carries it
         reports = engine.shutdown()
     assert all(r.kv_blocks_free == r.kv_blocks_total for r in reports)
+
+
+def test_nonfinite_logits_with_async_scheduling(poisoned) -> None:
+    """The poisoned token reaches the next step on the device (continued before it
+    landed); that step ends the request, and the step after it, already computed,
+    adds nothing: the same outputs as the synchronous loop."""
+    token = poisoned["token"]
+    prompts = [NAN_OTHERS[0], [1, token, 9], NAN_MID, NAN_OTHERS[1]]
+    results = {}
+    for flag in (False, True):
+        with _nan_engine(poisoned["model"], async_scheduling=flag) as engine:
+            outputs = engine.generate(prompts, _nan_params(), use_tqdm=False)
+            continued = engine._executor.stats.rows_continued
+            reports = engine.shutdown()
+        assert all(r.kv_blocks_free == r.kv_blocks_total for r in reports)
+        assert (continued > 0) == flag
+        results[flag] = [(o.token_ids, o.finish_reason, o.error) for o in outputs]
+    assert results[True] == results[False]
+    assert [reason for _, reason, _ in results[True]] == ["length", "error", "error", "length"]
 
 
 def test_nonfinite_logits_under_mpirun_cli(poisoned, tmp_path: Path) -> None:

@@ -125,6 +125,14 @@ def add_engine_arguments(parser) -> None:
         help="no CUDA graphs: run every decode step eagerly (graphs are on by default on CUDA)",
     )
     engine.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with one stage, schedule the next decode step while the device runs the "
+        "current one (default: $PPRUNTIME_ASYNC_SCHEDULING, else on for CUDA at --pp-size 1 "
+        "outside --deterministic)",
+    )
+    engine.add_argument(
         "--activation-channel",
         default=None,
         choices=ACTIVATION_CHANNELS,
@@ -179,6 +187,7 @@ def llm_from_args(args: argparse.Namespace):
         seed=args.engine_seed,
         attention_backend=args.attention_backend,
         cuda_graphs=not args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         activation_channel=args.activation_channel,
         watchdog_timeout_s=args.watchdog_timeout,
         startup_timeout_s=args.startup_timeout,

@@ -80,6 +80,7 @@ class LLM:
         seed: int = 0,
         attention_backend: str | None = None,
         cuda_graphs: bool = True,
+        async_scheduling: bool | None = None,
         activation_channel: str | None = None,
         watchdog_timeout_s: float | None = None,
         startup_timeout_s: float | None = None,
@@ -97,6 +98,8 @@ class LLM:
         self.info = bootstrap(log_level, log_dir)
         if deterministic is None:
             deterministic = bool(env_flag("PPRUNTIME_DETERMINISTIC"))
+        if async_scheduling is None:
+            async_scheduling = env_flag("PPRUNTIME_ASYNC_SCHEDULING")
         if attention_backend is None:
             attention_backend = os.environ.get("PPRUNTIME_ATTENTION_BACKEND") or None
         if activation_channel is None:
@@ -136,6 +139,7 @@ class LLM:
                 DEFAULT_STARTUP_TIMEOUT_S if startup_timeout_s is None else startup_timeout_s
             ),
             cuda_graphs=cuda_graphs,
+            async_scheduling=async_scheduling,
             activation_channel=activation_channel,
         )
         self.trace_path = trace

@@ -96,6 +96,7 @@ class RankReport:
     step_counters: dict
     block_table_counters: dict
     events: list
+    rows_continued: int = 0  # rows scheduled before their previous step landed (async)
 
 
 class PipelineEngine:
@@ -152,7 +153,8 @@ class PipelineEngine:
         self.executor.start()
         self.watchdog.start()
         log.info(
-            "stage %d/%d: layers [%d, %d), %d KV blocks of %d tokens, %s mode, %d microbatch slots",
+            "stage %d/%d: layers [%d, %d), %d KV blocks of %d tokens, %s mode, %d microbatch "
+            "slots, async scheduling %s",
             self.stage.stage_index,
             self.stage.num_stages,
             self.stage.layer_start,
@@ -161,6 +163,7 @@ class PipelineEngine:
             config.block_size,
             "deterministic" if parallel.deterministic else "async",
             parallel.microbatch_slots,
+            "on" if self.executor.overlap is not None else "off",
         )
 
     def _exchange(self, obj: object, what: str) -> list:
@@ -353,6 +356,7 @@ class PipelineEngine:
             max_blocks_per_seq,
             BlockManager(self.num_blocks, block_size),
             token_table_len=self.max_model_len if stage.is_first_stage else None,
+            max_model_len=self.max_model_len,
         )
         pool = StepInputPool(
             table.block_table,
@@ -425,6 +429,7 @@ class PipelineEngine:
             tracer=self.tracer,
             tracker=self.tracker,
             device_spans=self.device_spans,
+            async_scheduling=config.async_scheduling_on(device.type),
         )
         self.watchdog = Watchdog(
             self.comms.watchdog, info, self.tracker, self._has_work, parallel.watchdog_timeout_s
@@ -484,6 +489,7 @@ class PipelineEngine:
             step_counters=vars(executor.runner.pool.counters).copy(),
             block_table_counters=vars(table.counters).copy(),
             events=self.tracer.events + self.device_spans.events(),
+            rows_continued=executor.stats.rows_continued,
         )
         timeout_s = self.config.parallel.watchdog_timeout_s
         try:

@@ -11,6 +11,9 @@ One iteration of rank r:
           (the last rank samples and publishes the result to the relay).
 Sends are non-blocking; their handles live in the microbatch slot and are waited
 on only when the slot is reused, so uneven stages do not stall each other.
+
+With async scheduling (PP=1) the step is launched in its iteration and completed in
+the next one, after the next step was launched behind it (ppruntime/engine/overlap.py).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from ppruntime.engine.control import Control, NewRequests, isend_control, recv_c
 from ppruntime.engine.errors import InvalidRequestError
 from ppruntime.engine.last_stage import LastStage
 from ppruntime.engine.outputs import OutputCollector, RequestOutput
+from ppruntime.engine.overlap import StepOverlap
 from ppruntime.engine.relay import ResponseRelay
 from ppruntime.engine.scheduler import ScheduledBatch, Scheduler, apply_schedule
 from ppruntime.engine.seq_table import SeqInfo, SequenceTable
@@ -69,6 +73,7 @@ class ExecutorStats:
         self.iterations = 0
         self.batches = 0
         self.tokens_computed = 0
+        self.rows_continued = 0  # async scheduling: rows whose input token was on the device
 
 
 class PipelineExecutor:
@@ -89,6 +94,7 @@ class PipelineExecutor:
         tracer: Tracer,
         tracker: WaitTracker,
         device_spans: DeviceSpans | None = None,
+        async_scheduling: bool = False,
     ) -> None:
         self.comms = comms
         self.comm = comms.pipeline
@@ -123,8 +129,21 @@ class PipelineExecutor:
         self.is_last = runner.is_last_stage
         # rank 0 only
         self.scheduler = (
-            Scheduler(table, max_batch_size, max_num_tokens, self.size) if self.rank == 0 else None
+            Scheduler(
+                table,
+                max_batch_size,
+                max_num_tokens,
+                self.size,
+                continue_in_flight=async_scheduling,
+            )
+            if self.rank == 0
+            else None
         )
+        self.overlap: StepOverlap | None = None
+        if async_scheduling:
+            if self.size != 1 or deterministic:
+                raise ValueError("async scheduling needs one stage and deterministic mode off")
+            self.overlap = StepOverlap(last_stage, table.max_slots)
         self.outputs = OutputCollector(table, tokenizer) if self.rank == 0 else None
         self._new_requests: list[tuple[SeqInfo, bool]] = []
         self._aborts: list[int] = []
@@ -234,6 +253,8 @@ class PipelineExecutor:
         with self.tracer.span("schedule"):
             batch = self.scheduler.schedule()
         nothing_happened = batch is None and ready == 0 and control is None
+        if self.overlap is not None and self.overlap.has_launched:
+            nothing_happened = False  # a launched step is completed below
         # deterministic mode runs empty iterations to reach the slot of a pending batch
         if nothing_happened and (not self.deterministic or not self.table.num_in_flight_batches):
             self._idle_until_ready()
@@ -407,19 +428,29 @@ class PipelineExecutor:
         if batch is not None:
             self._on_admitted(batch)
             self._compute(slot, batch, None)
+        if self.overlap is not None:
+            self._complete_overlapped(launched_now=batch is not None)
         self.iteration += 1
         self.stats.iterations += 1
         self.tracker.progress()
 
     def _compute(self, slot: MicrobatchSlot, batch: ScheduledBatch, hidden_in) -> None:
         device_mark = self.device_spans.begin()
+        overlap = self.overlap
         with self.tracer.span("forward", batch.batch_id):
-            hidden, inputs = self.runner.forward(batch, hidden_in)
+            carried = None if overlap is None else overlap.carried_tokens(batch)
+            hidden, inputs = self.runner.forward(batch, hidden_in, carried)
         self.stats.batches += 1
         self.stats.tokens_computed += inputs.num_tokens
+        self.stats.rows_continued += batch.continuing.shape[0]
         if self.deterministic:
             slot.pending_batch = batch.batch_id
         kind = DECODE_SPAN if batch.num_tokens == batch.num_seqs else PREFILL_SPAN
+        if overlap is not None:
+            with self.tracer.span("launch", batch.batch_id):
+                overlap.launch(batch, hidden, inputs)
+            self.device_spans.end(device_mark, kind, batch)
+            return
         if self.is_last:
             with self.tracer.span("sample", batch.batch_id):
                 state, diff = self.last_stage.sample(batch, hidden, inputs)
@@ -430,6 +461,20 @@ class PipelineExecutor:
         self.device_spans.end(device_mark, kind, batch)
         with self.tracer.span("send", batch.batch_id):
             slot.requests.append(self.channel.send(slot.index, hidden))
+
+    def _complete_overlapped(self, launched_now: bool) -> None:
+        """Async scheduling: complete and land the earlier launched step; the one just
+        launched stays in flight while the host prepares the next, unless no request
+        is left to go on with (then its blocks come back now, not at the next step)."""
+        overlap = self.overlap
+        with self.tracer.span("complete"):
+            results = overlap.complete_all_but(keep=1 if launched_now else 0)
+        with self.tracer.span("handle"):
+            for state, diff in results:
+                self._land(state, diff)
+            if overlap.has_launched and not self._seq_by_request:
+                for state, diff in overlap.complete_all_but(keep=0):
+                    self._land(state, diff)
 
     def _post_all_sends(self) -> None:
         """Before a wait on the relay (no polling there): post every activation send,
@@ -500,6 +545,9 @@ class PipelineExecutor:
         if done.shape[0]:
             infos = [table.infos[slot] for slot in state.slots[done].tolist()]
             self._finish_many(infos, finish[done].tolist())
+        releasable = table.releasable()  # finished earlier, their last step has landed
+        if releasable:
+            self._release(releasable)
 
     def _finish(self, info: SeqInfo, code: int) -> None:
         self._finish_many([info], [code])
@@ -516,11 +564,18 @@ class PipelineExecutor:
                 self._aborting.discard(info.request_id)
             self.infos.pop(info.seq_id, None)
         slots = [info.slot for info in infos if info.slot >= 0]
+        in_flight = [slot for slot in slots if self.table.in_flight[slot]]
+        if in_flight:  # a continued step still uses their blocks (async scheduling)
+            self.table.await_release(in_flight)
+            slots = [slot for slot in slots if not self.table.in_flight[slot]]
         if slots:
-            if self.last_stage is not None:
-                for slot in slots:
-                    self.last_stage.release(slot)
-            self.table.release_many(slots)
+            self._release(slots)
+
+    def _release(self, slots: list[int]) -> None:
+        if self.last_stage is not None:
+            for slot in slots:
+                self.last_stage.release(slot)
+        self.table.release_many(slots)
 
     def _teardown(self) -> None:
         for slot in self.slots:

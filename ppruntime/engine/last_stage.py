@@ -21,7 +21,14 @@ from ppruntime.engine.scheduler import ScheduledBatch
 from ppruntime.engine.seq_table import SeqInfo, SequenceTable
 from ppruntime.engine.stop import StopStringMatcher
 from ppruntime.engine.wire import FINISH_LENGTH, FINISH_NONFINITE, FINISH_STOP, SampleState
-from ppruntime.stage.device_sampler import DeviceSampler, HostSample, SamplingRows, seed_key
+from ppruntime.stage.device_sampler import (
+    DeviceSample,
+    DeviceSampler,
+    HostSample,
+    HostTransfer,
+    SamplingRows,
+    seed_key,
+)
 from ppruntime.stage.runner import StageRunner
 from ppruntime.stage.step_inputs import StepInputs
 
@@ -49,6 +56,17 @@ class ResponseDiff:
             and self.generation_logit_slots.shape[0] == 0
             and not self.prompt_logits
         )
+
+
+@dataclass
+class LaunchedSample:
+    """A step whose sampling is queued on the device; `LastStage.complete` finishes it."""
+
+    batch: ScheduledBatch
+    slots: np.ndarray  # [S] the slots that sample a token, in batch order
+    diff: ResponseDiff
+    on_device: DeviceSample | None = None  # token_ids [S]: a continued step's input tokens
+    transfer: HostTransfer | None = None  # the results' copy to the host
 
 
 FEATURES = ("sampling", "eos", "special", "logprobs", "generation_logits", "prompt_logits")
@@ -158,28 +176,58 @@ class LastStage:
     def sample(
         self, batch: ScheduledBatch, hidden: torch.Tensor, inputs: StepInputs
     ) -> tuple[SampleState, ResponseDiff | None]:
-        num_seqs = batch.num_seqs
+        """Sample the batch and wait for the result (`launch`, then `complete`)."""
+        return self.complete(self.launch(batch, hidden, inputs))
+
+    def launch(
+        self, batch: ScheduledBatch, hidden: torch.Tensor, inputs: StepInputs
+    ) -> LaunchedSample:
+        """Queue the step's logits, sampler kernels and copy of the results to the host;
+        waits for nothing on CUDA (prompt logits, rarely asked for, are the exception)."""
         sampled = batch.sample_mask
         slots = batch.slots[sampled]
-        token_ids = np.full(num_seqs, -1, dtype=np.int32)
-        finish = np.zeros(num_seqs, dtype=np.int32)
-        diff = ResponseDiff()
+        launched = LaunchedSample(batch, slots, ResponseDiff())
         if slots.shape[0]:
             logits = self.runner.logits(hidden, inputs.sample_token_index)  # [S, V]
             rows = self._sampling_rows(batch, slots)
             # only the sampled ids and what was asked for come back to the host
-            result = self.sampler.sample(logits, rows).to_host().wait()
+            launched.on_device = self.sampler.sample(logits, rows)
+            launched.transfer = launched.on_device.to_host()
+        if self.num_with["prompt_logits"] and self.wants_prompt_logits[batch.slots].any():
+            self._collect_prompt_logits(batch, hidden, launched.diff)
+        return launched
+
+    def complete(self, launched: LaunchedSample) -> tuple[SampleState, ResponseDiff | None]:
+        """Wait for a launched step's results; finish codes, the sample state and diff.
+
+        Sequences that await release (they finished in an earlier step while this one
+        was in flight) gain nothing: no token, no finish code, nothing in the diff.
+        """
+        batch, slots, diff = launched.batch, launched.slots, launched.diff
+        num_seqs = batch.num_seqs
+        sampled = batch.sample_mask
+        token_ids = np.full(num_seqs, -1, dtype=np.int32)
+        finish = np.zeros(num_seqs, dtype=np.int32)
+        if slots.shape[0]:
+            result = launched.transfer.wait()
             tokens = result.token_ids
-            codes = self._finish_codes(slots, tokens, diff)
+            discarded = None
+            if self.table.num_awaiting_release:
+                discarded = self.table.awaiting_release[slots]
+                if not discarded.any():
+                    discarded = None
+            codes = self._finish_codes(slots, tokens, diff, discarded)
             token_ids[sampled] = tokens
-            nonfinite = result.nonfinite_rows()
-            if nonfinite is not None:  # rare: those requests end with an error, no token
-                sampled = self._end_nonfinite(sampled, nonfinite, slots, codes, token_ids, diff)
+            excluded = result.nonfinite_rows()
+            if excluded is not None:  # rare: those requests end with an error, no token
+                sampled = self._end_nonfinite(sampled, excluded, slots, codes, token_ids, diff)
+            if discarded is not None:
+                positions = np.flatnonzero(batch.sample_mask)[discarded]  # in batch order
+                sampled = self._discard(sampled, positions, discarded, codes, token_ids)
+                excluded = discarded if excluded is None else excluded | discarded
             finish[batch.sample_mask] = codes
             if self.num_with["logprobs"] or self.num_with["generation_logits"]:
-                self._collect_sample_extras(slots, result, diff, nonfinite)
-        if self.num_with["prompt_logits"] and self.wants_prompt_logits[batch.slots].any():
-            self._collect_prompt_logits(batch, hidden, diff)
+                self._collect_sample_extras(slots, result, diff, excluded)
         state = SampleState(
             batch_id=batch.batch_id,
             slots=batch.slots,
@@ -189,6 +237,22 @@ class LastStage:
             has_diff=not diff.is_empty(),
         )
         return state, (None if diff.is_empty() else diff)
+
+    @staticmethod
+    def _discard(
+        sampled: np.ndarray,
+        positions: np.ndarray,
+        discarded: np.ndarray,
+        codes: np.ndarray,
+        token_ids: np.ndarray,
+    ) -> np.ndarray:
+        """Rows of sequences that already finished (`discarded` among the sampled rows,
+        at batch `positions`): no token, no code. Returns a new sampled mask."""
+        codes[discarded] = 0
+        token_ids[positions] = -1
+        sampled = sampled.copy()
+        sampled[positions] = False
+        return sampled
 
     @staticmethod
     def _end_nonfinite(
@@ -235,8 +299,13 @@ class LastStage:
         return rows
 
     def _finish_codes(
-        self, slots: np.ndarray, tokens: np.ndarray, diff: ResponseDiff
+        self,
+        slots: np.ndarray,
+        tokens: np.ndarray,
+        diff: ResponseDiff,
+        discarded: np.ndarray | None = None,
     ) -> np.ndarray:
+        """discarded: [S] bool rows whose stop matchers must not see this token."""
         codes = np.zeros(slots.shape[0], dtype=np.int32)
         codes[self.table.num_output[slots] >= self.length_limit[slots] - 1] = FINISH_LENGTH
         stop = np.zeros(slots.shape[0], dtype=np.bool_)
@@ -248,7 +317,10 @@ class LastStage:
             if self.num_with["eos"]:
                 codes[stop] = FINISH_STOP
             return codes
-        special_rows = np.flatnonzero(self.special[slots])
+        special = self.special[slots]
+        if discarded is not None:
+            special &= ~discarded
+        special_rows = np.flatnonzero(special)
         for row in special_rows.tolist():
             slot = int(slots[row])
             token = int(tokens[row])

@@ -1,8 +1,9 @@
 """Rank 0's scheduler: continuous batching, chunked prefill, FCFS, preemption.
 
 Pure Python + numpy (no torch, no MPI). It decides one microbatch at a time from
-the sequences that are not in flight, touching the running sequences only through
-array operations. The decision (`ScheduledBatch`: slots, token counts, block ids,
+the sequences that are not in flight (and, with async scheduling, from those the
+table calls continuable), touching the running sequences only through array
+operations. The decision (`ScheduledBatch`: slots, token counts, block ids,
 admissions, preemptions) is what travels to the other ranks, which apply it with
 `apply_schedule` exactly as rank 0 does.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +23,7 @@ _EMPTY_I64 = np.zeros(0, dtype=np.int64)
 # slot arrays are numpy's index type: indexing with int32 arrays converts them on
 # every call (about 4x slower for a batch of 256 slots)
 _EMPTY_SLOTS = np.zeros(0, dtype=np.intp)
+_NO_ROWS = np.zeros(0, dtype=np.bool_)
 
 
 @dataclass
@@ -38,6 +40,9 @@ class ScheduledBatch:
     admit_seq_ids: np.ndarray  # [A] int64: sequences entering the table...
     admit_slots: np.ndarray  # [A] intp: ...into these slots (before the batch starts)
     preempt_slots: np.ndarray  # [Pm] intp: blocks freed before the batch starts
+    # [C] intp: batch rows continued before their step in flight landed (async
+    # scheduling, rank 0 only): their input token is that step's sample, still on the device
+    continuing: np.ndarray = field(default_factory=lambda: _EMPTY_SLOTS)
 
     @property
     def num_seqs(self) -> int:
@@ -72,12 +77,23 @@ class Scheduler:
     max_batch_size / max_num_tokens bound one microbatch. With pp_size stages a
     microbatch takes at most ceil(unfinished / pp_size) sequences, so the requests
     spread over pp_size microbatches and every stage has work.
+
+    continue_in_flight (async scheduling, PP=1): also schedule the sequences the table
+    calls continuable, one decode token each, before their step in flight lands.
     """
 
     def __init__(
-        self, table: SequenceTable, max_batch_size: int, max_num_tokens: int, pp_size: int
+        self,
+        table: SequenceTable,
+        max_batch_size: int,
+        max_num_tokens: int,
+        pp_size: int,
+        continue_in_flight: bool = False,
     ) -> None:
+        if continue_in_flight and pp_size != 1:
+            raise ValueError(f"continuing sequences in flight needs pp_size 1, got {pp_size}")
         self.table = table
+        self.continue_in_flight = continue_in_flight
         self.blocks = table.blocks
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
@@ -112,7 +128,9 @@ class Scheduler:
         if self._settled_at == (self.table.version, self._waiting_changes):
             return None
         batch, left_over = self._schedule()
-        if batch is None or (not left_over and not self.waiting):
+        # a batch just started makes its sequences continuable at once (no table change)
+        settled = not left_over and not self.waiting and not self.continue_in_flight
+        if batch is None or settled:
             self._settled_at = (self.table.version, self._waiting_changes)
         return batch
 
@@ -120,7 +138,7 @@ class Scheduler:
         """The batch, and whether ready running sequences were left out of it."""
         table = self.table
         cap = min(self.max_batch_size, max(1, -(-self.num_unfinished // self.pp_size)))
-        slots, num_new, want, starts, num_ready = self._pick_running(cap)
+        slots, num_new, want, starts, num_ready, continued = self._pick_running(cap)
         counts = table.blocks_needed(slots, num_new, starts)
         num_needed = int(counts.sum())
         preempted: list[int] = []
@@ -138,7 +156,7 @@ class Scheduler:
                 continue
             # not enough to reclaim: schedule fewer sequences this time
             slots, num_new, want, starts = slots[:-1], num_new[:-1], want[:-1], starts[:-1]
-            counts = counts[:-1]
+            counts, continued = counts[:-1], continued[:-1]
             num_needed = int(counts.sum())
             starved = True
         assert slots.shape[0] or not preempted
@@ -176,42 +194,55 @@ class Scheduler:
             admit_seq_ids=admit_seq_ids,
             admit_slots=admit_slots,
             preempt_slots=np.array(preempted, dtype=np.intp) if preempted else _EMPTY_SLOTS,
+            continuing=np.flatnonzero(continued) if continued.any() else _EMPTY_SLOTS,
         )
         self._next_batch_id += 1
         _start(table, batch, verify=False)  # rank 0 took starts from its own table
         return batch, left_over
 
-    def _pick_running(self, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    def _pick_running(
+        self, cap: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]:
         """Running sequences to continue, oldest first, within cap and token budget.
 
         Returns their slots, the tokens computed now, the tokens not computed yet
-        (int32), their computed counts (the batch's starts), and how many were ready.
+        (int32), their computed counts (the batch's starts), how many were ready, and
+        which of them are continued while in flight ([n] bool).
         """
         table = self.table
         schedulable = table.active & ~table.in_flight
         if table.num_abort_requested:
             schedulable &= ~table.abort_requested
+        continuable = None
+        if self.continue_in_flight:
+            continuable = table.continuable()
+            schedulable |= continuable
         ready = np.flatnonzero(schedulable)
         num_ready = ready.shape[0]
         if num_ready == 0:
-            return _EMPTY_SLOTS, _EMPTY_I32, _EMPTY_I32, _EMPTY_I32, 0
+            return _EMPTY_SLOTS, _EMPTY_I32, _EMPTY_I32, _EMPTY_I32, 0, _NO_ROWS
         starts = table.num_computed[ready]
         want = table.num_prompt[ready] + table.num_output[ready] - starts
+        if continuable is None:
+            continued = np.zeros(num_ready, dtype=np.bool_)
+        else:
+            continued = continuable[ready]
+            want += continued  # the token their step in flight samples comes next
         if num_ready <= cap and int(want.sum()) <= self.max_num_tokens:
-            return ready, want, want, starts, num_ready  # all fit: order is moot
+            return ready, want, want, starts, num_ready, continued
         order = np.argsort(table.seq_id[ready], kind="stable")[:cap]  # oldest first
-        ready, want, starts = ready[order], want[order], starts[order]
+        ready, want, starts, continued = ready[order], want[order], starts[order], continued[order]
         cumulative = np.cumsum(want)
         fitting = int(np.searchsorted(cumulative, self.max_num_tokens, side="right"))
         if fitting == ready.shape[0]:
-            return ready, want, want, starts, num_ready
+            return ready, want, want, starts, num_ready, continued
         # the first sequence that does not fit gets a chunk of what is left
         used = int(cumulative[fitting - 1]) if fitting else 0
         take = fitting + (1 if used < self.max_num_tokens else 0)
         num_new = want[:take].copy()
         if take > fitting:
             num_new[fitting] = self.max_num_tokens - used
-        return ready[:take], num_new, want[:take], starts[:take], num_ready
+        return ready[:take], num_new, want[:take], starts[:take], num_ready, continued[:take]
 
     def _victims(self, exclude: np.ndarray) -> np.ndarray:
         """Slots that may be preempted: idle, holding blocks, not in `exclude`.

@@ -5,6 +5,12 @@ keeps it until it finishes. Rank 0 decides; every rank applies the same decision
 in the same iteration, so the tables of all ranks stay equal: same slots, same
 computed-token counts, same KV blocks, same in-flight set. Hot-path updates are
 array operations over the slots of a batch, never a Python loop over requests.
+
+With async scheduling (PP=1, rank 0 is the last stage) a sequence may be in two
+steps at once: the next step *continues* it before the step in flight has brought
+its token back (`continuable`). A sequence that finishes in the first of them
+*awaits release*: its output is final, but the second step still uses its KV
+blocks, so its slot is freed only when that step lands (`releasable`).
 """
 
 from __future__ import annotations
@@ -46,14 +52,22 @@ class SequenceTable:
         max_blocks_per_seq: int,
         block_manager: BlockManager,
         token_table_len: int | None = None,
+        max_model_len: int | None = None,
     ) -> None:
-        """token_table_len: keep every slot's prompt + output tokens (rank 0 only)."""
+        """token_table_len: keep every slot's prompt + output tokens (rank 0 only).
+        max_model_len: the longest sequence (prompt + output); None = no limit but
+        max_tokens (only `continuable` reads the output limit it sets)."""
         self.blocks = block_manager
         self.block_size = block_manager.block_size
         self.max_slots = max_slots
         self.max_blocks_per_seq = max_blocks_per_seq
         self.active = np.zeros(max_slots, dtype=np.bool_)
-        self.in_flight = np.zeros(max_slots, dtype=np.bool_)
+        self.max_model_len = max_model_len
+        self.in_flight = np.zeros(max_slots, dtype=np.bool_)  # steps_in_flight > 0
+        self.steps_in_flight = np.zeros(max_slots, dtype=np.int8)  # 0, 1 (2: continued)
+        self.awaiting_release = np.zeros(max_slots, dtype=np.bool_)
+        # the output count at which a sequence ends by length: min(max_tokens, room left)
+        self.output_limit = np.zeros(max_slots, dtype=np.int32)
         self.abort_requested = np.zeros(max_slots, dtype=np.bool_)
         self.seq_id = np.full(max_slots, -1, dtype=np.int64)
         self.num_prompt = np.zeros(max_slots, dtype=np.int32)
@@ -73,6 +87,7 @@ class SequenceTable:
         self._free_slots = list(range(max_slots - 1, -1, -1))
         self.num_in_flight_batches = 0
         self.num_abort_requested = 0
+        self.num_awaiting_release = 0
         # bumped by every change that can make a sequence schedulable or free KV blocks
         # (the scheduler skips its work while this and its waiting queue are unchanged)
         self.version = 0
@@ -102,9 +117,15 @@ class SequenceTable:
         self.infos[slot] = info
         self.active[slot] = True
         self.in_flight[slot] = False
+        self.steps_in_flight[slot] = 0
         self.abort_requested[slot] = False
         self.seq_id[slot] = info.seq_id
-        self.num_prompt[slot] = info.prompt_token_ids.shape[0]
+        num_prompt = info.prompt_token_ids.shape[0]
+        self.num_prompt[slot] = num_prompt
+        limit = info.params.max_tokens
+        if self.max_model_len is not None:
+            limit = min(limit, self.max_model_len - num_prompt)
+        self.output_limit[slot] = limit
         self.num_output[slot] = 0
         self.num_computed[slot] = 0
         self.num_blocks[slot] = 0
@@ -123,6 +144,40 @@ class SequenceTable:
             self.abort_requested[slot] = True
             self.num_abort_requested += 1
             self.version += 1
+
+    def await_release(self, slots: list[int]) -> None:
+        """The sequences finished while a step that uses their blocks is in flight:
+        nothing more is scheduled or reported for them; `releasable` names them once
+        that step has landed."""
+        index = np.array(slots, dtype=np.intp)
+        assert self.in_flight[index].all(), f"slots {slots}: no step in flight to wait for"
+        if self.num_abort_requested:  # the abort is done: it must not finish them again
+            self.num_abort_requested -= int(np.count_nonzero(self.abort_requested[index]))
+            self.abort_requested[index] = False
+        self.num_awaiting_release += int(np.count_nonzero(~self.awaiting_release[index]))
+        self.awaiting_release[index] = True
+        self.version += 1
+
+    def releasable(self) -> list[int]:
+        """Slots awaiting release whose last step in flight has landed."""
+        if not self.num_awaiting_release:
+            return []
+        return np.flatnonzero(self.awaiting_release & ~self.in_flight).tolist()
+
+    def continuable(self) -> np.ndarray:
+        """[max_slots] bool: sequences the next step may continue before their step in
+        flight lands (async scheduling): one step in flight, which samples their next
+        token (it computed every known token), and which cannot end them by length;
+        no abort requested, not awaiting release. A sequence that still ends in that
+        step (eos, stop, non-finite logits) awaits release until the next one lands."""
+        mask = self.steps_in_flight == 1
+        mask &= self.num_computed == self.num_prompt + self.num_output
+        mask &= self.num_output + 1 < self.output_limit
+        if self.num_abort_requested:
+            mask &= ~self.abort_requested
+        if self.num_awaiting_release:
+            mask &= ~self.awaiting_release
+        return mask
 
     def release(self, slot: int) -> SeqInfo:
         """The sequence finished or was aborted: free its blocks and its slot."""
@@ -148,9 +203,12 @@ class SequenceTable:
         self.blocks.free(freed)
         index = np.array(slots, dtype=np.intp)
         num_blocks[index] = 0
+        assert not self.in_flight[index].any(), f"slots {slots}: a step in flight uses them"
         self.active[index] = False
-        self.in_flight[index] = False
         self.seq_id[index] = -1
+        if self.num_awaiting_release:
+            self.num_awaiting_release -= int(np.count_nonzero(self.awaiting_release[index]))
+            self.awaiting_release[index] = False
         if self.num_abort_requested:
             self.num_abort_requested -= int(np.count_nonzero(self.abort_requested[index]))
             self.abort_requested[index] = False
@@ -223,6 +281,7 @@ class SequenceTable:
             self._verify_start(slots, starts)
         self.num_computed[slots] = starts + num_new
         self.in_flight[slots] = True
+        self.steps_in_flight[slots] += 1
         self.num_in_flight_batches += 1
 
     def _verify_start(self, slots: np.ndarray, starts: np.ndarray) -> None:
@@ -241,7 +300,9 @@ class SequenceTable:
 
         Returns the slots that gained a token.
         """
-        self.in_flight[slots] = False
+        remaining = self.steps_in_flight[slots] - 1
+        self.steps_in_flight[slots] = remaining
+        self.in_flight[slots] = remaining > 0
         if sampled.all():  # decode: every sequence sampled
             gained, tokens = slots, token_ids
         else:

@@ -13,7 +13,7 @@ from ppruntime.logs import get_logger
 from ppruntime.model.partition import StageSpec
 from ppruntime.stage.debug_knobs import StageKnobs
 from ppruntime.stage.graphs import DecodeGraphs, DecodePlan, PaddingOnlyBatch, bucket_for
-from ppruntime.stage.step_inputs import StepInputPool, StepInputs
+from ppruntime.stage.step_inputs import CarriedTokens, StepInputPool, StepInputs
 
 log = get_logger("runner")
 
@@ -55,9 +55,12 @@ class StageRunner:
     def is_last_stage(self) -> bool:
         return self.stage.is_last_stage
 
-    def forward(self, batch, hidden_in: torch.Tensor | None) -> tuple[torch.Tensor, StepInputs]:
+    def forward(
+        self, batch, hidden_in: torch.Tensor | None, carried: CarriedTokens | None = None
+    ) -> tuple[torch.Tensor, StepInputs]:
         """hidden_in: [T, H] from the previous stage, on this stage's device (the
         activation channel delivers it in `input_buffer`); None on the first stage.
+        carried: input token ids still on the device (async scheduling, first stage).
 
         Returns the hidden states [T, H] of the real rows and their step inputs.
         """
@@ -66,9 +69,9 @@ class StageRunner:
         num_seqs = batch.slots.shape[0]
         plan = self.decode_plan
         if not plan.pads or batch.num_tokens != num_seqs:
-            return self._eager(batch, hidden_in)
+            return self._eager(batch, hidden_in, carried)
         size = bucket_for(num_seqs, plan.sizes)
-        inputs = self.pool.prepare(batch, pad_to=size)
+        inputs = self.pool.prepare(batch, pad_to=size, carried=carried)
         self.num_padded_forwards += size > num_seqs
         model_input = self._padded_model_input(inputs, hidden_in, size)
         with torch.inference_mode():
@@ -80,8 +83,10 @@ class StageRunner:
             hidden = self.model(model_input, inputs.positions, inputs.attn, self.kv_cache)
         return hidden[:num_seqs], inputs
 
-    def _eager(self, batch, hidden_in: torch.Tensor | None) -> tuple[torch.Tensor, StepInputs]:
-        inputs = self.pool.prepare(batch)
+    def _eager(
+        self, batch, hidden_in: torch.Tensor | None, carried: CarriedTokens | None
+    ) -> tuple[torch.Tensor, StepInputs]:
+        inputs = self.pool.prepare(batch, carried=carried)
         model_input = inputs.token_ids if self.is_first_stage else hidden_in
         with torch.inference_mode():
             hidden = self.model(model_input, inputs.positions, inputs.attn, self.kv_cache)

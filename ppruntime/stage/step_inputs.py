@@ -45,6 +45,17 @@ class StepCounters:
 
 
 @dataclass
+class CarriedTokens:
+    """Input tokens of a step that are not on the host yet: the sampled ids of the step
+    in flight, still on the device (async scheduling at PP=1). They are gathered into
+    the step's token-id buffer on the device, after the host's token ids went up."""
+
+    sampled: torch.Tensor  # [S] int32: the step in flight's sampled ids, on the device
+    sampled_rows: np.ndarray  # [C] int64: which of them...
+    token_index: np.ndarray  # [C] int64: ...is the input of which flat token of this step
+
+
+@dataclass
 class StepInputs:
     """Views into the pooled buffers for one microbatch (no copies)."""
 
@@ -55,6 +66,30 @@ class StepInputs:
     num_tokens: int  # real tokens of the microbatch (padded rows not counted)
     is_decode: bool
     num_rows: int = 0  # rows the forward runs: num_tokens, or the decode bucket when padded
+
+
+class _StagingSet:
+    """One set of the host buffers a step's inputs are written into: numpy views of
+    int64 tensors (pinned ones on an accelerator), and the event of their last copy."""
+
+    def __init__(self, sizes: dict[str, int], pinned: bool) -> None:
+        self.tensors = {
+            name: torch.zeros(size, dtype=torch.int64, pin_memory=pinned)
+            for name, size in sizes.items()
+        }
+        self.arrays = {name: tensor.numpy() for name, tensor in self.tensors.items()}
+        self.arange_len = 1  # query_start_loc[:arange_len] holds 0, 1, 2, ... already
+        self._event = None
+
+    def copied(self) -> None:
+        """The step's copies from this set are queued: mark their end."""
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def wait_for_copy(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()  # long done in a steady loop: the set alternates
+            self._event = None
 
 
 class StepInputPool:
@@ -83,45 +118,69 @@ class StepInputPool:
         self.device = device
         self.counters = StepCounters()
         self._cached_views: tuple[tuple[int, int, int], StepInputs] | None = None
-        self.token_ids = self._buffer(max_num_tokens)
-        self.positions = self._buffer(max_num_tokens)
-        self.slot_mapping = self._buffer(max_num_tokens)
-        self.seq_lens = self._buffer(max_batch_size)
-        self.query_start_loc = self._buffer(max_batch_size + 1)
-        self.rows = self._buffer(max_batch_size)
-        self.sample_index = self._buffer(max_batch_size)
+        sizes = {
+            "token_ids": max_num_tokens,
+            "positions": max_num_tokens,
+            "slot_mapping": max_num_tokens,
+            "seq_lens": max_batch_size,
+            "query_start_loc": max_batch_size + 1,
+            "rows": max_batch_size,
+            "sample_index": max_batch_size,
+        }
+        # the host side of the buffers the device reads: one set on the CPU (it is the
+        # device's); on an accelerator two pinned sets, used in turn, so a step's copy
+        # to the device is truly asynchronous while the host writes the next step's
+        self._staging = [
+            _StagingSet(sizes, pinned=device.type != "cpu")
+            for _ in range(1 if device.type == "cpu" else 2)
+        ]
+        self.counters.allocations += len(sizes) * len(self._staging)
+        self._use_staging(0)
         self._flat_index = self._buffer(max_num_tokens)
         self._remainder = self._buffer(max_num_tokens)
         self._token_rows = self._buffer(max_num_tokens)
         self._gathered = np.zeros(max_num_tokens, dtype=np.int32)  # int32 table lookups
         self.counters.allocations += 1
-        self._arange_len = 1  # query_start_loc[:_arange_len] holds 0, 1, 2, ... already
         self._block_table_flat = block_table.reshape(-1)  # views of the shared tables
         self._token_table_flat = None if token_table is None else token_table.reshape(-1)
-        names = (
-            "token_ids",
-            "positions",
-            "slot_mapping",
-            "seq_lens",
-            "query_start_loc",
-            "rows",
-            "sample_index",
-        )
-        self._host = {name: torch.from_numpy(getattr(self, name)) for name in names}
-        self._host["block_table"] = torch.from_numpy(block_table)
+        self._host_block_table = torch.from_numpy(block_table)
         if device.type == "cpu":
-            self._device = self._host
+            self._device = {**self._host, "block_table": self._host_block_table}
         else:  # one device copy of each buffer; per step only the used prefix is copied
             self._device = {name: tensor.to(device) for name, tensor in self._host.items()}
+            self._device["block_table"] = self._host_block_table.to(device)
             self.counters.allocations += len(self._device)
 
+    def _use_staging(self, index: int) -> None:
+        """Make staging set `index` the one this step writes (waiting, rarely, for the
+        copy that last read it)."""
+        staging = self._staging[index]
+        staging.wait_for_copy()
+        self._staging_index = index
+        self._host = staging.tensors
+        for name, array in staging.arrays.items():
+            setattr(self, name, array)
+
+    @property
+    def _arange_len(self) -> int:
+        """query_start_loc[:_arange_len] holds 0, 1, 2, ... already (in this set)."""
+        return self._staging[self._staging_index].arange_len
+
+    @_arange_len.setter
+    def _arange_len(self, value: int) -> None:
+        self._staging[self._staging_index].arange_len = value
+
     def _buffer(self, size: int) -> np.ndarray:
+        """Host-only scratch (never read by the device)."""
         self.counters.allocations += 1
         return np.zeros(size, dtype=np.int64)
 
-    def prepare(self, batch, pad_to: int | None = None) -> StepInputs:
+    def prepare(
+        self, batch, pad_to: int | None = None, carried: CarriedTokens | None = None
+    ) -> StepInputs:
         """Fill the pooled buffers for one microbatch.
 
+        carried: token ids to take on the device from a step in flight (first stage).
         pad_to: decode only: append rows up to this many (a CUDA graph's batch size).
         A padded row writes no KV (slot -1), attends to nothing (seq_len 0), sits at
         position 0 with token 0 and reads an existing block-table row; it samples
@@ -129,6 +188,8 @@ class StepInputPool:
         """
         counters = self.counters
         allocations_before = counters.allocations
+        if len(self._staging) > 1:
+            self._use_staging((self._staging_index + 1) % len(self._staging))
         num_seqs = batch.slots.shape[0]
         q_lens = batch.num_new
         starts = batch.starts
@@ -203,7 +264,21 @@ class StepInputPool:
         inputs = self._views(view_seqs, num_rows, num_samples, max_query_len, is_decode)
         inputs.num_tokens = num_tokens
         inputs.attn.num_padded_tokens = num_rows - num_tokens
+        if carried is not None:
+            self._write_carried(inputs.token_ids, carried)
         return inputs
+
+    def _write_carried(self, token_ids: torch.Tensor, carried: CarriedTokens) -> None:
+        """token_ids[token_index] = sampled[sampled_rows], on the device, in stream order
+        after the host's copy (the buffer keeps its address: graphs read it)."""
+        index = np.stack([carried.sampled_rows, carried.token_index]).astype(np.int64)
+        index = torch.from_numpy(index)  # [2, C]
+        if self.device.type != "cpu":
+            staged = torch.empty(index.shape, dtype=index.dtype, pin_memory=True)
+            staged.copy_(index)
+            index = staged.to(self.device, non_blocking=True)
+        values = carried.sampled.index_select(0, index[0]).to(token_ids.dtype)
+        token_ids.index_copy_(0, index[1], values)
 
     def _pad_decode_rows(self, num_real: int, num_rows: int) -> None:
         """Rows [num_real, num_rows) of a decode batch: harmless, write and read nothing."""
@@ -235,16 +310,18 @@ class StepInputPool:
             "rows": num_seqs,
             "sample_index": num_samples,
         }
-        if dev is not host:
+        if dev["positions"] is not host["positions"]:
             for name, size in sizes.items():
                 dev[name][:size].copy_(host[name][:size], non_blocking=True)
+            self._staging[self._staging_index].copied()
             changed = np.flatnonzero(self.rows_changed)
             if changed.shape[0]:  # only rows written since the last step travel
                 rows = torch.from_numpy(changed)
-                # non_blocking: a plain .to(device) would wait for the GPU's queue to drain
-                target = rows.to(self.device, non_blocking=True)
-                values = host["block_table"][rows].to(self.device, non_blocking=True)
-                dev["block_table"][target] = values
+                # from pinned memory (the caching host allocator keeps each buffer until
+                # its copy is done): a copy from pageable memory may wait for the GPU
+                target = rows.pin_memory().to(self.device, non_blocking=True)
+                values = self._host_block_table[rows].pin_memory()
+                dev["block_table"][target] = values.to(self.device, non_blocking=True)
                 self.rows_changed[changed] = False
                 self.counters.add_bytes(
                     "block_table_device", int(changed.shape[0]) * self.max_blocks_per_seq * 4
