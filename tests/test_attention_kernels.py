@@ -314,12 +314,15 @@ def _check_every_kind_of_tile(launch, window, block_size):
 
 def test_prefill_kernel_choice_and_its_error(monkeypatch):
     monkeypatch.delenv(PREFILL_KERNEL_ENV, raising=False)
-    tiled = prefill_launch(torch.bfloat16, 4096, 4)
-    assert tiled.causal_tiling and (tiled.block_m, tiled.block_n) == (128, 128)
+    default = prefill_launch(torch.bfloat16, 4096, 4)
+    assert default.causal_tiling and (default.block_m, default.block_n) == (128, 128)
+    assert default.new_kv == "descriptor" and default.table_per_block  # new-kv-tma-table
+    assert prefill_launch(torch.bfloat16, 4096, 4, kernel="new-kv-tma-table") == default
+    tiled = prefill_launch(torch.bfloat16, 4096, 4, kernel="tiled")
+    assert tiled.causal_tiling and tiled.new_kv == "cache" and not tiled.table_per_block
     monkeypatch.setenv(PREFILL_KERNEL_ENV, "legacy")
     legacy = prefill_launch(torch.bfloat16, 4096, 4)
     assert not legacy.causal_tiling and (legacy.block_m, legacy.block_n) == (128, 64)
-    assert prefill_launch(torch.bfloat16, 4096, 4, kernel="tiled") == tiled
     monkeypatch.setenv(PREFILL_KERNEL_ENV, "fast")
     with pytest.raises(ValueError, match="PPRUNTIME_TRITON_PREFILL='fast'.*tiled, legacy"):
         prefill_launch(torch.bfloat16, 4096, 4)
