@@ -4,13 +4,22 @@ beside the same prompts through offline `LLM.generate`, in one run.
 
     python scripts/bench_serve.py --json                       # tiny, PP=2, 64 streams
     python scripts/bench_serve.py --preset bench-small --clients 16 --json
-    python scripts/bench_serve.py --shape 1b --pp 1 --clients 16 --json   # GPU: random 1B
+    python scripts/bench_serve.py --h200 --json    # the issue's H200 numbers, ~1-3 min
+    python scripts/bench_serve.py --h200 --shape small --device cpu --json  # its flow, CPU
 
-The driver starts the offline run (`mpirun -n PP python this --worker`) and then the
-server (`mpirun -n PP ppruntime serve --port 0`) back to back; the clients run in the
-driver's event loop on loopback, a bounded number of requests within a time limit.
-Reported: output tokens/s of both and their ratio, TTFT and inter-token latency
-percentiles of the streams.
+The driver writes the random checkpoint once (`--shape`, bench_gpu.py's shapes), runs the
+offline job (`mpirun -n PP python this --worker`), then starts one server
+(`mpirun -n PP ppruntime serve --port 0`, ready when it prints its address) and runs
+every client phase against it: an untimed warm-up round, the throughput phase
+(`--clients` streams), and with `--ttft-clients N` a second phase of N streams for the
+time to first token. Both paths warm up before their timed window (kernels compile on
+first use), and every phase is bounded (`--time-limit`: what finished by then is
+reported, with `timed_out`). Reported: output tokens/s of both paths and their ratio,
+TTFT and inter-token latency percentiles, and where the wall time went.
+
+`--h200` is the issue's H200 measurement in one invocation: the 1B shape at PP=1, 128
+requests of 128 + 128 tokens at 64 streams beside offline, then 64 requests at 16
+streams for TTFT (target: serve / offline >= 0.8, TTFT p50 < 100 ms).
 """
 
 from __future__ import annotations
@@ -19,18 +28,42 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _bench_common as common
 
-START_TIMEOUT_S = 180.0
+BLOCK_SIZE = 16
+WARMUP_TOKENS = 4
+H200 = {  # --h200: values for the options left at None
+    "shape": "1b",
+    "pp": 1,
+    "clients": 64,
+    "requests": 128,
+    "ttft_clients": 16,
+    "ttft_requests": 64,
+    "input_len": 128,
+    "output_len": 128,
+    "max_num_tokens": 2048,
+    "time_limit": 60.0,
+}
+DEFAULTS = {
+    "pp": 2,
+    "clients": 64,
+    "ttft_clients": 0,
+    "input_len": 32,
+    "output_len": 64,
+    "time_limit": 300.0,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,69 +72,133 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shape",
         default=None,
-        help="write a random bf16 checkpoint of this bench_gpu.py shape (1b, 8b) and serve it",
+        help="write a random bf16 checkpoint of this bench_gpu.py shape (1b, 8b, small) once "
+        "and serve it",
     )
     parser.add_argument("--workdir", default=None, help="where --shape writes (a temp dir)")
-    parser.add_argument("--pp", type=int, default=2)
-    parser.add_argument("--clients", type=int, default=64, help="concurrent streams")
+    parser.add_argument("--h200", action="store_true", help="the issue's H200 measurement")
+    parser.add_argument("--device", default=None, help="cpu, cuda (default: the engine's)")
+    parser.add_argument("--pp", type=int, default=None, help="default 2 (--h200: 1)")
+    parser.add_argument("--clients", type=int, default=None, help="concurrent streams (64)")
     parser.add_argument("--requests", type=int, default=None, help="default: 2 x clients")
-    parser.add_argument("--input-len", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument(
+        "--ttft-clients",
+        type=int,
+        default=None,
+        help="then a phase of this many streams for TTFT (default none; --h200: 16)",
+    )
+    parser.add_argument("--ttft-requests", type=int, default=None, help="default: 4 x those")
+    parser.add_argument("--input-len", type=int, default=None, help="default 32 (--h200: 128)")
+    parser.add_argument("--output-len", type=int, default=None, help="default 64 (--h200: 128)")
     parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds for the clients")
+    parser.add_argument("--max-num-tokens", type=int, default=None, help="the engine's default")
+    parser.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"an untimed round of --clients requests of {WARMUP_TOKENS} tokens on each path",
+    )
+    parser.add_argument(
+        "--time-limit", type=float, default=None, help="seconds per client phase (300; --h200 60)"
+    )
+    parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds per job start")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
 
 
-def _prompts(args) -> list[list[int]]:
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left at None: from --h200, then the defaults."""
+    chosen = {**DEFAULTS, **(H200 if args.h200 else {})}
+    for name, value in chosen.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.requests is None:
+        args.requests = 2 * args.clients
+    if args.ttft_requests is None:
+        args.ttft_requests = 4 * args.ttft_clients
+    if args.shape and args.model:
+        raise SystemExit("bench_serve: give --shape or --model, not both")
+    return args
+
+
+def _prompts(count: int, input_len: int, seed: int) -> list[list[int]]:
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    count = args.requests or 2 * args.clients
-    return [rng.integers(0, 256, size=args.input_len).tolist() for _ in range(count)]
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=input_len).tolist() for _ in range(count)]
+
+
+def throughput_prompts(args) -> list[list[int]]:
+    return _prompts(args.requests, args.input_len, 0)
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """Engine settings both paths get. A checkpoint's max_position_embeddings (131072 for
+    the 1B shape) would size every slot's block table and the graphs' context, and need
+    more KV blocks than the default budget: the lengths run here bound them."""
+    options = {"max_batch_size": args.max_batch_size}
+    if args.max_num_tokens is not None:
+        options["max_num_tokens"] = args.max_num_tokens
+    if args.device is not None:
+        options["device"] = args.device
+    if args.model is not None:
+        seq_len = args.input_len + args.output_len
+        options["max_model_len"] = seq_len + BLOCK_SIZE
+        options["kv_cache_blocks"] = args.max_batch_size * math.ceil(seq_len / BLOCK_SIZE) + 8
+    return options
+
+
+def _as_flags(options: dict) -> list[str]:
+    flags = []
+    for name, value in options.items():
+        flags += ["--" + name.replace("_", "-"), str(value)]
+    return flags
+
+
+def _model_flags(args) -> list[str]:
+    return ["--model", args.model] if args.model else ["--preset", args.preset]
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Offline: the same prompts through LLM.generate under mpirun."""
+    """Offline: the same prompts through LLM.generate under mpirun (warmed up first)."""
     common.one_torch_thread()
     from ppruntime import LLM, SamplingParams
 
+    args = resolve(args)
+    started = time.perf_counter()
     llm = LLM(
         args.model,
         preset=None if args.model else args.preset,
         pp_size=args.pp,
-        max_batch_size=args.max_batch_size,
+        **engine_options(args),
     )
+    startup_s = time.perf_counter() - started
+    prompts = throughput_prompts(args)
+    warmup_s = 0.0
+    if args.warmup:
+        began = time.perf_counter()
+        warmup = SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0, ignore_eos=True)
+        llm.generate(prompts[: args.clients], warmup, use_tqdm=False)
+        warmup_s = time.perf_counter() - began
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
-    prompts = _prompts(args)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     window = time.perf_counter() - start
     llm.shutdown()
     tokens = sum(len(o.token_ids) for o in outputs)
-    common.emit_worker_result({"output_tokens": tokens, "window_s": window})
+    common.emit_worker_result(
+        {"output_tokens": tokens, "window_s": window, "startup_s": startup_s, "warmup_s": warmup_s}
+    )
 
 
 class _Server:
+    """One `ppruntime serve` job; ready when it prints the address it listens on."""
+
     def __init__(self, args) -> None:
-        command = common.mpi_command(
-            args.pp,
-            [
-                sys.executable,
-                "-m",
-                "ppruntime",
-                "serve",
-                "--preset",
-                args.preset,
-                "--port",
-                "0",
-                "--max-batch-size",
-                str(args.max_batch_size),
-                "--max-waiting",
-                "100000",
-            ],
-        )
+        serve = [sys.executable, "-m", "ppruntime", "serve", *_model_flags(args)]
+        serve += ["--port", "0", "--max-waiting", "100000", "--shutdown-grace", "5"]
+        serve += _as_flags(engine_options(args))
         self.proc = subprocess.Popen(
-            command,
+            common.mpi_command(args.pp, serve),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -112,9 +209,15 @@ class _Server:
         self.ready = threading.Event()
         self.output: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(START_TIMEOUT_S):
-            self.stop()
-            raise RuntimeError("the server did not start:\n" + "".join(self.output[-40:]))
+        started = time.perf_counter()
+        while not self.ready.wait(0.1):
+            if self.proc.poll() is not None or time.perf_counter() - started > args.start_timeout:
+                self.stop()
+                raise RuntimeError(
+                    f"the server did not start (rc={self.proc.returncode}):\n"
+                    + "".join(self.output[-40:])
+                )
+        self.start_s = time.perf_counter() - started
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -127,16 +230,16 @@ class _Server:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(60)
+            self.proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
 
-async def _one_stream(client, url: str, prompt: list[int], args, record: list) -> None:
+async def _one_stream(client, url: str, prompt: list[int], max_tokens: int, record: list) -> None:
     body = {
         "prompt": prompt,
-        "max_tokens": args.output_len,
+        "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
@@ -153,77 +256,203 @@ async def _one_stream(client, url: str, prompt: list[int], args, record: list) -
     record.append((start, arrivals))
 
 
-async def _clients(url: str, prompts, args) -> tuple[list, float]:
+async def _clients(
+    url: str, prompts: list, clients: int, max_tokens: int, time_limit: float
+) -> tuple[list, float, bool]:
+    """`clients` streams take the prompts one after another; what finished within
+    `time_limit`, the window, and whether the limit cut it short."""
     import httpx
 
     record: list = []
-    queue = list(prompts)
-    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
-    async with httpx.AsyncClient(timeout=args.time_limit, limits=limits) as client:
+    queue = list(reversed(prompts))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=time_limit, limits=limits) as client:
 
         async def loop() -> None:
             while queue:
-                await _one_stream(client, url, queue.pop(), args, record)
+                await _one_stream(client, url, queue.pop(), max_tokens, record)
 
         start = time.perf_counter()
-        await asyncio.wait_for(
-            asyncio.gather(*(loop() for _ in range(args.clients))), args.time_limit
-        )
-        return record, time.perf_counter() - start
+        tasks = [asyncio.ensure_future(loop()) for _ in range(clients)]
+        done, pending = await asyncio.wait(tasks, timeout=time_limit)
+        window = time.perf_counter() - start
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            task.result()  # a failed request fails the benchmark
+        return record, window, bool(pending)
 
 
-def drive(args: argparse.Namespace) -> int:
-    worker_args = [
-        "--preset",
-        args.preset,
-        "--pp",
-        str(args.pp),
-        "--clients",
-        str(args.clients),
-        "--input-len",
-        str(args.input_len),
-        "--output-len",
-        str(args.output_len),
-        "--max-batch-size",
-        str(args.max_batch_size),
-    ]
-    if args.requests:
-        worker_args += ["--requests", str(args.requests)]
-    offline = common.run_mpi_worker(args.pp, os.path.abspath(__file__), worker_args)
-    offline_tput = offline["output_tokens"] / offline["window_s"]
-    server = _Server(args)
-    try:
-        record, window = asyncio.run(_clients(server.url, _prompts(args), args))
-    finally:
-        server.stop()
-    tokens = len(record) * args.output_len
+def _phase(url: str, prompts: list, clients: int, max_tokens: int, args) -> dict:
+    record, window, timed_out = asyncio.run(
+        _clients(url, prompts, clients, max_tokens, args.time_limit)
+    )
     ttft = [arrivals[0] - start for start, arrivals in record if arrivals]
     itl = [b - a for _, arrivals in record for a, b in zip(arrivals, arrivals[1:])]
-    serve_tput = tokens / window
-    result = {
-        "model": args.shape or args.model or args.preset,
-        "pp": args.pp,
-        "clients": args.clients,
+    tokens = len(record) * max_tokens  # exact: ignore_eos, and only finished requests count
+    return {
+        "clients": clients,
         "requests": len(record),
-        "serve_output_tokens_per_s": serve_tput,
-        "offline_output_tokens_per_s": offline_tput,
-        "serve_over_offline": serve_tput / offline_tput,
+        "timed_out": timed_out,
+        "window_s": window,
+        "output_tokens_per_s": tokens / window,
         "ttft_p50_s": common.percentile(ttft, 50),
         "ttft_p99_s": common.percentile(ttft, 99),
         "itl_p50_s": common.percentile(itl, 50),
         "itl_p99_s": common.percentile(itl, 99),
     }
-    lines = [
-        f"{result['model']} PP={args.pp}, {args.clients} concurrent streams, "
-        f"{len(record)} requests of {args.input_len} + {args.output_len} tokens",
-        f"  serve:   {serve_tput:.1f} output tok/s; TTFT p50/p99 "
-        f"{result['ttft_p50_s'] * 1e3:.1f}/{result['ttft_p99_s'] * 1e3:.1f} ms, ITL p50/p99 "
-        f"{result['itl_p50_s'] * 1e3:.1f}/{result['itl_p99_s'] * 1e3:.1f} ms",
-        f"  offline: {offline_tput:.1f} output tok/s",
-        f"  serve / offline = {result['serve_over_offline']:.3f}",
+
+
+def _write_shape(args, seconds: dict) -> tempfile.TemporaryDirectory | None:
+    """--shape: the random checkpoint, written once; args.model then names it."""
+    if not args.shape:
+        return None
+    import torch
+    from bench_gpu import SHAPES, write_checkpoint
+
+    if args.shape not in SHAPES:
+        raise SystemExit(f"bench_serve: --shape must be one of {sorted(SHAPES)}, got {args.shape}")
+    temporary = None
+    if args.workdir is None:
+        temporary = tempfile.TemporaryDirectory(prefix="bench_serve_")
+        workdir = Path(temporary.name)
+    else:
+        workdir = Path(args.workdir)
+    began = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    args.model = str(write_checkpoint(SHAPES[args.shape], workdir / args.shape, device))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    seconds["checkpoint_write"] = time.perf_counter() - began
+    return temporary
+
+
+def check_imports() -> None:
+    """The server (same interpreter) and the clients need these: say so before the
+    checkpoint and the offline run, not after (a server that cannot start exits at once)."""
+    import importlib.util
+
+    missing = [
+        name
+        for name in ("fastapi", "uvicorn", "prometheus_client", "jinja2", "httpx")
+        if importlib.util.find_spec(name) is None
     ]
-    common.emit(lines, result, args.json)
+    if missing:
+        raise SystemExit(
+            f"bench_serve: {', '.join(missing)} missing for {sys.executable}: pip install "
+            "'ppruntime[serve]' httpx (offline: pip install --no-index --find-links DIR ...)"
+        )
+
+
+def drive(args: argparse.Namespace) -> int:
+    began = time.perf_counter()
+    args = resolve(args)
+    check_imports()
+    seconds: dict[str, float] = {}
+    temporary = _write_shape(args, seconds)
+    try:
+        result = _measure(args, seconds)
+    finally:
+        if temporary is not None:
+            temporary.cleanup()
+    seconds["total"] = time.perf_counter() - began
+    result["seconds"] = seconds
+    common.emit(_table(args, result), result, args.json)
     return 0
+
+
+def _measure(args, seconds: dict) -> dict:
+    worker_args = [*_model_flags(args), "--pp", str(args.pp), "--clients", str(args.clients)]
+    worker_args += ["--requests", str(args.requests), "--input-len", str(args.input_len)]
+    worker_args += ["--output-len", str(args.output_len)]
+    worker_args += ["--max-batch-size", str(args.max_batch_size)]
+    if args.max_num_tokens is not None:
+        worker_args += ["--max-num-tokens", str(args.max_num_tokens)]
+    if args.device is not None:
+        worker_args += ["--device", args.device]
+    if not args.warmup:
+        worker_args.append("--no-warmup")
+    began = time.perf_counter()
+    offline = common.run_mpi_worker(
+        args.pp,
+        os.path.abspath(__file__),
+        worker_args,
+        timeout_s=args.start_timeout + 2 * args.time_limit,
+    )
+    seconds["offline_job"] = time.perf_counter() - began
+    seconds["offline_startup"] = offline["startup_s"]
+    offline_tput = offline["output_tokens"] / offline["window_s"]
+    prompts = throughput_prompts(args)
+    server = _Server(args)
+    seconds["server_start"] = server.start_s
+    try:
+        if args.warmup:
+            began = time.perf_counter()
+            _phase(server.url, prompts[: args.clients], args.clients, WARMUP_TOKENS, args)
+            seconds["server_warmup"] = time.perf_counter() - began
+        throughput = _phase(server.url, prompts, args.clients, args.output_len, args)
+        seconds["throughput_phase"] = throughput["window_s"]
+        ttft = None
+        if args.ttft_clients:
+            ttft_prompts = _prompts(args.ttft_requests, args.input_len, 1)
+            ttft = _phase(server.url, ttft_prompts, args.ttft_clients, args.output_len, args)
+            seconds["ttft_phase"] = ttft["window_s"]
+    finally:
+        began = time.perf_counter()
+        server.stop()
+        seconds["server_stop"] = time.perf_counter() - began
+    result = {
+        "model": args.shape or args.model or args.preset,
+        "pp": args.pp,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "clients": args.clients,
+        "requests": throughput["requests"],
+        "timed_out": throughput["timed_out"],
+        "serve_output_tokens_per_s": throughput["output_tokens_per_s"],
+        "offline_output_tokens_per_s": offline_tput,
+        "serve_over_offline": throughput["output_tokens_per_s"] / offline_tput,
+        **{key: throughput[key] for key in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s")},
+    }
+    if ttft is not None:
+        result["ttft_phase"] = ttft
+    return result
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def _table(args, result: dict) -> list[str]:
+    lines = [
+        f"{result['model']} PP={args.pp}, {args.input_len} + {args.output_len} tokens a request",
+        "| phase | streams | requests | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
+        "|---|---|---|---|---|---|",
+        f"| serve | {args.clients} | {result['requests']}"
+        + (" (time limit)" if result["timed_out"] else "")
+        + f" | {result['serve_output_tokens_per_s']:.1f} | {_ms(result['ttft_p50_s'])} / "
+        f"{_ms(result['ttft_p99_s'])} | {_ms(result['itl_p50_s'])} / {_ms(result['itl_p99_s'])} |",
+        f"| offline | - | {args.requests} | {result['offline_output_tokens_per_s']:.1f} | | |",
+    ]
+    ttft = result.get("ttft_phase")
+    if ttft is not None:
+        lines.append(
+            f"| serve (TTFT) | {ttft['clients']} | {ttft['requests']}"
+            + (" (time limit)" if ttft["timed_out"] else "")
+            + f" | {ttft['output_tokens_per_s']:.1f} | {_ms(ttft['ttft_p50_s'])} / "
+            f"{_ms(ttft['ttft_p99_s'])} | {_ms(ttft['itl_p50_s'])} / {_ms(ttft['itl_p99_s'])} |"
+        )
+    lines.append(f"serve / offline = {result['serve_over_offline']:.3f} (target >= 0.8)")
+    if ttft is not None:
+        lines.append(
+            f"TTFT p50 at {ttft['clients']} streams = {_ms(ttft['ttft_p50_s'])} ms "
+            "(target < 100 ms on the H200)"
+        )
+    lines.append(
+        "seconds: " + ", ".join(f"{name} {value:.1f}" for name, value in result["seconds"].items())
+    )
+    return lines
 
 
 def main(argv=None) -> int:

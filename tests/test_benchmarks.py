@@ -122,12 +122,20 @@ def test_bench_partitions_compares_default_auto_and_every_split():
     assert result["delayed_auto_partition"] == "3,1"
 
 
-def test_bench_serve_reports_both_paths():
-    result = _run([sys.executable, str(SCRIPTS / "bench_serve.py"), "--clients", "4",
-                   "--requests", "6", "--input-len", "8", "--output-len", "6"])  # fmt: skip
-    assert result["requests"] == 6
+def test_bench_serve_reports_both_paths_and_the_ttft_phase():
+    """The H200 flow on a tiny shape: the checkpoint written once and served (its lengths
+    bound the engine), offline beside the 4-stream phase, then a 2-stream TTFT phase on
+    the same server."""
+    args = ["--shape", "small", "--device", "cpu", "--clients", "4", "--requests", "6"]
+    args += ["--ttft-clients", "2", "--ttft-requests", "3", "--input-len", "8", "--output-len", "6"]
+    result = _run([sys.executable, str(SCRIPTS / "bench_serve.py"), *args])
+    assert result["model"] == "small" and result["requests"] == 6 and not result["timed_out"]
     _positive_numbers(result, ["serve_output_tokens_per_s", "offline_output_tokens_per_s"])
     _positive_numbers(result, ["serve_over_offline", "ttft_p50_s", "itl_p50_s"])
+    ttft = result["ttft_phase"]
+    assert (ttft["clients"], ttft["requests"], ttft["timed_out"]) == (2, 3, False), ttft
+    _positive_numbers(ttft, ["ttft_p50_s", "output_tokens_per_s"])
+    assert {"checkpoint_write", "offline_job", "server_start"} <= set(result["seconds"])
 
 
 def test_bench_overhead_reports_the_batch_sizes_named():

@@ -262,6 +262,26 @@ def test_models_health_and_metrics(pipeline_server):
     assert metrics["ppruntime_time_to_first_token_seconds_count"] > 0
 
 
+def test_every_rank_reports_its_busy_fraction(pipeline_server):
+    """Rank 1's busy time reaches rank 0 (about once a second, off the hot path): after
+    requests ran, its gauge appears, parses, and covers that work (> 0, <= 1)."""
+    rank1_seconds = 'ppruntime_rank_busy_seconds_total{"rank": "1"}'
+    before = pipeline_server.metrics().get(rank1_seconds, 0.0)
+    client = pipeline_server.client()
+    for prompt in PROMPTS:
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+    deadline = time.monotonic() + 30
+    metrics = pipeline_server.metrics()
+    while metrics.get(rank1_seconds, 0.0) <= before and time.monotonic() < deadline:
+        time.sleep(0.25)  # the first report sent after the work
+        metrics = pipeline_server.metrics()
+    assert metrics.get(rank1_seconds, 0.0) > before, sorted(metrics)
+    # the gauge moved with the counter, over an interval that holds the requests' forwards
+    assert 0 < metrics['ppruntime_rank_busy_fraction{"rank": "1"}'] <= 1, metrics
+    assert 0 <= metrics['ppruntime_rank_busy_fraction{"rank": "0"}'] <= 1, metrics
+    assert not any('"rank": "2"' in name for name in metrics), sorted(metrics)
+
+
 def test_chat_with_the_checkpoint_template(chat_server):
     client = chat_server.client()
     model = client.models.list().data[0].id

@@ -317,7 +317,8 @@ class LLM:
         return self._executor.has_unfinished()
 
     def engine_state(self) -> dict:
-        """Rank 0's live view: requests running and waiting, KV blocks, forward time."""
+        """Rank 0's live view: requests running and waiting, KV blocks, forward time (rank 0's
+        and, as last reported, every other rank's)."""
         executor = self._executor
         blocks = executor.table.blocks
         return {
@@ -326,6 +327,8 @@ class LLM:
             "kv_blocks_used": blocks.num_blocks - blocks.num_free_blocks,
             "kv_blocks_total": blocks.num_blocks,
             "busy_s": self._engine.tracer.busy_s.get("forward", 0.0),
+            # every rank's latest BusyReport (ranks > 0: sent about once a second)
+            "rank_busy": self._engine.rank_stats.latest(),
         }
 
     # -- batch API -------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from ppruntime.api.serving import ServingStats
+from ppruntime.engine.rank_stats import BusyReport, busy_fraction
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -48,7 +49,14 @@ class ServerMetrics:
         )
         self.busy = Gauge(
             "ppruntime_rank_busy_fraction",
-            "share of wall time a rank spent in its stage's forward since the previous scrape",
+            "share of wall time a rank spent in its stage's forward since the previous scrape "
+            "(ranks > 0: between their reports to rank 0, about one a second)",
+            ["rank"],
+            registry=registry,
+        )
+        self.busy_seconds = Counter(
+            "ppruntime_rank_busy_seconds",
+            "seconds a rank spent in its stage's forward (ranks > 0: as last reported)",
             ["rank"],
             registry=registry,
         )
@@ -66,6 +74,7 @@ class ServerMetrics:
         )
         self._last = (time.monotonic(), 0, 0.0)  # (when, tokens, busy seconds)
         self._finished_seen = 0
+        self._reports_seen: dict[int, BusyReport] = {}  # ranks > 0: report of the last scrape
 
     def render(self, stats: ServingStats) -> bytes:
         from prometheus_client import generate_latest
@@ -81,6 +90,8 @@ class ServerMetrics:
         self.tokens.inc(new_tokens)
         self.tokens_per_s.set(new_tokens / elapsed)
         self.busy.labels("0").set(min((stats.busy_s - busy) / elapsed, 1.0))
+        self.busy_seconds.labels("0").inc(max(stats.busy_s - busy, 0.0))
+        self._other_ranks_busy(stats.rank_busy)
         self.finished.inc(stats.requests_finished - self._finished_seen)
         self._finished_seen = stats.requests_finished
         # the engine thread appends; take what is there now (list ops are atomic)
@@ -91,3 +102,21 @@ class ServerMetrics:
             del values[:count]
         self._last = (now, stats.generated_tokens, stats.busy_s)
         return generate_latest(self.registry)
+
+    def _other_ranks_busy(self, reports: dict[int, BusyReport]) -> None:
+        """Ranks > 0 from their reports: unchanged when none came since the last scrape."""
+        for rank, report in sorted(reports.items()):
+            if rank == 0:
+                continue
+            previous = self._reports_seen.get(rank)
+            if previous is not None and report.now <= previous.now:
+                continue
+            fraction = busy_fraction(previous, report)
+            if fraction is None:
+                continue
+            label = str(rank)
+            self.busy.labels(label).set(fraction)
+            self.busy_seconds.labels(label).inc(
+                max(report.busy_s - (previous.busy_s if previous else 0.0), 0.0)
+            )
+            self._reports_seen[rank] = report

@@ -53,6 +53,7 @@ class ServingStats:
     generated_tokens: int = 0
     requests_finished: int = 0
     busy_s: float = 0.0
+    rank_busy: dict = field(default_factory=dict)  # rank -> engine.rank_stats.BusyReport
     started: float = field(default_factory=time.monotonic)
     # finished-request latencies not yet moved into the histograms
     ttft_s: list[float] = field(default_factory=list)
@@ -128,9 +129,9 @@ class EngineDriver:
             if llm.has_unfinished():
                 _, deltas = llm.step()
                 self._dispatch(deltas)
-                self._update_stats()
             elif deadline is not None:
                 break
+            self._update_stats()  # idle too: the other ranks' reports keep coming
         self.stopped.set()
 
     def _apply_commands(self, block: bool) -> None:
@@ -208,3 +209,4 @@ class EngineDriver:
         stats.kv_blocks_used = state["kv_blocks_used"]
         stats.kv_blocks_total = state["kv_blocks_total"]
         stats.busy_s = state["busy_s"]
+        stats.rank_busy = state["rank_busy"]

@@ -22,8 +22,9 @@ class Tag(IntEnum):
     SAMPLE_STATE = 21  # sampled tokens and finish codes of one batch (int32 raw buffer)
     RESPONSE_DIFF = 22  # log-probs, logits, stop reasons of one batch (pickled)
     PAYLOAD_SLICE = 23  # one slice of a large response-diff array
-    # diagnosis
+    # watchdog thread, watchdog communicator: diagnosis and rank statistics
     WATCHDOG_DUMP = 41  # "dump your stack": stall diagnosis request
     WATCHDOG_REPLY = 42
+    RANK_STATS = 43  # a rank's busy time for rank 0's /metrics (float64 raw buffer)
     # start-up and shutdown exchanges with a deadline (comm.bounded)
     EXCHANGE = 51

@@ -47,10 +47,11 @@ from ppruntime.engine.partition_costs import (
     measure_costs_for,
     read_partition_costs,
 )
+from ppruntime.engine.rank_stats import RankStatsExchange
 from ppruntime.engine.relay import ResponseRelay
 from ppruntime.engine.seq_table import SequenceTable
 from ppruntime.engine.trace import Tracer
-from ppruntime.engine.watchdog import Watchdog
+from ppruntime.engine.watchdog import Watchdog, reply_window
 from ppruntime.logs import get_logger
 from ppruntime.model import (
     ModelConfig,
@@ -431,8 +432,15 @@ class PipelineEngine:
             device_spans=self.device_spans,
             async_scheduling=config.async_scheduling_on(device.type),
         )
+        busy = self.tracer.busy_s
+        self.rank_stats = RankStatsExchange(self.comms.watchdog, lambda: busy.get("forward", 0.0))
         self.watchdog = Watchdog(
-            self.comms.watchdog, info, self.tracker, self._has_work, parallel.watchdog_timeout_s
+            self.comms.watchdog,
+            info,
+            self.tracker,
+            self._has_work,
+            parallel.watchdog_timeout_s,
+            rank_stats=self.rank_stats,
         )
 
     def _allocate_kv_cache(self) -> torch.Tensor:
@@ -508,6 +516,7 @@ class PipelineEngine:
                 f"{missing.what}",
             )
         self.watchdog.stop()
+        self.rank_stats.finish(reply_window(timeout_s))  # the watchdog communicator is ours now
         if self._process_group:
             destroy_process_group()
         self.comms.free()

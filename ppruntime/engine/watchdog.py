@@ -32,6 +32,7 @@ from ppruntime.comm.failure import report_and_abort
 from ppruntime.comm.mpi_env import RankInfo
 from ppruntime.comm.tags import Tag
 from ppruntime.comm.waiting import WaitTracker, request_done
+from ppruntime.engine.rank_stats import RankStatsExchange
 
 MIN_REPLY_WINDOW_S = 5.0
 MAX_REPLY_WINDOW_S = 30.0
@@ -121,8 +122,10 @@ class Watchdog:
         tracker: WaitTracker,
         has_work: Callable[[], bool],
         timeout_s: float,
+        rank_stats: RankStatsExchange | None = None,
     ) -> None:
         self.comm = comm
+        self.rank_stats = rank_stats  # its messages ride this thread's ticks
         self.info = info
         self.tracker = tracker
         self.has_work = has_work
@@ -152,6 +155,8 @@ class Watchdog:
             self._frozen_s = max(0.0, now - woke_at - period)
             woke_at = now
             self._answer_dump_requests()
+            if self.rank_stats is not None:
+                self.rank_stats.tick()
             now = time.monotonic()
             stalled = self.has_work() and self.tracker.idle_seconds(now) > self.timeout_s
             if stalled and now >= self._quiet_until:

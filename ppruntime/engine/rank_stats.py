@@ -1,0 +1,140 @@
+"""Every rank's busy time, brought to rank 0 off the hot path (for `GET /metrics`).
+
+Ranks > 0 send rank 0 a few float64 words, (final flag, start time, now, seconds in the
+stage's forward so far), once per tick of their watchdog thread (about a second), on the
+watchdog communicator with its own tag; rank 0's watchdog thread takes what has arrived
+on each of its ticks and keeps each rank's latest. No executor thread sends, receives or
+waits for these messages. The times are the sending rank's own clock: a busy fraction is
+a difference of two reports of one rank, so clocks of different hosts never mix.
+
+At shutdown (after the watchdog threads have stopped, so the main thread owns the
+communicator) each rank > 0 sends one final report and rank 0 receives until it has
+every rank's final one: no message is left unreceived when the communicator is freed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from ppruntime.comm.tags import Tag
+from ppruntime.comm.waiting import Backoff
+from ppruntime.logs import get_logger
+
+log = get_logger("rank-stats")
+
+_WORDS = 4  # final flag, started, now, busy seconds
+_FINAL, _STARTED, _NOW, _BUSY = range(_WORDS)
+
+
+@dataclass(frozen=True)
+class BusyReport:
+    """One rank's cumulative busy time at `now` (both on that rank's monotonic clock)."""
+
+    started: float
+    now: float
+    busy_s: float
+
+
+class RankStatsExchange:
+    """One rank's side of the exchange. `tick()` runs on the watchdog thread only;
+    `finish()` on the main thread after that thread has stopped; `latest()` anywhere."""
+
+    def __init__(self, comm: MPI.Comm, busy_seconds: Callable[[], float]) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self._busy_seconds = busy_seconds  # read on the watchdog thread
+        self._started = time.monotonic()
+        self._latest: dict[int, BusyReport] = {}
+        self._lock = threading.Lock()
+        self._sends: list[tuple[MPI.Request, np.ndarray]] = []
+        self._inbox = np.zeros(_WORDS, dtype=np.float64)
+        self._finished_ranks: set[int] = set()
+
+    def own_report(self) -> BusyReport:
+        return BusyReport(self._started, time.monotonic(), self._busy_seconds())
+
+    def latest(self) -> dict[int, BusyReport]:
+        """Rank 0: every rank's newest report, this rank's own taken now."""
+        with self._lock:
+            reports = dict(self._latest)
+        reports[self.rank] = self.own_report()
+        return reports
+
+    def tick(self) -> None:
+        """Send this rank's report (ranks > 0) or take the ones that arrived (rank 0)."""
+        if self.size == 1:
+            return
+        if self.rank == 0:
+            self._receive_arrived()
+        else:
+            self._send(final=False)
+
+    def finish(self, timeout_s: float) -> None:
+        """Shutdown, main thread, watchdog thread stopped: the final reports, every one
+        received on rank 0 (given up after `timeout_s`, with a warning)."""
+        if self.size == 1:
+            return
+        deadline = time.monotonic() + timeout_s
+        backoff = Backoff()
+        if self.rank == 0:
+            while len(self._finished_ranks) < self.size - 1:
+                if not self._receive_arrived():
+                    if time.monotonic() >= deadline:
+                        missing = sorted(set(range(1, self.size)) - self._finished_ranks)
+                        log.warning("no final busy report from ranks %s at shutdown", missing)
+                        return
+                    backoff.sleep()
+            return
+        self._send(final=True)
+        while self._sends:
+            self._reap_sends()
+            if time.monotonic() >= deadline:
+                log.warning("rank 0 did not take this rank's final busy report at shutdown")
+                return
+            backoff.sleep()
+
+    def _send(self, final: bool) -> None:
+        self._reap_sends()
+        report = self.own_report()
+        message = np.array([float(final), report.started, report.now, report.busy_s])
+        request = self.comm.Isend([message, MPI.DOUBLE], 0, Tag.RANK_STATS)
+        self._sends.append((request, message))
+
+    def _reap_sends(self) -> None:
+        self._sends = [(request, buffer) for request, buffer in self._sends if not request.Test()]
+
+    def _receive_arrived(self) -> bool:
+        """Take every report that has arrived; whether there was any."""
+        status = MPI.Status()
+        took = False
+        while True:
+            message = self.comm.Improbe(MPI.ANY_SOURCE, Tag.RANK_STATS, status)
+            if message is None:
+                return took
+            took = True
+            message.Recv([self._inbox, MPI.DOUBLE])
+            words = self._inbox.tolist()
+            source = status.Get_source()
+            with self._lock:
+                self._latest[source] = BusyReport(words[_STARTED], words[_NOW], words[_BUSY])
+            if words[_FINAL]:
+                self._finished_ranks.add(source)
+
+
+def busy_fraction(previous: BusyReport | None, current: BusyReport) -> float | None:
+    """Share of wall time between two reports of one rank spent busy, in [0, 1]; from the
+    rank's start when there is no previous one; None when no time passed."""
+    since, busy_before = (
+        (current.started, 0.0) if previous is None else (previous.now, previous.busy_s)
+    )
+    elapsed = current.now - since
+    if elapsed <= 0:
+        return None
+    return min(max((current.busy_s - busy_before) / elapsed, 0.0), 1.0)
