@@ -5,6 +5,8 @@
     python scripts/bench_pipeline.py --compare 2 --json      # PP=1 vs PP=2: efficiency
     python scripts/bench_pipeline.py --uneven --json         # 1:2 stages: bound_ratio, async vs det
     python scripts/bench_pipeline.py --partitions --json     # default vs auto vs every split
+    python scripts/bench_pipeline.py --partitions --shape 8b --device cuda --partition-span 3
+                                                             # the same, 8B shape, ranks on 1 GPU
     ppruntime bench ...                                       # the same
 
 The driver starts each run as its own MPI job (`mpirun -n PP python this --worker`),
@@ -33,6 +35,22 @@ COMPUTE_SPANS = ("forward", "sample")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="bench-small")
+    parser.add_argument("--model", default=None, help="a checkpoint directory instead of --preset")
+    parser.add_argument(
+        "--shape",
+        default=None,
+        help="write a random bf16 checkpoint of this scripts/bench_gpu.py shape (8b, 1b, "
+        "small) into --workdir and use it instead of --preset",
+    )
+    parser.add_argument("--workdir", default=None, help="where --shape's checkpoint goes")
+    parser.add_argument("--device", default=None, help="cpu or cuda (ranks may share a GPU)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--activation-channel",
+        default=None,
+        help="default: auto (host when ranks share a GPU: NCCL refuses that)",
+    )
+    parser.add_argument("--kv-cache-memory-mb", type=int, default=256)
     parser.add_argument("--pp", type=int, default=2, help="pipeline size of a single run")
     parser.add_argument(
         "--compare",
@@ -64,6 +82,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "side; then default vs auto with stage 1 slowed by --partition-delay-ms",
     )
     parser.add_argument("--partition-delay-ms", type=float, default=20.0)
+    parser.add_argument(
+        "--partition-span",
+        type=int,
+        default=None,
+        metavar="K",
+        help="--partitions: only the whole-layer splits within K layers per stage of the "
+        "default one (default: every split)",
+    )
+    parser.add_argument(
+        "--delayed-splits",
+        action="store_true",
+        help="--partitions: also run those splits with the delay (the best one reachable)",
+    )
     parser.add_argument(
         "--partition-decode-fraction",
         type=float,
@@ -100,7 +131,12 @@ def worker(args: argparse.Namespace) -> None:
     from ppruntime.engine.sampling_params import SamplingParams
 
     llm = LLM(
-        preset=args.preset,
+        model=args.model,
+        preset=None if args.model else args.preset,
+        dtype=args.dtype,
+        device=args.device,
+        activation_channel=args.activation_channel,
+        kv_cache_memory_mb=args.kv_cache_memory_mb,
         pp_size=args.pp,
         layer_partition=args.layer_partition,
         partition_decode_fraction=args.partition_decode_fraction or 0.9,
@@ -120,6 +156,7 @@ def worker(args: argparse.Namespace) -> None:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     end = time.time()
     auto = llm._engine.auto_partition
+    measured_costs = getattr(llm._engine, "partition_costs", None) if auto is not None else None
     reports = llm.shutdown()
     window = end - start
     ttft = [o.metrics.ttft for o in outputs]
@@ -167,6 +204,9 @@ def worker(args: argparse.Namespace) -> None:
             "ranks": ranks,
             "auto_partition": None if auto is None else list(auto.counts),
             "predicted_stage_s": None if auto is None else list(auto.stage_times),
+            "partition_costs": None
+            if measured_costs is None
+            else [entry.to_dict() for entry in measured_costs[0]],
         }
     )
 
@@ -183,8 +223,13 @@ def _run(
     trace: str | None = None,
 ) -> dict:
     worker_args = [
-        "--preset",
-        args.preset,
+        *(["--model", args.model] if args.model else ["--preset", args.preset]),
+        *(["--device", args.device] if args.device else []),
+        *(["--activation-channel", args.activation_channel] if args.activation_channel else []),
+        "--dtype",
+        args.dtype,
+        "--kv-cache-memory-mb",
+        str(args.kv_cache_memory_mb),
         "--pp",
         str(pp),
         "--num-requests",
@@ -273,52 +318,182 @@ def _imbalance(run: dict) -> float:
     return max(stage) / min(stage)
 
 
-def _compare_partitions(args) -> tuple[list[str], dict]:
-    from ppruntime.model import preset_config
+def _default_counts(model_config, pp: int) -> tuple[int, ...]:
+    """The engine's default split (layer counts, embedding and LM head counted in)."""
+    from ppruntime.model import partition_layers, stage_extra_costs
 
+    first, last = stage_extra_costs(model_config)
+    stages = partition_layers(
+        model_config.num_hidden_layers, pp, first_stage_extra_cost=first, last_stage_extra_cost=last
+    )
+    return tuple(stage.num_layers for stage in stages)
+
+
+def _splits(num_layers: int, pp: int, default: tuple[int, ...], span: int | None) -> list:
+    """Every whole-layer split, or those within `span` layers per stage of the default."""
+    return [
+        counts
+        for counts in _compositions(num_layers, pp)
+        if span is None or max(abs(a - b) for a, b in zip(counts, default)) <= span
+    ]
+
+
+def _predicted_slowest(costs: list[dict], splits: list) -> dict[str, float]:
+    """The cost model's slowest stage (s per microbatch) for each split."""
+    from ppruntime.engine.partition_costs import predicted_stage_times
+    from ppruntime.model.partition import RankCosts
+
+    ranks = [RankCosts.from_dict(entry) for entry in costs]
+    return {_name(counts): max(predicted_stage_times(counts, ranks)) for counts in splits}
+
+
+def _fractional_best_s(costs: list[dict], num_layers: int) -> float | None:
+    """PP=2: the slowest stage if layers could be split anywhere (both stages equal)."""
+    if len(costs) != 2:
+        return None
+    first, last = costs
+    fixed_0 = first["fixed_s"] + first["embed_s"]
+    fixed_1 = last["fixed_s"] + last["head_s"]
+    layers_0 = (fixed_1 + num_layers * last["layer_s"] - fixed_0) / (
+        first["layer_s"] + last["layer_s"]
+    )
+    layers_0 = min(max(layers_0, 1.0), num_layers - 1.0)
+    return max(
+        fixed_0 + layers_0 * first["layer_s"], fixed_1 + (num_layers - layers_0) * last["layer_s"]
+    )
+
+
+def _name(counts) -> str:
+    return ",".join(map(str, counts))
+
+
+def _prepare_model(args) -> None:
+    """--shape: write the random checkpoint once, for every job of this invocation."""
+    if not args.shape:
+        return
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from bench_gpu import SHAPES, write_checkpoint
+
+    if args.shape not in SHAPES:
+        raise SystemExit(f"unknown --shape {args.shape!r}; shapes: {', '.join(SHAPES)}")
+    directory = Path(tempfile.mkdtemp(prefix="bench-pipeline-", dir=args.workdir))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    write_checkpoint(SHAPES[args.shape], directory / args.shape, device)
+    args.model = str(directory / args.shape)
+    args.checkpoint_write_s = time.perf_counter() - started
+    if args.dtype == "auto":
+        args.dtype = "bfloat16"
+
+
+def _compare_partitions(args) -> tuple[list[str], dict]:
+    from ppruntime.model import load_config
+
+    started = time.perf_counter()
     pp = args.pp
-    num_layers = preset_config(args.preset).num_hidden_layers
+    model_config = load_config(args.model or args.preset)
+    num_layers = model_config.num_hidden_layers
     if args.max_num_tokens is None:
         # a prefill microbatch of this workload is max_batch_size prompts: let auto time that
         args.max_num_tokens = max(args.max_batch_size * args.input_len, args.max_batch_size)
+    default_counts = _default_counts(model_config, pp)
+    splits = _splits(num_layers, pp, default_counts, args.partition_span)
     default = _run(args, pp)
     auto = _run(args, pp, partition="auto")
-    every = {}
-    for counts in _compositions(num_layers, pp):
-        every[",".join(map(str, counts))] = _run(args, pp, partition=",".join(map(str, counts)))
+    every = {_name(counts): _run(args, pp, partition=_name(counts)) for counts in splits}
     best_name, best = max(every.items(), key=lambda item: item[1]["output_tokens_per_s"])
-    auto_name = ",".join(map(str, auto["auto_partition"]))
+    auto_name = _name(auto["auto_partition"])
     predicted = max(auto["predicted_stage_s"])
     measured = auto["slowest_stage_s_per_microbatch"]
+    # the cost model (auto's costs) against every split's measured slowest stage
+    predicted_by_split = _predicted_slowest(auto["partition_costs"], splits)
+    model_over_measured = {
+        name: predicted_by_split[name] / run["slowest_stage_s_per_microbatch"]
+        for name, run in every.items()
+    }
     env = {"PPRUNTIME_STAGE_DELAY_MS": f"1:{args.partition_delay_ms:g}"}
     slow_default = _run(args, pp, env=env)
     slow_auto = _run(args, pp, partition="auto", env=env)
+    slow_every = {}
+    if args.delayed_splits:
+        slow_every = {_name(c): _run(args, pp, partition=_name(c), env=env) for c in splits}
+    slow_costs = slow_auto["partition_costs"]
+    slow_predicted = _predicted_slowest(slow_costs, splits)
+    slow_default_predicted = _predicted_slowest(slow_costs, [default_counts])[_name(default_counts)]
+    slow_best_predicted = min(slow_predicted, key=slow_predicted.get)
+    fractional = _fractional_best_s(slow_costs, num_layers)
     lines = [f"PP={pp}, {num_layers} layers: output tokens/s by partition"]
     for name, run in every.items():
-        lines.append(f"  {name}: {run['output_tokens_per_s']:.1f}, imbalance {_imbalance(run):.3f}")
+        lines.append(
+            f"  {name}: {run['output_tokens_per_s']:.1f}, imbalance {_imbalance(run):.3f}, "
+            f"model/measured slowest stage {model_over_measured[name]:.3f}"
+        )
     result = {
+        "default_partition": _name(default_counts),
         "auto_partition": auto_name,
         "best_partition": best_name,
         "auto_over_best": auto["output_tokens_per_s"] / best["output_tokens_per_s"],
         "auto_over_default": auto["output_tokens_per_s"] / default["output_tokens_per_s"],
         "auto_predicted_over_measured_slowest": predicted / measured,
+        "auto_predicted_stage_s": auto["predicted_stage_s"],
+        "auto_measured_stage_s": [rank["s_per_microbatch"] for rank in auto["ranks"]],
+        "model_over_measured_slowest_by_partition": model_over_measured,
         "imbalance_default": _imbalance(default),
         "imbalance_auto": _imbalance(auto),
+        "throughput_default": default["output_tokens_per_s"],
+        "throughput_auto": auto["output_tokens_per_s"],
         "throughput_by_partition": {n: r["output_tokens_per_s"] for n, r in every.items()},
-        "delayed_auto_partition": ",".join(map(str, slow_auto["auto_partition"])),
+        "auto_costs": auto["partition_costs"],
+        "delayed_auto_partition": _name(slow_auto["auto_partition"]),
         "delayed_auto_over_default": slow_auto["output_tokens_per_s"]
         / slow_default["output_tokens_per_s"],
+        "delayed_costs": slow_costs,
+        "delayed_predicted_best_partition": slow_best_predicted,
+        # throughput follows the slowest stage: what the cost model says is reachable
+        "delayed_predicted_best_over_default": slow_default_predicted
+        / slow_predicted[slow_best_predicted],
+        "delayed_predicted_fractional_over_default": None
+        if fractional is None
+        else slow_default_predicted / fractional,
     }
+    if slow_every:
+        slow_best_name, slow_best = max(
+            slow_every.items(), key=lambda item: item[1]["output_tokens_per_s"]
+        )
+        result.update(
+            delayed_throughput_by_partition={
+                n: r["output_tokens_per_s"] for n, r in slow_every.items()
+            },
+            delayed_best_partition=slow_best_name,
+            delayed_best_over_default=slow_best["output_tokens_per_s"]
+            / slow_default["output_tokens_per_s"],
+            delayed_auto_over_best=slow_auto["output_tokens_per_s"]
+            / slow_best["output_tokens_per_s"],
+        )
+    if getattr(args, "checkpoint_write_s", None) is not None:
+        result["checkpoint_write_s"] = args.checkpoint_write_s
+    result["comparison_wall_s"] = time.perf_counter() - started
     lines += [
-        f"default: {default['output_tokens_per_s']:.1f} tok/s, imbalance "
-        f"{result['imbalance_default']:.3f}",
+        f"default {result['default_partition']}: {default['output_tokens_per_s']:.1f} tok/s, "
+        f"imbalance {result['imbalance_default']:.3f}",
         f"auto {auto_name}: {auto['output_tokens_per_s']:.1f} tok/s, imbalance "
         f"{result['imbalance_auto']:.3f}; auto / best ({best_name}) = "
         f"{result['auto_over_best']:.3f}; predicted / measured slowest stage = "
         f"{result['auto_predicted_over_measured_slowest']:.3f}",
         f"stage 1 delayed {args.partition_delay_ms:g} ms: auto {result['delayed_auto_partition']} "
-        f"/ default throughput = {result['delayed_auto_over_default']:.3f}",
+        f"/ default throughput = {result['delayed_auto_over_default']:.3f}; the cost model's "
+        f"best split {slow_best_predicted} would give "
+        f"{result['delayed_predicted_best_over_default']:.3f}x",
     ]
+    if slow_every:
+        lines.append(
+            f"  delayed, measured: best {result['delayed_best_partition']} "
+            f"{result['delayed_best_over_default']:.3f}x the default, auto / best "
+            f"{result['delayed_auto_over_best']:.3f}"
+        )
     return lines, result
 
 
@@ -328,8 +503,20 @@ def drive(args: argparse.Namespace) -> int:
             "run the benchmark driver without mpirun: it starts its own MPI jobs", file=sys.stderr
         )
         return 2
+    _prepare_model(args)
+    try:
+        return _drive(args)
+    finally:
+        if args.shape and args.model:  # the checkpoint written for this invocation
+            import shutil
+
+            shutil.rmtree(os.path.dirname(args.model), ignore_errors=True)
+
+
+def _drive(args: argparse.Namespace) -> int:
     result: dict = {
         "preset": args.preset,
+        "model": args.model,
         "num_requests": args.num_requests,
         "input_len": args.input_len,
         "output_len": args.output_len,

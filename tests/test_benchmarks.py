@@ -122,6 +122,40 @@ def test_bench_partitions_compares_default_auto_and_every_split():
     assert result["delayed_auto_partition"] == "3,1"
 
 
+def _bench_pipeline_module():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_pipeline
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return bench_pipeline
+
+
+def test_bench_partitions_span_keeps_the_splits_near_the_default():
+    bench = _bench_pipeline_module()
+    assert len(bench._splits(32, 2, (16, 16), None)) == 31
+    near = bench._splits(32, 2, (16, 16), 3)
+    assert near == [(13, 19), (14, 18), (15, 17), (16, 16), (17, 15), (18, 14), (19, 13)]
+    assert bench._splits(6, 3, (2, 2, 2), 1) == [
+        c for c in bench._compositions(6, 3) if all(1 <= n <= 3 for n in c)
+    ]
+
+
+def test_bench_partitions_arithmetic_of_the_cost_model():
+    """The reachable ratios the bench prints come from the cost model: made-up costs."""
+    bench = _bench_pipeline_module()
+    fast = {"layer_s": 1.0, "embed_s": 0.0, "head_s": 1.5, "fixed_s": 0.0}
+    slow = {**fast, "fixed_s": 3.0}  # a delayed rank: 3 per forward
+    splits = bench._splits(8, 2, (4, 4), None)
+    predicted = bench._predicted_slowest([fast, slow], splits)
+    assert predicted["4,4"] == 8.5  # 4 layers + head + delay
+    assert min(predicted, key=predicted.get) == "6,2"  # 6 against 2 + 1.5 + 3
+    assert predicted["6,2"] == 6.5
+    # split anywhere: 6.25 layers on rank 0 against 1.75 + 1.5 + 3 on rank 1
+    assert math.isclose(bench._fractional_best_s([fast, slow], 8), 6.25)
+    assert bench._fractional_best_s([fast, slow, fast], 8) is None
+
+
 def test_bench_serve_reports_both_paths_and_the_ttft_phase():
     """The H200 flow on a tiny shape: the checkpoint written once and served (its lengths
     bound the engine), offline beside the 4-stream phase, then a 2-stream TTFT phase on
