@@ -102,6 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="for auto (default: this workload's share of decode microbatches)",
     )
     parser.add_argument(
+        "--reprobe",
+        action="store_true",
+        help="auto runs: every rank times its pieces again right after the run (how far "
+        "the load drifted from the start-up probe); on by default with --partitions",
+    )
+    parser.add_argument(
         "--deterministic", action="store_true", help="single run in deterministic mode"
     )
     parser.add_argument("--num-requests", type=int, default=64)
@@ -145,8 +151,11 @@ def worker(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size,
         max_num_tokens=args.max_num_tokens or max(1024, args.max_batch_size * args.input_len),
         trace=args.trace,
-        exit_workers=True,
+        exit_workers=not args.reprobe,
     )
+    if not llm.is_driver:  # --reprobe: the pipeline has shut down
+        _reprobe(llm)
+        return
     rng = np.random.default_rng(0)
     prompts = [
         rng.integers(0, 256, size=args.input_len, dtype=np.int32) for _ in range(args.num_requests)
@@ -158,6 +167,7 @@ def worker(args: argparse.Namespace) -> None:
     auto = llm._engine.auto_partition
     measured_costs = getattr(llm._engine, "partition_costs", None) if auto is not None else None
     reports = llm.shutdown()
+    after = _reprobe(llm) if args.reprobe else None  # every rank calls it
     window = end - start
     ttft = [o.metrics.ttft for o in outputs]
     tpot = [
@@ -168,6 +178,7 @@ def worker(args: argparse.Namespace) -> None:
     ranks = []
     for report in reports:
         compute = sum(report.busy_s.get(name, 0.0) for name in COMPUTE_SPANS)
+        compute_cpu = sum(report.busy_cpu_s.get(name, 0.0) for name in COMPUTE_SPANS)
         ranks.append(
             {
                 "rank": report.rank,
@@ -175,6 +186,8 @@ def worker(args: argparse.Namespace) -> None:
                 "forward_s": report.busy_s.get("forward", 0.0),
                 "compute_s": compute,
                 "s_per_microbatch": compute / max(report.batches, 1),
+                # the compute thread's CPU time: what other processes' load does not inflate
+                "cpu_s_per_microbatch": compute_cpu / max(report.batches, 1),
                 "forward_s_per_microbatch": report.busy_s.get("forward", 0.0)
                 / max(report.batches, 1),
                 "busy_fraction": min(compute / window, 1.0),
@@ -204,11 +217,34 @@ def worker(args: argparse.Namespace) -> None:
             "ranks": ranks,
             "auto_partition": None if auto is None else list(auto.counts),
             "predicted_stage_s": None if auto is None else list(auto.stage_times),
+            "reprobed_stage_s": after,
             "partition_costs": None
             if measured_costs is None
             else [entry.to_dict() for entry in measured_costs[0]],
         }
     )
+
+
+def _reprobe(llm) -> list[float] | None:
+    """Every rank times its pieces again right after the run, as at start-up: the
+    stage times this predicts for the partition used (rank 0; None elsewhere) tell how
+    far the machine's load drifted between the start-up probe and the run."""
+    from mpi4py import MPI
+
+    from ppruntime.engine.partition_costs import measure_costs_for, predicted_stage_times
+    from ppruntime.model import load_config
+
+    engine = llm._engine
+    auto = engine.auto_partition
+    costs = None
+    if auto is not None:
+        config = engine.config
+        model_config = load_config(config.model)
+        costs = measure_costs_for(config, model_config, engine.device, engine.info.rank)[0]
+    gathered = MPI.COMM_WORLD.gather(costs, root=0)
+    if gathered is None or auto is None:
+        return None
+    return list(predicted_stage_times(tuple(auto.counts), gathered))
 
 
 # ----------------------------------------------------------------------------------------
@@ -249,6 +285,8 @@ def _run(
         worker_args += ["--layer-partition", partition]
     if partition == "auto":
         worker_args += ["--partition-decode-fraction", str(_decode_fraction(args))]
+        if args.partitions:
+            worker_args.append("--reprobe")
     if trace:
         worker_args += ["--trace", trace]
     return common.run_mpi_worker(pp, os.path.abspath(__file__), worker_args, env=env)
@@ -311,6 +349,10 @@ def _compositions(total: int, parts: int):
     for first in range(1, total - parts + 2):
         for rest in _compositions(total - first, parts - 1):
             yield (first, *rest)
+
+
+def _slowest_cpu(run: dict) -> float:
+    return max(rank["cpu_s_per_microbatch"] for rank in run["ranks"])
 
 
 def _imbalance(run: dict) -> float:
@@ -414,6 +456,9 @@ def _compare_partitions(args) -> tuple[list[str], dict]:
         name: predicted_by_split[name] / run["slowest_stage_s_per_microbatch"]
         for name, run in every.items()
     }
+    model_over_measured_cpu = {
+        name: predicted_by_split[name] / _slowest_cpu(run) for name, run in every.items()
+    }
     env = {"PPRUNTIME_STAGE_DELAY_MS": f"1:{args.partition_delay_ms:g}"}
     slow_default = _run(args, pp, env=env)
     slow_auto = _run(args, pp, partition="auto", env=env)
@@ -421,7 +466,7 @@ def _compare_partitions(args) -> tuple[list[str], dict]:
     if args.delayed_splits:
         slow_every = {_name(c): _run(args, pp, partition=_name(c), env=env) for c in splits}
     slow_costs = slow_auto["partition_costs"]
-    slow_predicted = _predicted_slowest(slow_costs, splits)
+    slow_predicted = _predicted_slowest(slow_costs, list(_compositions(num_layers, pp)))
     slow_default_predicted = _predicted_slowest(slow_costs, [default_counts])[_name(default_counts)]
     slow_best_predicted = min(slow_predicted, key=slow_predicted.get)
     fractional = _fractional_best_s(slow_costs, num_layers)
@@ -429,7 +474,8 @@ def _compare_partitions(args) -> tuple[list[str], dict]:
     for name, run in every.items():
         lines.append(
             f"  {name}: {run['output_tokens_per_s']:.1f}, imbalance {_imbalance(run):.3f}, "
-            f"model/measured slowest stage {model_over_measured[name]:.3f}"
+            f"model/measured slowest stage {model_over_measured[name]:.3f} (wall), "
+            f"{model_over_measured_cpu[name]:.3f} (CPU time)"
         )
     result = {
         "default_partition": _name(default_counts),
@@ -440,7 +486,14 @@ def _compare_partitions(args) -> tuple[list[str], dict]:
         "auto_predicted_over_measured_slowest": predicted / measured,
         "auto_predicted_stage_s": auto["predicted_stage_s"],
         "auto_measured_stage_s": [rank["s_per_microbatch"] for rank in auto["ranks"]],
+        # the same probe right after the run: start-up and after bracket the load drift
+        "auto_reprobed_stage_s": auto["reprobed_stage_s"],
+        "auto_reprobed_over_measured_slowest": max(auto["reprobed_stage_s"]) / measured,
         "model_over_measured_slowest_by_partition": model_over_measured,
+        # against the stages' CPU time per microbatch (the probe times CPU time on CPU)
+        "auto_predicted_over_measured_slowest_cpu": predicted / _slowest_cpu(auto),
+        "auto_measured_stage_cpu_s": [rank["cpu_s_per_microbatch"] for rank in auto["ranks"]],
+        "model_over_measured_slowest_cpu_by_partition": model_over_measured_cpu,
         "imbalance_default": _imbalance(default),
         "imbalance_auto": _imbalance(auto),
         "throughput_default": default["output_tokens_per_s"],
@@ -482,7 +535,9 @@ def _compare_partitions(args) -> tuple[list[str], dict]:
         f"auto {auto_name}: {auto['output_tokens_per_s']:.1f} tok/s, imbalance "
         f"{result['imbalance_auto']:.3f}; auto / best ({best_name}) = "
         f"{result['auto_over_best']:.3f}; predicted / measured slowest stage = "
-        f"{result['auto_predicted_over_measured_slowest']:.3f}",
+        f"{result['auto_predicted_over_measured_slowest']:.3f} (probed again after the run: "
+        f"{result['auto_reprobed_over_measured_slowest']:.3f}; against the stages' CPU time: "
+        f"{result['auto_predicted_over_measured_slowest_cpu']:.3f})",
         f"stage 1 delayed {args.partition_delay_ms:g} ms: auto {result['delayed_auto_partition']} "
         f"/ default throughput = {result['delayed_auto_over_default']:.3f}; the cost model's "
         f"best split {slow_best_predicted} would give "

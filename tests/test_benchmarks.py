@@ -118,6 +118,9 @@ def test_bench_partitions_compares_default_auto_and_every_split():
     assert result["best_partition"] in result["throughput_by_partition"]
     _positive_numbers(result, ["auto_over_best", "auto_over_default", "imbalance_default"])
     _positive_numbers(result, ["auto_predicted_over_measured_slowest", "imbalance_auto"])
+    _positive_numbers(result, ["auto_reprobed_over_measured_slowest"])  # probed after the run
+    assert len(result["auto_reprobed_stage_s"]) == 2
+    assert result["delayed_predicted_best_over_default"] >= 1.0
     # a stage that sleeps 200 ms per forward keeps only the one layer it must hold
     assert result["delayed_auto_partition"] == "3,1"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from mpi4py import MPI
@@ -98,6 +98,7 @@ class RankReport:
     block_table_counters: dict
     events: list
     rows_continued: int = 0  # rows scheduled before their previous step landed (async)
+    busy_cpu_s: dict = field(default_factory=dict)  # the rank's CPU time in each span
 
 
 class PipelineEngine:
@@ -498,6 +499,7 @@ class PipelineEngine:
             block_table_counters=vars(table.counters).copy(),
             events=self.tracer.events + self.device_spans.events(),
             rows_continued=executor.stats.rows_continued,
+            busy_cpu_s=dict(self.tracer.busy_cpu_s),
         )
         timeout_s = self.config.parallel.watchdog_timeout_s
         try:

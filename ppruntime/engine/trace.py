@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 import time
 
+# Spans whose CPU time is also kept (a thread-clock read costs about a microsecond: the
+# compute spans only, not the host bookkeeping ones)
+CPU_TIMED_SPANS = frozenset({"forward", "sample"})
+
 
 class Tracer:
     def __init__(self, rank: int, enabled: bool) -> None:
@@ -16,6 +20,9 @@ class Tracer:
         self.enabled = enabled
         self.events: list[tuple[str, float, float, int]] = []  # name, start, end, microbatch
         self.busy_s: dict[str, float] = {}
+        # this thread's CPU time inside the compute spans: unlike wall time it does not grow
+        # while other processes share the cores (what the layer-partition probe times)
+        self.busy_cpu_s: dict[str, float] = {}
         self.origin = time.time()
 
     def span(self, name: str, microbatch: int = -1) -> _Span:
@@ -24,7 +31,7 @@ class Tracer:
 
 
 class _Span:
-    __slots__ = ("tracer", "name", "microbatch", "start")
+    __slots__ = ("tracer", "name", "microbatch", "start", "cpu_start")
 
     def __init__(self, tracer: Tracer, name: str, microbatch: int) -> None:
         self.tracer = tracer
@@ -33,12 +40,17 @@ class _Span:
 
     def __enter__(self) -> None:
         self.start = time.time()
+        self.cpu_start = time.thread_time() if self.name in CPU_TIMED_SPANS else 0.0
 
     def __exit__(self, *exc_info: object) -> None:
         end = time.time()
         tracer = self.tracer
         busy = tracer.busy_s
         busy[self.name] = busy.get(self.name, 0.0) + (end - self.start)
+        if self.name in CPU_TIMED_SPANS:
+            busy_cpu = tracer.busy_cpu_s
+            cpu = time.thread_time() - self.cpu_start
+            busy_cpu[self.name] = busy_cpu.get(self.name, 0.0) + cpu
         if tracer.enabled:
             tracer.events.append((self.name, self.start, end, self.microbatch))
 

@@ -119,17 +119,21 @@ def _prefill_batch(
 
 
 class _Clock:
-    """Marks on the host (CPU) or on the device's stream (CUDA events), read after a sync."""
+    """Marks on the device's stream (CUDA events), or on the host: this thread's CPU
+    time when torch computes on this thread alone (one torch thread, ppruntime's
+    default), so that other processes sharing the cores while the probe runs do not
+    count; wall time otherwise."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self._host_clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
     def mark(self) -> object:
         if self.device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter()
+        return self._host_clock()
 
     def seconds(self, start: object, end: object) -> float:
         if self.device.type == "cuda":
