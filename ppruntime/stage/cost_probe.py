@@ -265,7 +265,7 @@ def measure_rank_costs(
         medians = _interleaved_medians(
             {
                 **pieces("decode", *decode_batch, rows=batch),
-                **pieces("prefill", *prefill_batch, rows=1),
+                **pieces("prefill", *prefill_batch, rows=prefill_seqs),  # each prompt's last
             },
             max(workload.repeats, 1),
         )
@@ -284,7 +284,7 @@ def measure_rank_costs(
     costs = RankCosts(
         layer_s=mixed("layers") / num_layers,
         embed_s=mixed("embed"),
-        head_s=mixed("head", prefill_scale=1.0),  # a prefill chunk samples one row
+        head_s=mixed("head", prefill_scale=1.0),  # a prefill chunk samples a row a prompt
         # the delay knobs sleep / spin a fixed time in every forward: added as they are
         fixed_s=rest + knobs.delay_s + knobs.python_work_s,
         memory_bytes=memory_bytes,
