@@ -2,13 +2,17 @@
 
 The engine is stepped by one thread (the process's main thread; MPI and the signal
 handlers live there). The server's event loop hands it requests and cancellations
-through a queue, and each request's deltas come back to that loop through
-`call_soon_threadsafe`, one call per engine step. When nothing is running, the
-engine thread blocks on the queue instead of spinning.
+through a queue. Deltas go back through one `DeltaOutbox` per event loop: an engine
+step appends every request's new tokens to it and wakes the loop once, and not at
+all while the loop has not drained the previous wake-up (a loop that is behind gets
+the later steps' tokens in the same drain). The engine thread thus pays one list
+append per step, not one cross-thread call per request per token. When nothing is
+running, the engine thread blocks on the queue instead of spinning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -28,13 +32,46 @@ IDLE_WAIT_S = 0.05
 Deliver = Callable[[list[RequestOutput]], None]  # runs on the server's event loop
 
 
+class DeltaOutbox:
+    """Deltas from the engine thread to one event loop, batched per wake-up.
+
+    `put` (engine thread) appends and schedules one `deliver` call on the loop unless
+    one is already scheduled and not yet run; `deliver` then gets everything put
+    since, in order.
+    """
+
+    def __init__(self, loop, deliver: Deliver) -> None:
+        self._loop = loop
+        self._deliver = deliver
+        self._lock = threading.Lock()
+        self._pending: list[RequestOutput] = []
+        self._scheduled = False
+        self.wakeups = 0  # loop wake-ups asked for (tests, statistics)
+
+    def put(self, deltas: list[RequestOutput]) -> None:
+        with self._lock:
+            self._pending.extend(deltas)
+            if self._scheduled:
+                return
+            self._scheduled = True
+            self.wakeups += 1
+        with contextlib.suppress(RuntimeError):  # a closed loop (server stopping)
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+            self._scheduled = False
+        if batch:
+            self._deliver(batch)
+
+
 @dataclass
 class _Submit:
     request_id: str
     prompt_ids: np.ndarray
     params: SamplingParams
-    loop: object  # asyncio loop of the handler
-    deliver: Deliver
+    outbox: DeltaOutbox
 
 
 @dataclass
@@ -73,7 +110,7 @@ class EngineDriver:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._outstanding = 0  # accepted and not finished (any thread)
-        self._routes: dict[str, tuple[object, Deliver]] = {}  # engine thread only
+        self._routes: dict[str, DeltaOutbox] = {}  # engine thread only
         self._last_token_time: dict[str, float] = {}
         self._submitted_at: dict[str, float] = {}
         self._ids = 0
@@ -102,8 +139,9 @@ class EngineDriver:
             self._ids += 1
             return f"{prefix}-{self._ids}"
 
-    def submit(self, request_id: str, prompt_ids, params, loop, deliver: Deliver) -> None:
-        self._commands.put(_Submit(request_id, prompt_ids, params, loop, deliver))
+    def submit(self, request_id: str, prompt_ids, params, outbox: DeltaOutbox) -> None:
+        """Queue a request; its deltas (then one with `finished`) go to `outbox`."""
+        self._commands.put(_Submit(request_id, prompt_ids, params, outbox))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
@@ -162,21 +200,21 @@ class EngineDriver:
             failure = RequestOutput(command.request_id, [], [], "", finish_reason="error")
             failure.finished = True
             failure.error = str(error)
-            command.loop.call_soon_threadsafe(command.deliver, [failure])
+            command.outbox.put([failure])
             return
-        self._routes[command.request_id] = (command.loop, command.deliver)
+        self._routes[command.request_id] = command.outbox
         self._submitted_at[command.request_id] = time.monotonic()
 
     def _dispatch(self, deltas: list[RequestOutput]) -> None:
         if not deltas:
             return
         now = time.monotonic()
-        by_route: dict[int, tuple[object, Deliver, list[RequestOutput]]] = {}
+        by_outbox: dict[int, tuple[DeltaOutbox, list[RequestOutput]]] = {}
         stats = self.stats
         finished = 0
         for delta in deltas:
-            route = self._routes.get(delta.request_id)
-            if route is None:
+            outbox = self._routes.get(delta.request_id)
+            if outbox is None:
                 continue
             if delta.token_ids:
                 stats.generated_tokens += len(delta.token_ids)
@@ -186,10 +224,10 @@ class EngineDriver:
                 else:
                     stats.itl_s.append((now - last) / len(delta.token_ids))
                 self._last_token_time[delta.request_id] = now
-            key = id(route[1])
-            if key not in by_route:
-                by_route[key] = (route[0], route[1], [])
-            by_route[key][2].append(delta)
+            key = id(outbox)
+            if key not in by_outbox:
+                by_outbox[key] = (outbox, [])
+            by_outbox[key][1].append(delta)
             if delta.finished:
                 finished += 1
                 del self._routes[delta.request_id]
@@ -198,8 +236,8 @@ class EngineDriver:
         if finished:
             stats.requests_finished += finished
             self.release(finished)
-        for loop, deliver, batch in by_route.values():
-            loop.call_soon_threadsafe(deliver, batch)
+        for outbox, batch in by_outbox.values():
+            outbox.put(batch)
 
     def _update_stats(self) -> None:
         state = self.llm.engine_state()
