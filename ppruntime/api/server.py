@@ -110,9 +110,9 @@ class _DeltaStream:
 class _Router:
     """The event loop's end of the engine: one outbox, deltas routed by request id."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, http_share: float) -> None:
         self.loop = loop
-        self.outbox = DeltaOutbox(loop, self._deliver)
+        self.outbox = DeltaOutbox(loop, self._deliver, http_share)
         self._streams: dict[str, _DeltaStream] = {}
 
     def open(self, request_ids: list[str]) -> _DeltaStream:
@@ -126,6 +126,7 @@ class _Router:
             self._streams.pop(request_id, None)
 
     def _deliver(self, deltas: list[RequestOutput]) -> None:
+        began = time.perf_counter()
         streams = self._streams
         for delta in deltas:
             stream = streams.get(delta.request_id)
@@ -134,6 +135,11 @@ class _Router:
             stream.push(delta)
             if delta.finished:
                 del streams[delta.request_id]
+        # the handlers woken above run before this: their chunks are part of the burst
+        self.loop.call_soon(self._burst_done, began)
+
+    def _burst_done(self, began: float) -> None:
+        self.outbox.burst_ended(time.perf_counter() - began)
 
 
 def build_app(
@@ -142,6 +148,7 @@ def build_app(
     chat_template: ChatTemplate | None,
     max_body_bytes: int,
     metrics: ServerMetrics,
+    http_share: float = 0.2,
 ):
     app = FastAPI(title="ppruntime", docs_url=None, redoc_url=None)
     llm = driver.llm
@@ -151,7 +158,7 @@ def build_app(
         loop = asyncio.get_running_loop()
         found = routers.get(id(loop))
         if found is None or found.loop is not loop:
-            found = routers[id(loop)] = _Router(loop)
+            found = routers[id(loop)] = _Router(loop, http_share)
         return found
 
     def error_response(error: _HTTPError) -> JSONResponse:

@@ -33,25 +33,51 @@ Deliver = Callable[[list[RequestOutput]], None]  # runs on the server's event lo
 
 
 class DeltaOutbox:
-    """Deltas from the engine thread to one event loop, batched per wake-up.
+    """Deltas from the engine thread to one event loop, batched per wake-up and paced.
 
-    `put` (engine thread) appends and schedules one `deliver` call on the loop unless
-    one is already scheduled and not yet run; `deliver` then gets everything put
-    since, in order.
+    `put` (engine thread) appends, and schedules one `deliver` call on the loop unless
+    one is already scheduled, or the loop is resting: after handling a batch for
+    `burst` seconds it is not woken for `burst * (1 - share) / share` seconds, so the
+    HTTP side (which shares the GIL with the engine thread) takes at most about
+    `share` of the process's time however many streams there are; the tokens of the
+    steps in between go out in the next batch, several to a chunk. A first token or
+    a finished request (`urgent`) wakes the loop at once, so time to first token and
+    the next request's admission do not wait. `deliver` gets everything put since the
+    previous call, in order. `flush_due` (engine thread, every iteration) sends what
+    waited once the rest is over.
     """
 
-    def __init__(self, loop, deliver: Deliver) -> None:
+    def __init__(self, loop, deliver: Deliver, share: float = 0.2) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"the HTTP time share must be in (0, 1], got {share}")
         self._loop = loop
         self._deliver = deliver
+        self._rest_factor = (1 - share) / share
         self._lock = threading.Lock()
         self._pending: list[RequestOutput] = []
         self._scheduled = False
-        self.wakeups = 0  # loop wake-ups asked for (tests, statistics)
+        self._resting_until = 0.0  # monotonic; written by the loop, read by the engine
+        self.wakeups = 0  # loop wake-ups asked for (statistics, tests)
+        self.delivered = 0  # deltas delivered
 
-    def put(self, deltas: list[RequestOutput]) -> None:
+    def put(self, deltas: list[RequestOutput], urgent: bool = False) -> None:
         with self._lock:
             self._pending.extend(deltas)
-            if self._scheduled:
+        self._wake(urgent)
+
+    def flush_due(self) -> None:
+        if self._pending and not self._scheduled and time.monotonic() >= self._resting_until:
+            self._wake(False)
+
+    def burst_ended(self, seconds: float) -> None:
+        """The loop spent `seconds` on the last batch (called on the loop)."""
+        self._resting_until = time.monotonic() + seconds * self._rest_factor
+
+    def _wake(self, urgent: bool) -> None:
+        with self._lock:
+            if self._scheduled or not self._pending:
+                return
+            if not urgent and time.monotonic() < self._resting_until:
                 return
             self._scheduled = True
             self.wakeups += 1
@@ -62,6 +88,7 @@ class DeltaOutbox:
         with self._lock:
             batch, self._pending = self._pending, []
             self._scheduled = False
+        self.delivered += len(batch)
         if batch:
             self._deliver(batch)
 
@@ -111,6 +138,7 @@ class EngineDriver:
         self._lock = threading.Lock()
         self._outstanding = 0  # accepted and not finished (any thread)
         self._routes: dict[str, DeltaOutbox] = {}  # engine thread only
+        self._outboxes: dict[int, DeltaOutbox] = {}  # every one seen (one per server loop)
         self._last_token_time: dict[str, float] = {}
         self._submitted_at: dict[str, float] = {}
         self._ids = 0
@@ -169,6 +197,8 @@ class EngineDriver:
                 self._dispatch(deltas)
             elif deadline is not None:
                 break
+            for outbox in self._outboxes.values():
+                outbox.flush_due()
             self._update_stats()  # idle too: the other ranks' reports keep coming
         self.stopped.set()
 
@@ -200,35 +230,39 @@ class EngineDriver:
             failure = RequestOutput(command.request_id, [], [], "", finish_reason="error")
             failure.finished = True
             failure.error = str(error)
-            command.outbox.put([failure])
+            command.outbox.put([failure], urgent=True)
             return
         self._routes[command.request_id] = command.outbox
+        self._outboxes[id(command.outbox)] = command.outbox
         self._submitted_at[command.request_id] = time.monotonic()
 
     def _dispatch(self, deltas: list[RequestOutput]) -> None:
         if not deltas:
             return
         now = time.monotonic()
-        by_outbox: dict[int, tuple[DeltaOutbox, list[RequestOutput]]] = {}
+        by_outbox: dict[int, tuple[DeltaOutbox, list[RequestOutput], list[bool]]] = {}
         stats = self.stats
         finished = 0
         for delta in deltas:
             outbox = self._routes.get(delta.request_id)
             if outbox is None:
                 continue
+            key = id(outbox)
+            if key not in by_outbox:
+                by_outbox[key] = (outbox, [], [False])
+            entry = by_outbox[key]
+            entry[1].append(delta)
             if delta.token_ids:
                 stats.generated_tokens += len(delta.token_ids)
                 last = self._last_token_time.get(delta.request_id)
                 if last is None:
                     stats.ttft_s.append(now - self._submitted_at[delta.request_id])
+                    entry[2][0] = True  # a first token: no pacing
                 else:
                     stats.itl_s.append((now - last) / len(delta.token_ids))
                 self._last_token_time[delta.request_id] = now
-            key = id(outbox)
-            if key not in by_outbox:
-                by_outbox[key] = (outbox, [])
-            by_outbox[key][1].append(delta)
             if delta.finished:
+                entry[2][0] = True
                 finished += 1
                 del self._routes[delta.request_id]
                 self._last_token_time.pop(delta.request_id, None)
@@ -236,8 +270,8 @@ class EngineDriver:
         if finished:
             stats.requests_finished += finished
             self.release(finished)
-        for outbox, batch in by_outbox.values():
-            outbox.put(batch)
+        for outbox, batch, urgent in by_outbox.values():
+            outbox.put(batch, urgent[0])
 
     def _update_stats(self) -> None:
         state = self.llm.engine_state()
