@@ -101,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--time-limit", type=float, default=None, help="seconds per client phase (300; --h200 60)"
     )
+    parser.add_argument(
+        "--http-time-share", type=float, default=None, help="passed to serve (its default)"
+    )
     parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds per job start")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
 
@@ -197,6 +200,8 @@ class _Server:
         serve = [sys.executable, "-m", "ppruntime", "serve", *_model_flags(args)]
         serve += ["--port", "0", "--max-waiting", "100000", "--shutdown-grace", "5"]
         serve += _as_flags(engine_options(args))
+        if args.http_time_share is not None:
+            serve += ["--http-time-share", str(args.http_time_share)]
         self.proc = subprocess.Popen(
             common.mpi_command(args.pp, serve),
             stdout=subprocess.PIPE,
@@ -225,6 +230,24 @@ class _Server:
             if "listening on http://" in line:
                 self.url = line.split("listening on ")[1].split()[0]
                 self.ready.set()
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time of every process of the job so far (Linux /proc; None elsewhere)."""
+        if not os.path.isdir("/proc/self/task"):
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == self.proc.pid:  # the job's session (start_new_session)
+                total += (int(fields[11]) + int(fields[12])) / ticks
+        return total
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -284,13 +307,19 @@ async def _clients(
         return record, window, bool(pending)
 
 
-def _phase(url: str, prompts: list, clients: int, max_tokens: int, args) -> dict:
+def _phase(server: _Server, prompts: list, clients: int, max_tokens: int, args) -> dict:
+    cpu_before = server.cpu_seconds()
     record, window, timed_out = asyncio.run(
-        _clients(url, prompts, clients, max_tokens, args.time_limit)
+        _clients(server.url, prompts, clients, max_tokens, args.time_limit)
     )
+    cpu_after = server.cpu_seconds()
     ttft = [arrivals[0] - start for start, arrivals in record if arrivals]
     itl = [b - a for _, arrivals in record for a, b in zip(arrivals, arrivals[1:])]
     tokens = len(record) * max_tokens  # exact: ignore_eos, and only finished requests count
+    chunks = sum(len(arrivals) for _, arrivals in record)
+    server_cpu = None
+    if cpu_before is not None and cpu_after is not None and tokens:
+        server_cpu = (cpu_after - cpu_before) / tokens
     return {
         "clients": clients,
         "requests": len(record),
@@ -301,6 +330,9 @@ def _phase(url: str, prompts: list, clients: int, max_tokens: int, args) -> dict
         "ttft_p99_s": common.percentile(ttft, 99),
         "itl_p50_s": common.percentile(itl, 50),
         "itl_p99_s": common.percentile(itl, 99),
+        # > 1 when the server paced its chunks (--http-time-share); ITL is per chunk
+        "tokens_per_chunk": tokens / chunks if chunks else None,
+        "server_cpu_s_per_token": server_cpu,  # every rank's process, whole job
     }
 
 
@@ -389,14 +421,14 @@ def _measure(args, seconds: dict) -> dict:
     try:
         if args.warmup:
             began = time.perf_counter()
-            _phase(server.url, prompts[: args.clients], args.clients, WARMUP_TOKENS, args)
+            _phase(server, prompts[: args.clients], args.clients, WARMUP_TOKENS, args)
             seconds["server_warmup"] = time.perf_counter() - began
-        throughput = _phase(server.url, prompts, args.clients, args.output_len, args)
+        throughput = _phase(server, prompts, args.clients, args.output_len, args)
         seconds["throughput_phase"] = throughput["window_s"]
         ttft = None
         if args.ttft_clients:
             ttft_prompts = _prompts(args.ttft_requests, args.input_len, 1)
-            ttft = _phase(server.url, ttft_prompts, args.ttft_clients, args.output_len, args)
+            ttft = _phase(server, ttft_prompts, args.ttft_clients, args.output_len, args)
             seconds["ttft_phase"] = ttft["window_s"]
     finally:
         began = time.perf_counter()
@@ -413,7 +445,17 @@ def _measure(args, seconds: dict) -> dict:
         "serve_output_tokens_per_s": throughput["output_tokens_per_s"],
         "offline_output_tokens_per_s": offline_tput,
         "serve_over_offline": throughput["output_tokens_per_s"] / offline_tput,
-        **{key: throughput[key] for key in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s")},
+        **{
+            key: throughput[key]
+            for key in (
+                "ttft_p50_s",
+                "ttft_p99_s",
+                "itl_p50_s",
+                "itl_p99_s",
+                "tokens_per_chunk",
+                "server_cpu_s_per_token",
+            )
+        },
     }
     if ttft is not None:
         result["ttft_phase"] = ttft
@@ -444,6 +486,12 @@ def _table(args, result: dict) -> list[str]:
             f"{_ms(ttft['ttft_p99_s'])} | {_ms(ttft['itl_p50_s'])} / {_ms(ttft['itl_p99_s'])} |"
         )
     lines.append(f"serve / offline = {result['serve_over_offline']:.3f} (target >= 0.8)")
+    if result["tokens_per_chunk"] is not None:
+        cpu = result["server_cpu_s_per_token"]
+        lines.append(
+            f"serve: {result['tokens_per_chunk']:.2f} tokens a streamed chunk"
+            + (f", server CPU {cpu * 1e6:.1f} us a token (all ranks)" if cpu is not None else "")
+        )
     if ttft is not None:
         lines.append(
             f"TTFT p50 at {ttft['clients']} streams = {_ms(ttft['ttft_p50_s'])} ms "
