@@ -72,25 +72,31 @@ def test_outbox_wakes_the_loop_once_until_it_drains(clock):
 def test_outbox_rests_after_a_costly_burst_except_for_urgent_deltas(clock):
     loop, delivered = _RecordingLoop(), []
     outbox = DeltaOutbox(loop, delivered.append, share=0.2)
-    outbox.put([_delta("a", 0)], urgent=True)
+    outbox.put([_delta("a", 0)], urgent={"a"})
     loop.run_scheduled()
     outbox.burst_ended(0.01)  # HTTP took 10 ms: rest 40 ms (share 0.2)
     clock.now += 0.039
-    outbox.put([_delta("a", 1)])
+    outbox.put([_delta("a", 1), _delta("b", 0)])
     outbox.flush_due()
-    assert loop.scheduled == []  # resting: the token waits
-    outbox.put([_delta("b", 0)], urgent=True)  # a first token (or a finish) does not
-    assert len(loop.scheduled) == 1
+    assert loop.scheduled == []  # resting: the tokens wait
+    outbox.put([_delta("c", 0), _delta("b", 1, finished=True)], urgent={"c", "b"})
+    assert len(loop.scheduled) == 1  # a first token (c) or a finish (b) does not
     loop.run_scheduled()
-    assert [d.token_ids[0] for d in delivered[-1]] == [1, 0]
-    outbox.burst_ended(0.01)
-    outbox.put([_delta("a", 2)])
-    clock.now += 0.041
+    # during the rest only the urgent requests' deltas go, each request's in order
+    assert [(d.request_id, d.token_ids[0]) for d in delivered[-1]] == [
+        ("b", 0),
+        ("c", 0),
+        ("b", 1),
+    ]
+    outbox.burst_ended(0.002)  # its cost adds to the rest: 40 + 8 ms from the start
+    clock.now += 0.0085
+    outbox.flush_due()
     assert loop.scheduled == []
+    clock.now += 0.001
     outbox.flush_due()  # the rest is over: what waited goes out
     assert len(loop.scheduled) == 1
     loop.run_scheduled()
-    assert [d.token_ids[0] for d in delivered[-1]] == [2]
+    assert [(d.request_id, d.token_ids[0]) for d in delivered[-1]] == [("a", 1)]
 
 
 def test_outbox_refuses_a_share_out_of_range():

@@ -36,15 +36,15 @@ class DeltaOutbox:
     """Deltas from the engine thread to one event loop, batched per wake-up and paced.
 
     `put` (engine thread) appends, and schedules one `deliver` call on the loop unless
-    one is already scheduled, or the loop is resting: after handling a batch for
-    `burst` seconds it is not woken for `burst * (1 - share) / share` seconds, so the
-    HTTP side (which shares the GIL with the engine thread) takes at most about
-    `share` of the process's time however many streams there are; the tokens of the
-    steps in between go out in the next batch, several to a chunk. A first token or
-    a finished request (`urgent`) wakes the loop at once, so time to first token and
-    the next request's admission do not wait. `deliver` gets everything put since the
-    previous call, in order. `flush_due` (engine thread, every iteration) sends what
-    waited once the rest is over.
+    one is already scheduled, or the loop is resting: each batch the loop handles for
+    `burst` seconds adds `burst * (1 - share) / share` seconds of rest, so the HTTP
+    side (which shares the GIL with the engine thread) takes at most about `share` of
+    the process's time however many streams there are; the tokens of the steps in
+    between go out in the next batch, several to a chunk. A request with a first token
+    or a finish (its id in `urgent`) wakes the loop at once, so time to first token and
+    the next request's admission do not wait; during a rest such a wake-up delivers
+    only those requests' deltas. Each request's deltas are delivered in order.
+    `flush_due` (engine thread, every iteration) sends what waited once the rest is over.
     """
 
     def __init__(self, loop, deliver: Deliver, share: float = 0.2) -> None:
@@ -55,15 +55,17 @@ class DeltaOutbox:
         self._rest_factor = (1 - share) / share
         self._lock = threading.Lock()
         self._pending: list[RequestOutput] = []
+        self._urgent: set[str] = set()
         self._scheduled = False
         self._resting_until = 0.0  # monotonic; written by the loop, read by the engine
         self.wakeups = 0  # loop wake-ups asked for (statistics, tests)
-        self.delivered = 0  # deltas delivered
 
-    def put(self, deltas: list[RequestOutput], urgent: bool = False) -> None:
+    def put(self, deltas: list[RequestOutput], urgent: set[str] | None = None) -> None:
         with self._lock:
             self._pending.extend(deltas)
-        self._wake(urgent)
+            if urgent:
+                self._urgent |= urgent
+        self._wake(bool(urgent))
 
     def flush_due(self) -> None:
         if self._pending and not self._scheduled and time.monotonic() >= self._resting_until:
@@ -71,7 +73,8 @@ class DeltaOutbox:
 
     def burst_ended(self, seconds: float) -> None:
         """The loop spent `seconds` on the last batch (called on the loop)."""
-        self._resting_until = time.monotonic() + seconds * self._rest_factor
+        now = time.monotonic()
+        self._resting_until = max(self._resting_until, now) + seconds * self._rest_factor
 
     def _wake(self, urgent: bool) -> None:
         with self._lock:
@@ -86,9 +89,13 @@ class DeltaOutbox:
 
     def _drain(self) -> None:
         with self._lock:
-            batch, self._pending = self._pending, []
+            urgent, self._urgent = self._urgent, set()
             self._scheduled = False
-        self.delivered += len(batch)
+            if urgent and time.monotonic() < self._resting_until:
+                batch = [delta for delta in self._pending if delta.request_id in urgent]
+                self._pending = [d for d in self._pending if d.request_id not in urgent]
+            else:
+                batch, self._pending = self._pending, []
         if batch:
             self._deliver(batch)
 
@@ -230,7 +237,7 @@ class EngineDriver:
             failure = RequestOutput(command.request_id, [], [], "", finish_reason="error")
             failure.finished = True
             failure.error = str(error)
-            command.outbox.put([failure], urgent=True)
+            command.outbox.put([failure], urgent={command.request_id})
             return
         self._routes[command.request_id] = command.outbox
         self._outboxes[id(command.outbox)] = command.outbox
@@ -240,7 +247,7 @@ class EngineDriver:
         if not deltas:
             return
         now = time.monotonic()
-        by_outbox: dict[int, tuple[DeltaOutbox, list[RequestOutput], list[bool]]] = {}
+        by_outbox: dict[int, tuple[DeltaOutbox, list[RequestOutput], set[str]]] = {}
         stats = self.stats
         finished = 0
         for delta in deltas:
@@ -249,7 +256,7 @@ class EngineDriver:
                 continue
             key = id(outbox)
             if key not in by_outbox:
-                by_outbox[key] = (outbox, [], [False])
+                by_outbox[key] = (outbox, [], set())
             entry = by_outbox[key]
             entry[1].append(delta)
             if delta.token_ids:
@@ -257,12 +264,12 @@ class EngineDriver:
                 last = self._last_token_time.get(delta.request_id)
                 if last is None:
                     stats.ttft_s.append(now - self._submitted_at[delta.request_id])
-                    entry[2][0] = True  # a first token: no pacing
+                    entry[2].add(delta.request_id)  # a first token: no pacing
                 else:
                     stats.itl_s.append((now - last) / len(delta.token_ids))
                 self._last_token_time[delta.request_id] = now
             if delta.finished:
-                entry[2][0] = True
+                entry[2].add(delta.request_id)
                 finished += 1
                 del self._routes[delta.request_id]
                 self._last_token_time.pop(delta.request_id, None)
@@ -271,7 +278,7 @@ class EngineDriver:
             stats.requests_finished += finished
             self.release(finished)
         for outbox, batch, urgent in by_outbox.values():
-            outbox.put(batch, urgent[0])
+            outbox.put(batch, urgent)
 
     def _update_stats(self) -> None:
         state = self.llm.engine_state()
