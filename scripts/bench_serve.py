@@ -44,6 +44,7 @@ import _bench_common as common
 
 BLOCK_SIZE = 16
 WARMUP_TOKENS = 4
+CLIENT_START_S = 3.0  # client processes start this long after they are spawned
 H200 = {  # --h200: values for the options left at None
     "shape": "1b",
     "pp": 1,
@@ -100,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--time-limit", type=float, default=None, help="seconds per client phase (300; --h200 60)"
+    )
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=max(1, min(8, (os.cpu_count() or 1) // 4)),
+        help="processes the streams are spread over (default: a quarter of the cores, <= 8)",
     )
     parser.add_argument(
         "--http-time-share", type=float, default=None, help="passed to serve (its default)"
@@ -280,11 +287,20 @@ async def _one_stream(client, url: str, prompt: list[int], max_tokens: int, reco
 
 
 async def _clients(
-    url: str, prompts: list, clients: int, max_tokens: int, time_limit: float
+    url: str,
+    prompts: list,
+    clients: int,
+    max_tokens: int,
+    time_limit: float,
+    start_at: float | None = None,
 ) -> tuple[list, float, bool]:
-    """`clients` streams take the prompts one after another; what finished within
-    `time_limit`, the window, and whether the limit cut it short."""
+    """`clients` streams take the prompts one after another (from `start_at`, a
+    perf_counter time, when given); what finished within `time_limit`, the window, and
+    whether the limit cut it short."""
     import httpx
+
+    if start_at is not None:
+        await asyncio.sleep(max(start_at - time.perf_counter(), 0.0))
 
     record: list = []
     queue = list(reversed(prompts))
@@ -307,11 +323,47 @@ async def _clients(
         return record, window, bool(pending)
 
 
+def _client_group(url, prompts, clients, max_tokens, time_limit, start_at) -> tuple:
+    """One client process's share of a phase (runs in a spawned process)."""
+    record, window, timed_out = asyncio.run(
+        _clients(url, prompts, clients, max_tokens, time_limit, start_at)
+    )
+    return record, start_at + window, timed_out
+
+
+def _run_clients(url: str, prompts: list, clients: int, max_tokens: int, args) -> tuple:
+    """The phase's streams in `--client-processes` processes (one Python process parsing
+    every chunk of 64 streams caps what it can measure), started together."""
+    processes = max(1, min(args.client_processes, clients))
+    if processes == 1:
+        return asyncio.run(_clients(url, prompts, clients, max_tokens, args.time_limit))
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # perf_counter is CLOCK_MONOTONIC on Linux: the same clock in every process
+    start_at = time.perf_counter() + CLIENT_START_S
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(
+                _client_group,
+                url,
+                prompts[index::processes],
+                clients // processes + (index < clients % processes),
+                max_tokens,
+                args.time_limit,
+                start_at,
+            )
+            for index in range(processes)
+        ]
+        groups = [future.result() for future in futures]
+    record = [entry for group in groups for entry in group[0]]
+    window = max(group[1] for group in groups) - start_at
+    return record, window, any(group[2] for group in groups)
+
+
 def _phase(server: _Server, prompts: list, clients: int, max_tokens: int, args) -> dict:
     cpu_before = server.cpu_seconds()
-    record, window, timed_out = asyncio.run(
-        _clients(server.url, prompts, clients, max_tokens, args.time_limit)
-    )
+    record, window, timed_out = _run_clients(server.url, prompts, clients, max_tokens, args)
     cpu_after = server.cpu_seconds()
     ttft = [arrivals[0] - start for start, arrivals in record if arrivals]
     itl = [b - a for _, arrivals in record for a, b in zip(arrivals, arrivals[1:])]
@@ -322,6 +374,7 @@ def _phase(server: _Server, prompts: list, clients: int, max_tokens: int, args) 
         server_cpu = (cpu_after - cpu_before) / tokens
     return {
         "clients": clients,
+        "client_processes": max(1, min(args.client_processes, clients)),
         "requests": len(record),
         "timed_out": timed_out,
         "window_s": window,
@@ -454,6 +507,7 @@ def _measure(args, seconds: dict) -> dict:
                 "itl_p99_s",
                 "tokens_per_chunk",
                 "server_cpu_s_per_token",
+                "client_processes",
             )
         },
     }
@@ -489,7 +543,8 @@ def _table(args, result: dict) -> list[str]:
     if result["tokens_per_chunk"] is not None:
         cpu = result["server_cpu_s_per_token"]
         lines.append(
-            f"serve: {result['tokens_per_chunk']:.2f} tokens a streamed chunk"
+            f"serve: {result['tokens_per_chunk']:.2f} tokens a streamed chunk, clients in "
+            f"{result['client_processes']} process(es)"
             + (f", server CPU {cpu * 1e6:.1f} us a token (all ranks)" if cpu is not None else "")
         )
     if ttft is not None:
