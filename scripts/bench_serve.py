@@ -111,6 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--http-time-share", type=float, default=None, help="passed to serve (its default)"
     )
+    parser.add_argument(
+        "--gil-switch-interval-ms", type=float, default=None, help="passed to serve (Python's)"
+    )
     parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds per job start")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
 
@@ -209,6 +212,8 @@ class _Server:
         serve += _as_flags(engine_options(args))
         if args.http_time_share is not None:
             serve += ["--http-time-share", str(args.http_time_share)]
+        if args.gil_switch_interval_ms is not None:
+            serve += ["--gil-switch-interval-ms", str(args.gil_switch_interval_ms)]
         self.proc = subprocess.Popen(
             common.mpi_command(args.pp, serve),
             stdout=subprocess.PIPE,

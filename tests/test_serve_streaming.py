@@ -1,13 +1,17 @@
 """The streaming path's pure parts: the engine-to-loop outbox (one wake-up per batch,
 paced by the HTTP time share), the per-request streams that coalesce deltas, and the
-pre-encoded SSE chunks (the same JSON as building the chunk as a dict)."""
+pre-encoded SSE chunks (the same JSON as building the chunk as a dict); the pacing
+flags' range checks."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import pytest
+from launching import REPO_ROOT, mpi_env
 
 pytest.importorskip("fastapi", reason="the serve extras install fastapi")
 
@@ -166,3 +170,15 @@ def test_pre_encoded_chunks_are_the_openai_chunk_json(chat, include_usage):
     usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     got = parse(chunks.usage_chunk(usage))
     assert got == {**expected([], usage), "usage": usage}
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--http-time-share", "0"), ("--gil-switch-interval-ms", "0")]
+)
+def test_serve_refuses_a_pacing_flag_out_of_range_naming_it(flag, value):
+    command = [sys.executable, "-m", "ppruntime", "serve", "--preset", "null", flag, value]
+    result = subprocess.run(
+        command, cwd=str(REPO_ROOT), env=mpi_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"{flag} must be in" in result.stderr and f"got {float(value)}" in result.stderr
