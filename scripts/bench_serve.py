@@ -15,7 +15,10 @@ every client phase against it: an untimed warm-up round, the throughput phase
 time to first token. Both paths warm up before their timed window (kernels compile on
 first use), and every phase is bounded (`--time-limit`: what finished by then is
 reported, with `timed_out`). Reported: output tokens/s of both paths and their ratio,
-TTFT and inter-token latency percentiles, and where the wall time went.
+TTFT and inter-token (inter-chunk) latency percentiles, tokens a streamed chunk (> 1 when
+the server paces its chunks, serve --http-time-share), the server job's CPU seconds a token,
+and where the wall time went. The streams are spread over `--client-processes` spawned
+processes (a quarter of the cores by default) so that parsing the chunks does not cap it.
 
 `--h200` is the issue's H200 measurement in one invocation: the 1B shape at PP=1, 128
 requests of 128 + 128 tokens at 64 streams beside offline, then 64 requests at 16
