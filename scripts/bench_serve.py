@@ -15,7 +15,10 @@ every client phase against it: an untimed warm-up round, the throughput phase
 time to first token. Both paths warm up before their timed window (kernels compile on
 first use), and every phase is bounded (`--time-limit`: what finished by then is
 reported, with `timed_out`). Reported: output tokens/s of both paths and their ratio,
-TTFT and inter-token latency percentiles, and where the wall time went.
+TTFT and inter-token (inter-chunk) latency percentiles, tokens a streamed chunk (> 1 when
+the server paces its chunks, serve --http-time-share), the server job's CPU seconds a token,
+and where the wall time went. The streams are spread over `--client-processes` spawned
+processes (a quarter of the cores by default) so that parsing the chunks does not cap it.
 
 `--h200` is the issue's H200 measurement in one invocation: the 1B shape at PP=1, 128
 requests of 128 + 128 tokens at 64 streams beside offline, then 64 requests at 16
@@ -44,6 +47,7 @@ import _bench_common as common
 
 BLOCK_SIZE = 16
 WARMUP_TOKENS = 4
+CLIENT_START_S = 3.0  # client processes start this long after they are spawned
 H200 = {  # --h200: values for the options left at None
     "shape": "1b",
     "pp": 1,
@@ -100,6 +104,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--time-limit", type=float, default=None, help="seconds per client phase (300; --h200 60)"
+    )
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=max(1, min(8, (os.cpu_count() or 1) // 4)),
+        help="processes the streams are spread over (default: a quarter of the cores, <= 8)",
+    )
+    parser.add_argument(
+        "--http-time-share", type=float, default=None, help="passed to serve (its default)"
+    )
+    parser.add_argument(
+        "--gil-switch-interval-ms", type=float, default=None, help="passed to serve (Python's)"
     )
     parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds per job start")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
@@ -197,6 +213,10 @@ class _Server:
         serve = [sys.executable, "-m", "ppruntime", "serve", *_model_flags(args)]
         serve += ["--port", "0", "--max-waiting", "100000", "--shutdown-grace", "5"]
         serve += _as_flags(engine_options(args))
+        if args.http_time_share is not None:
+            serve += ["--http-time-share", str(args.http_time_share)]
+        if args.gil_switch_interval_ms is not None:
+            serve += ["--gil-switch-interval-ms", str(args.gil_switch_interval_ms)]
         self.proc = subprocess.Popen(
             common.mpi_command(args.pp, serve),
             stdout=subprocess.PIPE,
@@ -225,6 +245,24 @@ class _Server:
             if "listening on http://" in line:
                 self.url = line.split("listening on ")[1].split()[0]
                 self.ready.set()
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time of every process of the job so far (Linux /proc; None elsewhere)."""
+        if not os.path.isdir("/proc/self/task"):
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == self.proc.pid:  # the job's session (start_new_session)
+                total += (int(fields[11]) + int(fields[12])) / ticks
+        return total
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -257,11 +295,20 @@ async def _one_stream(client, url: str, prompt: list[int], max_tokens: int, reco
 
 
 async def _clients(
-    url: str, prompts: list, clients: int, max_tokens: int, time_limit: float
+    url: str,
+    prompts: list,
+    clients: int,
+    max_tokens: int,
+    time_limit: float,
+    start_at: float | None = None,
 ) -> tuple[list, float, bool]:
-    """`clients` streams take the prompts one after another; what finished within
-    `time_limit`, the window, and whether the limit cut it short."""
+    """`clients` streams take the prompts one after another (from `start_at`, a
+    perf_counter time, when given); what finished within `time_limit`, the window, and
+    whether the limit cut it short."""
     import httpx
+
+    if start_at is not None:
+        await asyncio.sleep(max(start_at - time.perf_counter(), 0.0))
 
     record: list = []
     queue = list(reversed(prompts))
@@ -284,15 +331,58 @@ async def _clients(
         return record, window, bool(pending)
 
 
-def _phase(url: str, prompts: list, clients: int, max_tokens: int, args) -> dict:
+def _client_group(url, prompts, clients, max_tokens, time_limit, start_at) -> tuple:
+    """One client process's share of a phase (runs in a spawned process)."""
     record, window, timed_out = asyncio.run(
-        _clients(url, prompts, clients, max_tokens, args.time_limit)
+        _clients(url, prompts, clients, max_tokens, time_limit, start_at)
     )
+    return record, start_at + window, timed_out
+
+
+def _run_clients(url: str, prompts: list, clients: int, max_tokens: int, args) -> tuple:
+    """The phase's streams in `--client-processes` processes (one Python process parsing
+    every chunk of 64 streams caps what it can measure), started together."""
+    processes = max(1, min(args.client_processes, clients))
+    if processes == 1:
+        return asyncio.run(_clients(url, prompts, clients, max_tokens, args.time_limit))
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # perf_counter is CLOCK_MONOTONIC on Linux: the same clock in every process
+    start_at = time.perf_counter() + CLIENT_START_S
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [
+            pool.submit(
+                _client_group,
+                url,
+                prompts[index::processes],
+                clients // processes + (index < clients % processes),
+                max_tokens,
+                args.time_limit,
+                start_at,
+            )
+            for index in range(processes)
+        ]
+        groups = [future.result() for future in futures]
+    record = [entry for group in groups for entry in group[0]]
+    window = max(group[1] for group in groups) - start_at
+    return record, window, any(group[2] for group in groups)
+
+
+def _phase(server: _Server, prompts: list, clients: int, max_tokens: int, args) -> dict:
+    cpu_before = server.cpu_seconds()
+    record, window, timed_out = _run_clients(server.url, prompts, clients, max_tokens, args)
+    cpu_after = server.cpu_seconds()
     ttft = [arrivals[0] - start for start, arrivals in record if arrivals]
     itl = [b - a for _, arrivals in record for a, b in zip(arrivals, arrivals[1:])]
     tokens = len(record) * max_tokens  # exact: ignore_eos, and only finished requests count
+    chunks = sum(len(arrivals) for _, arrivals in record)
+    server_cpu = None
+    if cpu_before is not None and cpu_after is not None and tokens:
+        server_cpu = (cpu_after - cpu_before) / tokens
     return {
         "clients": clients,
+        "client_processes": max(1, min(args.client_processes, clients)),
         "requests": len(record),
         "timed_out": timed_out,
         "window_s": window,
@@ -301,6 +391,9 @@ def _phase(url: str, prompts: list, clients: int, max_tokens: int, args) -> dict
         "ttft_p99_s": common.percentile(ttft, 99),
         "itl_p50_s": common.percentile(itl, 50),
         "itl_p99_s": common.percentile(itl, 99),
+        # > 1 when the server paced its chunks (--http-time-share); ITL is per chunk
+        "tokens_per_chunk": tokens / chunks if chunks else None,
+        "server_cpu_s_per_token": server_cpu,  # every rank's process, whole job
     }
 
 
@@ -389,14 +482,14 @@ def _measure(args, seconds: dict) -> dict:
     try:
         if args.warmup:
             began = time.perf_counter()
-            _phase(server.url, prompts[: args.clients], args.clients, WARMUP_TOKENS, args)
+            _phase(server, prompts[: args.clients], args.clients, WARMUP_TOKENS, args)
             seconds["server_warmup"] = time.perf_counter() - began
-        throughput = _phase(server.url, prompts, args.clients, args.output_len, args)
+        throughput = _phase(server, prompts, args.clients, args.output_len, args)
         seconds["throughput_phase"] = throughput["window_s"]
         ttft = None
         if args.ttft_clients:
             ttft_prompts = _prompts(args.ttft_requests, args.input_len, 1)
-            ttft = _phase(server.url, ttft_prompts, args.ttft_clients, args.output_len, args)
+            ttft = _phase(server, ttft_prompts, args.ttft_clients, args.output_len, args)
             seconds["ttft_phase"] = ttft["window_s"]
     finally:
         began = time.perf_counter()
@@ -413,7 +506,18 @@ def _measure(args, seconds: dict) -> dict:
         "serve_output_tokens_per_s": throughput["output_tokens_per_s"],
         "offline_output_tokens_per_s": offline_tput,
         "serve_over_offline": throughput["output_tokens_per_s"] / offline_tput,
-        **{key: throughput[key] for key in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s")},
+        **{
+            key: throughput[key]
+            for key in (
+                "ttft_p50_s",
+                "ttft_p99_s",
+                "itl_p50_s",
+                "itl_p99_s",
+                "tokens_per_chunk",
+                "server_cpu_s_per_token",
+                "client_processes",
+            )
+        },
     }
     if ttft is not None:
         result["ttft_phase"] = ttft
@@ -444,6 +548,13 @@ def _table(args, result: dict) -> list[str]:
             f"{_ms(ttft['ttft_p99_s'])} | {_ms(ttft['itl_p50_s'])} / {_ms(ttft['itl_p99_s'])} |"
         )
     lines.append(f"serve / offline = {result['serve_over_offline']:.3f} (target >= 0.8)")
+    if result["tokens_per_chunk"] is not None:
+        cpu = result["server_cpu_s_per_token"]
+        lines.append(
+            f"serve: {result['tokens_per_chunk']:.2f} tokens a streamed chunk, clients in "
+            f"{result['client_processes']} process(es)"
+            + (f", server CPU {cpu * 1e6:.1f} us a token (all ranks)" if cpu is not None else "")
+        )
     if ttft is not None:
         lines.append(
             f"TTFT p50 at {ttft['clients']} streams = {_ms(ttft['ttft_p50_s'])} ms "

@@ -169,6 +169,9 @@ def test_bench_serve_reports_both_paths_and_the_ttft_phase():
     assert result["model"] == "small" and result["requests"] == 6 and not result["timed_out"]
     _positive_numbers(result, ["serve_output_tokens_per_s", "offline_output_tokens_per_s"])
     _positive_numbers(result, ["serve_over_offline", "ttft_p50_s", "itl_p50_s"])
+    _positive_numbers(result, ["server_cpu_s_per_token"])
+    # every token arrives in some chunk, a chunk carrying at least one
+    assert 1 <= result["tokens_per_chunk"] <= 6, result
     ttft = result["ttft_phase"]
     assert (ttft["clients"], ttft["requests"], ttft["timed_out"]) == (2, 3, False), ttft
     _positive_numbers(ttft, ["ttft_p50_s", "output_tokens_per_s"])

@@ -41,6 +41,21 @@ def add_serve_parser(sub, add_common) -> None:
     )
     http.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
     http.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds, on SIGTERM")
+    http.add_argument(
+        "--http-time-share",
+        type=float,
+        default=0.2,
+        help="at most about this share of rank 0's time goes to streaming responses (it "
+        "shares the GIL with the engine); when streaming costs more, chunks carry several "
+        "tokens (default 0.2; 1 = a chunk per engine step)",
+    )
+    http.add_argument(
+        "--gil-switch-interval-ms",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for rank 0 (default: Python's 5 ms): how long the engine "
+        "thread may wait for the GIL while the HTTP thread holds it",
+    )
     http.add_argument("--trace", default=None, help="write a Chrome trace of all ranks here")
     add_engine_arguments(parser)
     add_common(parser)
@@ -56,6 +71,11 @@ def _check_http_flags(args: argparse.Namespace) -> str | None:
         return f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}"
     if not args.shutdown_grace >= 0:
         return f"--shutdown-grace must be >= 0, got {args.shutdown_grace}"
+    if not 0 < args.http_time_share <= 1:
+        return f"--http-time-share must be in (0, 1], got {args.http_time_share}"
+    interval = args.gil_switch_interval_ms
+    if interval is not None and not 0.01 <= interval <= 100:
+        return f"--gil-switch-interval-ms must be in [0.01, 100], got {interval}"
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -106,9 +126,13 @@ def _serve(args: argparse.Namespace, llm) -> int:
         llm.shutdown()
         print(f"ppruntime serve: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.gil_switch_interval_ms is not None:
+        sys.setswitchinterval(args.gil_switch_interval_ms / 1000)
     driver = EngineDriver(llm, args.max_waiting)
     name = args.served_model_name or model
-    app = build_app(driver, name, template, args.max_body_bytes, ServerMetrics())
+    app = build_app(
+        driver, name, template, args.max_body_bytes, ServerMetrics(), args.http_time_share
+    )
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level="warning", lifespan="off", access_log=False
     )

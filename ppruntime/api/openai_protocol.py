@@ -9,6 +9,7 @@ only at their neutral value.
 
 from __future__ import annotations
 
+import json
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -301,3 +302,64 @@ def chat_logprobs(
             }
         )
     return {"content": content}
+
+
+class StreamChunks:
+    """Server-sent events of one streamed response, built from pre-encoded pieces.
+
+    The fields every chunk repeats (id, object, created, model) are JSON-encoded once;
+    an entry without logprobs is a format string around its JSON-encoded text, so a
+    token costs one small `json.dumps` of a string instead of one of a whole chunk.
+    """
+
+    def __init__(
+        self, response_id: str, created: int, model: str, chat: bool, include_usage: bool
+    ) -> None:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        head = json.dumps({"id": response_id, "object": kind, "created": created, "model": model})
+        self._head = f'data: {head[:-1]}, "choices": ['
+        self._tail = "]" + (', "usage": null' if include_usage else "") + "}\n\n"
+        self._usage_head = f'data: {head[:-1]}, "choices": [], "usage": '
+        self.chat = chat
+
+    def entry(
+        self,
+        index: int,
+        text: str,
+        finish_reason: str | None,
+        logprobs: dict | None = None,
+        error: str | None = None,
+        role: str | None = None,
+    ) -> str:
+        """One choice's JSON: index, logprobs, finish_reason, then delta (chat) or text."""
+        if logprobs is not None or error is not None or role is not None:
+            entry: dict[str, Any] = {
+                "index": index,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
+            if self.chat:
+                delta = {"role": role} if role is not None else {}
+                if text or role is not None:
+                    delta["content"] = text
+                entry["delta"] = delta
+            else:
+                entry["text"] = text
+            if error is not None:
+                entry["error"] = error
+            return json.dumps(entry)
+        finish = "null" if finish_reason is None else json.dumps(finish_reason)
+        if not self.chat:
+            return f'{{"index": {index}, "logprobs": null, "finish_reason": {finish}, ' + (
+                f'"text": {json.dumps(text)}}}'
+            )
+        content = f'{{"content": {json.dumps(text)}}}' if text else "{}"
+        return (
+            f'{{"index": {index}, "logprobs": null, "finish_reason": {finish}, "delta": {content}}}'
+        )
+
+    def chunk(self, entries: list[str]) -> str:
+        return self._head + ", ".join(entries) + self._tail
+
+    def usage_chunk(self, usage_value: dict[str, int]) -> str:
+        return self._usage_head + json.dumps(usage_value) + "}\n\n"

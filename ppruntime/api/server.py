@@ -5,6 +5,11 @@ bounded waiting queue (503 with Retry-After when full), hand the request to the
 `EngineDriver` and await its deltas. A client that disconnects aborts its requests
 (their KV blocks are freed on every rank). Bodies are JSON only, read with a size
 limit before parsing.
+
+Deltas arrive in batches (one `DeltaOutbox` drain per engine step at most, see
+serving.py) and are routed to each request's `_DeltaStream`; a stream takes all it
+has when its handler runs again, so a client (or a loop) that is behind gets one
+chunk carrying several tokens instead of falling further behind one chunk a token.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ppruntime.api.chat_template import ChatTemplate, ChatTemplateError
 from ppruntime.api.openai_protocol import (
     ParsedRequest,
     ProtocolError,
+    StreamChunks,
     chat_logprobs,
     completion_logprobs,
     parse_chat_request,
@@ -28,7 +34,7 @@ from ppruntime.api.openai_protocol import (
     usage,
 )
 from ppruntime.api.server_metrics import ServerMetrics
-from ppruntime.api.serving import EngineDriver
+from ppruntime.api.serving import DeltaOutbox, EngineDriver
 from ppruntime.engine.errors import InvalidRequestError
 from ppruntime.engine.outputs import RequestOutput
 
@@ -65,15 +71,95 @@ class _Choice:
                 self.error = delta.error or "the request failed"
 
 
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _DeltaStream:
+    """The deltas of one HTTP request (all its choices) not yet taken by its handler."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, router: _Router) -> None:
+        self._loop = loop
+        self.router = router
+        self._pending: list[RequestOutput] = []
+        self._waiter: asyncio.Future | None = None
+
+    def push(self, delta: RequestOutput) -> None:
+        self._pending.append(delta)
+        if self._waiter is not None:
+            _wake(self._waiter)
+
+    async def take(self, request: Request) -> list[RequestOutput]:
+        """Everything that arrived since the last take (waits for at least one delta);
+        raises ConnectionAbortedError when the client has gone while waiting."""
+        while not self._pending:
+            self._waiter = self._loop.create_future()
+            timer = self._loop.call_later(DISCONNECT_POLL_S, _wake, self._waiter)
+            try:
+                await self._waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._pending and await request.is_disconnected():
+                raise ConnectionAbortedError
+        batch, self._pending = self._pending, []
+        return batch
+
+
+class _Router:
+    """The event loop's end of the engine: one outbox, deltas routed by request id."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, http_share: float) -> None:
+        self.loop = loop
+        self.outbox = DeltaOutbox(loop, self._deliver, http_share)
+        self._streams: dict[str, _DeltaStream] = {}
+
+    def open(self, request_ids: list[str]) -> _DeltaStream:
+        stream = _DeltaStream(self.loop, self)
+        for request_id in request_ids:
+            self._streams[request_id] = stream
+        return stream
+
+    def close(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self._streams.pop(request_id, None)
+
+    def _deliver(self, deltas: list[RequestOutput]) -> None:
+        began = time.perf_counter()
+        streams = self._streams
+        for delta in deltas:
+            stream = streams.get(delta.request_id)
+            if stream is None:  # its handler has gone (client disconnected)
+                continue
+            stream.push(delta)
+            if delta.finished:
+                del streams[delta.request_id]
+        # the handlers woken above run before this: their chunks are part of the burst
+        self.loop.call_soon(self._burst_done, began)
+
+    def _burst_done(self, began: float) -> None:
+        self.outbox.burst_ended(time.perf_counter() - began)
+
+
 def build_app(
     driver: EngineDriver,
     model_name: str,
     chat_template: ChatTemplate | None,
     max_body_bytes: int,
     metrics: ServerMetrics,
+    http_share: float = 0.2,
 ):
     app = FastAPI(title="ppruntime", docs_url=None, redoc_url=None)
     llm = driver.llm
+    routers: dict[int, _Router] = {}  # by id(loop): in practice the one server loop
+
+    def router() -> _Router:
+        loop = asyncio.get_running_loop()
+        found = routers.get(id(loop))
+        if found is None or found.loop is not loop:
+            found = routers[id(loop)] = _Router(loop, http_share)
+        return found
 
     def error_response(error: _HTTPError) -> JSONResponse:
         headers = {"Retry-After": RETRY_AFTER_S} if error.status == 503 else None
@@ -122,30 +208,29 @@ def build_app(
         return prompt_ids
 
     def start(parsed: ParsedRequest, prompt_ids, prefix: str):
-        """Submit one engine request per choice; deltas land on `events`."""
+        """Submit one engine request per choice; their deltas land on the stream."""
         if not driver.reserve(len(parsed.params)):
             if not driver.accepting:
                 raise _HTTPError(503, "the server is shutting down", "unavailable")
             raise _HTTPError(503, "too many requests waiting; retry later", "overloaded")
-        events: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        choices = []
-        for index, params in enumerate(parsed.params):
-            request_id = driver.new_request_id(prefix)
-            choices.append(_Choice(index, request_id))
-            driver.submit(request_id, prompt_ids, params, loop, events.put_nowait)
-        return choices, events
+        choices = [
+            _Choice(index, driver.new_request_id(prefix)) for index in range(len(parsed.params))
+        ]
+        route = router()
+        stream = route.open([choice.request_id for choice in choices])
+        for choice, params in zip(choices, parsed.params):
+            driver.submit(choice.request_id, prompt_ids, params, route.outbox)
+        return choices, stream
+
+    def abandon(choices: list[_Choice], stream: _DeltaStream) -> None:
+        """The handler ends before its choices did: abort them, stop routing to it."""
+        unfinished = [choice.request_id for choice in choices if choice.finish_reason is None]
+        for request_id in unfinished:
+            driver.abort(request_id)
+        stream.router.close(unfinished)
 
     def token_text(token: int) -> str:
         return llm.tokenizer.decode([token]) if llm.tokenizer is not None else str(token)
-
-    async def next_deltas(request: Request, events: asyncio.Queue) -> list[RequestOutput]:
-        while True:
-            try:
-                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise ConnectionAbortedError from None
 
     async def handle(request: Request, chat: bool):
         metrics.requests_total.labels("chat" if chat else "completions").inc()
@@ -159,25 +244,23 @@ def build_app(
             return error_response(error)
         try:
             prompt_ids = encode(parsed)
-            choices, events = start(parsed, prompt_ids, "chatcmpl" if chat else "cmpl")
+            choices, stream = start(parsed, prompt_ids, "chatcmpl" if chat else "cmpl")
         except _HTTPError as error:
             return error_response(error)
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if parsed.stream:
-            stream = _stream(
-                request, parsed, choices, events, response_id, created, chat, len(prompt_ids)
+            events = _stream(
+                request, parsed, choices, stream, response_id, created, chat, len(prompt_ids)
             )
-            return StreamingResponse(stream, media_type="text/event-stream")
+            return StreamingResponse(events, media_type="text/event-stream")
         by_id = {choice.request_id: choice for choice in choices}
         try:
             while any(c.finish_reason is None for c in choices):
-                for delta in await next_deltas(request, events):
+                for delta in await stream.take(request):
                     by_id[delta.request_id].add(delta)
         except (ConnectionAbortedError, asyncio.CancelledError):
-            for choice in choices:
-                if choice.finish_reason is None:
-                    driver.abort(choice.request_id)
+            abandon(choices, stream)
             raise
         failed = [c.error for c in choices if c.error]
         if failed:
@@ -212,76 +295,47 @@ def build_app(
             "usage": usage(prompt_tokens, completion_tokens),
         }
 
-    def _stream_entry(choice: _Choice, deltas, parsed, chat: bool, top_n: int) -> dict:
-        text = "".join(delta.text for delta in deltas)
-        token_ids = [token for delta in deltas for token in delta.token_ids]
-        steps = [step for delta in deltas for step in (delta.logprobs or [])]
+    def _stream_entry(choice: _Choice, deltas, parsed, chunks: StreamChunks, top_n: int) -> str:
+        text = deltas[0].text if len(deltas) == 1 else "".join(delta.text for delta in deltas)
         logprobs = None
-        if parsed.num_logprobs is not None and steps:
-            maker = chat_logprobs if chat else completion_logprobs
-            logprobs = maker(token_ids, steps, top_n, token_text)
-        entry = {"index": choice.index, "logprobs": logprobs, "finish_reason": choice.finish_reason}
-        if chat:
-            entry["delta"] = {"content": text} if text else {}
-        else:
-            entry["text"] = text
-        if choice.error:
-            entry["error"] = choice.error
-        return entry
+        if parsed.num_logprobs is not None:
+            steps = [step for delta in deltas for step in (delta.logprobs or [])]
+            if steps:
+                token_ids = [token for delta in deltas for token in delta.token_ids]
+                maker = chat_logprobs if chunks.chat else completion_logprobs
+                logprobs = maker(token_ids, steps, top_n, token_text)
+        return chunks.entry(choice.index, text, choice.finish_reason, logprobs, choice.error)
 
-    async def _stream(request, parsed, choices, events, response_id, created, chat, prompt_tokens):
+    async def _stream(request, parsed, choices, stream, response_id, created, chat, prompt_tokens):
         by_id = {choice.request_id: choice for choice in choices}
-        kind = "chat.completion.chunk" if chat else "text_completion"
         top_n = parsed.num_logprobs or 0
-
-        def chunk(entries: list[dict], usage_value=None) -> str:
-            body = {
-                "id": response_id,
-                "object": kind,
-                "created": created,
-                "model": model_name,
-                "choices": entries,
-            }
-            if parsed.include_usage:
-                body["usage"] = usage_value
-            return f"data: {json.dumps(body)}\n\n"
-
+        chunks = StreamChunks(response_id, created, model_name, chat, parsed.include_usage)
         done = False
         try:
             if chat:
-                yield chunk(
-                    [
-                        {
-                            "index": c.index,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                        for c in choices
-                    ]
+                yield chunks.chunk(
+                    [chunks.entry(c.index, "", None, role="assistant") for c in choices]
                 )
             while any(c.finish_reason is None for c in choices):
                 # one entry per choice per chunk, however many deltas arrived for it
                 arrived: dict[str, list[RequestOutput]] = {}
-                for delta in await next_deltas(request, events):
+                for delta in await stream.take(request):
                     by_id[delta.request_id].add(delta)
                     arrived.setdefault(delta.request_id, []).append(delta)
                 entries = [
-                    _stream_entry(by_id[request_id], deltas, parsed, chat, top_n)
+                    _stream_entry(by_id[request_id], deltas, parsed, chunks, top_n)
                     for request_id, deltas in arrived.items()
                 ]
                 if entries:
-                    yield chunk(entries)
+                    yield chunks.chunk(entries)
             done = True
             if parsed.include_usage:
                 completion_tokens = sum(len(c.token_ids) for c in choices)
-                yield chunk([], usage(prompt_tokens, completion_tokens))
+                yield chunks.usage_chunk(usage(prompt_tokens, completion_tokens))
             yield "data: [DONE]\n\n"
         finally:
             if not done:  # the client went away (or the server stops): free the blocks
-                for choice in choices:
-                    if choice.finish_reason is None:
-                        driver.abort(choice.request_id)
+                abandon(choices, stream)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

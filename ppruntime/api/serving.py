@@ -2,13 +2,17 @@
 
 The engine is stepped by one thread (the process's main thread; MPI and the signal
 handlers live there). The server's event loop hands it requests and cancellations
-through a queue, and each request's deltas come back to that loop through
-`call_soon_threadsafe`, one call per engine step. When nothing is running, the
-engine thread blocks on the queue instead of spinning.
+through a queue. Deltas go back through one `DeltaOutbox` per event loop: an engine
+step appends every request's new tokens to it and wakes the loop once, and not at
+all while the loop has not drained the previous wake-up (a loop that is behind gets
+the later steps' tokens in the same drain). The engine thread thus pays one list
+append per step, not one cross-thread call per request per token. When nothing is
+running, the engine thread blocks on the queue instead of spinning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -28,13 +32,80 @@ IDLE_WAIT_S = 0.05
 Deliver = Callable[[list[RequestOutput]], None]  # runs on the server's event loop
 
 
+class DeltaOutbox:
+    """Deltas from the engine thread to one event loop, batched per wake-up and paced.
+
+    `put` (engine thread) appends, and schedules one `deliver` call on the loop unless
+    one is already scheduled, or the loop is resting: each batch the loop handles for
+    `burst` seconds adds `burst * (1 - share) / share` seconds of rest, so the HTTP
+    side (which shares the GIL with the engine thread) takes at most about `share` of
+    the process's time however many streams there are; the tokens of the steps in
+    between go out in the next batch, several to a chunk. A request with a first token
+    or a finish (its id in `urgent`) wakes the loop at once, so time to first token and
+    the next request's admission do not wait; during a rest such a wake-up delivers
+    only those requests' deltas. Each request's deltas are delivered in order.
+    `flush_due` (engine thread, every iteration) sends what waited once the rest is over.
+    """
+
+    def __init__(self, loop, deliver: Deliver, share: float = 0.2) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"the HTTP time share must be in (0, 1], got {share}")
+        self._loop = loop
+        self._deliver = deliver
+        self._rest_factor = (1 - share) / share
+        self._lock = threading.Lock()
+        self._pending: list[RequestOutput] = []
+        self._urgent: set[str] = set()
+        self._scheduled = False
+        self._resting_until = 0.0  # monotonic; written by the loop, read by the engine
+        self.wakeups = 0  # loop wake-ups asked for (statistics, tests)
+
+    def put(self, deltas: list[RequestOutput], urgent: set[str] | None = None) -> None:
+        with self._lock:
+            self._pending.extend(deltas)
+            if urgent:
+                self._urgent |= urgent
+        self._wake(bool(urgent))
+
+    def flush_due(self) -> None:
+        if self._pending and not self._scheduled and time.monotonic() >= self._resting_until:
+            self._wake(False)
+
+    def burst_ended(self, seconds: float) -> None:
+        """The loop spent `seconds` on the last batch (called on the loop)."""
+        now = time.monotonic()
+        self._resting_until = max(self._resting_until, now) + seconds * self._rest_factor
+
+    def _wake(self, urgent: bool) -> None:
+        with self._lock:
+            if self._scheduled or not self._pending:
+                return
+            if not urgent and time.monotonic() < self._resting_until:
+                return
+            self._scheduled = True
+            self.wakeups += 1
+        with contextlib.suppress(RuntimeError):  # a closed loop (server stopping)
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            urgent, self._urgent = self._urgent, set()
+            self._scheduled = False
+            if urgent and time.monotonic() < self._resting_until:
+                batch = [delta for delta in self._pending if delta.request_id in urgent]
+                self._pending = [d for d in self._pending if d.request_id not in urgent]
+            else:
+                batch, self._pending = self._pending, []
+        if batch:
+            self._deliver(batch)
+
+
 @dataclass
 class _Submit:
     request_id: str
     prompt_ids: np.ndarray
     params: SamplingParams
-    loop: object  # asyncio loop of the handler
-    deliver: Deliver
+    outbox: DeltaOutbox
 
 
 @dataclass
@@ -73,7 +144,8 @@ class EngineDriver:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._outstanding = 0  # accepted and not finished (any thread)
-        self._routes: dict[str, tuple[object, Deliver]] = {}  # engine thread only
+        self._routes: dict[str, DeltaOutbox] = {}  # engine thread only
+        self._outboxes: dict[int, DeltaOutbox] = {}  # every one seen (one per server loop)
         self._last_token_time: dict[str, float] = {}
         self._submitted_at: dict[str, float] = {}
         self._ids = 0
@@ -102,8 +174,9 @@ class EngineDriver:
             self._ids += 1
             return f"{prefix}-{self._ids}"
 
-    def submit(self, request_id: str, prompt_ids, params, loop, deliver: Deliver) -> None:
-        self._commands.put(_Submit(request_id, prompt_ids, params, loop, deliver))
+    def submit(self, request_id: str, prompt_ids, params, outbox: DeltaOutbox) -> None:
+        """Queue a request; its deltas (then one with `finished`) go to `outbox`."""
+        self._commands.put(_Submit(request_id, prompt_ids, params, outbox))
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
@@ -131,6 +204,8 @@ class EngineDriver:
                 self._dispatch(deltas)
             elif deadline is not None:
                 break
+            for outbox in self._outboxes.values():
+                outbox.flush_due()
             self._update_stats()  # idle too: the other ranks' reports keep coming
         self.stopped.set()
 
@@ -162,35 +237,39 @@ class EngineDriver:
             failure = RequestOutput(command.request_id, [], [], "", finish_reason="error")
             failure.finished = True
             failure.error = str(error)
-            command.loop.call_soon_threadsafe(command.deliver, [failure])
+            command.outbox.put([failure], urgent={command.request_id})
             return
-        self._routes[command.request_id] = (command.loop, command.deliver)
+        self._routes[command.request_id] = command.outbox
+        self._outboxes[id(command.outbox)] = command.outbox
         self._submitted_at[command.request_id] = time.monotonic()
 
     def _dispatch(self, deltas: list[RequestOutput]) -> None:
         if not deltas:
             return
         now = time.monotonic()
-        by_route: dict[int, tuple[object, Deliver, list[RequestOutput]]] = {}
+        by_outbox: dict[int, tuple[DeltaOutbox, list[RequestOutput], set[str]]] = {}
         stats = self.stats
         finished = 0
         for delta in deltas:
-            route = self._routes.get(delta.request_id)
-            if route is None:
+            outbox = self._routes.get(delta.request_id)
+            if outbox is None:
                 continue
+            key = id(outbox)
+            if key not in by_outbox:
+                by_outbox[key] = (outbox, [], set())
+            entry = by_outbox[key]
+            entry[1].append(delta)
             if delta.token_ids:
                 stats.generated_tokens += len(delta.token_ids)
                 last = self._last_token_time.get(delta.request_id)
                 if last is None:
                     stats.ttft_s.append(now - self._submitted_at[delta.request_id])
+                    entry[2].add(delta.request_id)  # a first token: no pacing
                 else:
                     stats.itl_s.append((now - last) / len(delta.token_ids))
                 self._last_token_time[delta.request_id] = now
-            key = id(route[1])
-            if key not in by_route:
-                by_route[key] = (route[0], route[1], [])
-            by_route[key][2].append(delta)
             if delta.finished:
+                entry[2].add(delta.request_id)
                 finished += 1
                 del self._routes[delta.request_id]
                 self._last_token_time.pop(delta.request_id, None)
@@ -198,8 +277,8 @@ class EngineDriver:
         if finished:
             stats.requests_finished += finished
             self.release(finished)
-        for loop, deliver, batch in by_route.values():
-            loop.call_soon_threadsafe(deliver, batch)
+        for outbox, batch, urgent in by_outbox.values():
+            outbox.put(batch, urgent)
 
     def _update_stats(self) -> None:
         state = self.llm.engine_state()
