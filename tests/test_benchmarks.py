@@ -185,6 +185,17 @@ def test_bench_overhead_reports_the_batch_sizes_named():
     assert [entry["batch"] for entry in result["batches"]] == [1, 32, 256, 512]
 
 
+def test_bench_overhead_pp1_async_reports_host_work_per_step():
+    args = [sys.executable, str(SCRIPTS / "bench_overhead.py"), "--pp1-async", "--batches", "4"]
+    result = _run([*args, "--output-len", "8", "--repeats", "1", "--profile", "5"])
+    _positive_numbers(result, ["host_us_per_step", "torch_ops_per_step"])
+    (entry,) = result["batches"]
+    assert entry["batch"] == 4, entry
+    # the profile names the executor's step among the top functions
+    functions = [row["function"] for row in entry["profile_us_per_step"]]
+    assert len(functions) == 5 and any("executor.py" in name for name in functions), functions
+
+
 def test_bench_inputs_counts_no_allocations_and_no_copies_off_boundary():
     args = [sys.executable, str(SCRIPTS / "bench_inputs.py"), "--preset", "tiny"]
     result = _run([*args, "--num-requests", "6", "--output-len", "40"])
