@@ -97,3 +97,59 @@ def test_prepare_matches_direct_computation_over_mixed_batches(seed):
         assert inputs.attn.max_query_len == int(batch.num_new.max())
         assert inputs.is_decode == bool((batch.num_new == 1).all())
     assert pool.counters.allocations == allocations  # no pooled buffer created per step
+
+
+def _decode(slots: list[int], starts: list[int], continuing: list[int]) -> ScheduledBatch:
+    batch = make_batch(np.random.default_rng(0), decode=True)
+    count = len(slots)
+    batch.slots = np.array(slots, np.intp)
+    batch.starts = np.array(starts, np.int32)
+    batch.num_new = np.ones(count, np.int32)
+    batch.sample_mask = np.ones(count, bool)
+    batch.block_counts = np.zeros(count, np.int32)
+    batch.continuing = np.array(continuing, np.intp)
+    return batch
+
+
+@pytest.mark.parametrize(
+    "slots, continuing",
+    [
+        ([3, 1, 7], [0, 1, 2]),  # steady decode: the step in flight's rows, in order
+        ([1, 3, 7], [0, 1, 2]),  # the same rows, another order
+        ([3, 7, 5], [0, 1]),  # a new row that is not continued
+        ([3, 1], [0, 1]),  # a row of the step in flight left out
+    ],
+)
+def test_carried_tokens_are_the_step_in_flights_samples_of_the_same_slot(slots, continuing):
+    from types import SimpleNamespace
+
+    from ppruntime.engine.overlap import StepOverlap
+
+    block_table = np.arange(MAX_SLOTS * MAX_BLOCKS, dtype=np.int32).reshape(MAX_SLOTS, -1)
+    token_table = np.arange(MAX_SLOTS * MAX_LEN, dtype=np.int32).reshape(MAX_SLOTS, -1)
+    pool = StepInputPool(
+        block_table,
+        np.zeros(MAX_SLOTS, bool),
+        BLOCK_SIZE,
+        64,
+        16,
+        token_table,
+        torch.device("cpu"),
+    )
+    overlap = StepOverlap(last_stage=None, max_slots=MAX_SLOTS)
+    in_flight_slots = np.array([3, 1, 7], np.intp)
+    sampled = torch.tensor([900, 901, 907], dtype=torch.int32)  # by in-flight row
+    overlap.launched.append(
+        SimpleNamespace(slots=in_flight_slots, on_device=SimpleNamespace(token_ids=sampled))
+    )
+    batch = _decode(slots, [5] * len(slots), continuing)
+    carried = overlap.carried_tokens(batch)
+    steady = slots == in_flight_slots.tolist() and len(continuing) == len(slots)
+    assert (carried.sampled_rows is None) == steady  # the one-copy path only when in order
+    inputs = pool.prepare(batch, carried=carried)
+    sample_of_slot = {3: 900, 1: 901, 7: 907}
+    expected = [
+        sample_of_slot[slot] if row in continuing else int(token_table[slot, 5])
+        for row, slot in enumerate(slots)
+    ]
+    assert inputs.token_ids.tolist() == expected

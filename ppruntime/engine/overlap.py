@@ -46,6 +46,15 @@ class StepOverlap:
         if batch.continuing.shape[0] == 0:
             return None
         source = self.launched[-1]
+        num_continued = batch.continuing.shape[0]
+        if (
+            num_continued == source.slots.shape[0] == batch.num_seqs
+            and batch.num_tokens == num_continued
+            and np.array_equal(batch.slots, source.slots)
+        ):
+            # steady decode: the same sequences in the same order, every one continued,
+            # one token each: token b is the step in flight's sample b
+            return CarriedTokens(source.on_device.token_ids, None, None, num_continued)
         row_of_slot = self._row_of_slot
         row_of_slot[source.slots] = np.arange(source.slots.shape[0])
         sampled_rows = row_of_slot[batch.slots[batch.continuing]]

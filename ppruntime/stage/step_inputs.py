@@ -17,6 +17,10 @@ import torch
 
 from ppruntime.model.attention import AttentionMetadata
 
+# step shapes whose host-to-device copy views are kept (decode steps repeat a few
+# shapes; prefill shapes vary, so the cache is bounded)
+_MAX_CACHED_SHAPES = 256
+
 
 @dataclass
 class StepCounters:
@@ -51,8 +55,11 @@ class CarriedTokens:
     the step's token-id buffer on the device, after the host's token ids went up."""
 
     sampled: torch.Tensor  # [S] int32: the step in flight's sampled ids, on the device
-    sampled_rows: np.ndarray  # [C] int64: which of them...
-    token_index: np.ndarray  # [C] int64: ...is the input of which flat token of this step
+    sampled_rows: np.ndarray | None  # [C] int64: which of them...
+    token_index: np.ndarray | None  # [C] int64: ...is the input of which flat token of this step
+    # the first `leading` flat tokens take the first `leading` sampled ids, in order
+    # (steady decode: the same rows as the step in flight); then both arrays are None
+    leading: int = 0
 
 
 @dataclass
@@ -118,6 +125,7 @@ class StepInputPool:
         self.device = device
         self.counters = StepCounters()
         self._cached_views: tuple[tuple[int, int, int], StepInputs] | None = None
+        self._copy_pair_cache: dict[tuple[int, ...], list] = {}
         sizes = {
             "token_ids": max_num_tokens,
             "positions": max_num_tokens,
@@ -271,6 +279,9 @@ class StepInputPool:
     def _write_carried(self, token_ids: torch.Tensor, carried: CarriedTokens) -> None:
         """token_ids[token_index] = sampled[sampled_rows], on the device, in stream order
         after the host's copy (the buffer keeps its address: graphs read it)."""
+        if carried.sampled_rows is None:  # one copy (int32 -> int64), no index to upload
+            token_ids[: carried.leading].copy_(carried.sampled[: carried.leading])
+            return
         index = np.stack([carried.sampled_rows, carried.token_index]).astype(np.int64)
         index = torch.from_numpy(index)  # [2, C]
         if self.device.type != "cpu":
@@ -297,22 +308,37 @@ class StepInputPool:
             query_start_loc[self._arange_len :] = np.arange(self._arange_len, size)
             self._arange_len = size
 
+    def _copy_pairs(
+        self, num_seqs: int, num_tokens: int, num_samples: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(device prefix, host prefix) of every buffer a step of these sizes uses, in
+        this staging set: built once per shape (slicing a tensor is a torch call)."""
+        key = (self._staging_index, num_seqs, num_tokens, num_samples)
+        pairs = self._copy_pair_cache.get(key)
+        if pairs is None:
+            sizes = {
+                "token_ids": num_tokens,
+                "positions": num_tokens,
+                "slot_mapping": num_tokens,
+                "seq_lens": num_seqs,
+                "query_start_loc": num_seqs + 1,
+                "rows": num_seqs,
+                "sample_index": num_samples,
+            }
+            host, dev = self._host, self._device
+            pairs = [(dev[name][:size], host[name][:size]) for name, size in sizes.items()]
+            if len(self._copy_pair_cache) >= _MAX_CACHED_SHAPES:
+                self._copy_pair_cache.clear()
+            self._copy_pair_cache[key] = pairs
+        return pairs
+
     def _views(
         self, num_seqs: int, num_tokens: int, num_samples: int, max_query_len: int, is_decode: bool
     ) -> StepInputs:
         host, dev = self._host, self._device
-        sizes = {
-            "token_ids": num_tokens,
-            "positions": num_tokens,
-            "slot_mapping": num_tokens,
-            "seq_lens": num_seqs,
-            "query_start_loc": num_seqs + 1,
-            "rows": num_seqs,
-            "sample_index": num_samples,
-        }
         if dev["positions"] is not host["positions"]:
-            for name, size in sizes.items():
-                dev[name][:size].copy_(host[name][:size], non_blocking=True)
+            for target, source in self._copy_pairs(num_seqs, num_tokens, num_samples):
+                target.copy_(source, non_blocking=True)
             self._staging[self._staging_index].copied()
             changed = np.flatnonzero(self.rows_changed)
             if changed.shape[0]:  # only rows written since the last step travel
