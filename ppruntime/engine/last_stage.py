@@ -228,15 +228,16 @@ class LastStage:
             finish[batch.sample_mask] = codes
             if self.num_with["logprobs"] or self.num_with["generation_logits"]:
                 self._collect_sample_extras(slots, result, diff, excluded)
+        empty = diff.is_empty()
         state = SampleState(
             batch_id=batch.batch_id,
             slots=batch.slots,
             sampled=sampled,
             token_ids=token_ids,
             finish=finish,
-            has_diff=not diff.is_empty(),
+            has_diff=not empty,
         )
-        return state, (None if diff.is_empty() else diff)
+        return state, (None if empty else diff)
 
     @staticmethod
     def _discard(

@@ -10,7 +10,6 @@ admissions, preemptions) is what travels to the other ranks, which apply it with
 
 from __future__ import annotations
 
-import functools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -48,9 +47,13 @@ class ScheduledBatch:
     def num_seqs(self) -> int:
         return int(self.slots.shape[0])
 
-    @functools.cached_property
+    @property
     def num_tokens(self) -> int:
-        return int(self.num_new.sum())
+        # memoised by hand: functools.cached_property takes a lock on Python 3.11
+        cached = self.__dict__.get("_num_tokens")
+        if cached is None:
+            cached = self.__dict__["_num_tokens"] = int(self.num_new.sum())
+        return cached
 
 
 def apply_schedule(

@@ -42,6 +42,7 @@ _MIX_1, _MIX_2 = 0x21F0AAAD, 0x735A2D97  # both < 2**31: products of 32-bit valu
 _KEY_SALT_1, _KEY_SALT_2 = 0x6A09E667, 0xBB67AE85
 _UNIFORM_SCALE = 1.0 / (1 << 23)
 _EMPTY_ROWS = np.zeros(0, dtype=np.int64)
+_GREEDY_ROWS: dict[int, SamplingRows] = {}  # SamplingRows.greedy by number of rows
 
 
 def mix32(x):
@@ -146,8 +147,16 @@ class SamplingRows:
 
     @classmethod
     def greedy(cls, num_rows: int) -> SamplingRows:
+        """Plain greedy rows (shared per size: the sampler only reads them)."""
+        rows = _GREEDY_ROWS.get(num_rows)
+        if rows is None:
+            rows = _GREEDY_ROWS[num_rows] = cls._make_greedy(num_rows)
+        return rows
+
+    @classmethod
+    def _make_greedy(cls, num_rows: int) -> SamplingRows:
         zeros = np.zeros(num_rows, dtype=np.float32)
-        return cls(
+        rows = cls(
             temperature=zeros,
             top_k=np.zeros(num_rows, dtype=np.int32),
             top_p=np.ones(num_rows, dtype=np.float32),
@@ -155,6 +164,9 @@ class SamplingRows:
             seeds=np.zeros(num_rows, dtype=np.uint64),
             positions=np.zeros(num_rows, dtype=np.int64),
         )
+        for array in (rows.temperature, rows.top_k, rows.top_p, rows.seeds, rows.positions):
+            array.setflags(write=False)
+        return rows
 
 
 @dataclass
@@ -301,12 +313,12 @@ class DeviceSampler:
                 index = _to_device(rows.logit_rows.astype(np.int64), logits.device)
                 requested_logits = logits.index_select(0, index)
         return DeviceSample(
-            token_ids.to(torch.int32),
+            token_ids if token_ids.dtype == torch.int32 else token_ids.to(torch.int32),
             logprobs,
             top_ids,
             top_values,
             requested_logits,
-            max_logits.to(torch.float32),
+            max_logits if max_logits.dtype == torch.float32 else max_logits.to(torch.float32),
         )
 
     def _greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,9 +77,13 @@ class StageRunner:
         with torch.inference_mode():
             if size in self.graphs:
                 self.num_replays += 1
+                output = self.graphs.replay(size)[:num_seqs]
+                if self.is_last_stage:
+                    # sampled from in stream order before the next replay rewrites it
+                    return output, inputs
                 # the next replay overwrites the graph's output, and this microbatch's
                 # output may still be on its way to the next stage: copy the real rows out
-                return self.graphs.replay(size)[:num_seqs].clone(), inputs
+                return output.clone(), inputs
             hidden = self.model(model_input, inputs.positions, inputs.attn, self.kv_cache)
         return hidden[:num_seqs], inputs
 
