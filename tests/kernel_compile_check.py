@@ -10,7 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ppruntime.kernels import activation, rms_norm, rotary
+from ppruntime.kernels import activation, rms_norm, rotary, sampling
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -88,6 +88,19 @@ def main() -> None:
                     "BLOCK_HALF": 64,
                 },
             )
+    # the greedy step's block reduction into the packed [2, N] result
+    compile_kernel(
+        sampling._pick_block_kernel,
+        {
+            "block_max_ptr": "*fp32",
+            "block_arg_ptr": "*i64",
+            "block_bad_ptr": "*i32",
+            "out_ptr": "*i32",
+            "num_rows": "i32",
+            "num_blocks": "i32",
+        },
+        {"BLOCKS": 128},
+    )
 
 
 if __name__ == "__main__":

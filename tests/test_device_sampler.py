@@ -20,6 +20,7 @@ import pytest
 
 from ppruntime.stage import sampler as reference
 from ppruntime.stage.device_sampler import (
+    DeviceSample,
     DeviceSampler,
     SamplingRows,
     gumbel_noise,
@@ -425,3 +426,21 @@ def test_cuda_sample_does_not_wait_on_the_device():
         torch.cuda.set_sync_debug_mode("default")
     host = transfer.wait()
     assert host.token_ids.shape == (8,) and host.logits.shape == (2, 5000)
+
+
+def test_a_packed_transfer_unpacks_into_ids_and_maxima():
+    """The greedy kernel's [2, N] int32 result travels as it is (CUDA: one pinned copy);
+    the host side reads row 0 as the ids and row 1 as the maxima's float32 bits."""
+    from ppruntime.stage.device_sampler import HostTransfer
+
+    ids = torch.tensor([7, 0, 3], dtype=torch.int32)
+    maxima = torch.tensor([1.5, float("nan"), -2.0])
+    packed = torch.stack([ids, maxima.view(torch.int32)])
+    sample = DeviceSample(packed[0], None, None, None, None, packed[1].view(torch.float32))
+    sample.packed = packed
+    layout = [("token_ids", (3,), np.dtype(np.int32)), ("max_logits", (3,), np.dtype(np.float32))]
+    host = HostTransfer(packed.clone(), None, layout).wait()
+    assert host.token_ids.tolist() == [7, 0, 3]
+    np.testing.assert_array_equal(host.max_logits, maxima.numpy())
+    assert host.nonfinite_rows().tolist() == [False, True, False]
+    assert [name for name, _ in sample._parts()] == [name for name, _, _ in layout]

@@ -24,8 +24,11 @@ MAX_MODEL_LEN = 12
 class FixedLogitsRunner:
     """logits(hidden, rows): flat token 5 prefers eos, token r any other r % VOCAB."""
 
-    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        logits = torch.zeros(rows.shape[0], VOCAB)
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor, float32: bool = True):
+        # a plain greedy step may take them in another float dtype (the model's)
+        logits = torch.zeros(
+            rows.shape[0], VOCAB, dtype=torch.float32 if float32 else torch.bfloat16
+        )
         preferred = torch.where(rows == 5, EOS, (rows % VOCAB) | 4)  # | 4: never eos
         logits[torch.arange(rows.shape[0]), preferred] = 4.0
         return logits

@@ -188,8 +188,11 @@ class LastStage:
         slots = batch.slots[sampled]
         launched = LaunchedSample(batch, slots, ResponseDiff())
         if slots.shape[0]:
-            logits = self.runner.logits(hidden, inputs.sample_token_index)  # [S, V]
             rows = self._sampling_rows(batch, slots)
+            # [S, V]; a plain greedy step takes its argmax in the model's dtype
+            logits = self.runner.logits(
+                hidden, inputs.sample_token_index, float32=not rows.plain_greedy
+            )
             # only the sampled ids and what was asked for come back to the host
             launched.on_device = self.sampler.sample(logits, rows)
             launched.transfer = launched.on_device.to_host()

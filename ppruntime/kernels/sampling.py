@@ -11,7 +11,9 @@ ppruntime.stage.device_sampler.gumbel_noise, which is this kernel's reference.
 `greedy_argmax` is the all-greedy step's kernel: the same blocks, no noise, any float
 dtype, and a flag per block that holds a NaN or a +inf, so a row whose logits are not
 finite is reported as such (its maximum comes back NaN), as torch's argmax + gather
-report it.
+report it. `greedy_sample` is the same with the blocks reduced by a second small kernel
+into one packed [2, N] int32 tensor (token ids, the maxima's float32 bits): two launches
+and no torch call in between, and the packed tensor is what travels to the host.
 """
 
 from __future__ import annotations
@@ -150,3 +152,63 @@ def greedy_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     maxima = block_max.gather(1, best_block).squeeze(1)
     maxima = torch.where(block_bad.amax(dim=1) > 0, float("nan"), maxima)
     return token_ids, maxima
+
+
+@triton.jit
+def _pick_block_kernel(
+    block_max_ptr,
+    block_arg_ptr,
+    block_bad_ptr,
+    out_ptr,
+    num_rows,
+    num_blocks,
+    BLOCKS: tl.constexpr,
+):
+    # one program per row: the first block holding the row's maximum gives its token
+    row = tl.program_id(0)
+    offsets = tl.arange(0, BLOCKS)
+    valid = offsets < num_blocks
+    base = row.to(tl.int64) * num_blocks
+    maxima = tl.load(block_max_ptr + base + offsets, mask=valid, other=-float("inf"))
+    best, index = tl.max(maxima, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    token = tl.load(block_arg_ptr + base + index)
+    bad = tl.max(tl.load(block_bad_ptr + base + offsets, mask=valid, other=0), axis=0)
+    best = tl.where(bad > 0, float("nan"), best)
+    tl.store(out_ptr + row, token.to(tl.int32))
+    tl.store(out_ptr + num_rows + row, best.to(tl.int32, bitcast=True))
+
+
+def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
+    """`greedy_argmax` packed: [2, N] int32, row 0 the argmax of each row of logits [N, V]
+    (any float dtype; ties: the lowest id), row 1 the float32 bits of its maximum (NaN
+    when the row holds a NaN or a +inf: its token is then meaningless)."""
+    num_rows, vocab = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    num_blocks = triton.cdiv(vocab, VOCAB_BLOCK)
+    device = logits.device
+    block_max = torch.empty((num_rows, num_blocks), dtype=torch.float32, device=device)
+    block_arg = torch.empty((num_rows, num_blocks), dtype=torch.int64, device=device)
+    block_bad = torch.empty((num_rows, num_blocks), dtype=torch.int32, device=device)
+    packed = torch.empty((2, num_rows), dtype=torch.int32, device=device)
+    if num_rows:
+        _block_argmax_kernel[(num_rows, num_blocks)](
+            logits,
+            logits.stride(0),
+            block_max,
+            block_arg,
+            block_bad,
+            vocab,
+            num_blocks,
+            BLOCK=VOCAB_BLOCK,
+        )
+        _pick_block_kernel[(num_rows,)](
+            block_max,
+            block_arg,
+            block_bad,
+            packed,
+            num_rows,
+            num_blocks,
+            BLOCKS=triton.next_power_of_2(num_blocks),
+        )
+    return packed

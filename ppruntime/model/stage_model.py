@@ -113,11 +113,15 @@ class StageModel(nn.Module):
         # the next stage receives the residual stream itself
         return hidden if residual is None else residual + hidden
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Last stage only: normed hidden [N, H] -> logits [N, V] float32."""
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """Last stage only: normed hidden [N, H] -> logits [N, V], float32 unless
+        `float32` is False (then in the model's dtype: enough for an argmax)."""
         if self.lm_head is None:
             raise RuntimeError(
                 f"compute_logits called on stage {self.stage.stage_index} of "
                 f"{self.stage.num_stages}; only the last stage holds the LM head"
             )
-        return F.linear(hidden.to(self.dtype), self.lm_head).to(torch.float32)
+        if hidden.dtype != self.dtype:
+            hidden = hidden.to(self.dtype)
+        logits = F.linear(hidden, self.lm_head)
+        return logits.to(torch.float32) if float32 and logits.dtype != torch.float32 else logits

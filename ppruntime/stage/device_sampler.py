@@ -144,6 +144,8 @@ class SamplingRows:
     positions: np.ndarray  # [N] int64: position of the token each row samples
     num_logprobs: int = 0  # top-n log-probs (plus the chosen token's) of every row; 0 = none
     logit_rows: np.ndarray = field(default_factory=lambda: _EMPTY_ROWS)  # [G] rows' raw logits
+    # made by `greedy`: every row greedy, nothing else asked (logits in any float dtype)
+    plain_greedy: bool = False
 
     @classmethod
     def greedy(cls, num_rows: int) -> SamplingRows:
@@ -163,6 +165,7 @@ class SamplingRows:
             min_p=zeros,
             seeds=np.zeros(num_rows, dtype=np.uint64),
             positions=np.zeros(num_rows, dtype=np.int64),
+            plain_greedy=True,
         )
         for array in (rows.temperature, rows.top_k, rows.top_p, rows.seeds, rows.positions):
             array.setflags(write=False)
@@ -213,7 +216,7 @@ class HostTransfer:
         if self._result is None:
             if self._event is not None:
                 self._event.synchronize()
-            flat = self._host.numpy()
+            flat = self._host.numpy().reshape(-1)
             arrays: dict[str, np.ndarray] = {}
             offset = 0
             for name, shape, dtype in self._layout:
@@ -241,6 +244,9 @@ class DeviceSample:
     top_logprobs: torch.Tensor | None  # [N, K] float32
     logits: torch.Tensor | None  # [G, V] float32
     max_logits: torch.Tensor | None = None  # [N] float32
+    # [2, N] int32 whose rows are token_ids and max_logits' bits, when nothing else
+    # came back (plain greedy): copied to the host as it is
+    packed: torch.Tensor | None = None
 
     def _parts(self) -> list[tuple[str, torch.Tensor]]:
         named = [
@@ -263,7 +269,9 @@ class DeviceSample:
             (name, tuple(tensor.shape), np.dtype(np.int32 if name.endswith("ids") else np.float32))
             for name, tensor in parts
         ]
-        packed = torch.cat([tensor.reshape(-1).view(torch.int32) for _, tensor in parts])
+        packed = self.packed  # its rows are the parts, in this order
+        if packed is None:
+            packed = torch.cat([tensor.reshape(-1).view(torch.int32) for _, tensor in parts])
         host = torch.empty(packed.shape, dtype=torch.int32, pin_memory=True)
         host.copy_(packed, non_blocking=True)
         event = torch.cuda.Event()
@@ -272,7 +280,8 @@ class DeviceSample:
 
 
 class DeviceSampler:
-    """Samples one token per row of ``[N, V]`` float32 logits, on their device.
+    """Samples one token per row of ``[N, V]`` float32 logits, on their device (a
+    plain greedy step, `SamplingRows.greedy`, takes them in any float dtype).
 
     ``noise`` picks the noise-and-argmax implementation: "triton" (the default on CUDA;
     on CPU tensors only under TRITON_INTERPRET=1, for tests) or "torch" (the default
@@ -289,8 +298,9 @@ class DeviceSampler:
     def sample(self, logits: torch.Tensor, rows: SamplingRows) -> DeviceSample:
         num_rows = logits.shape[0]
         greedy_rows = rows.temperature < SAMPLING_EPS  # [N] host bool
+        packed = None
         if greedy_rows.all():
-            token_ids, max_logits = self._greedy(logits)
+            token_ids, max_logits, packed = self._greedy(logits)
         else:
             params = _upload_params(rows, greedy_rows, logits.shape[1], logits.device)
             scores = _filtered_scores(logits, params)
@@ -300,6 +310,7 @@ class DeviceSampler:
             max_logits = logits.amax(dim=-1)
         logprobs = top_ids = top_values = None
         if rows.num_logprobs > 0:
+            packed = None  # more than ids and maxima come back
             all_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
             logprobs = all_logprobs.gather(1, token_ids.to(torch.int64).unsqueeze(1)).squeeze(1)
             k = min(rows.num_logprobs, logits.shape[1])
@@ -307,6 +318,7 @@ class DeviceSampler:
             top_ids = top_ids.to(torch.int32)
         requested_logits = None
         if rows.logit_rows.shape[0]:
+            packed = None
             if rows.logit_rows.shape[0] == num_rows:
                 requested_logits = logits
             else:
@@ -319,18 +331,25 @@ class DeviceSampler:
             top_values,
             requested_logits,
             max_logits if max_logits.dtype == torch.float32 else max_logits.to(torch.float32),
+            packed=packed,
         )
 
-    def _greedy(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(argmax, each row's maximum: not finite when the row holds a NaN or +inf)."""
+    def _greedy(
+        self, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(argmax, each row's maximum: not finite when the row holds a NaN or +inf,
+        and the two packed in one [2, N] int32 tensor when the kernel made it so)."""
         if self._noise_argmax(logits.device) is torch_gumbel_argmax:
+            if logits.dtype != torch.float32:  # a plain greedy step's model-dtype logits
+                logits = logits.float()
             token_ids = _argmax(logits)
             # argmax picks the first NaN and any +inf: the chosen values are the maxima
             maxima = logits.gather(1, token_ids.to(torch.int64).unsqueeze(1)).squeeze(1)
-            return token_ids, maxima
-        from ppruntime.kernels.sampling import greedy_argmax  # triton is there
+            return token_ids, maxima, None
+        from ppruntime.kernels.sampling import greedy_sample  # triton is there
 
-        return greedy_argmax(logits)
+        packed = greedy_sample(logits)
+        return packed[0], packed[1].view(torch.float32), packed
 
     def _noise_argmax(self, device: torch.device):
         noise = self.noise or ("triton" if device.type == "cuda" else "torch")

@@ -34,5 +34,5 @@ class NullStageModel(torch.nn.Module):
     ) -> torch.Tensor:
         return self._hidden[: positions.shape[0]]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         return self._logits[: hidden.shape[0]]

@@ -158,13 +158,19 @@ class StageRunner:
             )
         return self._device_input
 
-    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Logits [N, V] float32 of the given flat token rows (last stage).
+    def logits(
+        self, hidden: torch.Tensor, rows: torch.Tensor, float32: bool = True
+    ) -> torch.Tensor:
+        """Logits [N, V] of the given flat token rows (last stage): float32, or with
+        float32=False in the model's dtype (a plain greedy step: the argmax and the
+        maxima are the same, without converting [N, V] values).
 
         rows are increasing and distinct: as many rows as tokens means every row.
         """
         with torch.inference_mode():
             if rows.shape[0] != hidden.shape[0]:
                 hidden = hidden.index_select(0, rows)
-            logits = self.model.compute_logits(hidden)
-            return logits if logits.dtype == torch.float32 else logits.float()
+            logits = self.model.compute_logits(hidden, float32=float32)
+            if float32 and logits.dtype != torch.float32:
+                logits = logits.float()
+            return logits
