@@ -17,8 +17,8 @@ import torch
 
 from ppruntime.model.attention import AttentionMetadata
 
-# step shapes whose host-to-device copy views are kept (decode steps repeat a few
-# shapes; prefill shapes vary, so the cache is bounded)
+# step sizes whose host-to-device copy views are kept (decode steps repeat a few
+# sizes; prefill sizes vary, so the cache is bounded)
 _MAX_CACHED_SHAPES = 256
 
 
@@ -75,15 +75,33 @@ class StepInputs:
     num_rows: int = 0  # rows the forward runs: num_tokens, or the decode bucket when padded
 
 
+_ALIGN = 16  # elements: every buffer starts 128-byte aligned (kernels specialise on it)
+
+
+def _flat_offsets(sizes: dict[str, int]) -> tuple[dict[str, int], int]:
+    """Where each buffer starts in the flat buffer (in the order of `sizes`), and its
+    total length."""
+    offsets, offset = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = offset
+        offset += -(-size // _ALIGN) * _ALIGN
+    return offsets, offset
+
+
+def _flat_views(flat: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Views of `flat`, one per buffer, laid out by `_flat_offsets`."""
+    offsets, _ = _flat_offsets(sizes)
+    return {name: flat[offsets[name] : offsets[name] + size] for name, size in sizes.items()}
+
+
 class _StagingSet:
     """One set of the host buffers a step's inputs are written into: numpy views of
-    int64 tensors (pinned ones on an accelerator), and the event of their last copy."""
+    one flat int64 tensor (pinned on an accelerator), and the event of its last copy."""
 
     def __init__(self, sizes: dict[str, int], pinned: bool) -> None:
-        self.tensors = {
-            name: torch.zeros(size, dtype=torch.int64, pin_memory=pinned)
-            for name, size in sizes.items()
-        }
+        _, total = _flat_offsets(sizes)
+        self.flat = torch.zeros(total, dtype=torch.int64, pin_memory=pinned)
+        self.tensors = _flat_views(self.flat, sizes)
         self.arrays = {name: tensor.numpy() for name, tensor in self.tensors.items()}
         self.arange_len = 1  # query_start_loc[:arange_len] holds 0, 1, 2, ... already
         self._event = None
@@ -125,16 +143,20 @@ class StepInputPool:
         self.device = device
         self.counters = StepCounters()
         self._cached_views: tuple[tuple[int, int, int], StepInputs] | None = None
-        self._copy_pair_cache: dict[tuple[int, ...], list] = {}
+        self._copy_pair_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # one flat buffer per side, the buffers one after the other: a step's inputs go
+        # to the device in one copy, of everything up to the end of slot_mapping's used
+        # prefix (so the per-batch buffers come first, slot_mapping last)
         sizes = {
-            "token_ids": max_num_tokens,
-            "positions": max_num_tokens,
-            "slot_mapping": max_num_tokens,
             "seq_lens": max_batch_size,
             "query_start_loc": max_batch_size + 1,
             "rows": max_batch_size,
             "sample_index": max_batch_size,
+            "token_ids": max_num_tokens,
+            "positions": max_num_tokens,
+            "slot_mapping": max_num_tokens,
         }
+        self._slot_mapping_offset = _flat_offsets(sizes)[0]["slot_mapping"]
         # the host side of the buffers the device reads: one set on the CPU (it is the
         # device's); on an accelerator two pinned sets, used in turn, so a step's copy
         # to the device is truly asynchronous while the host writes the next step's
@@ -154,8 +176,9 @@ class StepInputPool:
         self._host_block_table = torch.from_numpy(block_table)
         if device.type == "cpu":
             self._device = {**self._host, "block_table": self._host_block_table}
-        else:  # one device copy of each buffer; per step only the used prefix is copied
-            self._device = {name: tensor.to(device) for name, tensor in self._host.items()}
+        else:  # one device copy of the flat buffer; per step one copy of its used prefix
+            self._device_flat = self._staging[0].flat.to(device)
+            self._device = _flat_views(self._device_flat, sizes)
             self._device["block_table"] = self._host_block_table.to(device)
             self.counters.allocations += len(self._device)
 
@@ -308,37 +331,28 @@ class StepInputPool:
             query_start_loc[self._arange_len :] = np.arange(self._arange_len, size)
             self._arange_len = size
 
-    def _copy_pairs(
-        self, num_seqs: int, num_tokens: int, num_samples: int
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(device prefix, host prefix) of every buffer a step of these sizes uses, in
-        this staging set: built once per shape (slicing a tensor is a torch call)."""
-        key = (self._staging_index, num_seqs, num_tokens, num_samples)
-        pairs = self._copy_pair_cache.get(key)
-        if pairs is None:
-            sizes = {
-                "token_ids": num_tokens,
-                "positions": num_tokens,
-                "slot_mapping": num_tokens,
-                "seq_lens": num_seqs,
-                "query_start_loc": num_seqs + 1,
-                "rows": num_seqs,
-                "sample_index": num_samples,
-            }
-            host, dev = self._host, self._device
-            pairs = [(dev[name][:size], host[name][:size]) for name, size in sizes.items()]
+    def _copy_pair(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(device, host) prefixes of the flat buffers that hold every input of a step
+        of `num_tokens` rows (the per-batch buffers whole, the token buffers up to the
+        end of slot_mapping's rows), in this staging set: sliced once per size (slicing
+        is a torch call)."""
+        key = (self._staging_index, num_tokens)
+        pair = self._copy_pair_cache.get(key)
+        if pair is None:
+            end = self._slot_mapping_offset + num_tokens
+            pair = (self._device_flat[:end], self._staging[self._staging_index].flat[:end])
             if len(self._copy_pair_cache) >= _MAX_CACHED_SHAPES:
                 self._copy_pair_cache.clear()
-            self._copy_pair_cache[key] = pairs
-        return pairs
+            self._copy_pair_cache[key] = pair
+        return pair
 
     def _views(
         self, num_seqs: int, num_tokens: int, num_samples: int, max_query_len: int, is_decode: bool
     ) -> StepInputs:
         host, dev = self._host, self._device
         if dev["positions"] is not host["positions"]:
-            for target, source in self._copy_pairs(num_seqs, num_tokens, num_samples):
-                target.copy_(source, non_blocking=True)
+            target, source = self._copy_pair(num_tokens)
+            target.copy_(source, non_blocking=True)
             self._staging[self._staging_index].copied()
             changed = np.flatnonzero(self.rows_changed)
             if changed.shape[0]:  # only rows written since the last step travel
