@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu
+from _bench_models import replayed_seconds
 
 from ppruntime.kernels.paged_attention import (
     AttentionLaunch,
@@ -93,39 +94,6 @@ def decode_inputs(shape: AttentionShape, batch: int, context: int, block_size: i
     }
 
 
-def time_launch(inputs: dict, launch: AttentionLaunch, calls: int, device) -> float:
-    """Seconds a launch, replayed from a graph of `calls` launches (CUDA), else wall."""
-
-    def call():
-        return paged_attention(launch=launch, **inputs)
-
-    call()  # compile
-    if device.type != "cuda":
-        timer = bench_gpu.Timer(device)
-        return bench_gpu.time_op(call, timer, 2)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3 / calls)
-    return sorted(times)[len(times) // 2]
-
-
 def sweep(args, device) -> dict:
     bandwidth = bench_gpu.copy_bandwidth(device, args.small)
     target = _target_programs(device)  # the triton backend's own
@@ -145,7 +113,13 @@ def sweep(args, device) -> dict:
                 try:
                     out = paged_attention(launch=launch, **inputs).float()
                     diff = (out - expected).abs().max().item()
-                    seconds = time_launch(inputs, launch, args.calls, device)
+                    seconds = replayed_seconds(
+                        lambda launch=launch, inputs=inputs: paged_attention(
+                            launch=launch, **inputs
+                        ),
+                        args.calls,
+                        device,
+                    )
                 except Exception as exc:  # a variant that fails is reported, not fatal
                     case[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                     continue

@@ -23,34 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu
+from _bench_models import replayed_seconds
 from profile_decode import projection_shapes
-
-
-def replayed_seconds(fn, calls: int, device: torch.device) -> float:
-    fn()
-    if device.type != "cuda":
-        return bench_gpu.time_op(fn, bench_gpu.Timer(device), 3)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def sweep(args, device: torch.device) -> dict:
