@@ -8,7 +8,7 @@ small torch op after the kernel. Rows whose flag is 0 (greedy rows) get no noise
 The noise is a pure function of (row key, token id): the same bits as
 ppruntime.stage.device_sampler.gumbel_noise, which is this kernel's reference.
 
-`greedy_argmax` is the all-greedy step's kernel: the same blocks, no noise, any float
+`greedy_sample` is the all-greedy step's kernels: the same blocks, no noise, any float
 dtype, and a flag per block that holds a NaN or a +inf, so a row whose logits are not
 finite is reported as such (its maximum comes back NaN), as torch's argmax + gather
 report it. `greedy_sample` is the same with the blocks reduced by a second small kernel
@@ -123,37 +123,6 @@ def _block_argmax_kernel(
     tl.store(block_bad_ptr + row * num_blocks + block, tl.max(bad.to(tl.int32), axis=0))
 
 
-def greedy_argmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(argmax [N] int64, maximum [N] float32) of logits [N, V] (any float dtype).
-
-    Ties go to the lowest token id. A row holding a NaN or a +inf, or only -inf, has a
-    non-finite maximum (NaN for the first two): its token is meaningless.
-    """
-    num_rows, vocab = logits.shape
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    num_blocks = triton.cdiv(vocab, VOCAB_BLOCK)
-    block_max = torch.empty((num_rows, num_blocks), dtype=torch.float32, device=logits.device)
-    block_arg = torch.empty((num_rows, num_blocks), dtype=torch.int64, device=logits.device)
-    block_bad = torch.empty((num_rows, num_blocks), dtype=torch.int32, device=logits.device)
-    if num_rows:
-        _block_argmax_kernel[(num_rows, num_blocks)](
-            logits,
-            logits.stride(0),
-            block_max,
-            block_arg,
-            block_bad,
-            vocab,
-            num_blocks,
-            BLOCK=VOCAB_BLOCK,
-        )
-    best_block = block_max.argmax(dim=1, keepdim=True)  # first maximum: lowest block
-    token_ids = block_arg.gather(1, best_block).squeeze(1)
-    maxima = block_max.gather(1, best_block).squeeze(1)
-    maxima = torch.where(block_bad.amax(dim=1) > 0, float("nan"), maxima)
-    return token_ids, maxima
-
-
 @triton.jit
 def _pick_block_kernel(
     block_max_ptr,
@@ -179,7 +148,7 @@ def _pick_block_kernel(
 
 
 def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
-    """`greedy_argmax` packed: [2, N] int32, row 0 the argmax of each row of logits [N, V]
+    """The all-greedy step, packed: [2, N] int32, row 0 the argmax of each row of logits [N, V]
     (any float dtype; ties: the lowest id), row 1 the float32 bits of its maximum (NaN
     when the row holds a NaN or a +inf: its token is then meaningless)."""
     num_rows, vocab = logits.shape
