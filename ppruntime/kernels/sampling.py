@@ -8,12 +8,12 @@ small torch op after the kernel. Rows whose flag is 0 (greedy rows) get no noise
 The noise is a pure function of (row key, token id): the same bits as
 ppruntime.stage.device_sampler.gumbel_noise, which is this kernel's reference.
 
-`greedy_sample` is the all-greedy step's kernels: the same blocks, no noise, any float
-dtype, and a flag per block that holds a NaN or a +inf, so a row whose logits are not
-finite is reported as such (its maximum comes back NaN), as torch's argmax + gather
-report it. `greedy_sample` is the same with the blocks reduced by a second small kernel
-into one packed [2, N] int32 tensor (token ids, the maxima's float32 bits): two launches
-and no torch call in between, and the packed tensor is what travels to the host.
+`greedy_sample` is the all-greedy step's two kernels: the same blocks, no noise, any
+float dtype, a flag per block that holds a NaN or a +inf (a row whose logits are not
+finite comes back with a NaN maximum, as torch's argmax + gather report it), then one
+program a row reducing its blocks into one packed [2, N] int32 tensor (token ids, the
+maxima's float32 bits): no torch call in between, and the packed tensor is what travels
+to the host.
 """
 
 from __future__ import annotations
