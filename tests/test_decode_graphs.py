@@ -385,7 +385,7 @@ def test_triton_backend_with_padding_forced_gives_the_same_greedy_tokens(tmp_pat
     prompts.write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in PROMPTS))
     command = [
         *(sys.executable, "-m", "ppruntime", "generate", "--preset", "tiny", "--device", "cpu"),
-        *("--prompts-file", str(prompts), "--max-tokens", "8", "--ignore-eos", "--json"),
+        *("--prompts-file", str(prompts), "--max-tokens", "5", "--ignore-eos", "--json"),
         *("--max-batch-size", "16", "--quiet", "--attention-backend", "triton"),
     ]
     runs = []
