@@ -14,11 +14,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from engine_scenarios import decode_batch
 from launching import REPO_ROOT, mpi_env, run_mpi
 
 from ppruntime import LLM, SamplingParams
 from ppruntime.comm.waiting import WaitTracker, wait_until
-from ppruntime.engine.scheduler import ScheduledBatch
 from ppruntime.model import load_config, load_stage_model, partition_layers
 from ppruntime.stage.graphs import (
     DecodeGraphs,
@@ -93,22 +93,6 @@ def test_plan_turns_graphs_on_only_for_cuda_with_a_capturable_backend():
 
 
 # -- step inputs and one stage's forward ------------------------------------------------
-def _decode_batch(slots, starts) -> ScheduledBatch:
-    count = len(slots)
-    return ScheduledBatch(
-        batch_id=0,
-        slots=np.asarray(slots, dtype=np.intp),
-        num_new=np.ones(count, np.int32),
-        starts=np.asarray(starts, dtype=np.int32),
-        sample_mask=np.ones(count, bool),
-        block_counts=np.zeros(count, np.int32),
-        block_ids=np.zeros(0, np.int32),
-        admit_seq_ids=np.zeros(0, np.int64),
-        admit_slots=np.zeros(0, np.intp),
-        preempt_slots=np.zeros(0, np.intp),
-    )
-
-
 def _pool(token_table=None) -> StepInputPool:
     # every slot owns its own blocks: slot s, block j -> block s * MAX_BLOCKS + j
     block_table = np.arange(MAX_SLOTS * MAX_BLOCKS, dtype=np.int32).reshape(MAX_SLOTS, -1)
@@ -126,7 +110,7 @@ def _pool(token_table=None) -> StepInputPool:
 def test_padded_step_inputs_write_harmless_rows():
     tokens = np.random.default_rng(0).integers(3, 250, (MAX_SLOTS, MAX_BLOCKS * BLOCK_SIZE))
     pool = _pool(tokens.astype(np.int32))
-    batch = _decode_batch([5, 2, 9], [7, 12, 3])
+    batch = decode_batch([5, 2, 9], [7, 12, 3])
     plain = pool.prepare(batch)
     plain_values = {
         "positions": plain.positions.tolist(),
@@ -198,7 +182,7 @@ def test_padded_forward_matches_unpadded_and_writes_no_kv_for_padded_rows(tiny_s
         )
         for m in models
     ]
-    batch = _decode_batch([5, 2, 9, 0, 11], [7, 12, 3, 20, 1])  # 5 rows -> bucket 8
+    batch = decode_batch([5, 2, 9, 0, 11], [7, 12, 3, 20, 1])  # 5 rows -> bucket 8
     plain_caches = [c.clone() for c in caches]
     padded_caches = [c.clone() for c in caches]
     plain, _ = _run_stages(tiny_stages, DecodePlan(), batch, token_table, plain_caches)
@@ -261,10 +245,10 @@ def test_replays_read_the_persistent_buffers_and_outputs_survive_the_next_replay
         # positions they never wrote, so start both from the same cache
         twin.kv_cache.copy_(runner.kv_cache)
     batches = [
-        _decode_batch([5, 2, 9], [7, 12, 3]),
-        _decode_batch([1, 4, 6], [2, 9, 11]),  # same bucket: replays the same "graph"
-        _decode_batch([0, 1, 2, 3, 4, 6], [20, 1, 22, 9, 14, 2]),
-        _decode_batch([7], [4]),
+        decode_batch([5, 2, 9], [7, 12, 3]),
+        decode_batch([1, 4, 6], [2, 9, 11]),  # same bucket: replays the same "graph"
+        decode_batch([0, 1, 2, 3, 4, 6], [20, 1, 22, 9, 14, 2]),
+        decode_batch([7], [4]),
     ]
     kept = []
     for batch in batches:

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from engine_scenarios import abort_one_mid_decode, decode_batch
 from model_fixtures import make_tiny_checkpoint
 
 from ppruntime import LLM, SamplingParams
@@ -123,20 +124,7 @@ def test_abort_mid_decode_frees_every_block_with_async_scheduling(monkeypatch, c
         async_scheduling=True,
         exit_workers=False,
     ) as llm:
-        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-        long_params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
-        victim = llm.add_request(np.asarray(PROMPTS[0]), long_params, stream=True)
-        others = [llm.add_request(np.asarray(p), params) for p in PROMPTS[1:]]
-        finished, streamed, aborted = {}, 0, False
-        for _ in range(10_000):
-            done, deltas = llm.step()
-            finished.update((output.request_id, output) for output in done)
-            streamed += sum(len(d.token_ids) for d in deltas if d.request_id == victim)
-            if streamed >= 5 and not aborted:
-                aborted = llm.abort(victim)
-            if len(finished) == len(PROMPTS):
-                break
-        assert aborted
+        finished, victim, others = abort_one_mid_decode(llm, PROMPTS)
         assert finished[victim].finish_reason == "abort"
         assert 5 <= len(finished[victim].token_ids) < 200
         assert all(len(finished[r].token_ids) == 40 for r in others)
@@ -146,24 +134,6 @@ def test_abort_mid_decode_frees_every_block_with_async_scheduling(monkeypatch, c
 
 
 # -- the step-input pool: pinned, double-buffered host staging ---------------------------
-def _decode_batch(slots, starts):
-    from ppruntime.engine.scheduler import ScheduledBatch
-
-    count = len(slots)
-    return ScheduledBatch(
-        batch_id=0,
-        slots=np.asarray(slots, dtype=np.intp),
-        num_new=np.ones(count, np.int32),
-        starts=np.asarray(starts, dtype=np.int32),
-        sample_mask=np.ones(count, bool),
-        block_counts=np.zeros(count, np.int32),
-        block_ids=np.zeros(0, np.int32),
-        admit_seq_ids=np.zeros(0, np.int64),
-        admit_slots=np.zeros(0, np.intp),
-        preempt_slots=np.zeros(0, np.intp),
-    )
-
-
 def test_step_inputs_written_while_the_gpu_is_busy_reach_it_intact():
     """Three steps prepared while the GPU is still busy (a long sleep kernel queued in
     front): each step's device buffers, snapshotted in stream order right after its
@@ -175,8 +145,8 @@ def test_step_inputs_written_while_the_gpu_is_busy_reach_it_intact():
     block_table = np.arange(8 * 4, dtype=np.int32).reshape(8, 4)
     token_table = np.arange(8 * 16, dtype=np.int32).reshape(8, 16)
     pool = StepInputPool(block_table, np.zeros(8, bool), 4, 32, 8, token_table, device)
-    batches = [_decode_batch([0, 1, 2], [3, 4, 5]), _decode_batch([4, 5], [7, 8])]
-    batches.append(_decode_batch([6, 7, 3, 2], [1, 2, 9, 10]))
+    batches = [decode_batch([0, 1, 2], [3, 4, 5]), decode_batch([4, 5], [7, 8])]
+    batches.append(decode_batch([6, 7, 3, 2], [1, 2, 9, 10]))
     sampled = torch.tensor([500, 501, 502], dtype=torch.int32, device=device)
     torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time: every copy below waits behind it
     snapshots = []

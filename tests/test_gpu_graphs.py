@@ -17,11 +17,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from engine_scenarios import abort_one_mid_decode, decode_batch
 from launching import run_mpi
 from model_fixtures import make_tiny_checkpoint
 
 from ppruntime import LLM, SamplingParams
-from ppruntime.engine.scheduler import ScheduledBatch
 from ppruntime.model import load_config, load_stage_model, partition_layers
 from ppruntime.model.backends import select_attention_backend
 from ppruntime.model.layer_ops import select_layer_ops
@@ -42,22 +42,6 @@ JOB_TIMEOUT_S = 300
 BLOCK_SIZE = 4
 MAX_SLOTS = 12
 MAX_BLOCKS = 8
-
-
-def _decode_batch(slots, starts) -> ScheduledBatch:
-    count = len(slots)
-    return ScheduledBatch(
-        batch_id=0,
-        slots=np.asarray(slots, dtype=np.intp),
-        num_new=np.ones(count, np.int32),
-        starts=np.asarray(starts, dtype=np.int32),
-        sample_mask=np.ones(count, bool),
-        block_counts=np.zeros(count, np.int32),
-        block_ids=np.zeros(0, np.int32),
-        admit_seq_ids=np.zeros(0, np.int64),
-        admit_slots=np.zeros(0, np.intp),
-        preempt_slots=np.zeros(0, np.intp),
-    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -100,11 +84,11 @@ def test_stage_replays_match_the_eager_forward(backend):
         twin.kv_cache.copy_(stage_runner.kv_cache)
         assert sorted(stage_runner.graphs.graphs) == [1, 2, 4, 8]
     batches = [
-        _decode_batch([3], [5]),
-        _decode_batch([5, 2, 9], [7, 12, 3]),
-        _decode_batch([0, 1, 2, 3, 4], [20, 1, 30, 9, 14]),
-        _decode_batch(list(range(8)), list(range(2, 26, 3))),
-        _decode_batch([5, 2, 9], [8, 13, 4]),  # the same slots one token later
+        decode_batch([3], [5]),
+        decode_batch([5, 2, 9], [7, 12, 3]),
+        decode_batch([0, 1, 2, 3, 4], [20, 1, 30, 9, 14]),
+        decode_batch(list(range(8)), list(range(2, 26, 3))),
+        decode_batch([5, 2, 9], [8, 13, 4]),  # the same slots one token later
     ]
     for batch in batches:
         outputs = []
@@ -205,20 +189,7 @@ def test_request_aborted_mid_decode_frees_its_blocks_with_graphs(monkeypatch, ch
     with LLM(
         model, device="cuda", kv_cache_blocks=256, max_batch_size=16, exit_workers=False
     ) as llm:
-        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-        long_params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
-        victim = llm.add_request(np.asarray(PROMPTS[0]), long_params, stream=True)
-        others = [llm.add_request(np.asarray(p), params) for p in PROMPTS[1:]]
-        finished, streamed, aborted = {}, 0, False
-        for _ in range(10_000):
-            done, deltas = llm.step()
-            finished.update((output.request_id, output) for output in done)
-            streamed += sum(len(d.token_ids) for d in deltas if d.request_id == victim)
-            if streamed >= 5 and not aborted:
-                aborted = llm.abort(victim)
-            if len(finished) == len(PROMPTS):
-                break
-        assert aborted
+        finished, victim, others = abort_one_mid_decode(llm, PROMPTS)
         assert finished[victim].finish_reason == "abort"
         assert 5 <= len(finished[victim].token_ids) < 200
         assert all(finished[r].finish_reason == "length" for r in others)
