@@ -35,8 +35,8 @@ class FixedLogitsRunner:
 
 
 def make_stage():
-    table = SequenceTable(8, 4, BlockManager(32, 4))
-    stage = LastStage(table, FixedLogitsRunner(), None, (EOS,), MAX_MODEL_LEN, seed=0)
+    table = SequenceTable(8, 4, BlockManager(32, 4), max_model_len=MAX_MODEL_LEN)
+    stage = LastStage(table, FixedLogitsRunner(), None, (EOS,), seed=0)
     return table, Scheduler(table, 8, 64, 1), stage
 
 
@@ -94,7 +94,7 @@ def test_fast_path_gives_the_tokens_and_finish_codes_of_the_full_path():
 def test_length_limit_is_the_smaller_of_max_tokens_and_model_room():
     # prompt of 10 in a model of 12 positions: at most 2 outputs whatever max_tokens says
     table, stage, batch, state, _ = run_one_batch([greedy(max_tokens=100, ignore_eos=True)], 10)
-    assert stage.length_limit[int(batch.slots[0])] == 2
+    assert table.output_limit[int(batch.slots[0])] == 2
     assert state.finish.tolist() == [FINISH_NONE]  # first output of 2
     table.num_output[int(batch.slots[0])] = 1
     codes = stage._finish_codes(batch.slots, state.token_ids, diff=None)

@@ -395,7 +395,6 @@ class PipelineEngine:
                 runner,
                 self.tokenizer,
                 model_config.eos_token_ids,
-                self.max_model_len,
                 config.seed,
             )
         self.tracker = WaitTracker()

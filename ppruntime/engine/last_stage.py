@@ -79,14 +79,12 @@ class LastStage:
         runner: StageRunner,
         tokenizer,
         eos_token_ids: tuple[int, ...],
-        max_model_len: int,
         seed: int,
     ) -> None:
         self.table = table
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = np.asarray(eos_token_ids, dtype=np.int32)
-        self.max_model_len = max_model_len
         self.seed = seed
         self.sampler = DeviceSampler()
         slots = table.max_slots
@@ -101,8 +99,6 @@ class LastStage:
         self.wants_prompt_logits = np.zeros(slots, dtype=np.bool_)
         self.prompt_logits_sent = np.zeros(slots, dtype=np.int32)
         self.special = np.zeros(slots, dtype=np.bool_)  # stop ids or stop strings
-        # last output count that still continues: min(max_tokens, max_model_len - prompt)
-        self.length_limit = np.zeros(slots, dtype=np.int32)
         # admitted sequences that need each per-step feature: a step skips the array
         # work of a feature no running sequence asked for
         self.num_with = dict.fromkeys(FEATURES, 0)
@@ -141,9 +137,6 @@ class LastStage:
             )
         self.stop_matchers[slot] = matcher
         self.special[slot] = bool(params.stop_token_ids) or matcher is not None
-        self.length_limit[slot] = min(
-            params.max_tokens, self.max_model_len - info.prompt_token_ids.shape[0]
-        )
         for feature, used in self._features(slot).items():
             self.num_with[feature] += used
         self.admitted[slot] = True
@@ -311,7 +304,8 @@ class LastStage:
     ) -> np.ndarray:
         """discarded: [S] bool rows whose stop matchers must not see this token."""
         codes = np.zeros(slots.shape[0], dtype=np.int32)
-        codes[self.table.num_output[slots] >= self.length_limit[slots] - 1] = FINISH_LENGTH
+        # the table's output limit: min(max_tokens, max_model_len - prompt)
+        codes[self.table.num_output[slots] >= self.table.output_limit[slots] - 1] = FINISH_LENGTH
         stop = np.zeros(slots.shape[0], dtype=np.bool_)
         if self.num_with["eos"]:
             for eos in self.eos_token_ids.tolist():  # one or two ids: cheaper than np.isin
