@@ -149,6 +149,7 @@ def worker(args: argparse.Namespace) -> None:
         partition_decode_context=args.input_len + args.output_len // 2,
         deterministic=args.deterministic,
         max_batch_size=args.max_batch_size,
+        max_model_len=args.input_len + args.output_len,
         max_num_tokens=args.max_num_tokens or max(1024, args.max_batch_size * args.input_len),
         trace=args.trace,
         exit_workers=not args.reprobe,
