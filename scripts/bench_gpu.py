@@ -20,7 +20,11 @@ with like:
   prompts, and the ratio;
 - on CUDA: the host time per decode step (wall time minus the time inside the calls that
   wait on the device, from the timed runs), and with the profiler the fraction of decode
-  wall time the GPU was busy (union of kernel/copy intervals). With async scheduling (the
+  wall time the GPU was busy (union of kernel/copy intervals): `busy %` within the
+  profiled run, whose host is slowed by the profiler's own work per launch, and
+  `busy/u %`, the profiled busy time per step over the unprofiled step time (what the
+  GPU does per step is the same with and without the profiler; the host is not).
+  With async scheduling (the
   engine's default on CUDA at PP=1; --no-async-scheduling turns it off) the host's work
   of step k+1 overlaps the device's step k: the step time then approaches the larger of
   the two, not their sum;
@@ -212,9 +216,14 @@ def busy_fraction(generate, new_tokens: int, trace_dir: Path) -> dict[str, float
     wall_one, busy_one = gpu_busy_s(generate, 1, trace_dir)
     wall_many, busy_many = gpu_busy_s(generate, steps, trace_dir)
     wall = wall_many - wall_one
+    decode_steps = max(steps - 1, 1)  # generate(1) is the prefill alone
     return {
         "gpu_busy_fraction": (busy_many - busy_one) / wall if wall > 0 else None,
         "profiled_steps": steps,
+        # the profiler's own host work (per launch and per copy) lengthens the profiled
+        # steps; the device's busy time per step is what the profiler measures exactly
+        "profiled_step_s": wall / decode_steps,
+        "gpu_busy_s_per_step": (busy_many - busy_one) / decode_steps,
     }
 
 
@@ -341,6 +350,16 @@ def figures(
         "prefill_flops_per_s": flops / ours["prefill_s"],
         "prefill_matmul_fraction": flops / ours["prefill_s"] / matmul,
         "gpu_busy_fraction": ours.get("gpu_busy_fraction"),
+        # the profiled busy time per step over the unprofiled step: the busy fraction
+        # without the profiler's slow-down of the host
+        "gpu_busy_over_unprofiled_step": (
+            ours["gpu_busy_s_per_step"] / ours["decode_step_s"]
+            if ours.get("gpu_busy_s_per_step") is not None
+            else None
+        ),
+        "profiled_step_ms": (
+            ours["profiled_step_s"] * 1e3 if ours.get("profiled_step_s") is not None else None
+        ),
         "host_time_per_step_ms": ours.get("host_time_per_step_ms"),
         "startup_s": ours.get("startup_s"),
         "ppruntime": ours,
@@ -613,7 +632,7 @@ def print_table(result: dict) -> None:
     )
     header = (
         f"{'case':<12} {'step ms':>8} {'roof ms':>8} {'roof %':>7} {'HF ms':>8} {'vs HF':>6} "
-        f"{'prefill s':>9} {'mm %':>6} {'busy %':>6} {'host ms':>7}"
+        f"{'prefill s':>9} {'mm %':>6} {'busy %':>6} {'busy/u %':>8} {'host ms':>7}"
     )
     print(header)
     for name, row in result["cases"].items():
@@ -624,6 +643,7 @@ def print_table(result: dict) -> None:
             f"{_fmt(row.get('decode_speedup_vs_transformers'), 1, 1, 'x'):>6} "
             f"{_fmt(row['prefill_s'], 3):>9} {_fmt(row['prefill_matmul_fraction'], 1, 100):>6} "
             f"{_fmt(row.get('gpu_busy_fraction'), 1, 100):>6} "
+            f"{_fmt(row.get('gpu_busy_over_unprofiled_step'), 1, 100):>8} "
             f"{_fmt(row.get('host_time_per_step_ms')):>7}"
         )
     attention = result.get("attention")
