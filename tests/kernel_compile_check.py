@@ -10,16 +10,30 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ppruntime.kernels import activation, rms_norm, rotary, sampling
+from ppruntime.kernels import activation, rms_norm, rotary, sampling, skinny_gemm
 
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_kernel(kernel, signature: dict[str, str], constexprs: dict[str, object]) -> None:
+def compile_kernel(
+    kernel,
+    signature: dict[str, str],
+    constexprs: dict[str, object],
+    options: dict | None = None,
+    aligned: tuple[str, ...] = (),
+) -> None:
+    """`aligned`: the arguments the launcher would mark divisible by 16 (pointers, strides)."""
     for name in constexprs:
         signature[name] = "constexpr"
+    attrs = {
+        (index,): [["tt.divisibility", 16]]
+        for index, name in enumerate(kernel.arg_names)
+        if name in aligned
+    }
     compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET
+        ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=TARGET,
+        options=options or {},
     )
     assert compiled.asm["cubin"], kernel.__name__
     print(kernel.__name__, signature.get("x_ptr") or signature.get("qkv_ptr"), constexprs)
@@ -100,6 +114,78 @@ def main() -> None:
             "num_blocks": "i32",
         },
         {"BLOCKS": 128},
+    )
+
+    compile_skinny_gemm()
+
+
+def compile_skinny_gemm() -> None:
+    """The decode GEMM: bf16 with the weights through plain loads (with a bias) and through
+    a TMA descriptor (split-K partials), fp32 IEEE dots with atomic split-K, and the reduce."""
+    variants = [  # (dtype, config, K % BLOCK_K == 0, bias)
+        ("bf16", skinny_gemm.SkinnyConfig(block_n=64, block_k=128), True, True),
+        (
+            "bf16",
+            skinny_gemm.SkinnyConfig(block_n=128, block_k=128, split_k=4, weights="descriptor"),
+            True,
+            False,
+        ),
+        (
+            "fp32",
+            skinny_gemm.SkinnyConfig(
+                block_m=16, block_n=32, block_k=64, split_k=2, reduction="atomic", swap_ab=False
+            ),
+            False,
+            False,
+        ),
+    ]
+    aligned = ("x_ptr", "w_ptr", "out_ptr", "partial_ptr", "stride_xm", "stride_wn", "stride_om")
+    for dtype, config, even_k, bias in variants:
+        split = config.split_k > 1
+        weight = (
+            f"tensordesc<{dtype}[{config.block_n},{config.block_k}]>"
+            if config.weights == "descriptor"
+            else f"*{dtype}"
+        )
+        compile_kernel(
+            skinny_gemm._skinny_gemm_kernel,
+            {
+                "x_ptr": f"*{dtype}",
+                "w_ptr": weight,
+                "bias_ptr": f"*{dtype}",
+                "out_ptr": "*fp32" if split else f"*{dtype}",
+                **dict.fromkeys(
+                    ["M", "N", "K", "stride_xm", "stride_wn", "stride_om", "stride_split"], "i32"
+                ),
+                "k_per_split": "i32",
+            },
+            {
+                "BLOCK_M": config.block_m,
+                "BLOCK_N": config.block_n,
+                "BLOCK_K": config.block_k,
+                "SPLIT_K": config.split_k,
+                "ATOMIC": split and config.reduction == "atomic",
+                "HAS_BIAS": bias and not split,
+                "SWAP_AB": config.swap_ab,
+                "W_DESCRIPTOR": config.weights == "descriptor",
+                "EVEN_N": True,
+                "EVEN_K": even_k,
+                "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                "UPCAST": False,
+            },
+            {"num_warps": config.num_warps, "num_stages": config.num_stages},
+            aligned,
+        )
+    compile_kernel(
+        skinny_gemm._reduce_splits_kernel,
+        {
+            "partial_ptr": "*fp32",
+            "bias_ptr": "*bf16",
+            "out_ptr": "*bf16",
+            **dict.fromkeys(["N", "stride_split", "stride_pm", "stride_om"], "i32"),
+        },
+        {"SPLITS": 4, "HAS_BIAS": True, "BLOCK": skinny_gemm.REDUCE_BLOCK},
+        aligned=("partial_ptr", "out_ptr", "stride_pm", "stride_om"),
     )
 
 

@@ -1,10 +1,13 @@
 """LayerOps: the per-layer math around attention, behind one interface.
 
-RMSNorm (plain and fused with the residual add), rotary embedding on the merged qkv
-projection (with Qwen3's per-head q/k RMSNorm before it) and SiLU-and-multiply on the
-merged gate_up projection. `TorchLayerOps` is the reference: plain torch with Hugging Face
-numerics, the oracle the others are tested against. `TritonLayerOps` runs the kernels of
-ppruntime.kernels (fp32 math, one kernel per op, q and k rotated in place).
+The projections and the LM head (`linear`), RMSNorm (plain and fused with the residual
+add), rotary embedding on the merged qkv projection (with Qwen3's per-head q/k RMSNorm
+before it) and SiLU-and-multiply on the merged gate_up projection. `TorchLayerOps` is the
+reference: plain torch with Hugging Face numerics, the oracle the others are tested
+against. `TritonLayerOps` runs the kernels of ppruntime.kernels (fp32 math, one kernel per
+op, q and k rotated in place); its `linear` is F.linear (cuBLAS) unless built with
+`skinny_gemm=True` (PPRUNTIME_SKINNY_GEMM=1), which sends decode-sized matmuls to the
+skinny GEMM kernel where `skinny_config` has a launch for the shape.
 
 Names match the attention backends: "torch" and "triton"; `select_layer_ops(None, device)`
 picks triton on CUDA and torch elsewhere.
@@ -19,7 +22,7 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ppruntime.config import ATTENTION_BACKENDS, ConfigError
+from ppruntime.config import ATTENTION_BACKENDS, ConfigError, env_flag
 from ppruntime.model.rope import apply_rope, rope_angles, rope_cos_sin
 
 
@@ -37,8 +40,17 @@ class QKV(NamedTuple):
     v: torch.Tensor  # [T, Hkv, D]
 
 
+SKINNY_GEMM_ENV = "PPRUNTIME_SKINNY_GEMM"
+
+
 class LayerOps(ABC):
     name: ClassVar[str]
+
+    @abstractmethod
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [T, K] @ weight [N, K]^T (+ bias [N]) -> [T, N], as F.linear."""
 
     @abstractmethod
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -99,6 +111,11 @@ class TorchLayerOps(LayerOps):
 
     name = "torch"
 
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         input_dtype = x.dtype
         x32 = x.to(torch.float32)
@@ -139,14 +156,36 @@ class TorchLayerOps(LayerOps):
 
 
 class TritonLayerOps(LayerOps):
-    """The Triton kernels: one launch per op, fp32 math, q and k rotated inside qkv."""
+    """The Triton kernels: one launch per op, fp32 math, q and k rotated inside qkv.
+
+    `skinny_gemm`: decode-sized matmuls (the rows of x at most the kernel's limit) run the
+    skinny GEMM kernel where `skinny_config` returns a launch for the shape; every other
+    matmul (and all of them when off, the default) is F.linear."""
 
     name = "triton"
 
-    def __init__(self) -> None:
+    def __init__(self, skinny_gemm: bool = False) -> None:
         from ppruntime.kernels import activation, rms_norm, rotary
 
         self._norm, self._rotary, self._activation = rms_norm, rotary, activation
+        self._skinny = None
+        if skinny_gemm:
+            from ppruntime.kernels import skinny_gemm as skinny
+
+            self._skinny = skinny
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(skinny_gemm={self._skinny is not None})"
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        skinny = self._skinny
+        if skinny is not None and x.dim() == 2 and x.shape[0] <= skinny.MAX_M:
+            config = skinny.skinny_config(x.shape[0], weight.shape[0], weight.shape[1], x.dtype)
+            if config is not None and x.stride(1) == 1 and weight.stride(1) == 1:
+                return skinny.skinny_gemm(x, weight, bias, config)
+        return F.linear(x, weight, bias)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self._norm.rms_norm(x, weight, eps)
@@ -192,6 +231,7 @@ class TritonLayerOps(LayerOps):
 
 def select_layer_ops(name: str | None, device: torch.device | str) -> LayerOps:
     """The LayerOps called `name` ("torch", "triton"); None = triton on CUDA, else torch.
+    The triton ops run the skinny decode GEMM when $PPRUNTIME_SKINNY_GEMM is true.
 
     Raises ConfigError for an unknown name, or triton where it cannot run.
     """
@@ -206,8 +246,9 @@ def select_layer_ops(name: str | None, device: torch.device | str) -> LayerOps:
                 f"the triton layer ops run on CUDA devices (or on CPU under TRITON_INTERPRET=1),"
                 f" not on {device}; use 'torch' there"
             )
+        skinny_gemm = bool(env_flag(SKINNY_GEMM_ENV))
         try:
-            return TritonLayerOps()
+            return TritonLayerOps(skinny_gemm=skinny_gemm)
         except ImportError as exc:
             raise ConfigError(
                 f"the triton layer ops need the triton package ({exc}); "

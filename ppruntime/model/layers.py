@@ -15,7 +15,6 @@ residual add is fused into the next RMSNorm.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ppruntime.model.attention import AttentionMetadata
@@ -29,17 +28,24 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Pa
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b), with uninitialised weight [out, in]."""
+    """y = x W^T (+ b), with uninitialised weight [out, in], computed by `ops.linear`."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device,
+        ops: LayerOps,
     ) -> None:
         super().__init__()
         self.weight = _empty(out_features, in_features, dtype=dtype, device=device)
         self.bias = _empty(out_features, dtype=dtype, device=device) if bias else None
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):
@@ -47,9 +53,15 @@ class MergedLinear(Linear):
     biases) stacked by rows in the order of `parts` (checkpoint module name -> rows)."""
 
     def __init__(
-        self, in_features: int, parts: dict[str, int], bias: bool, dtype: torch.dtype, device
+        self,
+        in_features: int,
+        parts: dict[str, int],
+        bias: bool,
+        dtype: torch.dtype,
+        device,
+        ops: LayerOps,
     ) -> None:
-        super().__init__(in_features, sum(parts.values()), bias, dtype, device)
+        super().__init__(in_features, sum(parts.values()), bias, dtype, device, ops)
         self.parts = dict(parts)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
@@ -102,8 +114,9 @@ class SelfAttention(nn.Module):
             config.attention_bias,
             dtype,
             device,
+            ops,
         )
-        self.o_proj = Linear(q_rows, hidden, config.attention_output_bias, dtype, device)
+        self.o_proj = Linear(q_rows, hidden, config.attention_output_bias, dtype, device, ops)
         if config.qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device, ops)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device, ops)
@@ -143,9 +156,9 @@ class GatedMLP(nn.Module):
         bias = config.mlp_bias
         self.ops = ops
         self.gate_up_proj = MergedLinear(
-            hidden, {"gate_proj": inner, "up_proj": inner}, bias, dtype, device
+            hidden, {"gate_proj": inner, "up_proj": inner}, bias, dtype, device, ops
         )
-        self.down_proj = Linear(inner, hidden, bias, dtype, device)
+        self.down_proj = Linear(inner, hidden, bias, dtype, device, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))

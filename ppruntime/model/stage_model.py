@@ -123,5 +123,5 @@ class StageModel(nn.Module):
             )
         if hidden.dtype != self.dtype:
             hidden = hidden.to(self.dtype)
-        logits = F.linear(hidden, self.lm_head)
+        logits = self.layer_ops.linear(hidden, self.lm_head)
         return logits.to(torch.float32) if float32 and logits.dtype != torch.float32 else logits

@@ -1,0 +1,396 @@
+"""Skinny GEMM for decode: y[M, N] = x[M, K] @ W[N, K]^T (+ bias) with M a decode batch.
+
+At decode the projections are memory-bound: M <= 64 rows against weights of megabytes,
+so the time is the time to stream W once. One program covers all of M (BLOCK_M >= M)
+and a [BLOCK_N, K-range] slab of W (BLOCK_N whole rows of the nn.Linear layout, each
+contiguous in K), so every weight byte is read exactly once. When N / BLOCK_N gives too
+few programs to fill the GPU, split-K cuts K into SPLIT_K ranges; their fp32 partial sums
+are either stored as [SPLIT_K, M, N] and summed by a small reduce-and-cast kernel
+("partials"), or atomically added into a zeroed fp32 [M, N] buffer that the same small
+kernel casts ("atomic"). Both are CUDA-graph capturable (no host sync, no data-dependent
+shapes). SWAP_AB computes the tile as W @ x^T ([BLOCK_N, BLOCK_M]) so that the wide
+dimension is the MMA's M (Hopper's wgmma needs 64 rows there); W is read by plain loads
+or through a TMA tensor descriptor ("descriptor", sm_90+; zero-filled past N and K).
+
+`skinny_config(m, n, k, dtype)` picks the launch: the measured table
+(skinny_gemm_table.json beside this file, or $PPRUNTIME_SKINNY_GEMM_TABLE; written by
+scripts/sweep_decode_gemm.py --out) for shapes it holds, a heuristic for others; None
+means "use torch / cuBLAS".
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4: no TMA descriptors (weights="descriptor" is refused)
+    TensorDescriptor = None
+
+REDUCTIONS = ("partials", "atomic")
+WEIGHT_SOURCES = ("pointer", "descriptor")
+MAX_M = 128  # the most rows a launch is meant for (one program column covers them)
+HEURISTIC_MAX_M = 64
+TARGET_PROGRAMS = 2 * 132  # two programs per SM of an H100 / H200
+TABLE_ENV = "PPRUNTIME_SKINNY_GEMM_TABLE"
+DEFAULT_TABLE = Path(__file__).with_name("skinny_gemm_table.json")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def _power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """One launch of the skinny GEMM (the fields are the kernel's tiles and switches)."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    reduction: str = "partials"  # how split-K partial sums meet (unused at split_k 1)
+    num_warps: int = 4
+    num_stages: int = 4
+    swap_ab: bool = True
+    weights: str = "pointer"
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 16 or not _power_of_two(value):
+                raise ValueError(f"SkinnyConfig.{name} must be a power of two >= 16, got {value!r}")
+        if not isinstance(self.split_k, int) or self.split_k < 1:
+            raise ValueError(f"SkinnyConfig.split_k must be an integer >= 1, got {self.split_k!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(
+                f"SkinnyConfig.reduction must be one of {REDUCTIONS}, got {self.reduction!r}"
+            )
+        if self.weights not in WEIGHT_SOURCES:
+            raise ValueError(
+                f"SkinnyConfig.weights must be one of {WEIGHT_SOURCES}, got {self.weights!r}"
+            )
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(
+                f"SkinnyConfig.num_warps must be 1, 2, 4, 8 or 16, not {self.num_warps!r}"
+            )
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"SkinnyConfig.num_stages must be >= 1, got {self.num_stages!r}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SkinnyConfig:
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown SkinnyConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def describe(self) -> str:
+        split = f" split{self.split_k}-{self.reduction}" if self.split_k > 1 else ""
+        return (
+            f"m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} "
+            f"s{self.num_stages}{' swap' if self.swap_ab else ''} {self.weights}{split}"
+        )
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr,  # [M, K], rows stride_xm apart
+    w_ptr,  # [N, K] rows stride_wn apart; W_DESCRIPTOR: its TMA descriptor ([BLOCK_N, BLOCK_K])
+    bias_ptr,  # [N] (HAS_BIAS, applied here only when SPLIT_K == 1)
+    out_ptr,  # SPLIT_K 1: y [M, N]; partials: fp32 [SPLIT_K, M, N]; ATOMIC: zeroed fp32 [M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    stride_split,  # partials: elements between two splits' [M, N] planes
+    k_per_split,  # a multiple of BLOCK_K
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    W_DESCRIPTOR: tl.constexpr,
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no row mask on W
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no column masks
+    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32, else "tf32" (unused)
+    UPCAST: tl.constexpr,  # fp32 operands for the dot (the interpreter's bf16 dot is wrong)
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    m_valid = rows_m < M
+    n_valid = rows_n < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    x_rows = x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm
+    w_row_offsets = rows_n.to(tl.int64)[:, None] * stride_wn  # unused with W_DESCRIPTOR
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        k_cols = k + cols
+        if EVEN_K:
+            x = tl.load(x_rows + k_cols[None, :], mask=m_valid[:, None], other=0.0)
+        else:
+            k_valid = k_cols < k_end
+            x = tl.load(
+                x_rows + k_cols[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0
+            )
+        if W_DESCRIPTOR:
+            # zeros past N and K; a box never crosses k_end inside K (k_per_split % BLOCK_K == 0)
+            w = w_ptr.load([pid_n * BLOCK_N, k])
+        elif EVEN_N and EVEN_K:
+            w = tl.load(w_ptr + w_row_offsets + k_cols[None, :], eviction_policy="evict_first")
+        elif EVEN_K:
+            w = tl.load(
+                w_ptr + w_row_offsets + k_cols[None, :],
+                mask=n_valid[:, None],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
+        else:
+            w = tl.load(
+                w_ptr + w_row_offsets + k_cols[None, :],
+                mask=n_valid[:, None] & (k_cols < k_end)[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+    # the tile's offsets and mask in the layout of acc
+    if SWAP_AB:
+        offsets = rows_m[None, :].to(tl.int64) * stride_om + rows_n[:, None]
+        valid = n_valid[:, None] & m_valid[None, :]
+    else:
+        offsets = rows_m[:, None].to(tl.int64) * stride_om + rows_n[None, :]
+        valid = m_valid[:, None] & n_valid[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rows_n, mask=n_valid, other=0.0).to(tl.float32)
+            if SWAP_AB:
+                acc += bias[:, None]
+            else:
+                acc += bias[None, :]
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=valid)
+    elif ATOMIC:
+        tl.atomic_add(out_ptr + offsets, acc, mask=valid, sem="relaxed")
+    else:
+        tl.store(out_ptr + pid_k.to(tl.int64) * stride_split + offsets, acc, mask=valid)
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    partial_ptr,  # fp32 [SPLITS, M, N]
+    bias_ptr,  # [N] (HAS_BIAS)
+    out_ptr,  # [M, N]
+    N,
+    stride_split,
+    stride_pm,
+    stride_om,
+    SPLITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out = sum over splits (+ bias), cast to out's dtype; SPLITS 1 is the cast alone."""
+    row = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = cols < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in tl.static_range(SPLITS):
+        acc += tl.load(partial_ptr + split * stride_split + row * stride_pm + cols, mask=valid)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+REDUCE_BLOCK = 1024
+
+
+def k_per_split(k: int, config: SkinnyConfig) -> int:
+    """The K range of one split: ceil(K / split_k) rounded up to whole BLOCK_K tiles."""
+    tiles = triton.cdiv(k, config.block_k)
+    return triton.cdiv(tiles, min(config.split_k, tiles)) * config.block_k
+
+
+def _weight_descriptor(weight: torch.Tensor, config: SkinnyConfig):
+    if TensorDescriptor is None:
+        raise ValueError(
+            "weights='descriptor' needs triton.tools.tensor_descriptor (triton >= 3.4)"
+        )
+    if weight.data_ptr() % 16 or (weight.stride(0) * weight.element_size()) % 16:
+        raise ValueError(
+            f"weights='descriptor' needs the weight 16-byte aligned, its row stride too "
+            f"(stride {weight.stride(0)} x {weight.element_size()} bytes)"
+        )
+    n, k = weight.shape
+    return TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [config.block_n, config.block_k])
+
+
+def skinny_gemm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: SkinnyConfig
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]), in x's dtype, fp32 accumulation."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"skinny_gemm needs x [M, K] and weight [N, K], got {list(x.shape)} and "
+            f"{list(weight.shape)}"
+        )
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(
+            f"skinny_gemm needs one dtype, got x {x.dtype}, weight {weight.dtype}"
+            + (f", bias {bias.dtype}" if bias is not None else "")
+        )
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("skinny_gemm needs x and weight contiguous in their last (K) dimension")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.stride(0) != 1):
+        raise ValueError(f"bias must be contiguous [{weight.shape[0]}], got {list(bias.shape)}")
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+    split_range = k_per_split(k, config)
+    splits = triton.cdiv(k, split_range)
+    atomic = splits > 1 and config.reduction == "atomic"
+    if splits == 1:
+        target = out
+    elif atomic:
+        target = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    else:
+        target = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    w_arg = _weight_descriptor(weight, config) if config.weights == "descriptor" else weight
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), splits)
+    _skinny_gemm_kernel[grid](
+        x,
+        w_arg,
+        bias if bias is not None else out,
+        target,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        target.stride(-2),
+        m * n,
+        split_range,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        SPLIT_K=splits,
+        ATOMIC=atomic,
+        HAS_BIAS=bias is not None and splits == 1,
+        SWAP_AB=config.swap_ab,
+        W_DESCRIPTOR=config.weights == "descriptor",
+        EVEN_N=n % config.block_n == 0,
+        EVEN_K=k % config.block_k == 0,
+        PRECISION="ieee" if x.dtype == torch.float32 or INTERPRETED else "tf32",
+        UPCAST=INTERPRETED,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if splits > 1:
+        _reduce_splits_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
+            target,
+            bias if bias is not None else out,
+            out,
+            n,
+            m * n,
+            n,
+            out.stride(0),
+            SPLITS=1 if atomic else splits,
+            HAS_BIAS=bias is not None,
+            BLOCK=REDUCE_BLOCK,
+            num_warps=4,
+        )
+    return out
+
+
+# -- which launch for which shape ---------------------------------------------------------------
+def heuristic_config(m: int, n: int, k: int, dtype: torch.dtype) -> SkinnyConfig | None:
+    """A launch for shapes the table does not hold: all of M in one program, 64-row weight
+    slabs, split-K until there are TARGET_PROGRAMS programs (each keeping >= 4 K tiles)."""
+    if dtype not in DTYPE_NAMES or not 1 <= m <= HEURISTIC_MAX_M or n < 1 or k < 16:
+        return None
+    block_m = max(16, triton.next_power_of_2(m))
+    block_k = min(128, max(16, triton.next_power_of_2(k)))
+    block_n = 64
+    programs = triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    split = 1
+    while programs * split < TARGET_PROGRAMS and k_tiles // (2 * split) >= 4:
+        split *= 2
+    return SkinnyConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split)
+
+
+@functools.cache
+def _table(path: str) -> dict[tuple[str, int, int], list[tuple[int, SkinnyConfig | None]]]:
+    """(dtype name, n, k) -> [(m, config or None)] sorted by m, from the sweep's JSON."""
+    file = Path(path)
+    if not file.is_file():
+        return {}
+    data = json.loads(file.read_text())
+    table: dict[tuple[str, int, int], list[tuple[int, SkinnyConfig | None]]] = {}
+    for entry in data.get("entries", []):
+        config = entry.get("config")
+        key = (entry["dtype"], int(entry["n"]), int(entry["k"]))
+        table.setdefault(key, []).append(
+            (int(entry["m"]), SkinnyConfig.from_dict(config) if config else None)
+        )
+    for rows in table.values():
+        rows.sort(key=lambda row: row[0])
+    return table
+
+
+def table_path() -> str:
+    return os.environ.get(TABLE_ENV) or str(DEFAULT_TABLE)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(m: int, n: int, k: int, dtype: torch.dtype, path: str) -> SkinnyConfig | None:
+    if not 1 <= m <= MAX_M or dtype not in DTYPE_NAMES:
+        return None
+    rows = _table(path).get((DTYPE_NAMES[dtype], n, k))
+    if rows is None:
+        return heuristic_config(m, n, k, dtype)
+    # the entry measured at the smallest batch that is at least m (a padded bucket); none
+    # above the largest measured batch
+    for measured_m, config in rows:
+        if measured_m >= m:
+            return config
+    return None
+
+
+def skinny_config(m: int, n: int, k: int, dtype: torch.dtype) -> SkinnyConfig | None:
+    """The best-known launch for y[m, n] = x[m, k] @ W[n, k]^T, or None: use torch / cuBLAS.
+
+    A shape the table holds gets its measured entry (None where cuBLAS won); others get
+    `heuristic_config`."""
+    return _lookup(m, n, k, dtype, table_path())

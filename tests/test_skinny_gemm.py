@@ -1,0 +1,208 @@
+"""The skinny decode GEMM (ppruntime/kernels/skinny_gemm.py) against torch, its launch
+table, and the LayerOps `linear` that routes the projections and the LM head through it.
+
+Without a GPU the kernel runs interpreted on CPU tensors (TRITON_INTERPRET=1, set here
+before triton is imported); shapes are tiny. The interpreter's bfloat16 dot is wrong, so
+there the kernel upcasts its operands (UPCAST); the GPU compiles the bf16 dot itself
+(tests/kernel_compile_check.py checks that for sm_90).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+pytest.importorskip("triton", reason="the triton package is not installed")
+
+import torch.nn.functional as F
+
+from ppruntime.config import ConfigError
+from ppruntime.kernels import skinny_gemm as sg
+from ppruntime.kernels.skinny_gemm import SkinnyConfig, skinny_config, skinny_gemm
+from ppruntime.model.layer_ops import TorchLayerOps, TritonLayerOps, select_layer_ops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton runs on CPU tensors only with TRITON_INTERPRET=1", allow_module_level=True)
+
+# every switch of the kernel at least once: both tile orientations, split-K by partials
+# and by atomics (with more splits than K tiles: empty splits), TMA weights, tiles that
+# neither M (5, 17: two M tiles at 16) nor N (40) nor K (72) fill
+CONFIGS = {
+    "swap": SkinnyConfig(block_m=16, block_n=16, block_k=16),
+    "no-swap": SkinnyConfig(block_m=16, block_n=32, block_k=32, swap_ab=False),
+    "partials": SkinnyConfig(block_m=16, block_n=16, block_k=16, split_k=3),
+    "atomic": SkinnyConfig(block_m=32, block_n=16, block_k=32, split_k=2, reduction="atomic"),
+    "atomic-no-swap-empty-splits": SkinnyConfig(
+        block_m=16, block_n=16, block_k=32, split_k=8, reduction="atomic", swap_ab=False
+    ),
+    "descriptor": SkinnyConfig(block_m=16, block_n=16, block_k=16, weights="descriptor"),
+    "descriptor-partials": SkinnyConfig(
+        block_m=16, block_n=32, block_k=16, split_k=2, weights="descriptor"
+    ),
+}
+
+
+def operands(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=generator).to(dtype).to(DEVICE)
+    weight = (torch.randn(n, k, generator=generator) / k**0.5).to(dtype).to(DEVICE)
+    bias = torch.randn(n, generator=generator).to(dtype).to(DEVICE)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("m", [5, 17])
+def test_fp32_matches_torch(name, m):
+    config = CONFIGS[name]
+    if config.weights == "descriptor" and sg.TensorDescriptor is None:
+        pytest.skip("this triton has no TMA descriptors")
+    x, weight, bias = operands(m, 40, 72, torch.float32)
+    for b in (None, bias):
+        out = skinny_gemm(x, weight, b, config)
+        assert out.dtype == torch.float32 and out.shape == (m, 40)
+        torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["swap", "partials", "atomic", "descriptor-partials"])
+def test_bf16_within_tolerance(name):
+    config = CONFIGS[name]
+    if config.weights == "descriptor" and sg.TensorDescriptor is None:
+        pytest.skip("this triton has no TMA descriptors")
+    x, weight, bias = operands(9, 48, 80, torch.bfloat16, seed=1)
+    out = skinny_gemm(x, weight, bias, config)
+    assert out.dtype == torch.bfloat16
+    exact = x.float() @ weight.float().T + bias.float()
+    # fp32 accumulation, one rounding to bf16 (the interpreter truncates): ~2 ulp of bf16
+    torch.testing.assert_close(out.float(), exact, rtol=1.6e-2, atol=1.6e-2)
+
+
+def test_split_ranges_cover_k_once():
+    config = SkinnyConfig(block_k=32, split_k=3)
+    assert sg.k_per_split(200, config) == 96  # 7 tiles of 32 in 3 splits: 3 tiles each
+    assert sg.k_per_split(64, config) == 32  # more splits than tiles: one tile each
+    assert sg.k_per_split(64, SkinnyConfig(block_k=32)) == 64
+
+
+def test_empty_operands():
+    config = CONFIGS["swap"]
+    x, weight, bias = operands(3, 8, 16, torch.float32)
+    assert skinny_gemm(x[:0], weight, None, config).shape == (0, 8)
+    empty_k = skinny_gemm(x[:, :0], weight[:, :0], bias, config)
+    assert torch.equal(empty_k, bias.expand(3, 8))
+
+
+def test_bad_operands_are_named():
+    config = CONFIGS["swap"]
+    x, weight, _ = operands(3, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="x \\[M, K\\] and weight \\[N, K\\]"):
+        skinny_gemm(x, weight[:, :8], None, config)
+    with pytest.raises(ValueError, match="one dtype"):
+        skinny_gemm(x, weight.to(torch.bfloat16), None, config)
+    with pytest.raises(ValueError, match="contiguous in their last"):
+        skinny_gemm(x.t().contiguous().t(), weight, None, config)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16, got 24"):
+        SkinnyConfig(block_n=24)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        SkinnyConfig(reduction="tree")
+    with pytest.raises(ValueError, match="split_k must be an integer >= 1"):
+        SkinnyConfig(split_k=0)
+    with pytest.raises(ValueError, match="unknown SkinnyConfig fields \\['bogus'\\]"):
+        SkinnyConfig.from_dict({"bogus": 1})
+    config = SkinnyConfig(block_n=128, split_k=4, reduction="atomic", weights="descriptor")
+    assert SkinnyConfig.from_dict(config.as_dict()) == config
+
+
+def test_heuristic_covers_decode_and_refuses_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setenv(sg.TABLE_ENV, str(tmp_path / "no-table.json"))
+    # decode shapes: all of M in one program, split-K only where N gives too few programs
+    qkv = skinny_config(64, 3072, 2048, torch.bfloat16)
+    assert qkv is not None and qkv.block_m == 64 and qkv.split_k > 1
+    head = skinny_config(24, 128256, 2048, torch.bfloat16)
+    assert head is not None and head.block_m == 32 and head.split_k == 1
+    assert skinny_config(1, 16, 16, torch.float32).block_m == 16
+    assert skinny_config(65, 3072, 2048, torch.bfloat16) is None  # prefill: cuBLAS
+    assert skinny_config(8, 3072, 2048, torch.float64) is None
+    assert skinny_config(8, 3072, 8, torch.bfloat16) is None
+
+
+def test_table_entries_win_over_the_heuristic(tmp_path, monkeypatch):
+    measured = SkinnyConfig(block_m=16, block_n=128, block_k=256, split_k=2, num_stages=5)
+    table = {
+        "device": "test",
+        "entries": [
+            {"dtype": "bfloat16", "m": 16, "n": 3072, "k": 2048, "config": measured.as_dict()},
+            {"dtype": "bfloat16", "m": 32, "n": 3072, "k": 2048, "config": None},  # cuBLAS won
+        ],
+    }
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(sg.TABLE_ENV, str(path))
+    assert skinny_config(8, 3072, 2048, torch.bfloat16) == measured  # padded up to m=16
+    assert skinny_config(16, 3072, 2048, torch.bfloat16) == measured
+    assert skinny_config(24, 3072, 2048, torch.bfloat16) is None
+    assert skinny_config(64, 3072, 2048, torch.bfloat16) is None  # beyond what was measured
+    # a shape the table does not hold still gets the heuristic
+    assert skinny_config(16, 2048, 2048, torch.bfloat16) == sg.heuristic_config(
+        16, 2048, 2048, torch.bfloat16
+    )
+
+
+def test_torch_layer_ops_linear_is_f_linear():
+    x, weight, bias = operands(4, 24, 32, torch.float32)
+    assert torch.equal(TorchLayerOps().linear(x, weight, bias), F.linear(x, weight, bias))
+
+
+def test_triton_linear_uses_the_kernel_for_decode_shapes(monkeypatch):
+    calls = []
+    kernel = sg.skinny_gemm
+    monkeypatch.setattr(sg, "skinny_gemm", lambda *args: calls.append(args[3]) or kernel(*args))
+    ops = TritonLayerOps(skinny_gemm=True)
+    x, weight, bias = operands(6, 40, 72, torch.float32)
+    torch.testing.assert_close(ops.linear(x, weight, bias), F.linear(x, weight, bias))
+    torch.testing.assert_close(ops.linear(x, weight), F.linear(x, weight))
+    assert calls == [skinny_config(6, 40, 72, torch.float32)] * 2
+    # more rows than a decode batch (prefill), or the switch off: F.linear itself
+    many = torch.randn(sg.MAX_M + 1, 72, device=DEVICE)
+    assert torch.equal(ops.linear(many, weight, bias), F.linear(many, weight, bias))
+    assert torch.equal(TritonLayerOps().linear(x, weight, bias), F.linear(x, weight, bias))
+    assert len(calls) == 2
+
+
+def test_switch_is_read_where_the_layer_ops_are_built(monkeypatch):
+    monkeypatch.delenv("PPRUNTIME_SKINNY_GEMM", raising=False)
+    assert repr(select_layer_ops("triton", DEVICE)) == "TritonLayerOps(skinny_gemm=False)"
+    monkeypatch.setenv("PPRUNTIME_SKINNY_GEMM", "1")
+    assert repr(select_layer_ops("triton", DEVICE)) == "TritonLayerOps(skinny_gemm=True)"
+    assert select_layer_ops("torch", DEVICE).name == "torch"  # the reference stays F.linear
+    monkeypatch.setenv("PPRUNTIME_SKINNY_GEMM", "maybe")
+    with pytest.raises(ConfigError, match="PPRUNTIME_SKINNY_GEMM='maybe' is not a boolean"):
+        select_layer_ops("triton", DEVICE)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["swap", "partials", "atomic", "descriptor-partials"])
+def test_replays_from_a_cuda_graph(name):
+    """Both split-K reductions (their zeroed / partial buffers included) capture and replay."""
+    config = CONFIGS[name]
+    x, weight, bias = operands(17, 40, 72, torch.bfloat16)
+    skinny_gemm(x, weight, bias, config)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = skinny_gemm(x, weight, bias, config)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    exact = x.float() @ weight.float().T + bias.float()
+    torch.testing.assert_close(out.float(), exact, rtol=1.6e-2, atol=1.6e-2)
