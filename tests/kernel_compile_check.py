@@ -163,7 +163,7 @@ def compile_skinny_gemm() -> None:
                 "BLOCK_M": config.block_m,
                 "BLOCK_N": config.block_n,
                 "BLOCK_K": config.block_k,
-                "SPLIT_K": config.split_k,
+                "SPLIT": split,
                 "ATOMIC": split and config.reduction == "atomic",
                 "HAS_BIAS": bias and not split,
                 "SWAP_AB": config.swap_ab,
@@ -182,9 +182,9 @@ def compile_skinny_gemm() -> None:
             "partial_ptr": "*fp32",
             "bias_ptr": "*bf16",
             "out_ptr": "*bf16",
-            **dict.fromkeys(["N", "stride_split", "stride_pm", "stride_om"], "i32"),
+            **dict.fromkeys(["N", "num_splits", "stride_split", "stride_pm", "stride_om"], "i32"),
         },
-        {"SPLITS": 4, "HAS_BIAS": True, "BLOCK": skinny_gemm.REDUCE_BLOCK},
+        {"HAS_BIAS": True, "BLOCK": skinny_gemm.REDUCE_BLOCK},
         aligned=("partial_ptr", "out_ptr", "stride_pm", "stride_om"),
     )
 

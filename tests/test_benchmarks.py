@@ -325,6 +325,47 @@ def test_sweep_decode_attention_small_checks_every_variant(tmp_path):
             assert row["us"] > 0 and row["max_abs_diff"] < 1e-4, (name, row)
 
 
+def test_sweep_decode_gemm_small_checks_every_candidate(tmp_path):
+    """scripts/sweep_decode_gemm.py --small (interpreted triton): every candidate launch
+    (both split-K reductions, TMA weights, both tile orientations) agrees with torch and
+    has a time beside cuBLAS's, and --out is a table skinny_config reads."""
+    out = tmp_path / "table.json"
+    env = {**mpi_env(), "TRITON_INTERPRET": "1"}
+    args = [sys.executable, str(SCRIPTS / "sweep_decode_gemm.py"), "--small"]
+    result = subprocess.run(
+        [*args, "--out", str(out)], cwd=str(REPO_ROOT), env=env, capture_output=True,
+        text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [case["label"] for case in report["cases"]] == ["small qkv m5", "small down m5"]
+    assert not report["skipped"]
+    for case in report["cases"]:
+        assert case["cublas_us"] > 0
+        kinds = set()
+        for row in case["candidates"]:
+            assert "error" not in row, (case["label"], row)
+            assert row["us"] > 0 and row["max_error"] < 1e-5, (case["label"], row)
+            config = row["config"]
+            kinds.add((config["split_k"] > 1 and config["reduction"], config["weights"]))
+            kinds.add(("swap", config["swap_ab"]))
+        assert {("partials", "pointer"), ("atomic", "descriptor"), (False, "descriptor")} <= kinds
+        assert {("swap", True), ("swap", False)} <= kinds
+    # interpreted triton never beats cuBLAS: every entry says "use cuBLAS", and the table
+    # skinny_config reads from that file says so too
+    assert [entry["config"] for entry in report["entries"]] == [None, None]
+    check = (
+        "import torch\n"
+        "from ppruntime.kernels.skinny_gemm import skinny_config\n"
+        "print(skinny_config(5, 128, 64, torch.float32), skinny_config(4, 128, 64, torch.float32))"
+    )
+    lookup = subprocess.run(
+        [sys.executable, "-c", check], cwd=str(REPO_ROOT), capture_output=True, text=True,
+        env={**env, "PPRUNTIME_SKINNY_GEMM_TABLE": str(out)}, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert lookup.returncode == 0 and lookup.stdout.split() == ["None", "None"], lookup
+
+
 def test_profile_decode_small_reports_matmuls_and_host_functions(tmp_path):
     """scripts/profile_decode.py --small on the CPU: the step time, each projection alone,
     and the host's cProfile of the decode steps."""

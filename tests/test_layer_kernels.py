@@ -280,3 +280,26 @@ def test_kernels_compile_for_a_gpu(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(result.stdout.splitlines()) == 20, result.stdout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_skinny_gemm_layer_ops_decode_like_transformers(tiny_checkpoints, device, monkeypatch):
+    """PPRUNTIME_SKINNY_GEMM's layer ops: every projection and the LM head of a prefill of
+    10 tokens and the decode steps run the skinny GEMM (the tiny shapes are not in the
+    table: the heuristic's launches, split-K where K allows), and greedy tokens still match."""
+    from ppruntime.kernels import skinny_gemm
+
+    monkeypatch.setenv(skinny_gemm.TABLE_ENV, "/nonexistent/skinny-table.json")
+    shapes = []
+    kernel = skinny_gemm.skinny_gemm
+
+    def counted(x, weight, bias, config):
+        shapes.append((x.shape[0], *weight.shape))
+        return kernel(x, weight, bias, config)
+
+    monkeypatch.setattr(skinny_gemm, "skinny_gemm", counted)
+    directory, expected = tiny_checkpoints["llama"]
+    assert greedy_with_stages(directory, (3,), TritonLayerOps(skinny_gemm=True), device) == expected
+    # 3 layers x 4 projections + the LM head, per forward (a prefill and NEW_TOKENS - 1 decodes)
+    assert len(shapes) == NEW_TOKENS * (3 * 4 + 1), shapes
+    assert {rows for rows, _, _ in shapes} == {len(PROMPTS[0]) + len(PROMPTS[1]), len(PROMPTS)}

@@ -91,6 +91,21 @@ def test_split_ranges_cover_k_once():
     assert sg.k_per_split(64, SkinnyConfig(block_k=32)) == 64
 
 
+def test_deterministic_mode_sums_splits_in_a_fixed_order():
+    atomic = CONFIGS["atomic"]
+    assert sg.reduction_of(atomic) == "atomic"
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert sg.reduction_of(atomic) == "partials"
+        x, weight, bias = operands(5, 40, 72, torch.float32)
+        first = skinny_gemm(x, weight, bias, atomic)
+        assert torch.equal(first, skinny_gemm(x, weight, bias, atomic))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert sg.reduction_of(CONFIGS["partials"]) == "partials"
+
+
 def test_empty_operands():
     config = CONFIGS["swap"]
     x, weight, bias = operands(3, 8, 16, torch.float32)

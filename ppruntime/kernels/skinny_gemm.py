@@ -109,8 +109,8 @@ class SkinnyConfig:
 def _skinny_gemm_kernel(
     x_ptr,  # [M, K], rows stride_xm apart
     w_ptr,  # [N, K] rows stride_wn apart; W_DESCRIPTOR: its TMA descriptor ([BLOCK_N, BLOCK_K])
-    bias_ptr,  # [N] (HAS_BIAS, applied here only when SPLIT_K == 1)
-    out_ptr,  # SPLIT_K 1: y [M, N]; partials: fp32 [SPLIT_K, M, N]; ATOMIC: zeroed fp32 [M, N]
+    bias_ptr,  # [N] (HAS_BIAS, applied here only when not SPLIT)
+    out_ptr,  # not SPLIT: y [M, N]; partials: fp32 [splits, M, N]; ATOMIC: zeroed fp32 [M, N]
     M,
     N,
     K,
@@ -118,11 +118,11 @@ def _skinny_gemm_kernel(
     stride_wn,
     stride_om,
     stride_split,  # partials: elements between two splits' [M, N] planes
-    k_per_split,  # a multiple of BLOCK_K
+    k_per_split,  # a multiple of BLOCK_K; the grid's third dimension is the number of splits
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT: tl.constexpr,  # more than one K range: fp32 partial sums, reduced by another kernel
     ATOMIC: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SWAP_AB: tl.constexpr,
@@ -190,7 +190,7 @@ def _skinny_gemm_kernel(
     else:
         offsets = rows_m[:, None].to(tl.int64) * stride_om + rows_n[None, :]
         valid = m_valid[:, None] & n_valid[None, :]
-    if SPLIT_K == 1:
+    if not SPLIT:
         if HAS_BIAS:
             bias = tl.load(bias_ptr + rows_n, mask=n_valid, other=0.0).to(tl.float32)
             if SWAP_AB:
@@ -206,23 +206,23 @@ def _skinny_gemm_kernel(
 
 @triton.jit
 def _reduce_splits_kernel(
-    partial_ptr,  # fp32 [SPLITS, M, N]
+    partial_ptr,  # fp32 [num_splits, M, N]
     bias_ptr,  # [N] (HAS_BIAS)
     out_ptr,  # [M, N]
     N,
+    num_splits,
     stride_split,
     stride_pm,
     stride_om,
-    SPLITS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """out = sum over splits (+ bias), cast to out's dtype; SPLITS 1 is the cast alone."""
+    """out = sum over splits (+ bias), cast to out's dtype; one split is the cast alone."""
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = cols < N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in tl.static_range(SPLITS):
+    for split in range(num_splits):
         acc += tl.load(partial_ptr + split * stride_split + row * stride_pm + cols, mask=valid)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=valid, other=0.0).to(tl.float32)
@@ -236,6 +236,15 @@ def k_per_split(k: int, config: SkinnyConfig) -> int:
     """The K range of one split: ceil(K / split_k) rounded up to whole BLOCK_K tiles."""
     tiles = triton.cdiv(k, config.block_k)
     return triton.cdiv(tiles, min(config.split_k, tiles)) * config.block_k
+
+
+def reduction_of(config: SkinnyConfig) -> str:
+    """The split-K reduction a launch uses: the config's, except that atomics (whose sum
+    order varies run to run) give way to partials under torch.use_deterministic_algorithms
+    (which --deterministic sets on CUDA)."""
+    if config.reduction == "atomic" and torch.are_deterministic_algorithms_enabled():
+        return "partials"
+    return config.reduction
 
 
 def _weight_descriptor(weight: torch.Tensor, config: SkinnyConfig):
@@ -279,7 +288,7 @@ def skinny_gemm(
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
     split_range = k_per_split(k, config)
     splits = triton.cdiv(k, split_range)
-    atomic = splits > 1 and config.reduction == "atomic"
+    atomic = splits > 1 and reduction_of(config) == "atomic"
     if splits == 1:
         target = out
     elif atomic:
@@ -304,7 +313,7 @@ def skinny_gemm(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
-        SPLIT_K=splits,
+        SPLIT=splits > 1,
         ATOMIC=atomic,
         HAS_BIAS=bias is not None and splits == 1,
         SWAP_AB=config.swap_ab,
@@ -322,10 +331,10 @@ def skinny_gemm(
             bias if bias is not None else out,
             out,
             n,
+            1 if atomic else splits,
             m * n,
             n,
             out.stride(0),
-            SPLITS=1 if atomic else splits,
             HAS_BIAS=bias is not None,
             BLOCK=REDUCE_BLOCK,
             num_warps=4,
@@ -334,6 +343,19 @@ def skinny_gemm(
 
 
 # -- which launch for which shape ---------------------------------------------------------------
+def split_for_programs(
+    n: int, k: int, block_n: int, block_k: int, target: int = TARGET_PROGRAMS, min_tiles: int = 4
+) -> int:
+    """The power-of-two split-K that brings N / block_n programs up to `target`, each split
+    keeping at least `min_tiles` K tiles."""
+    programs = triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    split = 1
+    while programs * split < target and k_tiles // (2 * split) >= min_tiles:
+        split *= 2
+    return split
+
+
 def heuristic_config(m: int, n: int, k: int, dtype: torch.dtype) -> SkinnyConfig | None:
     """A launch for shapes the table does not hold: all of M in one program, 64-row weight
     slabs, split-K until there are TARGET_PROGRAMS programs (each keeping >= 4 K tiles)."""
@@ -342,11 +364,7 @@ def heuristic_config(m: int, n: int, k: int, dtype: torch.dtype) -> SkinnyConfig
     block_m = max(16, triton.next_power_of_2(m))
     block_k = min(128, max(16, triton.next_power_of_2(k)))
     block_n = 64
-    programs = triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    split = 1
-    while programs * split < TARGET_PROGRAMS and k_tiles // (2 * split) >= 4:
-        split *= 2
+    split = split_for_programs(n, k, block_n, block_k)
     return SkinnyConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split)
 
 

@@ -1,0 +1,257 @@
+"""Sweep the skinny decode GEMM's launches against cuBLAS; write the launch table.
+
+    python scripts/sweep_decode_gemm.py --out ppruntime/kernels/skinny_gemm_table.json  # CUDA
+    TRITON_INTERPRET=1 python scripts/sweep_decode_gemm.py --small --out /tmp/t.json     # CPU
+
+For each projection of the 1B and 8B models (merged qkv, o, merged gate_up, down, LM head)
+at decode batches M (--batches: 64, 32, 16 by default, the bench's batch 64 first; `all`
+for every graph bucket up to 64), it checks every candidate launch of
+ppruntime/kernels/skinny_gemm.py against torch.matmul (bf16 tolerance) and times it
+beside cuBLAS (F.linear), each replayed from a CUDA graph of back-to-back calls (no host
+launch cost) that cycle through enough copies of the weight to overflow the L2 cache, as
+a model's layers do (each weight byte comes from HBM). Candidates, in two rounds: the
+tiles (BLOCK_N x BLOCK_K x stages, weights by plain loads, split-K from the program
+count), then around the two fastest tiles (--small: the fastest): split-K 1..16 by fp32
+partials and by atomics, TMA weights, unswapped tiles, 8 warps. A candidate that fails
+(compile, launch, numerics) is reported and skipped. Per case it prints the best launch,
+its time, its fraction of the copy bandwidth and cuBLAS's time over it (> 1: faster).
+
+--out writes the table `skinny_config` reads: one entry per (dtype, M, N, K) with the best
+launch, or null where it does not beat cuBLAS by --margin; plus each case's candidates.
+The engine reads ppruntime/kernels/skinny_gemm_table.json, or $PPRUNTIME_SKINNY_GEMM_TABLE.
+--budget-s stops starting new cases after that many seconds (the rest are listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_models import SHAPES, copy_bandwidth, replayed_seconds
+from profile_decode import projection_shapes
+
+from ppruntime.kernels import skinny_gemm as sg
+from ppruntime.stage.graphs import capture_sizes
+
+SMEM_BYTES = 227 * 1024  # an H100 / H200 SM's shared memory per block
+L2_OVERFLOW_BYTES = 256 << 20  # weight copies cycled per graph: several times the 50 MB L2
+
+
+def stage_bytes(config: sg.SkinnyConfig, element_bytes: int) -> int:
+    """Shared memory of the software pipeline: one W and one x tile per stage."""
+    tile = (config.block_n + config.block_m) * config.block_k * element_bytes
+    return config.num_stages * tile
+
+
+def tile_candidates(m: int, n: int, k: int, small: bool, element_bytes: int):
+    """Round 1: the tiles, with split-K chosen from the program count."""
+    block_m = max(16, 1 << (m - 1).bit_length())
+    block_ns = (32,) if small else (32, 64, 128)
+    block_ks = (16, 32) if small else (64, 128, 256)
+    stages = (2,) if small else (3, 5)
+    for block_n, block_k, num_stages in itertools.product(block_ns, block_ks, stages):
+        if block_k > max(16, 1 << (k - 1).bit_length()):
+            continue
+        config = sg.SkinnyConfig(
+            block_m=block_m,
+            block_n=block_n,
+            block_k=block_k,
+            num_stages=num_stages,
+            split_k=sg.split_for_programs(n, k, block_n, block_k),
+        )
+        if stage_bytes(config, element_bytes) <= SMEM_BYTES:
+            yield config
+
+
+def refinements(best: sg.SkinnyConfig, k: int, small: bool):
+    """Round 2, around one of the fastest tiles: split-K and its reduction, TMA weights,
+    unswapped tiles, more warps."""
+    k_tiles = -(-k // best.block_k)
+    splits = [s for s in ((1, 2) if small else (1, 2, 4, 8, 16)) if s <= k_tiles]
+    for split, reduction, weights in itertools.product(splits, sg.REDUCTIONS, sg.WEIGHT_SOURCES):
+        if split == 1 and reduction == "atomic":
+            continue
+        yield replace(best, split_k=split, reduction=reduction, weights=weights)
+    yield replace(best, swap_ab=not best.swap_ab)
+    if not small:
+        yield replace(best, num_warps=8)
+
+
+class Rotating:
+    """`copies` weights of one shape, handed out in turn: consecutive calls in a graph read
+    different memory, so the L2 cache cannot serve them."""
+
+    def __init__(self, weight: torch.Tensor, copies: int) -> None:
+        self.weights = [weight] + [weight.clone() for _ in range(copies - 1)]
+        self.next = 0
+
+    def __call__(self) -> torch.Tensor:
+        weight = self.weights[self.next % len(self.weights)]
+        self.next += 1
+        return weight
+
+
+def check(out: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> float:
+    """Max abs error over max |exact|; raises if beyond the dtype's tolerance."""
+    scale = exact.abs().max().item() or 1.0
+    error = (out.float() - exact).abs().max().item() / scale
+    limit = 1e-5 if dtype == torch.float32 else 2e-2
+    if not error <= limit:  # catches NaN too
+        raise ValueError(f"max error {error:.3g} of max |y| is beyond the tolerance {limit}")
+    return error
+
+
+def time_case(args, device, dtype, bandwidth, m, n, k, label) -> dict:
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    weight_bytes = n * k * element_bytes
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(m, k, device=device, dtype=dtype, generator=generator)
+    weight = torch.randn(n, k, device=device, dtype=dtype, generator=generator) / k**0.5
+    exact = torch.matmul(x.float(), weight.float().t())
+    copies = 1 if device.type != "cuda" else max(1, min(32, -(-L2_OVERFLOW_BYTES // weight_bytes)))
+    weights = Rotating(weight, copies)
+    # as many calls as take ~2 ms from HBM (at least 4), per graph replay
+    calls = 4 if device.type != "cuda" else max(4, min(400, int(2e-3 * bandwidth / weight_bytes)))
+
+    def timed(fn) -> float:
+        return replayed_seconds(lambda: fn(weights()), calls, device)
+
+    cublas_s = timed(lambda w: F.linear(x, w))
+    case = {
+        "dtype": sg.DTYPE_NAMES[dtype],
+        "m": m,
+        "n": n,
+        "k": k,
+        "label": label,
+        "weight_bytes": weight_bytes,
+        "cublas_us": cublas_s * 1e6,
+        "cublas_bandwidth_fraction": weight_bytes / cublas_s / bandwidth,
+        "candidates": [],
+    }
+    tried: set[sg.SkinnyConfig] = set()
+
+    def measure(config: sg.SkinnyConfig) -> None:
+        if config in tried:
+            return
+        tried.add(config)
+        row = {"config": config.as_dict(), "describe": config.describe()}
+        try:
+            row["max_error"] = check(sg.skinny_gemm(x, weight, None, config), exact, dtype)
+            seconds = timed(lambda w: sg.skinny_gemm(x, w, None, config))
+            row["us"] = seconds * 1e6
+            row["bandwidth_fraction"] = weight_bytes / seconds / bandwidth
+        except Exception as exc:  # reported, not fatal: the next candidate runs
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        case["candidates"].append(row)
+
+    for config in tile_candidates(m, n, k, args.small, element_bytes):
+        measure(config)
+    ranked = sorted((row for row in case["candidates"] if "us" in row), key=lambda r: r["us"])
+    for row in ranked[: 1 if args.small else 2]:
+        for config in refinements(sg.SkinnyConfig.from_dict(row["config"]), k, args.small):
+            measure(config)
+    timed_rows = [row for row in case["candidates"] if "us" in row]
+    best = min(timed_rows, key=lambda row: row["us"]) if timed_rows else None
+    case["best"] = best
+    wins = best is not None and best["us"] < case["cublas_us"] * (1 - args.margin)
+    case["config"] = best["config"] if wins else None
+    failed = len(case["candidates"]) - len(timed_rows)
+    cublas = f"cuBLAS {case['cublas_us']:.1f} us ({case['cublas_bandwidth_fraction']:.0%})"
+    failures = f"; {failed} of {len(case['candidates'])} candidates failed" if failed else ""
+    if best is None:
+        print(f"{label} [{m}x{k}x{n}]: every candidate failed; {cublas}", flush=True)
+    else:
+        print(
+            f"{label} [{m}x{k}x{n}]: best {best['describe']}: {best['us']:.1f} us "
+            f"({best['bandwidth_fraction']:.0%} of copy bw), {cublas}, "
+            f"cuBLAS / best {case['cublas_us'] / best['us']:.2f} "
+            f"-> {'skinny' if wins else 'cuBLAS'}{failures}",
+            flush=True,
+        )
+    return case
+
+
+def batches(spec: str) -> list[int]:
+    if spec == "all":
+        return sorted(capture_sizes(64), reverse=True)
+    return [int(value) for value in spec.split(",")]
+
+
+def sweep(args, device: torch.device) -> dict:
+    started = time.monotonic()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bandwidth = copy_bandwidth(device, args.small)
+    shape_names = ["small"] if args.small else args.shapes.split(",")
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "copy_bandwidth": bandwidth,
+        "margin": args.margin,
+        "entries": [],
+        "cases": [],
+        "skipped": [],
+    }
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; {dtype}", flush=True)
+    for m in batches(args.batches):
+        for shape_name in shape_names:
+            for name, (n, k) in projection_shapes(SHAPES[shape_name]).items():
+                if name not in args.projections.split(","):
+                    continue
+                label = f"{shape_name} {name} m{m}"
+                if time.monotonic() - started > args.budget_s:
+                    result["skipped"].append(label)
+                    continue
+                try:
+                    case = time_case(args, device, dtype, bandwidth, m, n, k, label)
+                except Exception as exc:  # cuBLAS itself or the set-up failed: report, go on
+                    print(f"{label}: failed: {type(exc).__name__}: {exc}", flush=True)
+                    result["skipped"].append(f"{label} ({type(exc).__name__}: {str(exc)[:200]})")
+                    continue
+                result["cases"].append(case)
+                entry = {key: case[key] for key in ("dtype", "m", "n", "k", "config", "label")}
+                if case["best"] is not None:
+                    entry["us"] = case["best"]["us"]
+                entry["cublas_us"] = case["cublas_us"]
+                result["entries"].append(entry)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    if result["skipped"]:
+        print(f"skipped (budget {args.budget_s:.0f} s): {', '.join(result['skipped'])}")
+    print(f"sweep took {time.monotonic() - started:.0f} s", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="the table's JSON (skinny_config reads it)")
+    parser.add_argument("--small", action="store_true", help="tiny shapes and grid (CPU flow)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--shapes", default="1b,8b")
+    parser.add_argument("--batches", default="64,32,16", help="comma list, or 'all' buckets")
+    parser.add_argument("--projections", default="qkv,o,gate_up,down,lm_head")
+    parser.add_argument("--margin", type=float, default=0.03, help="how much faster than cuBLAS")
+    parser.add_argument("--budget-s", type=float, default=170.0)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.small:  # one batch, the qkv (no split-K) and down (split-K) shapes
+        args.batches = "5" if args.batches == "64,32,16" else args.batches
+        if args.projections == "qkv,o,gate_up,down,lm_head":
+            args.projections = "qkv,down"
+    result = sweep(args, device)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
