@@ -9,10 +9,11 @@ for every graph bucket up to 64), it checks every candidate launch of
 ppruntime/kernels/skinny_gemm.py against torch.matmul (bf16 tolerance) and times it
 beside cuBLAS (F.linear), each replayed from a CUDA graph of back-to-back calls (no host
 launch cost) that cycle through enough copies of the weight to overflow the L2 cache, as
-a model's layers do (each weight byte comes from HBM). Candidates, in two rounds: the
-tiles (BLOCK_N x BLOCK_K x stages, weights by plain loads, split-K from the program
-count), then around the two fastest tiles (--small: the fastest): split-K 1..16 by fp32
-partials and by atomics, TMA weights, unswapped tiles, 8 warps. A candidate that fails
+a model's layers do (each weight byte comes from HBM). Candidates, in three rounds: the
+tiles (BLOCK_N x BLOCK_K, plain loads, split-K from the program count, stages from the
+shared memory); for the two fastest tiles (--small: the fastest) split-K 1..16 by fp32
+partials; around the fastest split, atomics, TMA weights, unswapped tiles, 8 warps and a
+stage less and more. A candidate that fails
 (compile, launch, numerics) is reported and skipped. Per case it prints the best launch,
 its time, its fraction of the copy bandwidth and cuBLAS's time over it (> 1: faster).
 
@@ -43,6 +44,7 @@ from ppruntime.kernels import skinny_gemm as sg
 from ppruntime.stage.graphs import capture_sizes
 
 SMEM_BYTES = 227 * 1024  # an H100 / H200 SM's shared memory per block
+PIPELINE_BYTES = 160 * 1024  # shared memory in flight per program that round 1 aims at
 L2_OVERFLOW_BYTES = 256 << 20  # weight copies cycled per graph: several times the 50 MB L2
 
 
@@ -53,37 +55,52 @@ def stage_bytes(config: sg.SkinnyConfig, element_bytes: int) -> int:
 
 
 def tile_candidates(m: int, n: int, k: int, small: bool, element_bytes: int):
-    """Round 1: the tiles, with split-K chosen from the program count."""
+    """Round 1: the tiles, each with the split-K that fills the GPU and the stages that
+    keep about PIPELINE_BYTES of shared memory in flight."""
     block_m = max(16, 1 << (m - 1).bit_length())
     block_ns = (32,) if small else (32, 64, 128)
     block_ks = (16, 32) if small else (64, 128, 256)
-    stages = (2,) if small else (3, 5)
-    for block_n, block_k, num_stages in itertools.product(block_ns, block_ks, stages):
+    for block_n, block_k in itertools.product(block_ns, block_ks):
         if block_k > max(16, 1 << (k - 1).bit_length()):
             continue
         config = sg.SkinnyConfig(
             block_m=block_m,
             block_n=block_n,
             block_k=block_k,
-            num_stages=num_stages,
+            num_stages=1,
             split_k=sg.split_for_programs(n, k, block_n, block_k),
         )
+        stages = (
+            2 if small else max(2, min(6, PIPELINE_BYTES // stage_bytes(config, element_bytes)))
+        )
+        config = replace(config, num_stages=stages)
         if stage_bytes(config, element_bytes) <= SMEM_BYTES:
             yield config
 
 
-def refinements(best: sg.SkinnyConfig, k: int, small: bool):
-    """Round 2, around one of the fastest tiles: split-K and its reduction, TMA weights,
-    unswapped tiles, more warps."""
-    k_tiles = -(-k // best.block_k)
-    splits = [s for s in ((1, 2) if small else (1, 2, 4, 8, 16)) if s <= k_tiles]
-    for split, reduction, weights in itertools.product(splits, sg.REDUCTIONS, sg.WEIGHT_SOURCES):
-        if split == 1 and reduction == "atomic":
-            continue
-        yield replace(best, split_k=split, reduction=reduction, weights=weights)
-    yield replace(best, swap_ab=not best.swap_ab)
+def split_candidates(tile: sg.SkinnyConfig, k: int, small: bool):
+    """Round 2, for one of the fastest tiles: every split-K (partials, plain loads)."""
+    k_tiles = -(-k // tile.block_k)
+    for split in (1, 2) if small else (1, 2, 4, 8, 16):
+        if split <= k_tiles:
+            yield replace(tile, split_k=split, reduction="partials", weights="pointer")
+
+
+def variants(config: sg.SkinnyConfig, small: bool, element_bytes: int):
+    """Round 3, around the fastest split: atomics, TMA weights, the other tile orientation,
+    more warps, a stage less and more."""
+    if config.split_k > 1:
+        yield replace(config, reduction="atomic")
+        yield replace(config, reduction="atomic", weights="descriptor")
+    yield replace(config, weights="descriptor")
+    yield replace(config, swap_ab=not config.swap_ab)
     if not small:
-        yield replace(best, num_warps=8)
+        yield replace(config, num_warps=8)
+        if config.num_stages > 2:
+            yield replace(config, num_stages=config.num_stages - 1)
+        deeper = replace(config, num_stages=config.num_stages + 1)
+        if stage_bytes(deeper, element_bytes) <= SMEM_BYTES:
+            yield deeper
 
 
 class Rotating:
@@ -137,13 +154,12 @@ def time_case(args, device, dtype, bandwidth, m, n, k, label) -> dict:
         "cublas_bandwidth_fraction": weight_bytes / cublas_s / bandwidth,
         "candidates": [],
     }
-    tried: set[sg.SkinnyConfig] = set()
+    tried: dict[sg.SkinnyConfig, dict] = {}
 
-    def measure(config: sg.SkinnyConfig) -> None:
+    def measure(config: sg.SkinnyConfig) -> dict:
         if config in tried:
-            return
-        tried.add(config)
-        row = {"config": config.as_dict(), "describe": config.describe()}
+            return tried[config]
+        row = tried[config] = {"config": config.as_dict(), "describe": config.describe()}
         try:
             row["max_error"] = check(sg.skinny_gemm(x, weight, None, config), exact, dtype)
             seconds = timed(lambda w: sg.skinny_gemm(x, w, None, config))
@@ -154,13 +170,19 @@ def time_case(args, device, dtype, bandwidth, m, n, k, label) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         case["candidates"].append(row)
+        return row
 
-    for config in tile_candidates(m, n, k, args.small, element_bytes):
-        measure(config)
-    ranked = sorted((row for row in case["candidates"] if "us" in row), key=lambda r: r["us"])
-    for row in ranked[: 1 if args.small else 2]:
-        for config in refinements(sg.SkinnyConfig.from_dict(row["config"]), k, args.small):
-            measure(config)
+    def fastest(rows: list[dict], count: int) -> list[sg.SkinnyConfig]:
+        ranked = sorted((row for row in rows if "us" in row), key=lambda row: row["us"])
+        return [sg.SkinnyConfig.from_dict(row["config"]) for row in ranked[:count]]
+
+    tiles = [measure(config) for config in tile_candidates(m, n, k, args.small, element_bytes)]
+    for tile in fastest(tiles, 1 if args.small else 2):
+        splits = [measure(config) for config in split_candidates(tile, k, args.small)]
+        # --small: every split's variants, so that each reduction is checked
+        for config in fastest(splits, len(splits) if args.small else 1):
+            for variant in variants(config, args.small, element_bytes):
+                measure(variant)
     timed_rows = [row for row in case["candidates"] if "us" in row]
     best = min(timed_rows, key=lambda row: row["us"]) if timed_rows else None
     case["best"] = best
