@@ -201,8 +201,9 @@ def test_switch_is_read_where_the_layer_ops_are_built(monkeypatch):
     assert repr(select_layer_ops("triton", DEVICE)) == "TritonLayerOps(skinny_gemm=True)"
     assert select_layer_ops("torch", DEVICE).name == "torch"  # the reference stays F.linear
     monkeypatch.setenv("PPRUNTIME_SKINNY_GEMM", "maybe")
-    with pytest.raises(ConfigError, match="PPRUNTIME_SKINNY_GEMM='maybe' is not a boolean"):
-        select_layer_ops("triton", DEVICE)
+    for name in ("triton", "torch"):
+        with pytest.raises(ConfigError, match="PPRUNTIME_SKINNY_GEMM='maybe' is not a boolean"):
+            select_layer_ops(name, DEVICE)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -236,6 +236,7 @@ def select_layer_ops(name: str | None, device: torch.device | str) -> LayerOps:
     Raises ConfigError for an unknown name, or triton where it cannot run.
     """
     device = torch.device(device)
+    skinny_gemm = bool(env_flag(SKINNY_GEMM_ENV))  # checked whichever ops: a bad value is named
     if name is None:
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
@@ -246,7 +247,6 @@ def select_layer_ops(name: str | None, device: torch.device | str) -> LayerOps:
                 f"the triton layer ops run on CUDA devices (or on CPU under TRITON_INTERPRET=1),"
                 f" not on {device}; use 'torch' there"
             )
-        skinny_gemm = bool(env_flag(SKINNY_GEMM_ENV))
         try:
             return TritonLayerOps(skinny_gemm=skinny_gemm)
         except ImportError as exc:
