@@ -247,10 +247,50 @@ def sweep(args, device: torch.device) -> dict:
                 result["entries"].append(entry)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    result["steps"] = step_estimates(result["cases"], shape_names)
     if result["skipped"]:
         print(f"skipped (budget {args.budget_s:.0f} s): {', '.join(result['skipped'])}")
     print(f"sweep took {time.monotonic() - started:.0f} s", flush=True)
     return result
+
+
+def step_us(rows: dict[str, dict], layers: int, chosen) -> float:
+    layer = sum(chosen(rows[name]) for name in ("qkv", "o", "gate_up", "down"))
+    return layers * layer + chosen(rows["lm_head"])
+
+
+def step_estimates(cases: list[dict], shape_names: list[str]) -> dict:
+    """Per model and batch: a decode step's matmul time (every layer's four projections and
+    the LM head) with cuBLAS alone and with the table's choices, from the times above."""
+    estimates = {}
+    for shape_name in shape_names:
+        shape = SHAPES[shape_name]
+        for m in sorted({case["m"] for case in cases}):
+            rows = {
+                case["label"].split()[1]: case
+                for case in cases
+                if case["m"] == m and case["label"].startswith(f"{shape_name} ")
+            }
+            if len(rows) < 5:
+                continue
+
+            layers = shape.num_hidden_layers
+            cublas_us = step_us(rows, layers, lambda case: case["cublas_us"])
+            table_us = step_us(
+                rows,
+                layers,
+                lambda case: case["best"]["us"] if case["config"] else case["cublas_us"],
+            )
+            estimates[f"{shape_name} m{m}"] = {
+                "cublas_ms": cublas_us / 1e3,
+                "table_ms": table_us / 1e3,
+            }
+            print(
+                f"{shape_name} m{m}: a decode step's matmuls {cublas_us / 1e3:.2f} ms with cuBLAS, "
+                f"{table_us / 1e3:.2f} ms with the table ({cublas_us / table_us:.2f}x)",
+                flush=True,
+            )
+    return estimates
 
 
 def main(argv: list[str] | None = None) -> int:
