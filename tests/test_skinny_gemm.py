@@ -199,6 +199,7 @@ def test_switch_is_read_where_the_layer_ops_are_built(monkeypatch):
     assert repr(select_layer_ops("triton", DEVICE)) == "TritonLayerOps(skinny_gemm=False)"
     monkeypatch.setenv("PPRUNTIME_SKINNY_GEMM", "1")
     assert repr(select_layer_ops("triton", DEVICE)) == "TritonLayerOps(skinny_gemm=True)"
+    assert select_layer_ops("triton", DEVICE).describe() == "triton (skinny GEMM on)"
     assert select_layer_ops("torch", DEVICE).name == "torch"  # the reference stays F.linear
     monkeypatch.setenv("PPRUNTIME_SKINNY_GEMM", "maybe")
     for name in ("triton", "torch"):

@@ -262,7 +262,7 @@ class PipelineEngine:
         else:
             backend = select_attention_backend(config.attention_backend, device)
             layer_ops = select_layer_ops(config.attention_backend, device)
-            log.info("attention backend: %s, layer ops: %s", backend.name, layer_ops.name)
+            log.info("attention backend: %s, layer ops: %s", backend.name, layer_ops.describe())
             model = load_stage_model(
                 config.model, stage, dtype, device, backend, layer_ops=layer_ops
             )

@@ -89,6 +89,10 @@ class LayerOps(ABC):
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up [T, 2 * I] (gate columns first) -> silu(gate) * up [T, I]."""
 
+    def describe(self) -> str:
+        """The name and any switch that changes what runs, for the start-up log."""
+        return self.name
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -173,6 +177,9 @@ class TritonLayerOps(LayerOps):
             from ppruntime.kernels import skinny_gemm as skinny
 
             self._skinny = skinny
+
+    def describe(self) -> str:
+        return f"{self.name} (skinny GEMM on)" if self._skinny is not None else self.name
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(skinny_gemm={self._skinny is not None})"
