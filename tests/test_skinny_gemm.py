@@ -167,10 +167,13 @@ def test_table_entries_win_over_the_heuristic(tmp_path, monkeypatch):
     assert skinny_config(16, 3072, 2048, torch.bfloat16) == measured
     assert skinny_config(24, 3072, 2048, torch.bfloat16) is None
     assert skinny_config(64, 3072, 2048, torch.bfloat16) is None  # beyond what was measured
-    # a shape the table does not hold still gets the heuristic
+    # a shape the table does not hold still gets the heuristic, unless measured_only
     assert skinny_config(16, 2048, 2048, torch.bfloat16) == sg.heuristic_config(
         16, 2048, 2048, torch.bfloat16
     )
+    assert skinny_config(16, 2048, 2048, torch.bfloat16, measured_only=True) is None
+    assert skinny_config(8, 3072, 2048, torch.bfloat16, measured_only=True) == measured
+    assert sg.table_device(str(path)) == "test"
 
 
 def test_torch_layer_ops_linear_is_f_linear():
@@ -195,16 +198,39 @@ def test_triton_linear_uses_the_kernel_for_decode_shapes(monkeypatch):
 
 
 def test_switch_is_read_where_the_layer_ops_are_built(monkeypatch):
-    monkeypatch.delenv("PPRUNTIME_SKINNY_GEMM", raising=False)
+    monkeypatch.setenv("PPRUNTIME_SKINNY_GEMM", "0")
     assert repr(select_layer_ops("triton", DEVICE)) == "TritonLayerOps(skinny_gemm=False)"
     monkeypatch.setenv("PPRUNTIME_SKINNY_GEMM", "1")
     assert repr(select_layer_ops("triton", DEVICE)) == "TritonLayerOps(skinny_gemm=True)"
-    assert select_layer_ops("triton", DEVICE).describe() == "triton (skinny GEMM on)"
+    assert (
+        select_layer_ops("triton", DEVICE).describe()
+        == "triton (skinny GEMM on for every decode shape)"
+    )
     assert select_layer_ops("torch", DEVICE).name == "torch"  # the reference stays F.linear
     monkeypatch.setenv("PPRUNTIME_SKINNY_GEMM", "maybe")
     for name in ("triton", "torch"):
         with pytest.raises(ConfigError, match="PPRUNTIME_SKINNY_GEMM='maybe' is not a boolean"):
             select_layer_ops(name, DEVICE)
+
+
+def test_unset_switch_uses_the_table_only_on_the_device_it_was_measured_on(tmp_path, monkeypatch):
+    from ppruntime.model import layer_ops
+
+    monkeypatch.delenv("PPRUNTIME_SKINNY_GEMM", raising=False)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"device": "GPU A", "entries": []}))
+    monkeypatch.setenv(sg.TABLE_ENV, str(path))
+    # not CUDA (the interpreted CPU runs): off
+    assert repr(select_layer_ops("triton", DEVICE)) == "TritonLayerOps(skinny_gemm=False)"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU A")
+    cuda = torch.device("cuda", 0)
+    assert layer_ops._skinny_table_fits(cuda)
+    ops = layer_ops.TritonLayerOps(skinny_gemm=True, measured_only=True)
+    assert ops.describe() == "triton (skinny GEMM on for the launch table's shapes)"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU B")
+    assert not layer_ops._skinny_table_fits(cuda)  # another GPU: cuBLAS everywhere
+    monkeypatch.setenv(sg.TABLE_ENV, str(tmp_path / "missing.json"))
+    assert not layer_ops._skinny_table_fits(cuda)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

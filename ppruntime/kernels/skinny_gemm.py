@@ -391,13 +391,24 @@ def table_path() -> str:
     return os.environ.get(TABLE_ENV) or str(DEFAULT_TABLE)
 
 
+@functools.cache
+def table_device(path: str | None = None) -> str | None:
+    """The device name the table at `path` (default: `table_path()`) was measured on."""
+    file = Path(path or table_path())
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text()).get("device")
+
+
 @functools.lru_cache(maxsize=4096)
-def _lookup(m: int, n: int, k: int, dtype: torch.dtype, path: str) -> SkinnyConfig | None:
+def _lookup(
+    m: int, n: int, k: int, dtype: torch.dtype, path: str, measured_only: bool
+) -> SkinnyConfig | None:
     if not 1 <= m <= MAX_M or dtype not in DTYPE_NAMES:
         return None
     rows = _table(path).get((DTYPE_NAMES[dtype], n, k))
     if rows is None:
-        return heuristic_config(m, n, k, dtype)
+        return None if measured_only else heuristic_config(m, n, k, dtype)
     # the entry measured at the smallest batch that is at least m (a padded bucket); none
     # above the largest measured batch
     for measured_m, config in rows:
@@ -406,9 +417,11 @@ def _lookup(m: int, n: int, k: int, dtype: torch.dtype, path: str) -> SkinnyConf
     return None
 
 
-def skinny_config(m: int, n: int, k: int, dtype: torch.dtype) -> SkinnyConfig | None:
+def skinny_config(
+    m: int, n: int, k: int, dtype: torch.dtype, measured_only: bool = False
+) -> SkinnyConfig | None:
     """The best-known launch for y[m, n] = x[m, k] @ W[n, k]^T, or None: use torch / cuBLAS.
 
     A shape the table holds gets its measured entry (None where cuBLAS won); others get
-    `heuristic_config`."""
-    return _lookup(m, n, k, dtype, table_path())
+    `heuristic_config`, or None with `measured_only`."""
+    return _lookup(m, n, k, dtype, table_path(), measured_only)

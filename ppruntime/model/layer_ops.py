@@ -168,28 +168,35 @@ class TritonLayerOps(LayerOps):
 
     name = "triton"
 
-    def __init__(self, skinny_gemm: bool = False) -> None:
+    def __init__(self, skinny_gemm: bool = False, measured_only: bool = False) -> None:
         from ppruntime.kernels import activation, rms_norm, rotary
 
         self._norm, self._rotary, self._activation = rms_norm, rotary, activation
         self._skinny = None
+        self._measured_only = measured_only  # shapes the table lacks stay cuBLAS
         if skinny_gemm:
             from ppruntime.kernels import skinny_gemm as skinny
 
             self._skinny = skinny
 
     def describe(self) -> str:
-        return f"{self.name} (skinny GEMM on)" if self._skinny is not None else self.name
+        if self._skinny is None:
+            return self.name
+        shapes = "the launch table's shapes" if self._measured_only else "every decode shape"
+        return f"{self.name} (skinny GEMM on for {shapes})"
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(skinny_gemm={self._skinny is not None})"
+        measured = ", measured_only=True" if self._measured_only else ""
+        return f"{type(self).__name__}(skinny_gemm={self._skinny is not None}{measured})"
 
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         skinny = self._skinny
         if skinny is not None and x.dim() == 2 and x.shape[0] <= skinny.MAX_M:
-            config = skinny.skinny_config(x.shape[0], weight.shape[0], weight.shape[1], x.dtype)
+            config = skinny.skinny_config(
+                x.shape[0], weight.shape[0], weight.shape[1], x.dtype, self._measured_only
+            )
             if config is not None and x.stride(1) == 1 and weight.stride(1) == 1:
                 return skinny.skinny_gemm(x, weight, bias, config)
         return F.linear(x, weight, bias)
@@ -238,12 +245,15 @@ class TritonLayerOps(LayerOps):
 
 def select_layer_ops(name: str | None, device: torch.device | str) -> LayerOps:
     """The LayerOps called `name` ("torch", "triton"); None = triton on CUDA, else torch.
-    The triton ops run the skinny decode GEMM when $PPRUNTIME_SKINNY_GEMM is true.
+    The triton ops run the skinny decode GEMM when $PPRUNTIME_SKINNY_GEMM is true (every
+    decode-sized shape, the heuristic launch where the table has none); when it is unset,
+    on a CUDA device of the name the launch table was measured on, for the table's shapes
+    only (the others stay cuBLAS); false: never.
 
     Raises ConfigError for an unknown name, or triton where it cannot run.
     """
     device = torch.device(device)
-    skinny_gemm = bool(env_flag(SKINNY_GEMM_ENV))  # checked whichever ops: a bad value is named
+    skinny_gemm = env_flag(SKINNY_GEMM_ENV)  # checked whichever ops: a bad value is named
     if name is None:
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
@@ -255,6 +265,9 @@ def select_layer_ops(name: str | None, device: torch.device | str) -> LayerOps:
                 f" not on {device}; use 'torch' there"
             )
         try:
+            if skinny_gemm is None:  # unset: the measured launches, on the device measured
+                measured = _skinny_table_fits(device)
+                return TritonLayerOps(skinny_gemm=measured, measured_only=measured)
             return TritonLayerOps(skinny_gemm=skinny_gemm)
         except ImportError as exc:
             raise ConfigError(
@@ -262,3 +275,13 @@ def select_layer_ops(name: str | None, device: torch.device | str) -> LayerOps:
                 "install triton or use 'torch'"
             ) from None
     raise ConfigError(f"unknown layer ops {name!r}; choose from {', '.join(ATTENTION_BACKENDS)}")
+
+
+def _skinny_table_fits(device: torch.device) -> bool:
+    """Whether the skinny GEMM's launch table was measured on a device of this name."""
+    if device.type != "cuda":
+        return False
+    from ppruntime.kernels import skinny_gemm
+
+    measured_on = skinny_gemm.table_device()
+    return measured_on is not None and measured_on == torch.cuda.get_device_name(device)
