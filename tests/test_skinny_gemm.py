@@ -222,6 +222,7 @@ def test_unset_switch_uses_the_table_only_on_the_device_it_was_measured_on(tmp_p
     monkeypatch.setenv(sg.TABLE_ENV, str(path))
     # not CUDA (the interpreted CPU runs): off
     assert repr(select_layer_ops("triton", DEVICE)) == "TritonLayerOps(skinny_gemm=False)"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU A")
     cuda = torch.device("cuda", 0)
     assert layer_ops._skinny_table_fits(cuda)

@@ -279,7 +279,7 @@ def select_layer_ops(name: str | None, device: torch.device | str) -> LayerOps:
 
 def _skinny_table_fits(device: torch.device) -> bool:
     """Whether the skinny GEMM's launch table was measured on a device of this name."""
-    if device.type != "cuda":
+    if device.type != "cuda" or not torch.cuda.is_available():
         return False
     from ppruntime.kernels import skinny_gemm
 
