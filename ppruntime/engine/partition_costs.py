@@ -80,9 +80,8 @@ def probe_key(device: torch.device, host: str) -> str | None:
     """What this rank's probe shares its timing with: its device when ranks on one
     device must probe one after the other (a GPU time-slices between processes, so a
     probe would time the other ranks' kernels too); None when ranks probe at once."""
-    if not probe_timers(device, decode_graphs=False).take_turns:
-        return None
-    return f"{host}/{device}"
+    shared = probe_timers(device, decode_graphs=False).shared_device
+    return None if shared is None else f"{host}/{shared}"
 
 
 def probe_turns(keys: list[str | None]) -> list[int]:

@@ -320,12 +320,18 @@ class CudaGraphTimer:
 
 @dataclass(frozen=True)
 class ProbeTimers:
-    """How this device's pieces are timed, by phase, and whether ranks sharing the
-    device must probe one at a time (their work would be timed into each other's)."""
+    """How this device's pieces are timed, by phase, and `shared_device`: the identity
+    of a device that ranks sharing it must probe one at a time on (a GPU time-slices
+    between processes: each probe would time the others' kernels too); None where
+    ranks probe at once (a CPU rank's thread time is its own)."""
 
     decode: PieceTimer
     prefill: PieceTimer
-    take_turns: bool
+    shared_device: str | None
+
+    @property
+    def take_turns(self) -> bool:
+        return self.shared_device is not None
 
 
 def probe_timers(device: torch.device, decode_graphs: bool) -> ProbeTimers:
@@ -333,10 +339,13 @@ def probe_timers(device: torch.device, decode_graphs: bool) -> ProbeTimers:
     graphs (ppruntime/stage/graphs.py `plan_decode`)."""
     if device.type != "cuda":
         eager = EagerTimer(HostClock())
-        return ProbeTimers(eager, eager, take_turns=False)
+        return ProbeTimers(eager, eager, shared_device=None)
     eager = EagerTimer(CudaEventClock(device))
     decode = CudaGraphTimer(device) if decode_graphs else eager
-    return ProbeTimers(decode, eager, take_turns=True)
+    properties = torch.cuda.get_device_properties(device)
+    # the GPU itself (ranks that each see their own GPU as cuda:0 differ here)
+    identity = str(getattr(properties, "uuid", "") or device)
+    return ProbeTimers(decode, eager, shared_device=identity)
 
 
 def _interleaved_medians(
