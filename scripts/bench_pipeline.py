@@ -254,15 +254,18 @@ def worker(args: argparse.Namespace) -> None:
     )
 
 
-def _device_seconds(reports, devices: list) -> dict[int, float]:
+def _device_seconds(reports, devices: list) -> dict[int, float] | None:
     """Each rank's GPU time in its microbatches (forward and sampling), from the trace's
-    device spans; ranks that share a GPU share the time their spans overlap."""
+    device spans; ranks that share a GPU share the time their spans overlap. None when
+    a rank that computed has no span (then the host's spans are reported)."""
     from ppruntime.stage.device_spans import DEVICE_SPANS, shared_device_seconds
 
     spans = {
         report.rank: [(event[1], event[2]) for event in report.events if event[0] in DEVICE_SPANS]
         for report in reports
     }
+    if any(report.batches and not spans[report.rank] for report in reports):
+        return None
     return shared_device_seconds(spans, dict(enumerate(devices)))
 
 
@@ -537,7 +540,7 @@ def _compare_partitions(args) -> tuple[list[str], dict]:
     # on a GPU a stage's time is its GPU time (device spans); its thread's CPU time
     # there is the launching and waiting, no measure of the stage
     on_gpu = auto["ranks"][0]["compute_is_device_time"]
-    clock = "GPU time" if on_gpu else "wall"
+    clock = "device time" if on_gpu else "wall"
     if on_gpu:
         model_over_measured_cpu = {name: None for name in every}
     lines = [f"PP={pp}, {num_layers} layers: output tokens/s by partition"]
