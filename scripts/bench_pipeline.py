@@ -17,6 +17,13 @@ output tokens/s, requests/s, TTFT and TPOT p50/p99, and per rank the busy fracti
 Throughput is counted in microbatches/s for the bound: a stage's time per
 microbatch is (forward + sample seconds) / microbatches from that rank's RankReport
 (same run), and bound_ratio = (microbatches/s) * (slowest stage's s/microbatch).
+On a GPU (`--device-time`, the default there) a stage's time is its GPU time instead:
+the host's forward spans only launch kernels and replay graphs. It comes from the
+trace's device spans (CUDA events around each microbatch's forward and sampling), and
+where ranks share one GPU, which time-slices between processes, the time their spans
+overlap is split between them (ppruntime/stage/device_spans.py shared_device_seconds).
+The spans are GPU time while the GPU is the bottleneck; a rank whose GPU waits for its
+host between launches would count that wait too.
 """
 
 from __future__ import annotations
@@ -122,6 +129,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--trace", default=None, help="write a Chrome trace of the (last) PP>1 run")
     parser.add_argument(
+        "--device-time",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a stage's time per microbatch is its GPU time (the device spans of the trace, "
+        "ranks sharing a GPU sharing it) rather than its host compute spans' time (default: "
+        "on when the ranks compute on a GPU)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="print one JSON object as the last line"
     )
 
@@ -131,10 +146,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------
 def worker(args: argparse.Namespace) -> None:
     common.one_torch_thread()
+    import tempfile
+
     import numpy as np
 
     from ppruntime.api.llm import LLM
     from ppruntime.engine.sampling_params import SamplingParams
+
+    trace = args.trace
+    if args.device_time and trace is None:  # the device spans come with a trace
+        trace = os.path.join(tempfile.gettempdir(), f"bench-pipeline-trace-{os.getpid()}.json")
 
     llm = LLM(
         model=args.model,
@@ -151,7 +172,7 @@ def worker(args: argparse.Namespace) -> None:
         max_batch_size=args.max_batch_size,
         max_model_len=args.input_len + args.output_len,
         max_num_tokens=args.max_num_tokens or max(1024, args.max_batch_size * args.input_len),
-        trace=args.trace,
+        trace=trace,
         exit_workers=not args.reprobe,
     )
     if not llm.is_driver:  # --reprobe: the pipeline has shut down
@@ -167,8 +188,12 @@ def worker(args: argparse.Namespace) -> None:
     end = time.time()
     auto = llm._engine.auto_partition
     measured_costs = getattr(llm._engine, "partition_costs", None) if auto is not None else None
+    devices = [rank.gpu or (rank.host, "cpu", rank.rank) for rank in llm._engine.rank_devices]
     reports = llm.shutdown()
     after = _reprobe(llm) if args.reprobe else None  # every rank calls it
+    if trace != args.trace and os.path.exists(trace):
+        os.remove(trace)
+    device_s = _device_seconds(reports, devices) if args.device_time else None
     window = end - start
     ttft = [o.metrics.ttft for o in outputs]
     tpot = [
@@ -180,12 +205,15 @@ def worker(args: argparse.Namespace) -> None:
     for report in reports:
         compute = sum(report.busy_s.get(name, 0.0) for name in COMPUTE_SPANS)
         compute_cpu = sum(report.busy_cpu_s.get(name, 0.0) for name in COMPUTE_SPANS)
+        if device_s is not None:  # GPU time: the host's spans only launch the work there
+            compute = device_s[report.rank]
         ranks.append(
             {
                 "rank": report.rank,
                 "batches": report.batches,
                 "forward_s": report.busy_s.get("forward", 0.0),
                 "compute_s": compute,
+                "compute_is_device_time": device_s is not None,
                 "s_per_microbatch": compute / max(report.batches, 1),
                 # the compute thread's CPU time: what other processes' load does not inflate
                 "cpu_s_per_microbatch": compute_cpu / max(report.batches, 1),
@@ -226,13 +254,33 @@ def worker(args: argparse.Namespace) -> None:
     )
 
 
+def _device_seconds(reports, devices: list) -> dict[int, float] | None:
+    """Each rank's GPU time in its microbatches (forward and sampling), from the trace's
+    device spans; ranks that share a GPU share the time their spans overlap. None when
+    a rank that computed has no span (then the host's spans are reported)."""
+    from ppruntime.stage.device_spans import DEVICE_SPANS, shared_device_seconds
+
+    spans = {
+        report.rank: [(event[1], event[2]) for event in report.events if event[0] in DEVICE_SPANS]
+        for report in reports
+    }
+    if any(report.batches and not spans[report.rank] for report in reports):
+        return None
+    return shared_device_seconds(spans, dict(enumerate(devices)))
+
+
 def _reprobe(llm) -> list[float] | None:
     """Every rank times its pieces again right after the run, as at start-up: the
     stage times this predicts for the partition used (rank 0; None elsewhere) tell how
     far the machine's load drifted between the start-up probe and the run."""
     from mpi4py import MPI
 
-    from ppruntime.engine.partition_costs import measure_costs_for, predicted_stage_times
+    from ppruntime.engine.partition_costs import (
+        measure_costs_for,
+        measure_in_turns,
+        predicted_stage_times,
+        probe_key,
+    )
     from ppruntime.model import load_config
 
     engine = llm._engine
@@ -241,7 +289,11 @@ def _reprobe(llm) -> list[float] | None:
     if auto is not None:
         config = engine.config
         model_config = load_config(config.model)
-        costs = measure_costs_for(config, model_config, engine.device, engine.info.rank)[0]
+        costs = measure_in_turns(  # ranks sharing a GPU one after the other, as at start-up
+            MPI.COMM_WORLD,
+            probe_key(engine.device, engine.info.host),
+            lambda: measure_costs_for(config, model_config, engine.device, engine.info.rank)[0],
+        )
     gathered = MPI.COMM_WORLD.gather(costs, root=0)
     if gathered is None or auto is None:
         return None
@@ -290,7 +342,21 @@ def _run(
             worker_args.append("--reprobe")
     if trace:
         worker_args += ["--trace", trace]
+    if _device_time(args):
+        worker_args.append("--device-time")
     return common.run_mpi_worker(pp, os.path.abspath(__file__), worker_args, env=env)
+
+
+def _device_time(args) -> bool:
+    """Whether a stage's time is its GPU time (--device-time; default: on a GPU, where
+    the host's forward spans only launch kernels and replay graphs)."""
+    if args.device_time is not None:
+        return args.device_time
+    if args.device is not None:
+        return args.device.startswith("cuda")
+    import torch
+
+    return torch.cuda.is_available()  # the ranks' default device
 
 
 def _describe(label: str, run: dict) -> list[str]:
@@ -471,14 +537,21 @@ def _compare_partitions(args) -> tuple[list[str], dict]:
     slow_default_predicted = _predicted_slowest(slow_costs, [default_counts])[_name(default_counts)]
     slow_best_predicted = min(slow_predicted, key=slow_predicted.get)
     fractional = _fractional_best_s(slow_costs, num_layers)
+    # on a GPU a stage's time is its GPU time (device spans); its thread's CPU time
+    # there is the launching and waiting, no measure of the stage
+    on_gpu = auto["ranks"][0]["compute_is_device_time"]
+    clock = "device time" if on_gpu else "wall"
+    if on_gpu:
+        model_over_measured_cpu = {name: None for name in every}
     lines = [f"PP={pp}, {num_layers} layers: output tokens/s by partition"]
     for name, run in every.items():
         lines.append(
             f"  {name}: {run['output_tokens_per_s']:.1f}, imbalance {_imbalance(run):.3f}, "
-            f"model/measured slowest stage {model_over_measured[name]:.3f} (wall), "
-            f"{model_over_measured_cpu[name]:.3f} (CPU time)"
+            f"model/measured slowest stage {model_over_measured[name]:.3f} ({clock})"
+            + ("" if on_gpu else f", {model_over_measured_cpu[name]:.3f} (CPU time)")
         )
     result = {
+        "measured_stage_time": "gpu" if on_gpu else "host wall",
         "default_partition": _name(default_counts),
         "auto_partition": auto_name,
         "best_partition": best_name,
@@ -492,7 +565,9 @@ def _compare_partitions(args) -> tuple[list[str], dict]:
         "auto_reprobed_over_measured_slowest": max(auto["reprobed_stage_s"]) / measured,
         "model_over_measured_slowest_by_partition": model_over_measured,
         # against the stages' CPU time per microbatch (the probe times CPU time on CPU)
-        "auto_predicted_over_measured_slowest_cpu": predicted / _slowest_cpu(auto),
+        "auto_predicted_over_measured_slowest_cpu": None
+        if on_gpu
+        else predicted / _slowest_cpu(auto),
         "auto_measured_stage_cpu_s": [rank["cpu_s_per_microbatch"] for rank in auto["ranks"]],
         "model_over_measured_slowest_cpu_by_partition": model_over_measured_cpu,
         "imbalance_default": _imbalance(default),
@@ -536,9 +611,14 @@ def _compare_partitions(args) -> tuple[list[str], dict]:
         f"auto {auto_name}: {auto['output_tokens_per_s']:.1f} tok/s, imbalance "
         f"{result['imbalance_auto']:.3f}; auto / best ({best_name}) = "
         f"{result['auto_over_best']:.3f}; predicted / measured slowest stage = "
-        f"{result['auto_predicted_over_measured_slowest']:.3f} (probed again after the run: "
-        f"{result['auto_reprobed_over_measured_slowest']:.3f}; against the stages' CPU time: "
-        f"{result['auto_predicted_over_measured_slowest_cpu']:.3f})",
+        f"{result['auto_predicted_over_measured_slowest']:.3f} ({clock}; probed again after "
+        f"the run: {result['auto_reprobed_over_measured_slowest']:.3f}"
+        + (
+            ")"
+            if on_gpu
+            else f"; against the stages' CPU time: "
+            f"{result['auto_predicted_over_measured_slowest_cpu']:.3f})"
+        ),
         f"stage 1 delayed {args.partition_delay_ms:g} ms: auto {result['delayed_auto_partition']} "
         f"/ default throughput = {result['delayed_auto_over_default']:.3f}; the cost model's "
         f"best split {slow_best_predicted} would give "

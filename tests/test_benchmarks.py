@@ -125,6 +125,17 @@ def test_bench_partitions_compares_default_auto_and_every_split():
     assert result["delayed_auto_partition"] == "3,1"
 
 
+def test_bench_stage_time_from_device_spans():
+    """--device-time (the default on a GPU): a stage's time is its device spans' (on the
+    CPU they are host time around the same calls: the path the GPU runs, on the CPU)."""
+    result = _run([sys.executable, str(SCRIPTS / "bench_pipeline.py"), *SMALL_PIPELINE,
+                   "--pp", "2", "--device", "cpu", "--device-time"])  # fmt: skip
+    _positive_numbers(result, ["bound_ratio"])
+    for rank in result["ranks"]:
+        assert rank["compute_is_device_time"], rank
+        assert rank["s_per_microbatch"] > 0 and rank["batches"] > 0, rank
+
+
 def _bench_pipeline_module():
     sys.path.insert(0, str(SCRIPTS))
     try:

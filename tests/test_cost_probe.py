@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ppruntime.engine.partition_costs import probe_key, probe_turns
 from ppruntime.model import allocate_kv_cache, preset_config
 from ppruntime.model.partition import StageSpec
 from ppruntime.model.stage_model import StageModel
@@ -45,12 +46,15 @@ def test_prefill_chunk_never_has_more_prompts_than_tokens():
 
 def test_layer_times_are_taken_inside_the_whole_forward():
     model = _stage(3)
-    clock = cost_probe._Clock(CPU)
+    clock = cost_probe.HostClock()
     layer_times = cost_probe._LayerTimes(model, clock)
     metadata, positions = cost_probe._decode_batch(4, 20, block_size=8, device=CPU)
     cache = allocate_kv_cache(model.config, model.stage, 16, 8)
     states = torch.randn(4, model.config.hidden_size)
     with torch.inference_mode():
+        model(states, positions, metadata, cache)
+        assert layer_times.marks == []  # not recording: an untimed (or captured) forward
+        layer_times.recording = True
         start = clock.mark()
         model(states, positions, metadata, cache)
         whole = clock.seconds(start, clock.mark())
@@ -58,6 +62,29 @@ def test_layer_times_are_taken_inside_the_whole_forward():
     layers = layer_times.take_seconds()
     assert 0 < layers <= whole  # the layers' intervals lie inside the forward's
     assert layer_times.marks == [] and layer_times.take_seconds() == 0
+
+
+def test_eager_timer_times_a_forward_and_its_layers_on_the_host_clock():
+    model = _stage(2)
+    metadata, positions = cost_probe._decode_batch(4, 20, block_size=8, device=CPU)
+    cache = allocate_kv_cache(model.config, model.stage, 16, 8)
+    states = torch.randn(4, model.config.hidden_size)
+    timer = cost_probe.EagerTimer(cost_probe.HostClock())
+    timed = timer.forward(model, lambda: model(states, positions, metadata, cache))
+    with torch.inference_mode():
+        first, second = timed(), timed()
+    for whole, layers in (first, second):
+        assert 0 < layers <= whole  # each call takes only its own forward's layers
+    assert timer.forward(model, lambda: None) is not None
+    assert len(timer._layer_times) == 1  # one set of hooks per model, however often prepared
+
+
+def test_the_cpu_times_eagerly_on_its_thread_clock_and_ranks_need_no_turns():
+    timers = cost_probe.probe_timers(CPU, decode_graphs=False)
+    assert isinstance(timers.decode, cost_probe.EagerTimer)
+    assert timers.decode is timers.prefill  # one clock for both phases
+    assert isinstance(timers.decode.clock, cost_probe.HostClock)
+    assert not timers.take_turns  # a rank's CPU time is its own: ranks probe at once
 
 
 def test_pieces_are_timed_in_interleaved_rounds():
@@ -89,3 +116,10 @@ def test_measured_costs_add_the_stage_delay_to_the_fixed_cost():
     element = 4
     assert sizes.embed == config.vocab_size * config.hidden_size * element
     assert sizes.head == sizes.embed + config.hidden_size * element
+
+
+def test_ranks_sharing_a_device_probe_one_after_the_other():
+    keys = ["h/cuda:0", "h/cuda:0", None, "h/cuda:1", "h/cuda:0"]
+    assert probe_turns(keys) == [0, 1, 0, 0, 2]
+    assert probe_turns([None, None]) == [0, 0]
+    assert probe_key(CPU, "h") is None  # CPU ranks probe at once (their own CPU time)

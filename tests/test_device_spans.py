@@ -13,6 +13,7 @@ from ppruntime.stage.device_spans import (
     CudaDeviceSpans,
     HostDeviceSpans,
     make_device_spans,
+    shared_device_seconds,
 )
 
 
@@ -43,6 +44,21 @@ def test_host_spans_bracket_the_work():
     assert (name, microbatch) == (DECODE_SPAN, 7)
     assert sizes == {"seqs": 2, "tokens": 2, "context_tokens": 13}
     assert before <= start and end - start >= 0.015 and end <= time.time()
+
+
+def test_ranks_sharing_a_device_share_the_time_their_spans_overlap():
+    spans = {0: [(0.0, 2.0), (3.0, 4.0)], 1: [(1.0, 3.0)], 2: [(0.0, 5.0)]}
+    # ranks 0 and 1 on one GPU: [1, 2) is open on both, half each; rank 2 on its own
+    shared = shared_device_seconds(spans, {0: "gpu0", 1: "gpu0", 2: "gpu1"})
+    assert shared == pytest.approx({0: 1.0 + 0.5 + 1.0, 1: 0.5 + 1.0, 2: 5.0})
+    assert sum(shared[rank] for rank in (0, 1)) == pytest.approx(4.0)  # the union's length
+    apart = shared_device_seconds(spans, {0: "gpu0", 1: "gpu1", 2: "gpu2"})
+    assert apart == pytest.approx({0: 3.0, 1: 2.0, 2: 5.0})  # each span whole
+
+
+def test_a_ranks_own_overlapping_spans_count_once():
+    shared = shared_device_seconds({0: [(0.0, 2.0), (1.0, 3.0)], 1: []}, {0: "g", 1: "g"})
+    assert shared == pytest.approx({0: 3.0, 1: 0.0})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CPU path tested above)")

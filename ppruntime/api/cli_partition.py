@@ -20,7 +20,9 @@ from ppruntime.device import select_device
 from ppruntime.engine.partition_costs import (
     describe_partition,
     measure_costs_for,
+    measure_in_turns,
     predicted_stage_times,
+    probe_key,
     write_partition_costs,
 )
 from ppruntime.model import load_config, partition_layers, stage_extra_costs
@@ -73,7 +75,15 @@ def run_partition_dry_run(args: argparse.Namespace, info: RankInfo) -> int:
         )
         model_config = load_config(config.model)
         device = select_device(info.local_rank, config.device)
-        result = measure_costs_for(config, model_config, device, info.rank)
+        key = probe_key(device, info.host)
+    except (ValueError, OSError) as exc:
+        error, key = f"rank {info.rank}: {exc}", None
+    try:  # ranks sharing a GPU measure one after the other
+        result = measure_in_turns(
+            comm,
+            key,
+            lambda: None if error else measure_costs_for(config, model_config, device, info.rank),
+        )
     except (ValueError, OSError) as exc:
         error = f"rank {info.rank}: {exc}"
     gathered = comm.gather((result, error), root=0)

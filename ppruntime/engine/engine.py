@@ -45,6 +45,8 @@ from ppruntime.engine.last_stage import LastStage
 from ppruntime.engine.partition_costs import (
     describe_partition,
     measure_costs_for,
+    probe_key,
+    probe_turns,
     read_partition_costs,
 )
 from ppruntime.engine.rank_stats import RankStatsExchange
@@ -126,8 +128,15 @@ class PipelineEngine:
             self.auto_partition: CostBalancedPartition | None = None
             if parallel.layer_partition == AUTO_PARTITION:
                 self._collectively(
-                    lambda: self._measure_costs(config, info), "measuring the stage costs"
+                    lambda: self._choose_probe_key(config, info), "choosing the probe's device"
                 )
+                turns = probe_turns(self._exchange(self._probe_key, "ordering the cost probes"))
+                for turn in range(max(turns) + 1):  # ranks sharing a GPU: one after the other
+                    mine = turns[info.rank] == turn
+                    self._collectively(
+                        (lambda: self._measure_costs(config, info)) if mine else (lambda: None),
+                        "measuring the stage costs",
+                    )
                 measured = self._exchange(self._measured, "gathering the measured costs")
                 self._collectively(
                     lambda: self._choose_partition(config, measured), "choosing the partition"
@@ -290,6 +299,7 @@ class PipelineEngine:
             cuda_aware_mpi=cuda_aware_mpi() if device.type == "cuda" else "no",
         )
         ranks = self._exchange(mine, "choosing the activation channel")
+        self.rank_devices: list[RankDevice] = ranks  # which ranks share a device (benchmarks)
         chosen: list[str] = []
         self._collectively(
             lambda: chosen.append(choose_channel(config.activation_channel, ranks)),
@@ -310,6 +320,12 @@ class PipelineEngine:
                 ),
                 f"joining the {self.activation_channel} process group",
             )
+
+    def _choose_probe_key(self, config: EngineConfig, info: RankInfo) -> None:
+        self._probe_key = None
+        if config.parallel.partition_costs is None:
+            device = select_device(info.local_rank, config.device)
+            self._probe_key = probe_key(device, info.host)
 
     def _measure_costs(self, config: EngineConfig, info: RankInfo) -> None:
         """`--layer-partition auto`: this rank's costs (measured, or from the costs file)."""

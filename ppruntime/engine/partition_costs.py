@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
-from ppruntime.config import ConfigError, EngineConfig
+from ppruntime.config import ConfigError, EngineConfig, env_flag
 from ppruntime.model import (
     ModelConfig,
     kv_cache_bytes_per_block,
@@ -30,10 +32,11 @@ from ppruntime.model.partition import (
     StageBytes,
     StageSpec,
 )
-from ppruntime.stage.cost_probe import ProbeWorkload, measure_rank_costs
+from ppruntime.stage.cost_probe import ProbeWorkload, measure_rank_costs, probe_timers
 from ppruntime.stage.debug_knobs import StageKnobs
 
 COSTS_FILE_VERSION = 1
+T = TypeVar("T")
 
 
 def measure_costs_for(
@@ -48,6 +51,7 @@ def measure_costs_for(
         decode_fraction=config.parallel.partition_decode_fraction,
         decode_context=config.parallel.partition_decode_context,
     )
+    limit = _weight_memory_limit(config, device)  # before the probe's models take memory
     costs, sizes = measure_rank_costs(
         model_config,
         workload,
@@ -57,8 +61,9 @@ def measure_costs_for(
         memory_bytes=None,
         attention_backend=select_attention_backend(config.attention_backend, device),
         layer_ops=select_layer_ops(config.attention_backend, device),
+        cuda_graphs=config.cuda_graphs,
+        force_cuda_graphs=bool(env_flag("PPRUNTIME_FORCE_CUDA_GRAPHS")),
     )
-    limit = _weight_memory_limit(config, device)
     if config.kv_cache_blocks is not None:
         # a fixed block count: every layer a stage holds brings its share of the cache
         one_layer = StageSpec(0, 1, 0, 1)
@@ -69,6 +74,46 @@ def measure_costs_for(
     if limit is not None:
         costs = RankCosts(costs.layer_s, costs.embed_s, costs.head_s, costs.fixed_s, limit)
     return costs, sizes
+
+
+def probe_key(device: torch.device, host: str) -> str | None:
+    """What this rank's probe shares its timing with: its device when ranks on one
+    device must probe one after the other (a GPU time-slices between processes, so a
+    probe would time the other ranks' kernels too); None when ranks probe at once."""
+    shared = probe_timers(device, decode_graphs=False).shared_device
+    return None if shared is None else f"{host}/{shared}"
+
+
+def probe_turns(keys: list[str | None]) -> list[int]:
+    """The turn (0, 1, ...) in which each rank probes: ranks of one key one after the
+    other, in rank order; every other rank in the first turn."""
+    seen: dict[str, int] = {}
+    turns = []
+    for key in keys:
+        if key is None:
+            turns.append(0)
+            continue
+        turns.append(seen.get(key, 0))
+        seen[key] = turns[-1] + 1
+    return turns
+
+
+def measure_in_turns(comm, key: str | None, measure: Callable[[], T]) -> T | None:
+    """measure() on every rank of the MPI communicator `comm` (a collective call), ranks
+    of one `probe_key` one after the other; None where a rank's measure raised (the
+    error is re-raised after the last turn, so no rank is left at a barrier)."""
+    turns = probe_turns(comm.allgather(key))
+    result, error = None, None
+    for turn in range(max(turns) + 1):
+        if turns[comm.Get_rank()] == turn:
+            try:
+                result = measure()
+            except Exception as exc:  # re-raised below, after the last barrier
+                error = exc
+        comm.Barrier()
+    if error is not None:
+        raise error
+    return result
 
 
 def _weight_memory_limit(config: EngineConfig, device: torch.device) -> int | None:

@@ -9,6 +9,21 @@ norm, LM head, greedy sampling). Each is timed on a decode microbatch of
 `max_batch_size` prompts sharing them, what a full prefill microbatch holds), in
 interleaved rounds (medians); the two are mixed by the expected share of decode
 microbatches. Nothing of the real checkpoint is read.
+
+How a piece is timed is the one thing that depends on the device (`probe_timers`):
+- CPU: eagerly, with this thread's CPU time (`HostClock`), each layer timed inside the
+  whole forward by forward hooks;
+- CUDA, decode, when the engine would replay decode from CUDA graphs
+  (ppruntime/stage/graphs.py): each piece is captured as a graph (the whole stage
+  forward once, and again cut into one graph per decoder layer, so a layer's time is
+  its kernels inside the forward), and the graphs are replayed back to back behind a
+  spin kernel, timed with CUDA events: the GPU never waits for the host, so the events
+  measure GPU time, what a replayed microbatch costs. (Timed eagerly, a decode layer
+  is ~15-20 launches whose host time the events would measure instead.)
+- CUDA, prefill (and decode with graphs off): eagerly, with CUDA events, as the
+  engine runs it (a prefill chunk keeps the GPU busy).
+Ranks that share one GPU would time each other's kernels (the GPU time-slices
+between processes): they probe one after the other (`ProbeTimers.take_turns`).
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +46,7 @@ from ppruntime.model.layer_ops import LayerOps
 from ppruntime.model.partition import RankCosts, StageBytes, StageSpec
 from ppruntime.model.stage_model import StageModel
 from ppruntime.stage.debug_knobs import StageKnobs
+from ppruntime.stage.graphs import capture_graph, capture_split, plan_decode, warm_up
 
 # A prefill chunk is timed at its real size up to this many tokens, then scaled: from
 # a few hundred tokens on, a forward costs about its token count in matmuls (below,
@@ -57,15 +74,20 @@ class ProbeWorkload:
 
 
 def _fill_random(model: StageModel) -> StageModel:
-    generator = torch.Generator(device="cpu").manual_seed(0)
+    """Seeded random weights, drawn on the weights' own device (an 8B layer's 218M
+    values would take seconds on one CPU thread)."""
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, param in model.checkpoint_parameters().items():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
             else:
+                device = param.device
+                if device not in generators:
+                    generators[device] = torch.Generator(device=device).manual_seed(0)
                 fan_in = param.shape[-1] if param.dim() > 1 else param.shape[0]
-                values = torch.randn(param.shape, generator=generator) / math.sqrt(fan_in)
-                param.copy_(values)
+                values = torch.randn(param.shape, generator=generators[device], device=device)
+                param.copy_(values / math.sqrt(fan_in))
     return model.eval()
 
 
@@ -118,40 +140,54 @@ def _prefill_batch(
     return metadata, torch.tensor(positions, dtype=torch.int64, device=device)
 
 
-class _Clock:
-    """Marks on the device's stream (CUDA events), or on the host: this thread's CPU
-    time when torch computes on this thread alone (one torch thread, ppruntime's
-    default), so that other processes sharing the cores while the probe runs do not
-    count; wall time otherwise."""
+class HostClock:
+    """This thread's CPU time when torch computes on this thread alone (one torch
+    thread, ppruntime's default), so that other processes sharing the cores while the
+    probe runs do not count; wall time otherwise."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._host_clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    def __init__(self) -> None:
+        self._clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
     def mark(self) -> object:
-        if self.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return self._host_clock()
+        return self._clock()
 
     def seconds(self, start: object, end: object) -> float:
-        if self.device.type == "cuda":
-            return start.elapsed_time(end) / 1e3  # type: ignore[union-attr]
         return end - start  # type: ignore[operator]
 
     def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        pass
+
+
+class CudaEventClock:
+    """Marks on the device's current stream (CUDA timing events)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def mark(self) -> object:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: object, end: object) -> float:
+        return start.elapsed_time(end) / 1e3  # type: ignore[union-attr]
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+
+Clock = HostClock | CudaEventClock
 
 
 class _LayerTimes:
     """Times each decoder layer inside a whole stage forward (forward hooks), so the
     layers' cost and the rest of the forward come from the same forwards: no layer is
-    timed in isolation with its weights hot in the cache."""
+    timed in isolation with its weights hot in the cache. Records only while
+    `recording` (the model may run untimed, or be captured into a graph, meanwhile)."""
 
-    def __init__(self, model: StageModel, clock: _Clock) -> None:
+    def __init__(self, model: StageModel, clock: Clock) -> None:
         self.clock = clock
+        self.recording = False
         self.marks: list[tuple[object, object]] = []
         self._start: object = None
         for layer in model.layers:
@@ -159,16 +195,157 @@ class _LayerTimes:
             layer.register_forward_hook(self._after)
 
     def _before(self, module: torch.nn.Module, args: object) -> None:
-        self._start = self.clock.mark()
+        if self.recording:
+            self._start = self.clock.mark()
 
     def _after(self, module: torch.nn.Module, args: object, output: object) -> None:
-        self.marks.append((self._start, self.clock.mark()))
+        if self.recording:
+            self.marks.append((self._start, self.clock.mark()))
 
     def take_seconds(self) -> float:
         """Sum of the layer times marked since the last call (after a sync)."""
         total = sum(self.clock.seconds(start, end) for start, end in self.marks)
         self.marks.clear()
         return total
+
+
+class PieceTimer(Protocol):
+    """How the probe times its pieces. Each method prepares a piece once and returns
+    the function that times one run of it (the probe calls it in interleaved rounds)."""
+
+    def forward(
+        self, model: StageModel, run: Callable[[], object]
+    ) -> Callable[[], tuple[float, float]]:
+        """run() is a whole forward of `model`: the timer returns (the forward's
+        seconds, the seconds of its decoder layers inside it)."""
+        ...
+
+    def piece(self, run: Callable[[], object]) -> Callable[[], float]:
+        """The seconds of one run()."""
+        ...
+
+
+class EagerTimer:
+    """Runs each piece as it is (eager), between two marks of `clock`, then waits for
+    the device; the layers are marked inside the forward by hooks."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._layer_times: dict[int, _LayerTimes] = {}
+
+    def forward(
+        self, model: StageModel, run: Callable[[], object]
+    ) -> Callable[[], tuple[float, float]]:
+        layer_times = self._layer_times.get(id(model))
+        if layer_times is None:
+            layer_times = self._layer_times[id(model)] = _LayerTimes(model, self.clock)
+
+        def timed() -> tuple[float, float]:
+            layer_times.take_seconds()
+            layer_times.recording = True
+            try:
+                whole = self._timed(run)
+            finally:
+                layer_times.recording = False
+            return whole, layer_times.take_seconds()
+
+        return timed
+
+    def piece(self, run: Callable[[], object]) -> Callable[[], float]:
+        return lambda: self._timed(run)
+
+    def _timed(self, run: Callable[[], object]) -> float:
+        clock = self.clock
+        start = clock.mark()
+        run()
+        end = clock.mark()
+        clock.synchronize()
+        return clock.seconds(start, end)
+
+
+# cycles of the spin kernel queued before each timed replay sequence: ~1-2 ms on a GPU
+# clocked at 1-2 GHz, longer than the host takes to queue the replays and their events
+SPIN_CYCLES = 2_000_000
+
+
+class CudaGraphTimer:
+    """Decode pieces as the engine runs them: captured as CUDA graphs (the capture steps
+    of ppruntime/stage/graphs.py), replayed `replays` times back to back behind a spin
+    kernel, an event between every two replays; each graph's GPU time is the mean of
+    its intervals. A forward is captured twice: whole (as the engine's decode graph) and
+    cut at its decoder layers (one graph per layer, in the forward's order, so no layer
+    runs with its weights hot from its own previous run)."""
+
+    def __init__(self, device: torch.device, replays: int = 3) -> None:
+        self.device = device
+        self.replays = max(replays, 1)
+        self._side = torch.cuda.Stream(device)
+
+    def forward(
+        self, model: StageModel, run: Callable[[], object]
+    ) -> Callable[[], tuple[float, float]]:
+        warm_up(run, self._side)
+        whole, _ = capture_graph(run)
+        split = capture_split(run, model.layers)
+        graphs = [whole, *split.graphs]
+        layer_indices = [1 + index for index, inside in enumerate(split.in_module) if inside]
+
+        def timed() -> tuple[float, float]:
+            seconds = self._replay_timed(graphs)  # the graphs live as long as this function
+            return seconds[0], sum(seconds[index] for index in layer_indices)
+
+        return timed
+
+    def piece(self, run: Callable[[], object]) -> Callable[[], float]:
+        warm_up(run, self._side)
+        graph, _ = capture_graph(run)  # its output lives in the graph's own memory pool
+        return lambda: self._replay_timed([graph])[0]
+
+    def _replay_timed(self, graphs: list[torch.cuda.CUDAGraph]) -> list[float]:
+        """Mean GPU seconds of each graph over `replays` rounds of replaying them all."""
+        torch.cuda._sleep(SPIN_CYCLES)  # the GPU spins while the host queues the rest
+        marks = [torch.cuda.Event(enable_timing=True)]
+        marks[0].record()
+        for _ in range(self.replays):
+            for graph in graphs:
+                graph.replay()
+                marks.append(torch.cuda.Event(enable_timing=True))
+                marks[-1].record()
+        marks[-1].synchronize()
+        totals = [0.0] * len(graphs)
+        for index in range(len(marks) - 1):
+            totals[index % len(graphs)] += marks[index].elapsed_time(marks[index + 1]) / 1e3
+        return [total / self.replays for total in totals]
+
+
+@dataclass(frozen=True)
+class ProbeTimers:
+    """How this device's pieces are timed, by phase, and `shared_device`: the identity
+    of a device that ranks sharing it must probe one at a time on (a GPU time-slices
+    between processes: each probe would time the others' kernels too); None where
+    ranks probe at once (a CPU rank's thread time is its own)."""
+
+    decode: PieceTimer
+    prefill: PieceTimer
+    shared_device: str | None
+
+    @property
+    def take_turns(self) -> bool:
+        return self.shared_device is not None
+
+
+def probe_timers(device: torch.device, decode_graphs: bool) -> ProbeTimers:
+    """The probe's one device seam. decode_graphs: the engine replays decode from CUDA
+    graphs (ppruntime/stage/graphs.py `plan_decode`)."""
+    if device.type != "cuda":
+        eager = EagerTimer(HostClock())
+        return ProbeTimers(eager, eager, shared_device=None)
+    eager = EagerTimer(CudaEventClock(device))
+    decode = CudaGraphTimer(device) if decode_graphs else eager
+    properties = torch.cuda.get_device_properties(device)
+    # the GPU itself (ranks that each see their own GPU as cuda:0 differ here)
+    identity = str(getattr(properties, "uuid", "") or device)
+    return ProbeTimers(decode, eager, shared_device=identity)
 
 
 def _interleaved_medians(
@@ -200,9 +377,13 @@ def measure_rank_costs(
     memory_bytes: int | None = None,
     attention_backend: AttentionBackend | None = None,
     layer_ops: LayerOps | None = None,
+    cuda_graphs: bool = True,
+    force_cuda_graphs: bool = False,
 ) -> tuple[RankCosts, StageBytes]:
     """This rank's cost of each piece (seconds per weighted microbatch) and their bytes,
-    with the attention backend and layer ops the engine will run (default: torch)."""
+    with the attention backend and layer ops the engine will run (default: torch), and
+    decode timed as the engine will run it (cuda_graphs / force_cuda_graphs: the
+    engine's `cuda_graphs` and PPRUNTIME_FORCE_CUDA_GRAPHS)."""
 
     def build(stage_index: int, layers: int) -> StageModel:
         spec = StageSpec(stage_index, 3, 0, layers)
@@ -218,8 +399,10 @@ def measure_rank_costs(
 
     num_layers = min(PROBE_LAYERS, config.num_hidden_layers)
     stage, last = build(1, num_layers), build(2, 1)
-    clock = _Clock(device)
-    layer_times = _LayerTimes(stage, clock)
+    decode_plan = plan_decode(
+        device, stage, workload.max_batch_size, cuda_graphs, force_graphs=force_cuda_graphs
+    )
+    timers = probe_timers(device, decode_plan.use_graphs)
     embedding = torch.randn(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
     context = max(workload.decode_context, 1)
     prefill_tokens = min(workload.max_num_tokens, PREFILL_PROBE_TOKENS)
@@ -231,30 +414,31 @@ def measure_rank_costs(
     )
     cache = allocate_kv_cache(config, stage.stage, cache_blocks, workload.block_size, dtype, device)
 
-    def pieces(phase: str, metadata: AttentionMetadata, positions: torch.Tensor, rows: int):
+    def pieces(
+        phase: str,
+        timer: PieceTimer,
+        metadata: AttentionMetadata,
+        positions: torch.Tensor,
+        rows: int,
+    ):
         tokens = positions.shape[0]
+        # every input at a fixed address (a graph timer replays on them)
         states = torch.randn(tokens, config.hidden_size, dtype=dtype, device=device)
         token_ids = torch.randint(0, config.vocab_size, (tokens,), device=device)
         sampled = torch.randn(rows, config.hidden_size, dtype=dtype, device=device)
-
-        def timed(run: Callable[[], object]) -> float:
-            start = clock.mark()
-            run()
-            end = clock.mark()
-            clock.synchronize()
-            return clock.seconds(start, end)
+        timed_forward = timer.forward(stage, lambda: stage(states, positions, metadata, cache))
+        timed_embed = timer.piece(lambda: F.embedding(token_ids, embedding))
+        timed_head = timer.piece(lambda: last.compute_logits(last.norm(sampled)).argmax(dim=-1))
 
         def forward() -> dict[str, float]:
-            layer_times.take_seconds()
-            whole = timed(lambda: stage(states, positions, metadata, cache))
-            return {f"{phase}.forward": whole, f"{phase}.layers": layer_times.take_seconds()}
+            whole, layers = timed_forward()
+            return {f"{phase}.forward": whole, f"{phase}.layers": layers}
 
         def embed() -> dict[str, float]:
-            return {f"{phase}.embed": timed(lambda: F.embedding(token_ids, embedding))}
+            return {f"{phase}.embed": timed_embed()}
 
         def head() -> dict[str, float]:
-            run = lambda: last.compute_logits(last.norm(sampled)).argmax(dim=-1)
-            return {f"{phase}.head": timed(run)}
+            return {f"{phase}.head": timed_head()}
 
         return {f"{phase}.forward": forward, f"{phase}.embed": embed, f"{phase}.head": head}
 
@@ -264,8 +448,9 @@ def measure_rank_costs(
     with torch.inference_mode():
         medians = _interleaved_medians(
             {
-                **pieces("decode", *decode_batch, rows=batch),
-                **pieces("prefill", *prefill_batch, rows=prefill_seqs),  # each prompt's last
+                **pieces("decode", timers.decode, *decode_batch, rows=batch),
+                # each prompt's last token is sampled
+                **pieces("prefill", timers.prefill, *prefill_batch, rows=prefill_seqs),
             },
             max(workload.repeats, 1),
         )

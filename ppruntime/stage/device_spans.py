@@ -15,6 +15,9 @@ or "device-prefill" (any prompt tokens in it), with the batch's sizes in its arg
 
 Events are resolved at the end (`events()`): recording one costs microseconds and
 never waits for the device. Disabled tracing records nothing.
+
+`shared_device_seconds` turns the spans of several ranks into each rank's device time
+where ranks share a GPU (scripts/bench_pipeline.py's per-stage time on CUDA).
 """
 
 from __future__ import annotations
@@ -115,3 +118,46 @@ def make_device_spans(device: torch.device, enabled: bool) -> DeviceSpans:
     if device.type == "cuda":
         return CudaDeviceSpans(device)
     return HostDeviceSpans()
+
+
+def shared_device_seconds(
+    spans_by_rank: dict[int, list[tuple[float, float]]], device_of_rank: dict[int, object]
+) -> dict[int, float]:
+    """Each rank's device time from its device spans (start, end), counting that ranks on
+    one device share it: wherever k ranks of one device have a span open at once, each
+    is given 1/k of that time. A GPU time-slices between processes, so two ranks' spans
+    on one GPU overlap and each holds the other's kernels too; ranks on devices of their
+    own (distinct `device_of_rank` values) get their spans' whole time."""
+    seconds = {rank: 0.0 for rank in spans_by_rank}
+    groups: dict[object, list[int]] = {}
+    for rank in spans_by_rank:
+        groups.setdefault(device_of_rank[rank], []).append(rank)
+    for ranks in groups.values():
+        edges = []  # (time, +1 opens / -1 closes, rank): each rank's spans as their union
+        for rank in ranks:
+            for start, end in _union(spans_by_rank[rank]):
+                edges += [(start, 1, rank), (end, -1, rank)]
+        edges.sort(key=lambda edge: (edge[0], edge[1]))
+        open_ranks: set[int] = set()
+        previous = None
+        for moment, change, rank in edges:
+            if open_ranks and previous is not None and moment > previous:
+                share = (moment - previous) / len(open_ranks)
+                for holder in open_ranks:
+                    seconds[holder] += share
+            previous = moment
+            if change > 0:
+                open_ranks.add(rank)
+            else:
+                open_ranks.discard(rank)
+    return seconds
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(start, end) for start, end in merged]

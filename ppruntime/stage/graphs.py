@@ -18,13 +18,18 @@ True`; today's `torch` backend does not, so graphs stay off with it.
 `PPRUNTIME_FORCE_CUDA_GRAPHS=1` captures anyway (tests): the `torch` backend has no
 host sync in decode, and captured with a plan for the longest context it gives the
 right numbers, only slowly (it gathers the whole context of every sequence).
+
+The capture steps (`warm_up`, `capture_graph`, and `capture_split`, which cuts a run
+into one graph per module call) also serve the layer-partition probe
+(ppruntime/stage/cost_probe.py), which times decode pieces the way they run here.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,6 +132,79 @@ class PaddingOnlyBatch:
         return 0
 
 
+def warm_up(run: Callable[[], object], side: torch.cuda.Stream, times: int = 2) -> None:
+    """Run `run` eagerly on a side stream before it is captured: lazy initialisation,
+    autotuning and workspaces happen here, not inside the capture."""
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(times):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def capture_graph(
+    run: Callable[[], object], pool: object = None
+) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Capture run() (warmed up already) into a graph; the graph and run's output, whose
+    tensors every replay rewrites. pool: a graph memory pool to share (None: private)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+        output = run()
+    return graph, output
+
+
+@dataclass
+class SplitCapture:
+    """run() captured as a chain of graphs cut at the calls of some modules: replaying
+    `graphs` in order is run(); `in_module[i]` says whether graph i is one module call
+    (else the work between, before or after them)."""
+
+    graphs: list[torch.cuda.CUDAGraph]
+    in_module: list[bool]
+    kept: list[object]  # every piece's outputs: alive, so no later capture reuses them
+
+
+def capture_split(run: Callable[[], object], modules: Sequence[torch.nn.Module]) -> SplitCapture:
+    """Capture run() (warmed up already) as a chain of graphs, each with a memory pool
+    of its own: the work before the first call of `modules`, one graph per call (from
+    its start to the next call's: nothing runs between a stage's decoder layers, and a
+    graph of no kernel cannot be replayed), and the work after the last module's call.
+    Forward hooks end one capture and begin the next, so a module's graph holds its
+    forward's kernels as they run inside the whole run."""
+    split = SplitCapture([], [], [])
+    last = modules[-1] if modules else None
+
+    def begin(in_module: bool) -> None:
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin()
+        split.graphs.append(graph)
+        split.in_module.append(in_module)
+
+    def before(module: torch.nn.Module, args: object) -> None:
+        split.graphs[-1].capture_end()
+        begin(True)
+
+    def after(module: torch.nn.Module, args: object, output: object) -> None:
+        split.kept.append(output)
+        if module is last:
+            split.graphs[-1].capture_end()
+            begin(False)
+
+    hooks = [module.register_forward_pre_hook(before) for module in modules]
+    hooks += [module.register_forward_hook(after) for module in modules]
+    torch.cuda.synchronize()
+    try:
+        with torch.cuda.stream(torch.cuda.Stream()), torch.inference_mode():
+            begin(False)
+            split.kept.append(run())
+            split.graphs[-1].capture_end()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.cuda.synchronize()
+    return split
+
+
 @dataclass
 class CapturedGraph:
     graph: torch.cuda.CUDAGraph
@@ -160,15 +238,9 @@ class DecodeGraphs:
         memory_pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         for size in sorted(sizes, reverse=True):
-            inputs = prepare(size)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.inference_mode():
-                for _ in range(2):  # warm-up: lazy initialisation, autotuning, workspaces
-                    run(inputs, size)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=memory_pool):
-                output = run(inputs, size)
+            forward = functools.partial(run, prepare(size), size)
+            warm_up(forward, side)
+            graph, output = capture_graph(forward, memory_pool)
             self.graphs[size] = CapturedGraph(graph, output)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - start
