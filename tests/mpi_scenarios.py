@@ -428,7 +428,7 @@ class Job:
         executor, table = llm._executor, llm._executor.table
         victim = llm.add_request(abort_prompt(), victim_params, request_id="victim", stream=True)
         keeper = llm.add_request(greedy_prompts()[0], keeper_params, request_id="keeper")
-        victim_seq = executor._seq_by_request[victim]
+        victim_seq = executor.requests.seq_id_of(victim)
         finished: dict[str, object] = {}
         tokens = 0
 

@@ -163,7 +163,7 @@ def test_after_sigterm_running_requests_abort_with_their_tokens_and_new_ones_are
             for request_id in ids:
                 if request_id not in finished:
                     executor = engine._executor
-                    seq = executor.infos[executor._seq_by_request[request_id]]
+                    seq = executor.infos[executor.requests.seq_id_of(request_id)]
                     tokens[request_id] = int(executor.table.num_output[seq.slot])
         assert not finished
         termination_requested.set()  # what the SIGTERM handler does

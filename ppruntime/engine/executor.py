@@ -33,12 +33,12 @@ from ppruntime.comm.waiting import (
     wait_all,
     wait_raw_message,
 )
-from ppruntime.engine.control import Control, NewRequests, isend_control, recv_control
-from ppruntime.engine.errors import InvalidRequestError
+from ppruntime.engine.control import Control, isend_control, recv_control
 from ppruntime.engine.last_stage import LastStage
 from ppruntime.engine.outputs import OutputCollector, RequestOutput
 from ppruntime.engine.overlap import StepOverlap
 from ppruntime.engine.relay import ResponseRelay
+from ppruntime.engine.request_book import RequestBook
 from ppruntime.engine.scheduler import ScheduledBatch, Scheduler, apply_schedule
 from ppruntime.engine.seq_table import SeqInfo, SequenceTable
 from ppruntime.engine.trace import Tracer
@@ -144,14 +144,7 @@ class PipelineExecutor:
             if self.size != 1 or deterministic:
                 raise ValueError("async scheduling needs one stage and deterministic mode off")
             self.overlap = StepOverlap(last_stage, table.max_slots)
-        self.outputs = OutputCollector(table, tokenizer) if self.rank == 0 else None
-        self._new_requests: list[tuple[SeqInfo, bool]] = []
-        self._aborts: list[int] = []
-        self._next_seq_id = 0
-        self._seq_by_request: dict[str, int] = {}
-        self._aborting: set[str] = set()  # request ids whose abort is queued or applied
-        self._events: list[RequestOutput] = []
-        self._finished: list[RequestOutput] = []
+        self.requests = RequestBook(OutputCollector(table, tokenizer)) if self.rank == 0 else None
         self._terminated = False
 
     def start(self) -> None:
@@ -175,38 +168,25 @@ class PipelineExecutor:
     ) -> None:
         if self.terminating:
             raise RuntimeError("the engine is stopping (SIGTERM received): no new requests")
-        if request_id in self._seq_by_request:
-            raise InvalidRequestError(f"request_id {request_id!r} is already in use")
-        info = SeqInfo(self._next_seq_id, request_id, prompt_token_ids, params)
-        self._next_seq_id += 1
-        self._seq_by_request[request_id] = info.seq_id
-        self.outputs.add(info, stream, time.monotonic())
-        self._new_requests.append((info, stream))
+        self.requests.add(request_id, prompt_token_ids, params, stream)
 
     def abort(self, request_id: str) -> bool:
         """Queue the cancellation of an unfinished request; False if there is none to
         cancel (unknown, finished, or already being aborted)."""
-        seq_id = self._seq_by_request.get(request_id)
-        if seq_id is None or request_id in self._aborting:
-            return False
-        self._aborting.add(request_id)
-        self._aborts.append(seq_id)
-        return True
+        return self.requests.abort(request_id)
 
     def has_request(self, request_id: str) -> bool:
         """Whether `request_id` is in use by an unfinished request."""
-        return request_id in self._seq_by_request
+        return self.requests.has(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self._seq_by_request)
+        return self.requests.num_unfinished > 0
 
     def take_finished(self) -> list[RequestOutput]:
-        finished, self._finished = self._finished, []
-        return finished
+        return self.requests.take_finished()
 
     def take_events(self) -> list[RequestOutput]:
-        events, self._events = self._events, []
-        return events
+        return self.requests.take_events()
 
     def step(self) -> None:
         """One iteration of rank 0 (returns without sending if nothing can happen).
@@ -238,16 +218,15 @@ class PipelineExecutor:
             self._terminated = True
             log.warning(
                 "SIGTERM received: no new requests; aborting %d unfinished request(s)",
-                len(self._seq_by_request),
+                self.requests.num_unfinished,
             )
-            for request_id in list(self._seq_by_request):
-                self.abort(request_id)
+            self.requests.abort_all()
         slot = self.slots[self.iteration % self.num_slots]
         self._wait_slot(slot)
         ready = self._count_ready(slot)
         with self.tracer.span("handle"):
             self._handle_ready(ready)
-        control, infos = self._take_control()
+        control, infos = self.requests.take_control()
         if control is not None:
             self._apply_control(control, infos)
         with self.tracer.span("schedule"):
@@ -265,9 +244,8 @@ class PipelineExecutor:
         """Abort what is unfinished, drain in-flight microbatches, stop every rank."""
         if self.stopped:
             return
-        for request_id in list(self._seq_by_request):
-            self.abort(request_id)
-        while self.table.num_in_flight_batches or self._aborts or self._new_requests:
+        self.requests.abort_all()
+        while self.table.num_in_flight_batches or self.requests.has_control:
             self.step()
         self.tracker.resume()
         slot = self.slots[self.iteration % self.num_slots]
@@ -299,29 +277,6 @@ class PipelineExecutor:
                     self.relay.receive_inline()
             return 1
         return len(self.relay.ready)
-
-    def _take_control(self) -> tuple[Control | None, list[SeqInfo]]:
-        if not self._new_requests and not self._aborts:
-            return None, []
-        new = None
-        infos: list[SeqInfo] = []
-        if self._new_requests:
-            infos = [info for info, _ in self._new_requests]
-            lengths = np.array([i.prompt_token_ids.shape[0] for i in infos], dtype=np.int64)
-            new = NewRequests(
-                seq_ids=np.array([i.seq_id for i in infos], dtype=np.int64),
-                request_ids=[i.request_id for i in infos],
-                prompt_lengths=lengths,
-                prompt_tokens=(
-                    infos[0].prompt_token_ids
-                    if len(infos) == 1
-                    else np.concatenate([i.prompt_token_ids for i in infos])
-                ),
-                params=[i.params for i in infos],
-            )
-        control = Control(new=new, aborts=self._aborts)
-        self._new_requests, self._aborts = [], []
-        return control, infos
 
     # ===================================================================================
     # ranks > 0: serve until rank 0 shuts the pipeline down
@@ -472,7 +427,7 @@ class PipelineExecutor:
         with self.tracer.span("handle"):
             for state, diff in results:
                 self._land(state, diff)
-            if overlap.has_launched and not self._seq_by_request:
+            if overlap.has_launched and not self.requests.num_unfinished:
                 for state, diff in overlap.complete_all_but(keep=0):
                     self._land(state, diff)
 
@@ -496,8 +451,8 @@ class PipelineExecutor:
             info = self.table.infos[slot]
             if self.last_stage is not None:
                 self.last_stage.admit(info)
-            if self.outputs is not None:
-                self.outputs.on_admit(info)
+            if self.requests is not None:
+                self.requests.on_admit(info)
 
     def _apply_control(self, control: Control, local_infos: list[SeqInfo] | None = None) -> None:
         """Register new requests and apply cancellations (rank 0 passes its own infos)."""
@@ -535,8 +490,8 @@ class PipelineExecutor:
     def _land(self, state: SampleState, diff) -> None:
         table = self.table
         gained = table.land_batch(state.slots, state.sampled, state.token_ids)
-        if self.outputs is not None:
-            self._events.extend(self.outputs.on_batch(gained, diff))
+        if self.requests is not None:
+            self.requests.on_batch(gained, diff)
         finish = state.finish
         if table.num_abort_requested:
             finish = finish.copy()
@@ -555,13 +510,8 @@ class PipelineExecutor:
     def _finish_many(self, infos: list[SeqInfo], codes: list[int]) -> None:
         """Release sequences everywhere on this rank (same iteration on every rank)."""
         for info, code in zip(infos, codes):
-            if self.rank == 0:
-                output, last_delta = self.outputs.finish(info, code)
-                self._finished.append(output)
-                if last_delta is not None:
-                    self._events.append(last_delta)
-                self._seq_by_request.pop(info.request_id, None)
-                self._aborting.discard(info.request_id)
+            if self.requests is not None:
+                self.requests.on_finish(info, code)
             self.infos.pop(info.seq_id, None)
         slots = [info.slot for info in infos if info.slot >= 0]
         in_flight = [slot for slot in slots if self.table.in_flight[slot]]
