@@ -20,7 +20,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 shopt -s nullglob
 tests=()
-for file in tests/test_gpu*.py tests/test_*kernels*.py tests/test_device_sampler*.py; do
+for file in tests/test_gpu*.py tests/test_*kernels*.py tests/test_device_sampler*.py tests/test_skinny_gemm*.py; do
     tests+=("$file")
 done
 echo "python: $PYTHON   mpirun: $MPIRUN"
