@@ -280,6 +280,9 @@ class CudaGraphTimer:
         self.device = device
         self.replays = max(replays, 1)
         self._side = torch.cuda.Stream(device)
+        # each captured run with its outputs: a graph reads and writes their addresses at
+        # every replay, so what its closure holds (the inputs) must outlive the graph
+        self._captured: list[object] = []
 
     def forward(
         self, model: StageModel, run: Callable[[], object]
@@ -287,6 +290,7 @@ class CudaGraphTimer:
         warm_up(run, self._side)
         whole, _ = capture_graph(run)
         split = capture_split(run, model.layers)
+        self._captured.append((run, split.kept))
         graphs = [whole, *split.graphs]
         layer_indices = [1 + index for index, inside in enumerate(split.in_module) if inside]
 
@@ -298,7 +302,8 @@ class CudaGraphTimer:
 
     def piece(self, run: Callable[[], object]) -> Callable[[], float]:
         warm_up(run, self._side)
-        graph, _ = capture_graph(run)  # its output lives in the graph's own memory pool
+        graph, output = capture_graph(run)
+        self._captured.append((run, output))
         return lambda: self._replay_timed([graph])[0]
 
     def _replay_timed(self, graphs: list[torch.cuda.CUDAGraph]) -> list[float]:
