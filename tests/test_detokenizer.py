@@ -88,3 +88,45 @@ def test_decode_window_is_bounded():
     detok = IncrementalDetokenizer(tok)
     stream(detok, encode("abcdefghij" * 100))
     assert max(tok.decoded_lengths) <= 2 * MAX_PENDING_TOKENS
+
+
+class ByteLevelTokenizer(ByteTokenizer):
+    """The same tokenizer offering token_bytes: the detokenizer's byte path."""
+
+    def token_bytes(self, ids):
+        return bytes(i for i in ids if i != self.SPECIAL)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_byte_path_equals_the_window_path_without_decoding_windows(chunk):
+    rng = np.random.default_rng(0)
+    text_ids = encode("héllo wörld — 日本語 🙂 done")
+    noisy = text_ids + rng.integers(0, 257, size=200).tolist() + text_ids  # invalid bytes too
+    for ids in (text_ids, noisy):
+        window, byte_level = ByteTokenizer(), ByteLevelTokenizer()
+        by_window = IncrementalDetokenizer(window)
+        by_bytes = IncrementalDetokenizer(byte_level, prompt_token_ids=encode("Hi "))
+        expected = "".join(stream(by_window, ids, chunk)) + by_window.flush()
+        deltas = stream(by_bytes, ids, chunk) + [by_bytes.flush()]
+        assert "".join(deltas) == expected == by_bytes.text
+        assert byte_level.decoded_lengths == []  # no decode call at all
+
+
+def test_byte_path_holds_back_an_incomplete_character_until_it_completes():
+    detok = IncrementalDetokenizer(ByteLevelTokenizer())
+    emoji = encode("🙂")
+    assert detok.append([ord("a")]) == "a"
+    assert [detok.append([b]) for b in emoji[:3]] == ["", "", ""]
+    assert detok.append(np.array(emoji[3:], dtype=np.int32)) == "🙂"
+    assert detok.append(encode("é")[:1]) == ""
+    assert detok.flush() == "\ufffd"
+    assert detok.text == "a🙂\ufffd"
+
+
+def test_the_byte_tokenizer_offers_its_bytes():
+    from ppruntime.model.tokenizer import ByteTokenizer as ModelByteTokenizer
+
+    tokenizer = ModelByteTokenizer(vocab_size=260)
+    ids = tokenizer.encode("añ🙂").tolist()  # a BOS first: a special, no bytes
+    assert tokenizer.token_bytes(ids) == "añ🙂".encode()
+    assert tokenizer.token_bytes(ids).decode() == tokenizer.decode(ids)

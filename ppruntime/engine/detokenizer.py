@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -20,6 +21,11 @@ MAX_PENDING_TOKENS = 8
 
 
 class Tokenizer(Protocol):
+    """decode is required. A tokenizer whose text is its tokens' bytes as UTF-8, one
+    token after another, may also offer `token_bytes(ids) -> bytes` (the bytes of `ids`,
+    specials carrying none): its text is then decoded as those bytes arrive, without
+    decoding windows of tokens again."""
+
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str: ...
 
 
@@ -42,6 +48,10 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
+        # byte-level tokenizers: an incremental UTF-8 decoder holds back an incomplete
+        # character (and replaces invalid bytes) exactly as decoding all bytes at once does
+        self._token_bytes = getattr(tokenizer, "token_bytes", None)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         context = prompt_token_ids[-CONTEXT_TOKENS:] if len(prompt_token_ids) else ()
         # Window of token ids: [prefix tokens | pending tokens]
         self._window: list[int] = [int(token) for token in context]
@@ -55,6 +65,10 @@ class IncrementalDetokenizer:
 
     def append(self, new_token_ids: Sequence[int] | np.ndarray) -> str:
         """Add newly generated tokens; return the text they complete (maybe "")."""
+        if self._token_bytes is not None:
+            if isinstance(new_token_ids, np.ndarray):
+                new_token_ids = new_token_ids.tolist()
+            return self._keep(self._utf8.decode(self._token_bytes(new_token_ids)))
         if isinstance(new_token_ids, np.ndarray):
             self._window.extend(new_token_ids.tolist())
         else:
@@ -63,7 +77,14 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Emit whatever is held back (call once the request has finished)."""
+        if self._token_bytes is not None:
+            return self._keep(self._utf8.decode(b"", final=True))
         return self._emit(force=True)
+
+    def _keep(self, delta: str) -> str:
+        if delta:
+            self._pieces.append(delta)
+        return delta
 
     def _emit(self, force: bool) -> str:
         num_pending = len(self._window) - self._prefix_len

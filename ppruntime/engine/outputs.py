@@ -92,6 +92,12 @@ class RequestState:
     generation_logit_rows: list[np.ndarray] = field(default_factory=list)
     stop_string: str | None = None
 
+    @property
+    def simple_deltas(self) -> bool:
+        """A delta of this request is its new tokens and their text, nothing else (no
+        stop string to hold text back for, no log-probs)."""
+        return self.stop_matcher is None and self.logprobs is None
+
 
 class OutputCollector:
     def __init__(self, table: SequenceTable, tokenizer) -> None:
@@ -138,8 +144,27 @@ class OutputCollector:
             self._apply_diff(diff)
         if not self.num_streaming:
             return []
-        streamed = sampled_slots[self.streaming[sampled_slots]].tolist()
-        return [self._delta(self.by_slot[slot], slot, finished=False) for slot in streamed]
+        streamed = sampled_slots[self.streaming[sampled_slots]]
+        if streamed.shape[0] == 0:
+            return []
+        # Each slot gained one token: read them in one gather. A request without stop
+        # strings or log-probs that has streamed every token before this one gets this
+        # token and its text (the common case); the others take the general path.
+        table = self.table
+        counts = table.num_output[streamed]
+        newest = table.token_table[streamed, table.num_prompt[streamed] + counts - 1].tolist()
+        by_slot = self.by_slot
+        deltas = []
+        for slot, count, token in zip(streamed.tolist(), counts.tolist(), newest):
+            request = by_slot[slot]
+            if request.simple_deltas and request.streamed_tokens == count - 1:
+                request.streamed_tokens = count
+                detokenizer = request.detokenizer
+                text = "" if detokenizer is None else detokenizer.append((token,))
+                deltas.append(RequestOutput(request.info.request_id, [], [token], text))
+            else:
+                deltas.append(self._delta(request, slot, finished=False))
+        return deltas
 
     def _apply_diff(self, diff: ResponseDiff) -> None:
         for slot, matched in diff.stop_strings.items():
@@ -165,7 +190,10 @@ class OutputCollector:
                 request.prompt_logit_rows += logits.shape[0]
 
     def _delta(self, request: RequestState, slot: int, finished: bool) -> RequestOutput:
-        tokens = self.table.output_tokens(slot)[request.streamed_tokens :].tolist()
+        table = self.table
+        first = int(table.num_prompt[slot]) + request.streamed_tokens
+        end = int(table.num_prompt[slot]) + int(table.num_output[slot])
+        tokens = table.token_table[slot, first:end].tolist()
         new_logprobs = None
         if request.logprobs is not None:
             new_logprobs = request.logprobs[

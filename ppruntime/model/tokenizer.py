@@ -60,6 +60,11 @@ class ByteTokenizer:
         array = array[(array >= 0) & (array < 256)]  # specials and unused ids carry no bytes
         return array.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
+    def token_bytes(self, ids: Sequence[int]) -> bytes:
+        """The bytes of `ids` (specials and unused ids carry none): `decode` is these bytes
+        as UTF-8, so streamed text can be decoded byte by byte (IncrementalDetokenizer)."""
+        return bytes(token for token in ids if 0 <= token < 256)
+
 
 class FileTokenizer:
     """A checkpoint's tokenizer.json, loaded with the `tokenizers` library."""
