@@ -223,13 +223,20 @@ def worker(args: argparse.Namespace) -> None:
     print(READY_LINE, flush=True)
     with open(args.rounds_fifo) as rounds:
         for _ in rounds:
-            start = time.perf_counter()
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            window = time.perf_counter() - start
-            tokens = sum(len(o.token_ids) for o in outputs)
-            print(
-                ROUND_PREFIX + json.dumps({"output_tokens": tokens, "window_s": window}), flush=True
-            )
+            result = {}
+            # all the prompts in one call (the issue's offline figure), then the same prompts
+            # `clients` at a time: offline at the streams' concurrency (at PP=2 one call
+            # runs 2 x max_batch_size sequences at once, the streams only `clients`)
+            for name, group in (("", len(prompts)), ("matched_", args.clients)):
+                start = time.perf_counter()
+                tokens = 0
+                for first in range(0, len(prompts), group):
+                    chunk = prompts[first : first + group]
+                    outputs = llm.generate(chunk, params, use_tqdm=False)
+                    tokens += sum(len(o.token_ids) for o in outputs)
+                result[name + "output_tokens"] = tokens
+                result[name + "window_s"] = time.perf_counter() - start
+            print(ROUND_PREFIX + json.dumps(result), flush=True)
     llm.shutdown()
     common.emit_worker_result({"startup_s": startup_s, "warmup_s": warmup_s})
 
@@ -712,6 +719,16 @@ def _measure(args, seconds: dict) -> dict:
         (part["tokens"] / part["window_s"]) / (off["output_tokens"] / off["window_s"])
         for part, off in zip(serve_rounds, offline_rounds)
     ]
+    matched = [
+        (part["tokens"] / part["window_s"])
+        / (off["matched_output_tokens"] / off["matched_window_s"])
+        for part, off in zip(serve_rounds, offline_rounds)
+    ]
+    concurrency = [
+        (off["matched_output_tokens"] / off["matched_window_s"])
+        / (off["output_tokens"] / off["window_s"])
+        for off in offline_rounds
+    ]
     result = {
         "model": args.shape or args.model or args.preset,
         "pp": args.pp,
@@ -729,6 +746,10 @@ def _measure(args, seconds: dict) -> dict:
         "serve_over_offline_rounds": ratios,
         "serve_over_offline_total": throughput["output_tokens_per_s"] / offline_tput,
         "offline_tokens_per_s_rounds": [r["output_tokens"] / r["window_s"] for r in offline_rounds],
+        # offline `clients` prompts at a time against all at once (what the concurrency
+        # alone costs), and serve against that: the ratio is their product, round by round
+        "offline_matched_over_offline": common.percentile(concurrency, 50),
+        "serve_over_offline_matched": common.percentile(matched, 50),
         "load_average": [load_before[0], os.getloadavg()[0]],
         **{
             key: throughput[key]
@@ -777,6 +798,11 @@ def _table(args, result: dict) -> list[str]:
         f"serve / offline = {result['serve_over_offline']:.3f} (target >= 0.8; the median of "
         f"the rounds' {rounds}; load average {result['load_average'][0]:.1f} -> "
         f"{result['load_average'][1]:.1f})"
+    )
+    lines.append(
+        f"offline {args.clients} prompts at a time / all at once = "
+        f"{result['offline_matched_over_offline']:.3f}, serve / that = "
+        f"{result['serve_over_offline_matched']:.3f} (medians)"
     )
     if result["tokens_per_chunk"] is not None:
         cpu = result["server_cpu_s_per_token"]

@@ -176,17 +176,22 @@ def test_bench_serve_reports_both_paths_and_the_ttft_phase():
     the same server."""
     args = ["--shape", "small", "--device", "cpu", "--clients", "4", "--requests", "6"]
     args += ["--ttft-clients", "2", "--ttft-requests", "3", "--input-len", "8", "--output-len", "6"]
-    result = _run([sys.executable, str(SCRIPTS / "bench_serve.py"), *args])
-    assert result["model"] == "small" and result["requests"] == 6 and not result["timed_out"]
+    result = _run([sys.executable, str(SCRIPTS / "bench_serve.py"), *args, "--rounds", "2"])
+    # two rounds of the 6 requests through each path, the streams read by the lean client
+    assert result["model"] == "small" and result["requests"] == 12 and not result["timed_out"]
+    assert result["rounds"] == 2 and result["client"] == "lean", result
+    assert len(result["serve_over_offline_rounds"]) == 2, result
+    assert len(result["offline_tokens_per_s_rounds"]) == 2, result
     _positive_numbers(result, ["serve_output_tokens_per_s", "offline_output_tokens_per_s"])
     _positive_numbers(result, ["serve_over_offline", "ttft_p50_s", "itl_p50_s"])
+    _positive_numbers(result, ["offline_matched_over_offline", "serve_over_offline_matched"])
     _positive_numbers(result, ["server_cpu_s_per_token"])
     # every token arrives in some chunk, a chunk carrying at least one
     assert 1 <= result["tokens_per_chunk"] <= 6, result
     ttft = result["ttft_phase"]
     assert (ttft["clients"], ttft["requests"], ttft["timed_out"]) == (2, 3, False), ttft
     _positive_numbers(ttft, ["ttft_p50_s", "output_tokens_per_s"])
-    assert {"checkpoint_write", "offline_job", "server_start"} <= set(result["seconds"])
+    assert {"checkpoint_write", "offline_start", "server_start", "rounds"} <= set(result["seconds"])
 
 
 def test_bench_overhead_reports_the_batch_sizes_named():

@@ -203,6 +203,37 @@ def test_64_concurrent_streams_complete(pipeline_server, offline):
         assert text == greedy[index % 3].text
 
 
+def test_the_benchmark_clients_count_every_token_and_check_each_stream_ends(pipeline_server):
+    """bench_serve.py's lean client (raw HTTP/1.1 + SSE) and its httpx one, against the
+    real server: every stream's usage says all its tokens came, each ended with [DONE];
+    an error answer fails the stream instead of counting as one."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import bench_serve
+    from _sse_client import StreamError, StreamingClient
+
+    prompts = [[1, 2, 3, 4], [5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    for kind in ("lean", "httpx"):
+        record, window, timed_out = asyncio.run(
+            bench_serve._clients(pipeline_server.url, prompts, 3, 6, 120.0, kind=kind)
+        )
+        assert not timed_out and window > 0, kind
+        assert sorted(tokens for _, _, tokens in record) == [6] * 4, (kind, record)
+        for start, arrivals, _ in record:
+            # a chunk carries one token or several (paced), never none; in order
+            assert 1 <= len(arrivals) <= 6 and start <= arrivals[0], (kind, arrivals)
+            assert arrivals == sorted(arrivals), kind
+
+    async def refused():
+        client = StreamingClient(pipeline_server.url)
+        try:
+            await client.stream(client.body([1, 2], max_tokens=-1))
+        finally:
+            client.close()
+
+    with pytest.raises(StreamError, match="HTTP 400.*max_tokens"):
+        asyncio.run(refused())
+
+
 def test_disconnect_mid_stream_frees_the_blocks(pipeline_server):
     body = {"prompt": "hello", "max_tokens": 400, "temperature": 0, "stream": True}
     body["ignore_eos"] = True
