@@ -7,18 +7,29 @@ beside the same prompts through offline `LLM.generate`, in one run.
     python scripts/bench_serve.py --h200 --json    # the issue's H200 numbers, ~1-3 min
     python scripts/bench_serve.py --h200 --shape small --device cpu --json  # its flow, CPU
 
-The driver writes the random checkpoint once (`--shape`, bench_gpu.py's shapes), runs the
-offline job (`mpirun -n PP python this --worker`), then starts one server
-(`mpirun -n PP ppruntime serve --port 0`, ready when it prints its address) and runs
-every client phase against it: an untimed warm-up round, the throughput phase
-(`--clients` streams), and with `--ttft-clients N` a second phase of N streams for the
-time to first token. Both paths warm up before their timed window (kernels compile on
-first use), and every phase is bounded (`--time-limit`: what finished by then is
-reported, with `timed_out`). Reported: output tokens/s of both paths and their ratio,
-TTFT and inter-token (inter-chunk) latency percentiles, tokens a streamed chunk (> 1 when
-the server paces its chunks, serve --http-time-share), the server job's CPU seconds a token,
-and where the wall time went. The streams are spread over `--client-processes` spawned
-processes (a quarter of the cores by default) so that parsing the chunks does not cap it.
+The driver writes the random checkpoint once (`--shape`, bench_gpu.py's shapes), starts
+the offline job (`mpirun -n PP python this --worker`, warmed up, then waiting) and one
+server (`mpirun -n PP ppruntime serve --port 0`, ready when it prints its address, warmed
+up by an untimed round), and runs `--rounds` rounds in which the two take turns (the
+order alternating): the `--requests` prompts through `LLM.generate` (all in one call, the
+issue's offline figure, and again `--clients` at a time: offline at the streams'
+concurrency), then the same prompts through `--clients` streams. The job whose turn it is
+not is frozen (SIGSTOP), so neither polls while the other is timed, and each round's pair
+sees the same load of the shared machine; the headline ratio is the median of the rounds'.
+With `--ttft-clients N` a last phase of N streams measures the time to first token.
+Every phase is bounded (`--time-limit`: what finished by then is reported, with
+`timed_out`). Reported: output tokens/s of both paths, the ratio (and each round's), the
+offline clients-at-a-time / all-at-once ratio and serve against that, TTFT and
+inter-token (inter-chunk) latency percentiles, tokens a streamed chunk (> 1 when the
+server paces its chunks, serve --http-time-share), the server job's CPU a token, the load
+average, and where the wall time went.
+
+The streams are read by `_sse_client.py` (`--client lean`, default): an asyncio HTTP/1.1
++ server-sent-events reader that checks every stream ends with `[DONE]` after its finish
+reason and counts the tokens from the usage chunk. Real clients run on other machines;
+these run on the server's cores, so the less CPU they cost, the less they take from the
+server (httpx with a `json.loads` a chunk, `--client httpx`, costs 5-10x more here). They
+are spread over `--client-processes` spawned processes (a quarter of the cores by default).
 
 `--h200` is the issue's H200 measurement in one invocation: the 1B shape at PP=1, 128
 requests of 128 + 128 tokens at 64 streams beside offline, then 64 requests at 16
@@ -576,6 +587,8 @@ def _summary(parts: list[dict], clients: int, args) -> dict:
         "tokens_per_chunk": tokens / chunks if chunks else None,
         # every rank's process, whole job
         "server_cpu_s_per_token": sum(cpu) / tokens if tokens and None not in cpu else None,
+        # the same in microseconds (the JSON rounds to 4 digits)
+        "server_cpu_us_per_token": sum(cpu) / tokens * 1e6 if tokens and None not in cpu else None,
     }
 
 
@@ -760,6 +773,7 @@ def _measure(args, seconds: dict) -> dict:
                 "itl_p99_s",
                 "tokens_per_chunk",
                 "server_cpu_s_per_token",
+                "server_cpu_us_per_token",
                 "client_processes",
             )
         },
