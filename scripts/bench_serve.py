@@ -322,17 +322,34 @@ class _OfflineJob:
             if line.startswith(prefix):
                 return line[len(prefix) :]
 
+    def _open_fifo(self, timeout_s: float) -> None:
+        """The FIFO's write end, once the worker has opened its read end (a plain open
+        would wait forever for a worker that died)."""
+        deadline = time.perf_counter() + timeout_s
+        while self._fifo is None:
+            try:
+                fd = os.open(self._fifo_path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as error:  # ENXIO: no reader yet
+                if self.proc.poll() is not None or time.perf_counter() > deadline:
+                    self.kill()
+                    raise RuntimeError(
+                        f"the offline job did not take its rounds ({error}, rc="
+                        f"{self.proc.poll()}):\n" + "".join(self.output[-40:])
+                    ) from None
+                time.sleep(0.05)
+                continue
+            os.set_blocking(fd, True)
+            self._fifo = os.fdopen(fd, "w")
+
     def run_round(self, timeout_s: float) -> dict:
-        if self._fifo is None:
-            self._fifo = open(self._fifo_path, "w")  # noqa: SIM115 (closed by finish)
+        self._open_fifo(timeout_s)
         self._fifo.write("round\n")
         self._fifo.flush()
         return json.loads(self._expect(ROUND_PREFIX, timeout_s))
 
     def finish(self, timeout_s: float) -> dict:
         """End the rounds; the worker's result (start-up and warm-up seconds)."""
-        if self._fifo is None:
-            self._fifo = open(self._fifo_path, "w")  # noqa: SIM115
+        self._open_fifo(timeout_s)
         self._fifo.close()
         result = json.loads(self._expect(common.RESULT_PREFIX, timeout_s))
         self.proc.wait(timeout_s)
