@@ -112,11 +112,13 @@ class _Connection(asyncio.Protocol):
                 if end < 0:
                     break
                 size = int(buffer[position:end].split(b";", 1)[0], 16)
-                position = end + 2
-                if size == 0:  # the last chunk (no trailers are sent)
-                    del buffer[:position]
+                if size == 0:  # the last chunk: its size line, then the CRLF that ends it
+                    if len(buffer) - (end + 2) < 2:  # (no trailers are sent)
+                        break  # that CRLF may come in the next segment: keep the size line
+                    del buffer[: end + 4]
                     self._end()
                     return
+                position = end + 2
                 self._chunk_left = size
             take = min(self._chunk_left, len(buffer) - position)
             if take:

@@ -216,6 +216,7 @@ def test_switch_is_read_where_the_layer_ops_are_built(monkeypatch):
 def test_unset_switch_uses_the_table_only_on_the_device_it_was_measured_on(tmp_path, monkeypatch):
     from ppruntime.model import layer_ops
 
+    sg.table_device()  # the default table's answer, as an earlier engine start-up reads it
     monkeypatch.delenv("PPRUNTIME_SKINNY_GEMM", raising=False)
     path = tmp_path / "table.json"
     path.write_text(json.dumps({"device": "GPU A", "entries": []}))
@@ -231,7 +232,8 @@ def test_unset_switch_uses_the_table_only_on_the_device_it_was_measured_on(tmp_p
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU B")
     assert not layer_ops._skinny_table_fits(cuda)  # another GPU: cuBLAS everywhere
     monkeypatch.setenv(sg.TABLE_ENV, str(tmp_path / "missing.json"))
-    assert not layer_ops._skinny_table_fits(cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU A")
+    assert not layer_ops._skinny_table_fits(cuda)  # no table: nothing was measured
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -391,10 +391,15 @@ def table_path() -> str:
     return os.environ.get(TABLE_ENV) or str(DEFAULT_TABLE)
 
 
-@functools.cache
 def table_device(path: str | None = None) -> str | None:
-    """The device name the table at `path` (default: `table_path()`) was measured on."""
-    file = Path(path or table_path())
+    """The device name the table at `path` (default: `table_path()`, read at each call:
+    $PPRUNTIME_SKINNY_GEMM_TABLE may change) was measured on."""
+    return _table_device(path or table_path())
+
+
+@functools.cache
+def _table_device(path: str) -> str | None:
+    file = Path(path)
     if not file.is_file():
         return None
     return json.loads(file.read_text()).get("device")
