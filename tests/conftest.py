@@ -9,9 +9,17 @@ not collected at all: tests/test_mpi_suites.py launches them under mpirun instea
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Open MPI's ofi BTL (libfabric), opened and then dropped by every MPI_Init on a machine
+# without an OFI fabric (this one, CI), sleeps 1 s when it closes: every rank of every job
+# of the suite (and this process) would wait that second. The tests' ranks talk over sm
+# and tcp on one host, which is all they use; an environment that picks the BTLs keeps
+# its choice. Set before anything imports mpi4py.MPI; the jobs inherit it.
+os.environ.setdefault("OMPI_MCA_btl", "^ofi")
 
 MPI_TESTS_DIR = Path(__file__).resolve().parent / "mpi"
 

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
-from launching import REPO_ROOT, describe, mpi_env
+from launching import REPO_ROOT, describe, kill_job, mpi_env, wait_mpi
 from model_fixtures import PagedBatches, load_reference_model, make_tiny_checkpoint
 from reference_compare import compare_greedy, hf_greedy_reference
 
@@ -420,19 +420,34 @@ def test_kernels_compile_for_hopper(tmp_path):
     """The compiled path, down to an sm_90 cubin, without a GPU (and without the
     interpreter, which does not check what only the compiler does)."""
     env = {key: value for key, value in mpi_env().items() if key != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from a cache
     script = REPO_ROOT / "tests" / "kernel_scripts" / "compile_attention_kernels.py"
-    result = subprocess.run(
-        [sys.executable, str(script)],
-        cwd=str(REPO_ROOT),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, describe(result)
-    compiled = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
-    assert len(compiled) == 10, describe(result)
+    parts = 2  # two processes at once, each compiling every other kernel on one core
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(part), str(parts)],
+            cwd=str(REPO_ROOT),
+            # compile for real, not from a cache
+            env={**env, "TRITON_CACHE_DIR": str(tmp_path / f"part{part}")},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for part in range(parts)
+    ]
+    try:
+        results = [wait_mpi(proc, 240) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                kill_job(proc)
+    compiled = []
+    for result in results:
+        assert result.returncode == 0, describe(result)
+        compiled += [line for line in result.stdout.splitlines() if line.startswith("ok ")]
+    # every kernel once: the parts split the list
+    assert len(set(compiled)) == len(compiled) == 10, "\n".join(map(describe, results))
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from engine_scenarios import decode_batch
-from launching import REPO_ROOT, mpi_env, run_mpi
+from launching import REPO_ROOT, kill_job, mpi_env, run_mpi, wait_mpi
 
 from ppruntime import LLM, SamplingParams
 from ppruntime.comm.waiting import WaitTracker, wait_until
@@ -372,12 +372,28 @@ def test_triton_backend_with_padding_forced_gives_the_same_greedy_tokens(tmp_pat
         *("--prompts-file", str(prompts), "--max-tokens", "5", "--ignore-eos", "--json"),
         *("--max-batch-size", "16", "--quiet", "--attention-backend", "triton"),
     ]
-    runs = []
-    for pad in ("1", "0"):
-        env = mpi_env({"TRITON_INTERPRET": "1", "PPRUNTIME_PAD_DECODE": pad})
-        result = subprocess.run(
-            command, env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=240
+    # both runs at once: each is one interpreted process on one core
+    procs = [
+        subprocess.Popen(
+            command,
+            env=mpi_env({"TRITON_INTERPRET": "1", "PPRUNTIME_PAD_DECODE": pad}),
+            cwd=str(REPO_ROOT),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
+        for pad in ("1", "0")
+    ]
+    try:
+        results = [wait_mpi(proc, 240) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                kill_job(proc)
+    runs = []
+    for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
         assert "attention backend: triton" in result.stderr, result.stderr[-3000:]
         runs.append([json.loads(line)["token_ids"] for line in result.stdout.splitlines()])

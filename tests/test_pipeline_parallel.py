@@ -28,7 +28,16 @@ from pathlib import Path
 import mpi_scenarios as scen
 import numpy as np
 import pytest
-from launching import REPO_ROOT, describe, mpi_env, ppruntime_cmd, run_mpi
+from launching import (
+    REPO_ROOT,
+    describe,
+    kill_job,
+    mpi_env,
+    ppruntime_cmd,
+    run_mpi,
+    start_mpi,
+    wait_mpi,
+)
 from model_fixtures import ARCHITECTURES, load_reference_model, make_tiny_checkpoint
 from reference_compare import compare_greedy, hf_greedy_reference
 
@@ -129,6 +138,11 @@ def reference(ckpt_root):
         torch.set_num_threads(threads)
 
 
+# The order the tests first need the jobs in: while one job runs, the next is started
+# too (two at a time), so that one job's single rank, waits and delays leave no core idle.
+JOB_ORDER = ("pp1", "pp2", "pp3", "pp4", "pp2-slow", "pp3-slow")
+
+
 class Jobs:
     """Runs each job of JOBS at most once; results (or the failure) are kept."""
 
@@ -138,6 +152,7 @@ class Jobs:
         self.results: dict[str, dict] = {}
         self.arrays: dict[str, dict[str, np.ndarray]] = {}
         self.failures: dict[str, str] = {}
+        self.running: dict[str, subprocess.Popen] = {}
 
     def __call__(self, name: str) -> dict:
         if name in self.failures:
@@ -150,12 +165,14 @@ class Jobs:
         self(job)
         return self.arrays[job][key]
 
-    def _run(self, name: str) -> None:
+    def start(self, name: str) -> None:
+        """Start job `name` in the background (if it has not run yet)."""
+        if name in self.running or name in self.results or name in self.failures:
+            return
         spec = JOBS[name]
-        out = self.out_dir / f"{name}.json"
         args = [sys.executable, str(REPO_ROOT / "tests" / "mpi_scenarios.py")]
         args += ["--scenario", spec["scenario"], "--ckpt-root", str(self.ckpt_root)]
-        args += ["--out", str(out), "--repeat-det", ",".join(ARCHITECTURES)]
+        args += ["--out", str(self._out(name)), "--repeat-det", ",".join(ARCHITECTURES)]
         if "partition" in spec:
             args += ["--layer-partition", spec["partition"]]
         if "sliced_partition" in spec:
@@ -163,8 +180,24 @@ class Jobs:
         if "archs" in spec:
             args += ["--archs", spec["archs"]]
         env = {"PPRUNTIME_DEVICE": "cpu", "PPRUNTIME_TORCH_THREADS": "1", **spec.get("env", {})}
+        self.running[name] = start_mpi(spec["n"], args, env=env)
+
+    def close(self) -> None:
+        """End the jobs started ahead that no test waited for."""
+        for proc in self.running.values():
+            kill_job(proc)
+        self.running.clear()
+
+    def _out(self, name: str) -> Path:
+        return self.out_dir / f"{name}.json"
+
+    def _run(self, name: str) -> None:
+        self.start(name)
+        if name in JOB_ORDER[:-1]:
+            self.start(JOB_ORDER[JOB_ORDER.index(name) + 1])
+        out = self._out(name)
         try:
-            result = run_mpi(spec["n"], args, timeout=JOB_TIMEOUT_S, env=env)
+            result = wait_mpi(self.running.pop(name), timeout=JOB_TIMEOUT_S)
         except AssertionError as error:  # timed out (and killed)
             self.failures[name] = f"job {name}: {error}"
             raise
@@ -178,7 +211,10 @@ class Jobs:
 
 @pytest.fixture(scope="module")
 def jobs(ckpt_root, tmp_path_factory) -> Jobs:
-    return Jobs(ckpt_root, tmp_path_factory.mktemp("pp_jobs"))
+    started = Jobs(ckpt_root, tmp_path_factory.mktemp("pp_jobs"))
+    started.start(JOB_ORDER[0])  # while the transformers reference is computed
+    yield started
+    started.close()
 
 
 # ------------------------------------------------------------------------------------

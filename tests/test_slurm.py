@@ -147,6 +147,11 @@ SelectTypeParameters=CR_Core
 MpiDefault=none
 ReturnToService=2
 InactiveLimit=0
+# `sbatch --wait` polls slurmctld after 2 s, then every 4x longer up to 32 s while that
+# stays under MinJobAge/2: 4 keeps it at 2 s (a job that ends at 12 s is noticed at
+# 14 s, not at 42 s); a finished job's record then lives only seconds, so the tests
+# read its EndTime as soon as it ends (see ended_jobs)
+MinJobAge=4
 # seconds between the SIGTERM of scancel and the SIGKILL
 KillWait=10
 # 16 CPUs whatever this machine has: every job of the tests runs at once
@@ -310,13 +315,6 @@ class Job:
             ) from None
         return self.proc.returncode
 
-    def end_time(self) -> float:
-        """When the job ended (epoch seconds, whole seconds), as slurmctld recorded it."""
-        record = self.cluster.run(["scontrol", "show", "job", "--oneliner", self.job_id]).stdout
-        match = re.search(r"\bEndTime=(\S+)", record)
-        assert match, record
-        return datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").timestamp()
-
     def wait_generating(self) -> None:
         """Until rank 0's engine is up (then every prompt is admitted at once)."""
         rank0 = self.log_dir / "rank-0.log"
@@ -325,7 +323,6 @@ class Job:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"the engine did not start\n{self.describe()}")
             time.sleep(0.5)
-        time.sleep(2)  # a few decode steps
 
     def rank_pid(self, rank: int) -> int:
         """The pid of MPI rank `rank` of this job (found by its environment)."""
@@ -386,6 +383,7 @@ JOB_ENVS: dict[str, dict[str, str]] = {
     "kill": LONG_RUN_ENV,
 }
 FINISHING = ("defaults", "mpirun", "missing-model")
+STOPPED = ("scancel", "kill")
 
 
 @pytest.fixture(scope="module")
@@ -401,6 +399,7 @@ def jobs(slurm: LocalSlurm, tmp_path_factory) -> dict[str, Job]:
     cancelled, killed = submitted["scancel"], submitted["kill"]
     cancelled.wait_generating()
     killed.wait_generating()
+    time.sleep(2)  # a few decode steps of both
     victim = killed.rank_pid(1)
     cancelled.stopped_at = time.time()
     slurm.run(["scancel", cancelled.job_id])
@@ -409,10 +408,50 @@ def jobs(slurm: LocalSlurm, tmp_path_factory) -> dict[str, Job]:
     return submitted
 
 
+# JobState of a job that has ended (its EndTime is then when; before, it is the limit)
+ENDED_STATES = {"COMPLETING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+ENDED_STATES |= {"OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def _end_times(cluster: LocalSlurm) -> dict[str, float]:
+    """job id -> when it ended (epoch seconds, whole seconds), for every finished job
+    slurmctld still has a record of."""
+    records = cluster.run(["scontrol", "show", "job", "--oneliner"], check=False).stdout
+    ended = {}
+    for record in records.splitlines():
+        job_id = re.search(r"\bJobId=(\d+)", record)
+        state = re.search(r"\bJobState=(\S+)", record)
+        end = re.search(r"\bEndTime=(\d{4}-\S+)", record)
+        if job_id and state and end and state.group(1) in ENDED_STATES:
+            when = datetime.datetime.strptime(end.group(1), "%Y-%m-%dT%H:%M:%S")
+            ended[job_id.group(1)] = when.timestamp()
+    return ended
+
+
 @pytest.fixture(scope="module")
-def finished_jobs(jobs: dict[str, Job]) -> dict[str, tuple[Job, int]]:
+def ended_jobs(slurm: LocalSlurm, jobs: dict[str, Job]) -> dict[str, tuple[int, float | None]]:
+    """Every job to its end: name -> (sbatch --wait's exit status, slurmctld's EndTime of
+    a stopped job). The EndTime is read while the job's record is there (MinJobAge: the
+    jobs were stopped just now); sbatch notices an end at its next poll (2 s at most)."""
+    end_times: dict[str, float] = {}
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while len(end_times) < len(STOPPED) and time.monotonic() < deadline:
+        ended = _end_times(slurm)
+        end_times.update(
+            {name: ended[jobs[name].job_id] for name in STOPPED if jobs[name].job_id in ended}
+        )
+        time.sleep(0.5)
+    # a job past its time fails in its wait, named
+    return {
+        name: (job.wait(max(1.0, deadline - time.monotonic())), end_times.get(name))
+        for name, job in jobs.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_jobs(jobs, ended_jobs) -> dict[str, tuple[Job, int]]:
     """The jobs that run to their end: name -> (job, exit status)."""
-    return {name: (jobs[name], jobs[name].wait()) for name in FINISHING}
+    return {name: (jobs[name], ended_jobs[name][0]) for name in FINISHING}
 
 
 @dataclass
@@ -423,14 +462,15 @@ class Stopped:
 
 
 @pytest.fixture(scope="module")
-def stopped_jobs(jobs: dict[str, Job]) -> dict[str, Stopped]:
+def stopped_jobs(jobs, ended_jobs) -> dict[str, Stopped]:
     """The long runs. Their end comes from slurmctld: `sbatch --wait` notices it only at
-    its next poll (by then up to about half a minute apart)."""
+    its next poll."""
     stopped = {}
-    for name in ("scancel", "kill"):
+    for name in STOPPED:
         job = jobs[name]
-        status = job.wait()
-        stopped[name] = Stopped(job, status, job.end_time() - job.stopped_at)
+        status, end_time = ended_jobs[name]
+        assert end_time is not None, f"no EndTime seen for job {job.job_id}\n{job.describe()}"
+        stopped[name] = Stopped(job, status, end_time - job.stopped_at)
     return stopped
 
 

@@ -3,7 +3,8 @@
 The interpreter checks numerics but not what only the compiler checks (loop-carried
 types, layouts, shared memory); this runs triton's whole pipeline down to a cubin for
 the launches the backend picks for real model shapes. Run without TRITON_INTERPRET.
-Prints one line per kernel; exits non-zero on the first failure.
+Prints one line per kernel; exits non-zero on the first failure. `PART COUNT` arguments
+compile only that share of the kernels (tests/test_attention_kernels.py runs two at once).
 """
 
 from __future__ import annotations
@@ -92,60 +93,78 @@ def attention(name, dtype, hq, hkv, head_dim, launch, window, block_size=16):
         print(f"ok {name}: merge of {launch.num_splits} splits", flush=True)
 
 
-def main() -> int:
-    decode = pa.decode_launch(
-        num_seqs=1, num_kv_heads=8, max_context_len=32768, target_programs=528
-    )
-    assert decode.num_splits > 1
-    attention("8B decode bf16", torch.bfloat16, 32, 8, 128, decode, window=False)
-    attention(
-        "8B prefill bf16",
-        torch.bfloat16,
-        32,
-        8,
-        128,
-        pa.prefill_launch(torch.bfloat16, 512, 4),
-        False,
-    )
-    attention(
-        "8B prefill bf16 legacy",
-        torch.bfloat16,
-        32,
-        8,
-        128,
-        pa.prefill_launch(torch.bfloat16, 512, 4, kernel="legacy"),
-        False,
-    )
-    # the default prefill kernel above reads the chunk's keys through TMA descriptors;
-    # the candidate with plain new-key loads, with a window
-    tiled = pa.prefill_launch(torch.bfloat16, 512, 4)
-    attention(
-        "8B prefill bf16 new-kv window",
-        torch.bfloat16,
-        32,
-        8,
-        128,
-        replace(tiled, **pa.PREFILL_VARIANTS["new-kv"]),
-        True,
-    )
-    attention(
-        "mixed fp16 d80 window",
-        torch.float16,
-        16,
-        8,
-        80,
-        pa.prefill_launch(torch.float16, 8, 2),
-        True,
-    )
-    attention("fp32 decode d96 window", torch.float32, 8, 4, 96, decode, window=True)
-    fp32_prefill = pa.prefill_launch(torch.float32, 512, 2)
-    attention("fp32 prefill d96 window", torch.float32, 8, 4, 96, fp32_prefill, window=True)
+def kv_store_bf16_d80() -> None:
     pointers = {"k_ptr": "*bf16", "v_ptr": "*bf16", "cache_ptr": "*bf16", "slot_ptr": "*i64"}
     constants = {"BLOCK_SIZE": 16, "HEAD_DIM": 80, "HEADS_PAD": 8, "DIM_PAD": 128}
     compile_kernel(kv_store._kv_store_kernel, pointers, constants, 4, 2)
     print("ok kv store bf16 d80", flush=True)
+
+
+def steps() -> list:
+    """Every compilation of the check, each a call (in this order)."""
+    decode = pa.decode_launch(
+        num_seqs=1, num_kv_heads=8, max_context_len=32768, target_programs=528
+    )
+    assert decode.num_splits > 1
+    # the default prefill kernel reads the chunk's keys through TMA descriptors; the
+    # candidate with plain new-key loads is compiled with a window
+    tiled = pa.prefill_launch(torch.bfloat16, 512, 4)
+    fp32_prefill = pa.prefill_launch(torch.float32, 512, 2)
+    return [
+        lambda: attention("8B decode bf16", torch.bfloat16, 32, 8, 128, decode, window=False),
+        lambda: attention(
+            "8B prefill bf16",
+            torch.bfloat16,
+            32,
+            8,
+            128,
+            pa.prefill_launch(torch.bfloat16, 512, 4),
+            False,
+        ),
+        lambda: attention(
+            "8B prefill bf16 legacy",
+            torch.bfloat16,
+            32,
+            8,
+            128,
+            pa.prefill_launch(torch.bfloat16, 512, 4, kernel="legacy"),
+            False,
+        ),
+        lambda: attention(
+            "8B prefill bf16 new-kv window",
+            torch.bfloat16,
+            32,
+            8,
+            128,
+            replace(tiled, **pa.PREFILL_VARIANTS["new-kv"]),
+            True,
+        ),
+        lambda: attention(
+            "mixed fp16 d80 window",
+            torch.float16,
+            16,
+            8,
+            80,
+            pa.prefill_launch(torch.float16, 8, 2),
+            True,
+        ),
+        lambda: attention("fp32 decode d96 window", torch.float32, 8, 4, 96, decode, window=True),
+        lambda: attention(
+            "fp32 prefill d96 window", torch.float32, 8, 4, 96, fp32_prefill, window=True
+        ),
+        kv_store_bf16_d80,
+    ]
+
+
+def main(argv: list[str]) -> int:
+    """No argument: every step. `PART COUNT`: the steps i with i % COUNT == PART (the
+    test runs the parts in parallel processes, one per core)."""
+    part, count = (int(argv[0]), int(argv[1])) if argv else (0, 1)
+    for index, step in enumerate(steps()):
+        if index % count == part:
+            step()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
