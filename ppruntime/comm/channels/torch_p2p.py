@@ -35,12 +35,24 @@ class Transfer:
     (flag, None) that comm.waiting uses, so a send's Transfer sits in the slot's
     request list like an MPI request."""
 
-    __slots__ = ("work", "tensor", "what", "waited_elsewhere", "completed", "error", "_finished")
+    __slots__ = (
+        "work",
+        "tensor",
+        "what",
+        "peer",
+        "waited_elsewhere",
+        "completed",
+        "error",
+        "_finished",
+    )
 
-    def __init__(self, work, tensor: torch.Tensor, what: str, waited_elsewhere: bool) -> None:
+    def __init__(
+        self, work, tensor: torch.Tensor, what: str, peer: int, waited_elsewhere: bool
+    ) -> None:
         self.work = work
         self.tensor = tensor  # kept alive until the transfer completed
         self.what = what
+        self.peer = peer  # the rank at the other end
         # gloo: a Waiter thread calls wait() and sets `completed` or `error`; this
         # thread must then never touch the work (is_completed() turns true inside that
         # wait(), and a second wait() on a gloo work blocks for a second message)
@@ -54,7 +66,7 @@ class Transfer:
             return True
         if self.waited_elsewhere:
             if self.error is not None:
-                raise ChannelError(f"{self.what} failed: {self.error}") from self.error
+                raise ChannelError(self._failure(self.error)) from self.error
             if not self.completed:
                 return False
         else:
@@ -63,10 +75,17 @@ class Transfer:
             try:  # nccl: raises the work's error; orders the current stream after it
                 self.work.wait()
             except Exception as exc:
-                raise ChannelError(f"{self.what} failed: {exc}") from exc
+                raise ChannelError(self._failure(exc)) from exc
         self._finished = True
         self.tensor = None
         return True
+
+    def _failure(self, error: BaseException) -> str:
+        # a peer killed mid-transfer resets the connection here, often before mpirun has
+        # reported that process's death: name it as the likely cause
+        return (
+            f"{self.what} failed (rank {self.peer} may have died or closed the connection): {error}"
+        )
 
     def test(self) -> tuple[bool, None]:
         return self.done(), None
@@ -151,6 +170,7 @@ class TorchP2PChannel:
             work,
             target,
             f"activations from rank {source} over {self.backend}",
+            source,
             waited_elsewhere=self._receive_waiter is not None,
         )
         if self._receive_waiter is not None:
@@ -176,6 +196,7 @@ class TorchP2PChannel:
             work,
             hidden,
             f"activations to rank {self.next_rank} over {self.backend}",
+            self.next_rank,
             waited_elsewhere=self._send_waiter is not None,
         )
         if self._send_waiter is not None:
