@@ -24,6 +24,9 @@ import torch
 
 from ppruntime.comm.channels.base import InputBuffer, ReceiveChecks
 from ppruntime.comm.waiting import WaitTracker, wait_until
+from ppruntime.logs import get_logger
+
+log = get_logger("channels")
 
 
 class ChannelError(RuntimeError):
@@ -114,8 +117,15 @@ class Waiter:
                 return  # the group is broken: later works cannot complete either
             transfer.completed = True
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """End the thread and wait for it: a daemon thread still inside a gloo wait when
+        the interpreter finalizes is killed while it takes the GIL back, and the C++
+        frames it unwinds through abort the process ("terminate called without an
+        active exception")."""
         self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("%s: still waiting on a transfer at close", self._thread.name)
 
 
 class TorchP2PChannel:
