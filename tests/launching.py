@@ -61,9 +61,19 @@ def start_mpi(
     cwd: str | os.PathLike[str] | None = None,
 ) -> subprocess.Popen[str]:
     """Start `mpirun -n N args...` in a new session, stdout (and stderr) piped."""
+    return start_process(mpi_command(n, args, oversubscribe), mpi_env(env), merge_stderr, cwd)
+
+
+def start_process(
+    command: Sequence[str],
+    env: Mapping[str, str],
+    merge_stderr: bool = False,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.Popen[str]:
+    """Start `command` in a new session (so `kill_job` reaches all of it), output piped."""
     return subprocess.Popen(
-        mpi_command(n, args, oversubscribe),
-        env=mpi_env(env),
+        list(command),
+        env=dict(env),
         cwd=str(cwd if cwd is not None else REPO_ROOT),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -72,6 +82,19 @@ def start_mpi(
         errors="replace",
         start_new_session=True,
     )
+
+
+def wait_all(
+    procs: Sequence[subprocess.Popen[str]], timeout: float
+) -> list[subprocess.CompletedProcess[str]]:
+    """`wait_mpi` on each of jobs running at once; whatever still runs when one fails
+    (or times out) is killed."""
+    try:
+        return [wait_mpi(proc, timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                kill_job(proc)
 
 
 def wait_mpi(proc: subprocess.Popen[str], timeout: float) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
-from launching import REPO_ROOT, describe, kill_job, mpi_env, wait_mpi
+from launching import REPO_ROOT, describe, mpi_env, start_process, wait_all
 from model_fixtures import PagedBatches, load_reference_model, make_tiny_checkpoint
 from reference_compare import compare_greedy, hf_greedy_reference
 
@@ -423,25 +423,14 @@ def test_kernels_compile_for_hopper(tmp_path):
     script = REPO_ROOT / "tests" / "kernel_scripts" / "compile_attention_kernels.py"
     parts = 2  # two processes at once, each compiling every other kernel on one core
     procs = [
-        subprocess.Popen(
+        start_process(
             [sys.executable, str(script), str(part), str(parts)],
-            cwd=str(REPO_ROOT),
             # compile for real, not from a cache
-            env={**env, "TRITON_CACHE_DIR": str(tmp_path / f"part{part}")},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
+            {**env, "TRITON_CACHE_DIR": str(tmp_path / f"part{part}")},
         )
         for part in range(parts)
     ]
-    try:
-        results = [wait_mpi(proc, 240) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                kill_job(proc)
+    results = wait_all(procs, 240)
     compiled = []
     for result in results:
         assert result.returncode == 0, describe(result)

@@ -8,14 +8,13 @@ The capture and replay themselves run in tests/test_gpu_graphs.py on a GPU.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 from engine_scenarios import decode_batch
-from launching import REPO_ROOT, kill_job, mpi_env, run_mpi, wait_mpi
+from launching import mpi_env, run_mpi, start_process, wait_all
 
 from ppruntime import LLM, SamplingParams
 from ppruntime.comm.waiting import WaitTracker, wait_until
@@ -374,24 +373,10 @@ def test_triton_backend_with_padding_forced_gives_the_same_greedy_tokens(tmp_pat
     ]
     # both runs at once: each is one interpreted process on one core
     procs = [
-        subprocess.Popen(
-            command,
-            env=mpi_env({"TRITON_INTERPRET": "1", "PPRUNTIME_PAD_DECODE": pad}),
-            cwd=str(REPO_ROOT),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        start_process(command, mpi_env({"TRITON_INTERPRET": "1", "PPRUNTIME_PAD_DECODE": pad}))
         for pad in ("1", "0")
     ]
-    try:
-        results = [wait_mpi(proc, 240) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                kill_job(proc)
+    results = wait_all(procs, 240)
     runs = []
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
