@@ -27,6 +27,18 @@ _NULL_FINISH = (b'"finish_reason": null', b'"finish_reason":null')
 _DONE = b"data: [DONE]"
 
 
+def stream_request(prompt, max_tokens: int) -> dict:
+    """The benchmark's completion request: greedy, every token, streamed with usage."""
+    return {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
 class StreamError(RuntimeError):
     """A streamed response that did not end as an OpenAI stream must."""
 
@@ -213,16 +225,7 @@ class StreamingClient:
 
     def body(self, prompt, max_tokens: int) -> bytes:
         """A request, encoded once (greedy, every token, with the usage chunk)."""
-        payload = json.dumps(
-            {
-                "prompt": prompt,
-                "max_tokens": max_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-        ).encode()
+        payload = json.dumps(stream_request(prompt, max_tokens)).encode()
         return self._head.replace("{length}", str(len(payload))).encode() + payload
 
     async def stream(self, request: bytes) -> StreamResult:

@@ -279,20 +279,26 @@ def _running(job) -> object:
         _signal_job(job.proc.pid, signal.SIGSTOP)
 
 
+def _start_job(pp: int, command: list[str]) -> subprocess.Popen:
+    """`mpirun -n pp command` in a session of its own (freezing and stopping reach every
+    process of it), stdout and stderr read as one stream."""
+    return subprocess.Popen(
+        common.mpi_command(pp, command),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=common.worker_env(),
+        start_new_session=True,
+    )
+
+
 class _OfflineJob:
     """The offline worker under mpirun: a round of `LLM.generate` per `run_round()`."""
 
     def __init__(self, args, worker_args: list[str], fifo: str) -> None:
         command = [sys.executable, os.path.abspath(__file__), "--worker", *worker_args]
         command += ["--rounds-fifo", fifo]
-        self.proc = subprocess.Popen(
-            common.mpi_command(args.pp, command),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=common.worker_env(),
-            start_new_session=True,
-        )
+        self.proc = _start_job(args.pp, command)
         self.output: list[str] = []
         self.lines: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -373,14 +379,7 @@ class _Server:
             serve += ["--http-time-share", str(args.http_time_share)]
         if args.gil_switch_interval_ms is not None:
             serve += ["--gil-switch-interval-ms", str(args.gil_switch_interval_ms)]
-        self.proc = subprocess.Popen(
-            common.mpi_command(args.pp, serve),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=common.worker_env(),
-            start_new_session=True,
-        )
+        self.proc = _start_job(args.pp, serve)
         self.url = None
         self.ready = threading.Event()
         self.output: list[str] = []
@@ -432,14 +431,9 @@ class _Server:
 
 async def _one_stream(client, url: str, prompt: list[int], max_tokens: int, record: list) -> None:
     """--client httpx: one streamed request, every chunk parsed as JSON."""
-    body = {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    from _sse_client import stream_request
+
+    body = stream_request(prompt, max_tokens)
     start = time.perf_counter()
     arrivals = []
     tokens = None
