@@ -320,18 +320,24 @@ def test_bench_gpu_small_reports_every_figure(tmp_path):
         assert attention["status"] == "unavailable" and attention["reason"], attention
 
 
+def _interpreted_sweep(
+    script: str, args: list[str], out
+) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run a kernel sweep script under TRITON_INTERPRET=1: the run and its --out JSON."""
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args], cwd=str(REPO_ROOT),
+        env=mpi_env({"TRITON_INTERPRET": "1"}), capture_output=True, text=True,
+        timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert result.returncode == 0, describe(result)
+    return result, json.loads(Path(out).read_text())
+
+
 def test_sweep_decode_attention_small_checks_every_variant(tmp_path):
     """scripts/sweep_decode_attention.py --small (interpreted triton): each variant of the
     decode launch runs, agrees with the default launch and has a time."""
     out = tmp_path / "sweep.json"
-    env = {**mpi_env(), "TRITON_INTERPRET": "1"}
-    args = [sys.executable, str(SCRIPTS / "sweep_decode_attention.py"), "--small"]
-    result = subprocess.run(
-        [*args, "--out", str(out)], cwd=str(REPO_ROOT), env=env, capture_output=True,
-        text=True, timeout=TIMEOUT_S,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    _, report = _interpreted_sweep("sweep_decode_attention.py", ["--small", "--out", str(out)], out)
     cases = report["shapes"]["small"]
     assert len(cases) == 2
     for case in cases.values():
@@ -347,14 +353,7 @@ def test_sweep_decode_gemm_small_checks_every_candidate(tmp_path):
     (both split-K reductions, TMA weights, both tile orientations) agrees with torch and
     has a time beside cuBLAS's, and --out is a table skinny_config reads."""
     out = tmp_path / "table.json"
-    env = {**mpi_env(), "TRITON_INTERPRET": "1"}
-    args = [sys.executable, str(SCRIPTS / "sweep_decode_gemm.py"), "--small"]
-    result = subprocess.run(
-        [*args, "--out", str(out)], cwd=str(REPO_ROOT), env=env, capture_output=True,
-        text=True, timeout=TIMEOUT_S,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    _, report = _interpreted_sweep("sweep_decode_gemm.py", ["--small", "--out", str(out)], out)
     assert [case["label"] for case in report["cases"]] == ["small qkv m5", "small down m5"]
     assert not report["skipped"]
     for case in report["cases"]:
@@ -378,7 +377,8 @@ def test_sweep_decode_gemm_small_checks_every_candidate(tmp_path):
     )
     lookup = subprocess.run(
         [sys.executable, "-c", check], cwd=str(REPO_ROOT), capture_output=True, text=True,
-        env={**env, "PPRUNTIME_SKINNY_GEMM_TABLE": str(out)}, timeout=TIMEOUT_S,
+        env=mpi_env({"TRITON_INTERPRET": "1", "PPRUNTIME_SKINNY_GEMM_TABLE": str(out)}),
+        timeout=TIMEOUT_S,
     )  # fmt: skip
     assert lookup.returncode == 0 and lookup.stdout.split() == ["None", "None"], lookup
 
@@ -405,14 +405,8 @@ def test_sweep_prefill_attention_small_checks_and_times_each_candidate(tmp_path)
     candidate named is checked against the current kernel and timed in every case; a
     configuration past the budget is listed as skipped, not dropped."""
     out = tmp_path / "sweep.json"
-    args = [sys.executable, str(SCRIPTS / "sweep_prefill_attention.py"), "--small"]
-    args += ["--variants", "tiled,new-kv-tma-table", "--configs", "1", "--out", str(out)]
-    env = mpi_env({"TRITON_INTERPRET": "1"})
-    result = subprocess.run(
-        args, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=TIMEOUT_S
-    )
-    assert result.returncode == 0, describe(result)
-    report = json.loads(out.read_text())
+    args = ["--small", "--variants", "tiled,new-kv-tma-table", "--configs", "1", "--out", str(out)]
+    result, report = _interpreted_sweep("sweep_prefill_attention.py", args, out)
     assert report["matmul_flops_per_s"] > 0 and not report["skipped"]
     assert [entry["variant"] for entry in report["results"]] == ["tiled", "new-kv-tma-table"]
     for entry in report["results"]:
@@ -424,9 +418,5 @@ def test_sweep_prefill_attention_small_checks_and_times_each_candidate(tmp_path)
     assert result.stdout.rstrip().splitlines()[-1].startswith("total")
     budget = tmp_path / "budget.json"
     args = [*args[:-1], str(budget), "--budget-s", "0"]
-    result = subprocess.run(
-        args, cwd=str(REPO_ROOT), env=env, capture_output=True, text=True, timeout=TIMEOUT_S
-    )
-    assert result.returncode == 0, describe(result)
-    report = json.loads(budget.read_text())
+    _, report = _interpreted_sweep("sweep_prefill_attention.py", args, budget)
     assert not report["results"] and len(report["skipped"]) == 2
