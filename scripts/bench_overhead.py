@@ -50,25 +50,30 @@ DEFAULT_BATCHES = "1,2,4,8,16,32,64,128,256,512"
 PP1_ASYNC_BATCHES = "64"  # --pp1-async: the GPU measurement's batch
 
 
+def _engine(args, batch: int, **options):
+    """An engine for `batch` sequences of the workload's lengths (workers stay up)."""
+    from ppruntime.api.llm import LLM
+
+    return LLM(
+        max_batch_size=batch,
+        max_num_tokens=max(batch * args.input_len, 256),
+        max_model_len=args.input_len + args.output_len + 16,
+        exit_workers=False,
+        **options,
+    )
+
+
 def worker(args) -> None:
     common.one_torch_thread()
     import numpy as np
 
-    from ppruntime.api.llm import LLM
     from ppruntime.engine.sampling_params import SamplingParams
 
     results = []
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
     for batch in [int(b) for b in args.batches.split(",")]:
-        llm = LLM(
-            preset="null",
-            pp_size=2,
-            max_batch_size=batch,
-            max_num_tokens=max(batch * args.input_len, 256),
-            max_model_len=args.input_len + args.output_len + 16,
-            exit_workers=False,
-        )
+        llm = _engine(args, batch, preset="null", pp_size=2)
         if not llm.is_driver:
             continue  # the constructor served until rank 0 shut the engine down
         prompts = [
@@ -109,22 +114,13 @@ def pp1_async_worker(args) -> None:
 
     import numpy as np
 
-    from ppruntime.api.llm import LLM
     from ppruntime.engine.sampling_params import SamplingParams
 
     results = []
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
     for batch in [int(b) for b in args.batches.split(",")]:
-        llm = LLM(
-            preset=args.preset,
-            pp_size=1,
-            max_batch_size=batch,
-            max_num_tokens=max(batch * args.input_len, 256),
-            max_model_len=args.input_len + args.output_len + 16,
-            async_scheduling=True,
-            exit_workers=False,
-        )
+        llm = _engine(args, batch, preset=args.preset, pp_size=1, async_scheduling=True)
         executor = llm._executor
         prompts = [rng.integers(0, 256, size=args.input_len, dtype=np.int32) for _ in range(batch)]
 
