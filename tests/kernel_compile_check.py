@@ -121,8 +121,9 @@ def main() -> None:
 
 def compile_skinny_gemm() -> None:
     """The decode GEMM: bf16 with the weights through plain loads (with a bias) and through
-    a TMA descriptor (split-K partials), fp32 IEEE dots with atomic split-K, and the reduce."""
-    variants = [  # (dtype, config, K % BLOCK_K == 0, bias)
+    a TMA descriptor (split-K partials), fp32 IEEE dots with atomic split-K (unswapped), the
+    same three with SiLU-and-multiply fused into the x operand's load, and the reduce."""
+    plain = [  # (dtype, config, K % BLOCK_K == 0, bias)
         ("bf16", skinny_gemm.SkinnyConfig(block_n=64, block_k=128), True, True),
         (
             "bf16",
@@ -139,8 +140,9 @@ def compile_skinny_gemm() -> None:
             False,
         ),
     ]
+    variants = [(*variant, False) for variant in plain] + [(*variant, True) for variant in plain]
     aligned = ("x_ptr", "w_ptr", "out_ptr", "partial_ptr", "stride_xm", "stride_wn", "stride_om")
-    for dtype, config, even_k, bias in variants:
+    for dtype, config, even_k, bias, silu_mul in variants:
         split = config.split_k > 1
         weight = (
             f"tensordesc<{dtype}[{config.block_n},{config.block_k}]>"
@@ -158,6 +160,7 @@ def compile_skinny_gemm() -> None:
                     ["M", "N", "K", "stride_xm", "stride_wn", "stride_om", "stride_split"], "i32"
                 ),
                 "k_per_split": "i32",
+                "up_offset": "i32",
             },
             {
                 "BLOCK_M": config.block_m,
@@ -172,6 +175,7 @@ def compile_skinny_gemm() -> None:
                 "EVEN_K": even_k,
                 "PRECISION": "ieee" if dtype == "fp32" else "tf32",
                 "UPCAST": False,
+                "SILU_MUL": silu_mul,
             },
             {"num_warps": config.num_warps, "num_stages": config.num_stages},
             aligned,

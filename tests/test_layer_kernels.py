@@ -279,7 +279,7 @@ def test_kernels_compile_for_a_gpu(tmp_path):
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(result.stdout.splitlines()) == 20, result.stdout
+    assert len(result.stdout.splitlines()) == 23, result.stdout
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -303,3 +303,39 @@ def test_skinny_gemm_layer_ops_decode_like_transformers(tiny_checkpoints, device
     # 3 layers x 4 projections + the LM head, per forward (a prefill and NEW_TOKENS - 1 decodes)
     assert len(shapes) == NEW_TOKENS * (3 * 4 + 1), shapes
     assert {rows for rows, _, _ in shapes} == {len(PROMPTS[0]) + len(PROMPTS[1]), len(PROMPTS)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_silu_down_layer_ops_decode_like_transformers(
+    tiny_checkpoints, device, monkeypatch, tmp_path
+):
+    """A launch table with a fused SiLU-and-mul down projection for the tiny checkpoint's
+    shape: every layer's MLP (prefill of 10 tokens and decode steps) runs the one fused
+    kernel instead of silu_and_mul + the GEMM, and greedy tokens still match."""
+    import json
+
+    from ppruntime.kernels import activation, skinny_gemm
+
+    fused = skinny_gemm.SkinnyConfig(block_m=16, block_n=32, block_k=32, split_k=2)
+    table = tmp_path / "table.json"
+    entry = {"op": "silu_mul_linear", "dtype": "float32", "m": 16, "n": 64, "k": 100}
+    table.write_text(
+        json.dumps({"device": "test", "entries": [{**entry, "config": fused.as_dict()}]})
+    )
+    monkeypatch.setenv(skinny_gemm.TABLE_ENV, str(table))
+    launches, separate = [], []
+    kernel, separate_kernel = skinny_gemm.skinny_gemm_silu_mul, activation.silu_and_mul
+    monkeypatch.setattr(
+        skinny_gemm,
+        "skinny_gemm_silu_mul",
+        lambda *args: launches.append(args[0].shape[0]) or kernel(*args),
+    )
+    monkeypatch.setattr(
+        activation, "silu_and_mul", lambda gate_up: separate.append(1) or separate_kernel(gate_up)
+    )
+    directory, expected = tiny_checkpoints["llama"]
+    ops = TritonLayerOps(skinny_gemm=True, measured_only=True)
+    assert greedy_with_stages(directory, (3,), ops, device) == expected
+    prefill = len(PROMPTS[0]) + len(PROMPTS[1])
+    assert launches == [prefill] * 3 + [len(PROMPTS)] * 3 * (NEW_TOKENS - 1)
+    assert not separate

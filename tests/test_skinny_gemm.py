@@ -1,5 +1,7 @@
 """The skinny decode GEMM (ppruntime/kernels/skinny_gemm.py) against torch, its launch
-table, and the LayerOps `linear` that routes the projections and the LM head through it.
+table, and the LayerOps `linear` that routes the projections and the LM head through it;
+its SiLU-and-multiply fused variant against the two-kernel path (silu_and_mul, then the
+GEMM) and torch, its table entries and the LayerOps `silu_mul_linear` that runs it.
 
 Without a GPU the kernel runs interpreted on CPU tensors (TRITON_INTERPRET=1, set here
 before triton is imported); shapes are tiny. The interpreter's bfloat16 dot is wrong, so
@@ -24,8 +26,15 @@ pytest.importorskip("triton", reason="the triton package is not installed")
 import torch.nn.functional as F
 
 from ppruntime.config import ConfigError
+from ppruntime.kernels import activation
 from ppruntime.kernels import skinny_gemm as sg
-from ppruntime.kernels.skinny_gemm import SkinnyConfig, skinny_config, skinny_gemm
+from ppruntime.kernels.skinny_gemm import (
+    SkinnyConfig,
+    silu_mul_config,
+    skinny_config,
+    skinny_gemm,
+    skinny_gemm_silu_mul,
+)
 from ppruntime.model.layer_ops import TorchLayerOps, TritonLayerOps, select_layer_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -252,3 +261,229 @@ def test_replays_from_a_cuda_graph(name):
     torch.cuda.synchronize()
     exact = x.float() @ weight.float().T + bias.float()
     torch.testing.assert_close(out.float(), exact, rtol=1.6e-2, atol=1.6e-2)
+
+
+# --- SiLU-and-multiply fused into the down projection ------------------------------------------
+
+# the down projections of the bench's 1B and 8B shapes (scripts/_bench_models.SHAPES):
+# weight [hidden, intermediate]
+PRESET_DOWN_SHAPES = {"1b": (2048, 8192), "8b": (4096, 14336)}
+# interpreted, a full-size launch takes seconds: the presets' K (what the split-K ranges and
+# the up offset depend on) with N cut to a few programs' rows, and a few batches; on CUDA
+# the whole weight and every batch 1..64
+PRESET_ROWS = {"cuda": None, "cpu": 64}
+PRESET_BATCHES = {"cuda": list(range(1, 65)), "cpu": [3, 64]}
+PRESET_CONFIGS = {
+    "swap-split2": SkinnyConfig(block_m=64, block_n=64, block_k=256, split_k=2),
+    "no-swap-split4-atomic": SkinnyConfig(
+        block_m=64, block_n=128, block_k=256, split_k=4, reduction="atomic", swap_ab=False
+    ),
+}
+
+
+def gate_up_operands(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
+    """gate_up [m, 2k] (gate first), weight [n, k], bias [n]."""
+    generator = torch.Generator().manual_seed(seed)
+    gate_up = (2.0 * torch.randn(m, 2 * k, generator=generator)).to(dtype).to(DEVICE)
+    weight = (torch.randn(n, k, generator=generator) / k**0.5).to(dtype).to(DEVICE)
+    bias = torch.randn(n, generator=generator).to(dtype).to(DEVICE)
+    return gate_up, weight, bias
+
+
+def torch_silu_mul_linear(gate_up, weight, bias=None):
+    """The reference: today's two calls of TorchLayerOps (torch's silu rounding)."""
+    reference = TorchLayerOps()
+    return reference.linear(reference.silu_and_mul(gate_up), weight, bias)
+
+
+def assert_matches_two_kernel_path(fused, gate_up, weight, bias, config):
+    """The fused kernel's A operand is bitwise silu_and_mul's output (one shared helper),
+    so interpreted the result is the two-kernel path's bit for bit. Compiled, the same
+    operand may reach a differently scheduled MMA (from registers, not loaded), and atomic
+    split-K sums in a varying order: there, one unit in the last place of the output."""
+    unfused = skinny_gemm(activation.silu_and_mul(gate_up), weight, bias, config)
+    if DEVICE == "cpu" and sg.INTERPRETED:
+        assert torch.equal(fused, unfused)
+    else:
+        ulp = torch.finfo(fused.dtype).eps
+        scale = unfused.float().abs().max().item()
+        torch.testing.assert_close(fused.float(), unfused.float(), rtol=ulp, atol=ulp * scale)
+
+
+def assert_close_to_torch(fused, gate_up, weight, bias):
+    expected = torch_silu_mul_linear(gate_up, weight, bias)
+    assert fused.dtype == expected.dtype and fused.shape == expected.shape
+    if fused.dtype == torch.float32:
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    else:  # both round the activation to bf16; the GEMM then differs by ~2 ulp of bf16
+        scale = expected.float().abs().max().item()
+        torch.testing.assert_close(fused.float(), expected.float(), rtol=1.6e-2, atol=1e-2 * scale)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_silu_mul_matches_the_two_kernel_path(name, dtype):
+    """Every switch of the kernel (CONFIGS), with and without bias, two M tiles, K (72)
+    neither BLOCK_K fills, against skinny_gemm(silu_and_mul(gate_up)) and torch."""
+    config = CONFIGS[name]
+    if config.weights == "descriptor" and sg.TensorDescriptor is None:
+        pytest.skip("this triton has no TMA descriptors")
+    gate_up, weight, bias = gate_up_operands(17, 40, 72, dtype)
+    for b in (None, bias):
+        fused = skinny_gemm_silu_mul(gate_up, weight, b, config)
+        assert fused.dtype == dtype and fused.shape == (17, 40)
+        assert_matches_two_kernel_path(fused, gate_up, weight, b, config)
+        assert_close_to_torch(fused, gate_up, weight, b)
+
+
+@pytest.mark.parametrize("name", list(PRESET_CONFIGS))
+@pytest.mark.parametrize("preset", list(PRESET_DOWN_SHAPES))
+def test_fused_silu_mul_on_the_presets_down_shapes(preset, name):
+    """bf16 at the 1B / 8B down projection's K (and N on CUDA), decode batches up to 64."""
+    config = PRESET_CONFIGS[name]
+    n, k = PRESET_DOWN_SHAPES[preset]
+    n = PRESET_ROWS[DEVICE] or n
+    largest = max(PRESET_BATCHES[DEVICE])
+    gate_up, weight, _ = gate_up_operands(largest, n, k, torch.bfloat16, seed=2)
+    for m in PRESET_BATCHES[DEVICE]:
+        rows = gate_up[:m]  # a view: rows 2k apart, as the gate_up projection writes them
+        fused = skinny_gemm_silu_mul(rows, weight, None, config)
+        assert_matches_two_kernel_path(fused, rows, weight, None, config)
+        assert_close_to_torch(fused, rows, weight, None)
+
+
+def test_fused_silu_mul_reads_gate_up_with_a_row_stride():
+    """gate_up as a column slice of a wider buffer (rows further apart than 2K)."""
+    wide, weight, bias = gate_up_operands(6, 24, 80, torch.float32, seed=3)
+    gate_up = wide[:, :80]  # K = 40: gate 0..39, up 40..79 of each row 160 apart
+    assert gate_up.stride(0) == 160
+    weight = weight[:, :40].contiguous()
+    fused = skinny_gemm_silu_mul(gate_up, weight, bias[:24], CONFIGS["partials"])
+    assert_close_to_torch(fused, gate_up, weight, bias[:24])
+
+
+def test_fused_silu_mul_bad_operands_are_named():
+    config = CONFIGS["swap"]
+    gate_up, weight, _ = gate_up_operands(3, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="gate_up \\[M, 2K\\] and weight \\[N, K\\]"):
+        skinny_gemm_silu_mul(gate_up[:, :16], weight, None, config)  # [M, K]: no up half
+    with pytest.raises(ValueError, match="skinny_gemm_silu_mul needs one dtype"):
+        skinny_gemm_silu_mul(gate_up, weight.to(torch.bfloat16), None, config)
+    assert skinny_gemm_silu_mul(gate_up[:0], weight, None, config).shape == (0, 8)
+
+
+def fused_table(tmp_path, monkeypatch, entries: list[dict], device: str = "test") -> None:
+    """A launch table of `entries` in a new file (the module caches each path's table)."""
+    path = tmp_path / f"table{len(list(tmp_path.iterdir()))}.json"
+    path.write_text(json.dumps({"device": device, "entries": entries}))
+    monkeypatch.setenv(sg.TABLE_ENV, str(path))
+
+
+FUSED = SkinnyConfig(block_m=16, block_n=16, block_k=32, split_k=2)
+
+
+def fused_entry(m: int, n: int, k: int, config: SkinnyConfig | None) -> dict:
+    return {
+        "op": "silu_mul_linear",
+        "dtype": "float32",
+        "m": m,
+        "n": n,
+        "k": k,
+        "config": config.as_dict() if config else None,
+    }
+
+
+def test_fused_entries_are_their_own_table_rows(tmp_path, monkeypatch):
+    """A "silu_mul_linear" entry gives the fused launch for its down shape and not the
+    plain GEMM's; shapes without one (or with a null one, or beyond the largest measured
+    batch) get no fused launch, whatever the plain GEMM's rows say."""
+    plain = SkinnyConfig(block_m=16, block_n=64, block_k=64)
+    plain_entry = {"dtype": "float32", "m": 16, "n": 40, "k": 72, "config": plain.as_dict()}
+    cublas_won = {"op": "linear", "dtype": "float32", "m": 32, "n": 40, "k": 72, "config": None}
+    fused_table(
+        tmp_path,
+        monkeypatch,
+        [plain_entry, cublas_won, fused_entry(16, 40, 72, FUSED), fused_entry(32, 40, 72, None)],
+    )
+    assert silu_mul_config(5, 40, 72, torch.float32) == FUSED  # padded up to m=16
+    assert silu_mul_config(16, 40, 72, torch.float32) == FUSED
+    assert silu_mul_config(17, 40, 72, torch.float32) is None  # the two kernels won at 32
+    assert silu_mul_config(64, 40, 72, torch.float32) is None  # beyond what was measured
+    assert silu_mul_config(5, 40, 72, torch.bfloat16) is None  # another dtype: absent
+    assert silu_mul_config(5, 24, 72, torch.float32) is None  # no heuristic for fused
+    assert skinny_config(5, 40, 72, torch.float32) == plain  # the plain rows are apart
+    assert skinny_config(17, 40, 72, torch.float32) is None
+    assert sg.has_silu_mul_launches()
+    fused_table(tmp_path, monkeypatch, [plain_entry])
+    assert silu_mul_config(5, 40, 72, torch.float32) is None  # absent: the two kernels
+    assert not sg.has_silu_mul_launches()
+
+
+def test_an_unknown_table_op_is_named(tmp_path, monkeypatch):
+    fused_table(tmp_path, monkeypatch, [{**fused_entry(16, 8, 16, None), "op": "gelu"}])
+    with pytest.raises(ValueError, match="an entry's op must be one of .* got 'gelu'"):
+        silu_mul_config(5, 8, 16, torch.float32)
+
+
+def test_torch_silu_mul_linear_is_the_two_calls():
+    gate_up, weight, bias = gate_up_operands(4, 24, 32, torch.bfloat16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = F.linear(F.silu(gate) * up, weight, bias)
+    assert torch.equal(TorchLayerOps().silu_mul_linear(gate_up, weight, bias), expected)
+
+
+def count_calls(monkeypatch, module, name: str) -> list:
+    calls = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: calls.append(args) or original(*args))
+    return calls
+
+
+@pytest.mark.parametrize("measured_only", [True, False])
+def test_triton_silu_mul_linear_fuses_where_the_table_says(tmp_path, monkeypatch, measured_only):
+    fused_table(tmp_path, monkeypatch, [fused_entry(16, 40, 72, FUSED)])
+    fused_calls = count_calls(monkeypatch, sg, "skinny_gemm_silu_mul")
+    activation_calls = count_calls(monkeypatch, activation, "silu_and_mul")
+    ops = TritonLayerOps(skinny_gemm=True, measured_only=measured_only)
+    gate_up, weight, bias = gate_up_operands(6, 40, 72, torch.float32)
+    out = ops.silu_mul_linear(gate_up, weight, bias)
+    assert [call[3] for call in fused_calls] == [FUSED] and not activation_calls
+    assert torch.equal(out, skinny_gemm_silu_mul(gate_up, weight, bias, FUSED))
+    torch.testing.assert_close(out, torch_silu_mul_linear(gate_up, weight, bias))
+    fused_calls.clear()
+    # silu_and_mul, then `linear` (the plain skinny GEMM's launch or cuBLAS), for a shape
+    # without a fused entry, more rows than the entry's batch, or the skinny GEMM off
+    cases = [
+        (ops, gate_up, weight[:24]),
+        (ops, torch.cat([gate_up] * 3), weight),
+        (TritonLayerOps(), gate_up, weight),
+    ]
+    for layer_ops, rows, w in cases:
+        out = layer_ops.silu_mul_linear(rows, w)
+        assert torch.equal(out, layer_ops.linear(activation.silu_and_mul(rows), w))
+    assert not fused_calls and len(activation_calls) == 2 * len(cases)
+
+
+def test_describe_names_the_fused_launches(tmp_path, monkeypatch):
+    fused_table(tmp_path, monkeypatch, [fused_entry(16, 40, 72, FUSED)])
+    assert TritonLayerOps(skinny_gemm=True, measured_only=True).describe() == (
+        "triton (skinny GEMM on for the launch table's shapes, SiLU-and-mul fused into the "
+        "down projection where the table says)"
+    )
+    assert TritonLayerOps().describe() == "triton"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["partials", "atomic"])
+def test_fused_silu_mul_replays_from_a_cuda_graph(name):
+    config = CONFIGS[name]
+    gate_up, weight, bias = gate_up_operands(17, 40, 72, torch.bfloat16)
+    skinny_gemm_silu_mul(gate_up, weight, bias, config)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = skinny_gemm_silu_mul(gate_up, weight, bias, config)
+    gate_up.copy_(torch.randn_like(gate_up))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_to_torch(out, gate_up, weight, bias)

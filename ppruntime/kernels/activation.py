@@ -10,6 +10,16 @@ _BLOCK = 1024
 
 
 @triton.jit
+def silu_mul(gate, up):
+    """silu(gate) * up, rounded as torch's F.silu(gate) * up: silu in fp32 rounded to up's
+    dtype, the product in fp32 rounded to up's dtype. The skinny GEMM's fused A-operand
+    load calls this too, so its operand is bitwise this kernel's output."""
+    gate32 = gate.to(tl.float32)
+    silu = (gate32 / (1.0 + tl.exp(-gate32))).to(up.dtype)
+    return (silu.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(
     gate_up_ptr, out_ptr, in_row_stride, out_row_stride, inner, BLOCK: tl.constexpr
 ):
@@ -18,11 +28,7 @@ def _silu_and_mul_kernel(
     mask = cols < inner
     gate = tl.load(gate_up_ptr + row * in_row_stride + cols, mask=mask, other=0.0)
     up = tl.load(gate_up_ptr + row * in_row_stride + inner + cols, mask=mask, other=0.0)
-    gate32 = gate.to(tl.float32)
-    # silu rounded to the input dtype before the product, as torch's silu(gate) * up
-    silu = (gate32 / (1.0 + tl.exp(-gate32))).to(up.dtype)
-    out = silu.to(tl.float32) * up.to(tl.float32)
-    tl.store(out_ptr + row * out_row_stride + cols, out.to(up.dtype), mask=mask)
+    tl.store(out_ptr + row * out_row_stride + cols, silu_mul(gate, up), mask=mask)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,15 @@ kernel casts ("atomic"). Both are CUDA-graph capturable (no host sync, no data-d
 shapes). SWAP_AB computes the tile as W @ x^T ([BLOCK_N, BLOCK_M]) so that the wide
 dimension is the MMA's M (Hopper's wgmma needs 64 rows there); W is read by plain loads
 or through a TMA tensor descriptor ("descriptor", sm_90+; zero-filled past N and K).
+`skinny_gemm_silu_mul` is the MLP's down projection with SiLU-and-multiply fused in: x is
+the [M, 2K] gate_up tensor and each A tile is silu(gate) * up, computed as it is loaded
+(SILU_MUL), which saves the activation kernel's launch and its [M, K] round trip.
 
 `skinny_config(m, n, k, dtype)` picks the launch: the measured table
 (skinny_gemm_table.json beside this file, or $PPRUNTIME_SKINNY_GEMM_TABLE; written by
 scripts/sweep_decode_gemm.py --out) for shapes it holds, a heuristic for others; None
-means "use torch / cuBLAS".
+means "use torch / cuBLAS". `silu_mul_config` is the fused launch's, from the table's
+"silu_mul_linear" entries only; None means "silu_and_mul, then the GEMM".
 """
 
 from __future__ import annotations
@@ -30,12 +34,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ppruntime.kernels.activation import silu_mul
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # triton < 3.4: no TMA descriptors (weights="descriptor" is refused)
     TensorDescriptor = None
 
 REDUCTIONS = ("partials", "atomic")
+LINEAR, SILU_MUL_LINEAR = "linear", "silu_mul_linear"
+OPS = (LINEAR, SILU_MUL_LINEAR)  # what a table entry launches: the GEMM, or SiLU fused in
 WEIGHT_SOURCES = ("pointer", "descriptor")
 MAX_M = 128  # the most rows a launch is meant for (one program column covers them)
 HEURISTIC_MAX_M = 64
@@ -107,7 +115,7 @@ class SkinnyConfig:
 
 @triton.jit
 def _skinny_gemm_kernel(
-    x_ptr,  # [M, K], rows stride_xm apart
+    x_ptr,  # [M, K], rows stride_xm apart; SILU_MUL: gate_up [M, 2K] ([gate | up])
     w_ptr,  # [N, K] rows stride_wn apart; W_DESCRIPTOR: its TMA descriptor ([BLOCK_N, BLOCK_K])
     bias_ptr,  # [N] (HAS_BIAS, applied here only when not SPLIT)
     out_ptr,  # not SPLIT: y [M, N]; partials: fp32 [splits, M, N]; ATOMIC: zeroed fp32 [M, N]
@@ -119,6 +127,7 @@ def _skinny_gemm_kernel(
     stride_om,
     stride_split,  # partials: elements between two splits' [M, N] planes
     k_per_split,  # a multiple of BLOCK_K; the grid's third dimension is the number of splits
+    up_offset,  # SILU_MUL: elements from a gate column to its up column (K); else unused
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -131,6 +140,7 @@ def _skinny_gemm_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no column masks
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32, else "tf32" (unused)
     UPCAST: tl.constexpr,  # fp32 operands for the dot (the interpreter's bf16 dot is wrong)
+    SILU_MUL: tl.constexpr,  # the A operand is silu(gate) * up, computed as it is loaded
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -151,12 +161,13 @@ def _skinny_gemm_kernel(
     for k in range(k_start, k_end, BLOCK_K):
         k_cols = k + cols
         if EVEN_K:
-            x = tl.load(x_rows + k_cols[None, :], mask=m_valid[:, None], other=0.0)
+            x_mask = m_valid[:, None]
         else:
-            k_valid = k_cols < k_end
-            x = tl.load(
-                x_rows + k_cols[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0
-            )
+            x_mask = m_valid[:, None] & (k_cols < k_end)[None, :]
+        x = tl.load(x_rows + k_cols[None, :], mask=x_mask, other=0.0)
+        if SILU_MUL:  # x_ptr is gate_up: this tile's gate columns, its up columns up_offset on
+            up = tl.load(x_rows + up_offset + k_cols[None, :], mask=x_mask, other=0.0)
+            x = silu_mul(x, up)  # masked lanes: silu(0) * 0 = 0
         if W_DESCRIPTOR:
             # zeros past N and K; a box never crosses k_end inside K (k_per_split % BLOCK_K == 0)
             w = w_ptr.load([pid_n * BLOCK_N, k])
@@ -261,26 +272,59 @@ def _weight_descriptor(weight: torch.Tensor, config: SkinnyConfig):
     return TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [config.block_n, config.block_k])
 
 
-def skinny_gemm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: SkinnyConfig
-) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]), in x's dtype, fp32 accumulation."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+def _check_operands(
+    name: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    operand: str,
+    columns_per_k: int,
+) -> None:
+    """x [M, columns_per_k * K] (called `operand` in the message) against weight [N, K]."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != columns_per_k * weight.shape[1]:
         raise ValueError(
-            f"skinny_gemm needs x [M, K] and weight [N, K], got {list(x.shape)} and "
+            f"{name} needs {operand} and weight [N, K], got {list(x.shape)} and "
             f"{list(weight.shape)}"
         )
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(
-            f"skinny_gemm needs one dtype, got x {x.dtype}, weight {weight.dtype}"
+            f"{name} needs one dtype, got x {x.dtype}, weight {weight.dtype}"
             + (f", bias {bias.dtype}" if bias is not None else "")
         )
     if x.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError("skinny_gemm needs x and weight contiguous in their last (K) dimension")
+        raise ValueError(f"{name} needs x and weight contiguous in their last (K) dimension")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.stride(0) != 1):
         raise ValueError(f"bias must be contiguous [{weight.shape[0]}], got {list(bias.shape)}")
-    m, k = x.shape
-    n = weight.shape[0]
+
+
+def skinny_gemm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: SkinnyConfig
+) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ weight [N, K]^T (+ bias [N]), in x's dtype, fp32 accumulation."""
+    _check_operands("skinny_gemm", x, weight, bias, "x [M, K]", 1)
+    return _launch(x, weight, bias, config, silu_mul=False)
+
+
+def skinny_gemm_silu_mul(
+    gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: SkinnyConfig
+) -> torch.Tensor:
+    """y [M, N] = (silu(gate) * up) @ weight [N, K]^T (+ bias [N]) for gate_up [M, 2K] =
+    [gate | up]: the MLP's activation fused into its down projection. The activation is
+    computed as the A operand is loaded, rounded as kernels/activation.silu_and_mul rounds
+    it, so the result is skinny_gemm(silu_and_mul(gate_up), weight, bias, config)'s."""
+    _check_operands("skinny_gemm_silu_mul", gate_up, weight, bias, "gate_up [M, 2K]", 2)
+    return _launch(gate_up, weight, bias, config, silu_mul=True)
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: SkinnyConfig,
+    silu_mul: bool,
+) -> torch.Tensor:
+    m = x.shape[0]
+    n, k = weight.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
@@ -310,6 +354,7 @@ def skinny_gemm(
         target.stride(-2),
         m * n,
         split_range,
+        k if silu_mul else 0,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -322,6 +367,7 @@ def skinny_gemm(
         EVEN_K=k % config.block_k == 0,
         PRECISION="ieee" if x.dtype == torch.float32 or INTERPRETED else "tf32",
         UPCAST=INTERPRETED,
+        SILU_MUL=silu_mul,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -368,17 +414,25 @@ def heuristic_config(m: int, n: int, k: int, dtype: torch.dtype) -> SkinnyConfig
     return SkinnyConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split)
 
 
+TableKey = tuple[str, str, int, int]  # (op, dtype name, n, k)
+
+
 @functools.cache
-def _table(path: str) -> dict[tuple[str, int, int], list[tuple[int, SkinnyConfig | None]]]:
-    """(dtype name, n, k) -> [(m, config or None)] sorted by m, from the sweep's JSON."""
+def _table(path: str) -> dict[TableKey, list[tuple[int, SkinnyConfig | None]]]:
+    """(op, dtype name, n, k) -> [(m, config or None)] sorted by m, from the sweep's JSON.
+    An entry's "op" is one of OPS ("linear" when absent): the plain GEMM, or the down
+    projection with SiLU-and-multiply fused into its A-operand load."""
     file = Path(path)
     if not file.is_file():
         return {}
     data = json.loads(file.read_text())
-    table: dict[tuple[str, int, int], list[tuple[int, SkinnyConfig | None]]] = {}
+    table: dict[TableKey, list[tuple[int, SkinnyConfig | None]]] = {}
     for entry in data.get("entries", []):
+        op = entry.get("op", LINEAR)
+        if op not in OPS:
+            raise ValueError(f"{path}: an entry's op must be one of {OPS}, got {op!r}")
         config = entry.get("config")
-        key = (entry["dtype"], int(entry["n"]), int(entry["k"]))
+        key = (op, entry["dtype"], int(entry["n"]), int(entry["k"]))
         table.setdefault(key, []).append(
             (int(entry["m"]), SkinnyConfig.from_dict(config) if config else None)
         )
@@ -407,11 +461,11 @@ def _table_device(path: str) -> str | None:
 
 @functools.lru_cache(maxsize=4096)
 def _lookup(
-    m: int, n: int, k: int, dtype: torch.dtype, path: str, measured_only: bool
+    op: str, m: int, n: int, k: int, dtype: torch.dtype, path: str, measured_only: bool
 ) -> SkinnyConfig | None:
     if not 1 <= m <= MAX_M or dtype not in DTYPE_NAMES:
         return None
-    rows = _table(path).get((DTYPE_NAMES[dtype], n, k))
+    rows = _table(path).get((op, DTYPE_NAMES[dtype], n, k))
     if rows is None:
         return None if measured_only else heuristic_config(m, n, k, dtype)
     # the entry measured at the smallest batch that is at least m (a padded bucket); none
@@ -429,4 +483,22 @@ def skinny_config(
 
     A shape the table holds gets its measured entry (None where cuBLAS won); others get
     `heuristic_config`, or None with `measured_only`."""
-    return _lookup(m, n, k, dtype, table_path(), measured_only)
+    return _lookup(LINEAR, m, n, k, dtype, table_path(), measured_only)
+
+
+def silu_mul_config(m: int, n: int, k: int, dtype: torch.dtype) -> SkinnyConfig | None:
+    """The measured launch of `skinny_gemm_silu_mul` for gate_up [m, 2k] and W [n, k], or
+    None: run silu_and_mul and then the plain GEMM (two kernels). Only the table's
+    "silu_mul_linear" entries give one (no heuristic): the fused launch is used where the
+    sweep timed it faster than the two-kernel path."""
+    return _lookup(SILU_MUL_LINEAR, m, n, k, dtype, table_path(), True)
+
+
+def has_silu_mul_launches() -> bool:
+    """Whether the table (`table_path()`) holds any fused launch (for the start-up log)."""
+    return any(
+        config is not None
+        for (op, *_), rows in _table(table_path()).items()
+        if op == SILU_MUL_LINEAR
+        for _, config in rows
+    )

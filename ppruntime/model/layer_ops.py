@@ -7,7 +7,10 @@ reference: plain torch with Hugging Face numerics, the oracle the others are tes
 against. `TritonLayerOps` runs the kernels of ppruntime.kernels (fp32 math, one kernel per
 op, q and k rotated in place); its `linear` is F.linear (cuBLAS) unless built with
 `skinny_gemm=True` (PPRUNTIME_SKINNY_GEMM=1), which sends decode-sized matmuls to the
-skinny GEMM kernel where `skinny_config` has a launch for the shape.
+skinny GEMM kernel where `skinny_config` has a launch for the shape. `silu_mul_linear` (the
+MLP's activation and down projection) is the two calls, except in the triton ops with the
+skinny GEMM on where the table has a fused launch for the shape (`silu_mul_config`): one
+kernel then computes silu(gate) * up as it loads the GEMM's A operand.
 
 Names match the attention backends: "torch" and "triton"; `select_layer_ops(None, device)`
 picks triton on CUDA and torch elsewhere.
@@ -88,6 +91,14 @@ class LayerOps(ABC):
     @abstractmethod
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """gate_up [T, 2 * I] (gate columns first) -> silu(gate) * up [T, I]."""
+
+    def silu_mul_linear(
+        self, gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The MLP's activation and down projection: gate_up [T, 2 * I], weight [N, I]
+        -> linear(silu_and_mul(gate_up), weight, bias) [T, N]. This composition of the two
+        calls is the reference; a LayerOps may fuse them."""
+        return self.linear(self.silu_and_mul(gate_up), weight, bias)
 
     def describe(self) -> str:
         """The name and any switch that changes what runs, for the start-up log."""
@@ -183,7 +194,12 @@ class TritonLayerOps(LayerOps):
         if self._skinny is None:
             return self.name
         shapes = "the launch table's shapes" if self._measured_only else "every decode shape"
-        return f"{self.name} (skinny GEMM on for {shapes})"
+        fused = (
+            ", SiLU-and-mul fused into the down projection where the table says"
+            if self._skinny.has_silu_mul_launches()
+            else ""
+        )
+        return f"{self.name} (skinny GEMM on for {shapes}{fused})"
 
     def __repr__(self) -> str:
         measured = ", measured_only=True" if self._measured_only else ""
@@ -241,6 +257,24 @@ class TritonLayerOps(LayerOps):
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self._activation.silu_and_mul(gate_up)
+
+    def silu_mul_linear(
+        self, gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        skinny = self._skinny
+        if (
+            skinny is not None
+            and gate_up.dim() == 2
+            and gate_up.shape[0] <= skinny.MAX_M
+            and gate_up.stride(1) == 1
+            and weight.stride(1) == 1
+        ):
+            config = skinny.silu_mul_config(
+                gate_up.shape[0], weight.shape[0], weight.shape[1], gate_up.dtype
+            )
+            if config is not None:
+                return skinny.skinny_gemm_silu_mul(gate_up, weight, bias, config)
+        return super().silu_mul_linear(gate_up, weight, bias)
 
 
 def select_layer_ops(name: str | None, device: torch.device | str) -> LayerOps:

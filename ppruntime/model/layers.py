@@ -161,7 +161,8 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(inner, hidden, bias, dtype, device, ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        down = self.down_proj  # its parameters; the activation and its matmul may be one kernel
+        return self.ops.silu_mul_linear(self.gate_up_proj(x), down.weight, down.bias)
 
 
 class DecoderLayer(nn.Module):
