@@ -383,6 +383,54 @@ def test_sweep_decode_gemm_small_checks_every_candidate(tmp_path):
     assert lookup.returncode == 0 and lookup.stdout.split() == ["None", "None"], lookup
 
 
+def test_sweep_decode_gemm_fused_only_merges_into_the_base_table(tmp_path):
+    """--small --fused-only (interpreted triton): every candidate of the fused SiLU-and-mul
+    down projection agrees with torch, is timed beside silu_and_mul + cuBLAS and + the base
+    table's plain launch for the down shape; --out is the base table with that batch's
+    fused entry replaced and its other entries kept. A base of another device is refused."""
+    plain = {"block_m": 16, "block_n": 32, "block_k": 32, "split_k": 2}
+    down = {"dtype": "float32", "n": 64, "k": 128}  # the small shape's down projection
+    fused = {**down, "op": "silu_mul_linear"}
+    base_entries = [
+        {**down, "m": 5, "config": plain, "label": "plain down m5"},
+        {**fused, "m": 5, "config": plain, "label": "stale fused m5"},
+        {**fused, "m": 8, "config": None, "label": "fused m8"},
+    ]
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"device": "cpu", "entries": base_entries}))
+    out = tmp_path / "table.json"
+    args = ["--small", "--fused-only", "--base", str(base), "--out", str(out)]
+    _, table = _interpreted_sweep("sweep_decode_gemm.py", args, out)
+    (case,) = table["fused_sweep"]["cases"]
+    assert case["label"] == "small silu_down m5" and case["op"] == "silu_mul_linear"
+    assert case["cublas_us"] > 0 and case["plain_skinny_us"] > 0
+    assert case["plain_config"]["split_k"] == 2 and case["same_tiles_two_kernels_us"] > 0
+    reductions = set()
+    for row in case["candidates"]:
+        assert "error" not in row, row
+        assert row["us"] > 0 and row["max_error"] < 1e-5, row
+        reductions.add(row["config"]["split_k"] > 1 and row["config"]["reduction"])
+    assert {False, "partials", "atomic"} <= reductions
+    # interpreted, the fused kernel never beats the two kernels: a null entry in its place
+    labels = [(entry["label"], entry["config"]) for entry in table["entries"]]
+    assert labels == [
+        ("plain down m5", plain),
+        ("fused m8", None),
+        ("small silu_down m5", None),
+    ]
+    assert table["device"] == "cpu" and not table["fused_sweep"]["skipped"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"device": "NVIDIA H200", "entries": base_entries}))
+    refused = subprocess.run(
+        [sys.executable, str(SCRIPTS / "sweep_decode_gemm.py"), *args[:2], "--base", str(other),
+         "--out", str(tmp_path / "refused.json")],
+        cwd=str(REPO_ROOT), env=mpi_env({"TRITON_INTERPRET": "1"}), capture_output=True,
+        text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "measured on 'NVIDIA H200'" in refused.stderr, refused
+    assert not (tmp_path / "refused.json").exists()
+
+
 def test_profile_decode_small_reports_matmuls_and_host_functions(tmp_path):
     """scripts/profile_decode.py --small on the CPU: the step time, each projection alone,
     and the host's cProfile of the decode steps."""

@@ -477,13 +477,19 @@ def _lookup(
 
 
 def skinny_config(
-    m: int, n: int, k: int, dtype: torch.dtype, measured_only: bool = False
+    m: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    measured_only: bool = False,
+    table: str | None = None,
 ) -> SkinnyConfig | None:
     """The best-known launch for y[m, n] = x[m, k] @ W[n, k]^T, or None: use torch / cuBLAS.
 
-    A shape the table holds gets its measured entry (None where cuBLAS won); others get
-    `heuristic_config`, or None with `measured_only`."""
-    return _lookup(LINEAR, m, n, k, dtype, table_path(), measured_only)
+    A shape the table (the file `table`, default `table_path()`) holds gets its measured
+    entry (None where cuBLAS won); others get `heuristic_config`, or None with
+    `measured_only`."""
+    return _lookup(LINEAR, m, n, k, dtype, table or table_path(), measured_only)
 
 
 def silu_mul_config(m: int, n: int, k: int, dtype: torch.dtype) -> SkinnyConfig | None:
