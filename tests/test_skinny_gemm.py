@@ -247,20 +247,30 @@ def test_unset_switch_uses_the_table_only_on_the_device_it_was_measured_on(tmp_p
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("name", ["swap", "partials", "atomic", "descriptor-partials"])
-def test_replays_from_a_cuda_graph(name):
-    """Both split-K reductions (their zeroed / partial buffers included) capture and replay."""
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "silu_mul"])
+def test_replays_from_a_cuda_graph(name, fused):
+    """Both split-K reductions (their zeroed / partial buffers included) capture and replay,
+    plain and with SiLU-and-mul fused in (nothing in either syncs with the host)."""
     config = CONFIGS[name]
-    x, weight, bias = operands(17, 40, 72, torch.bfloat16)
-    skinny_gemm(x, weight, bias, config)  # compile outside the capture
+    if fused:
+        x, weight, bias = gate_up_operands(17, 40, 72, torch.bfloat16)
+        launch = skinny_gemm_silu_mul
+    else:
+        x, weight, bias = operands(17, 40, 72, torch.bfloat16)
+        launch = skinny_gemm
+    launch(x, weight, bias, config)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = skinny_gemm(x, weight, bias, config)
+        out = launch(x, weight, bias, config)
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
-    exact = x.float() @ weight.float().T + bias.float()
-    torch.testing.assert_close(out.float(), exact, rtol=1.6e-2, atol=1.6e-2)
+    if fused:
+        assert_close_to_torch(out, x, weight, bias)
+    else:
+        exact = x.float() @ weight.float().T + bias.float()
+        torch.testing.assert_close(out.float(), exact, rtol=1.6e-2, atol=1.6e-2)
 
 
 # --- SiLU-and-multiply fused into the down projection ------------------------------------------
@@ -336,8 +346,13 @@ def test_fused_silu_mul_matches_the_two_kernel_path(name, dtype):
         assert_close_to_torch(fused, gate_up, weight, b)
 
 
-@pytest.mark.parametrize("name", list(PRESET_CONFIGS))
-@pytest.mark.parametrize("preset", list(PRESET_DOWN_SHAPES))
+if DEVICE == "cuda":
+    PRESET_CASES = [(preset, name) for preset in PRESET_DOWN_SHAPES for name in PRESET_CONFIGS]
+else:  # interpreted: each preset with one of the configs
+    PRESET_CASES = list(zip(PRESET_DOWN_SHAPES, PRESET_CONFIGS))
+
+
+@pytest.mark.parametrize(("preset", "name"), PRESET_CASES)
 def test_fused_silu_mul_on_the_presets_down_shapes(preset, name):
     """bf16 at the 1B / 8B down projection's K (and N on CUDA), decode batches up to 64."""
     config = PRESET_CONFIGS[name]
@@ -471,19 +486,3 @@ def test_describe_names_the_fused_launches(tmp_path, monkeypatch):
         "down projection where the table says)"
     )
     assert TritonLayerOps().describe() == "triton"
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("name", ["partials", "atomic"])
-def test_fused_silu_mul_replays_from_a_cuda_graph(name):
-    config = CONFIGS[name]
-    gate_up, weight, bias = gate_up_operands(17, 40, 72, torch.bfloat16)
-    skinny_gemm_silu_mul(gate_up, weight, bias, config)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = skinny_gemm_silu_mul(gate_up, weight, bias, config)
-    gate_up.copy_(torch.randn_like(gate_up))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_close_to_torch(out, gate_up, weight, bias)
