@@ -75,9 +75,11 @@ def stage_bytes(config: sg.SkinnyConfig, element_bytes: int, x_tiles: int = 1) -
 
 def tile_candidates(m: int, n: int, k: int, small: bool, element_bytes: int, x_tiles: int = 1):
     """Round 1: the tiles, each with the split-K that fills the GPU and the stages that
-    keep about PIPELINE_BYTES of shared memory in flight."""
+    keep about PIPELINE_BYTES of shared memory in flight. The fused kernel (x_tiles 2) also
+    tries 256-row weight slabs: each of the N / BLOCK_N programs on a K range recomputes
+    that range's activation (two SFU operations an element), so wider slabs do less of it."""
     block_m = max(16, 1 << (m - 1).bit_length())
-    block_ns = (32,) if small else (32, 64, 128)
+    block_ns = (32,) if small else (32, 64, 128, 256) if x_tiles > 1 else (32, 64, 128)
     block_ks = (16, 32) if small else (64, 128, 256)
     for block_n, block_k in itertools.product(block_ns, block_ks):
         if block_k > max(16, 1 << (k - 1).bit_length()):
