@@ -133,11 +133,16 @@ def test_batch_one_prefill_then_decode():
     _run_steps(4, 2, 64, 16, None, torch.float32, steps=[[(0, 37)], [(0, 1)], [(0, 1)]])
 
 
-def _decode_case(contexts, block_size, hq, hkv, head_dim, dtype, table_rows=None):
-    """Sequences that already hold `contexts[b] - 1` tokens, decoding one each."""
+def _decode_case(
+    contexts, block_size, hq, hkv, head_dim, dtype, table_rows=None, random_cache=False
+):
+    """Sequences that already hold `contexts[b] - 1` tokens, decoding one each (the rest
+    of the cache zeros, or random: then a slot left unwritten shows)."""
     paging = PagedBatches(64, block_size, seed=2)
     generator = torch.Generator().manual_seed(5)
     cache = torch.zeros(2, 64, block_size, hkv, head_dim, dtype=dtype)
+    if random_cache:
+        cache.copy_(torch.randn(cache.shape, generator=generator))
     prefill, _ = paging.step([(seq, length - 1) for seq, length in enumerate(contexts)])
     keys = torch.randn(2, prefill.slot_mapping.shape[0], hkv, head_dim, generator=generator)
     write_kv(keys[0].to(dtype), keys[1].to(dtype), cache, prefill.slot_mapping)
@@ -189,6 +194,235 @@ def test_split_kv_decode_matches_torch(
     )
     torch.testing.assert_close(out.cpu(), expected, **TOLERANCE[dtype])
     assert torch.equal(cache.cpu(), reference_cache)
+
+
+def _with_padded_rows(metadata: AttentionMetadata, count: int) -> AttentionMetadata:
+    """A captured graph's padding: rows of seq_len 0 and slot -1, one query each."""
+    num_seqs = metadata.num_seqs
+    return AttentionMetadata(
+        query_start_loc=torch.arange(num_seqs + count + 1, dtype=torch.int32),
+        seq_lens=torch.cat([metadata.seq_lens, torch.zeros(count, dtype=torch.int32)]),
+        block_table=torch.cat(
+            [metadata.block_table, metadata.block_table[:1].expand(count, -1)]
+        ),  # the first real row's blocks, as StepInputPool pads
+        slot_mapping=torch.cat([metadata.slot_mapping, torch.full((count,), -1)]),
+        max_query_len=1,
+        max_seq_len=metadata.max_seq_len,
+    )
+
+
+# the decode launch storing the new token's k / v itself (slot_mapping given): block size
+# 8 and 16-key tiles put the new keys of contexts 16 / 17 / 8 / 9 at the end / start of
+# a tile or a block, and of 1 at position 0
+FUSED_STORE_CASES = {
+    # contexts, hq, hkv, head_dim, window, dtype, target programs, min split keys, table
+    # rows, padded rows
+    "splits-fp32": ([70, 33, 5, 17], 4, 2, 64, None, torch.float32, 32, 16, None, 0),
+    # 48 keys a split at least: 70 keys use 2 of the splits, the others one (unmerged)
+    "split-floor-bf16": ([70, 33, 16, 9], 4, 2, 64, None, torch.bfloat16, 32, 48, 11, 0),
+    "window-splits-bf16": ([70, 40, 8], 4, 2, 80, 20, torch.bfloat16, 24, 16, 5, 0),
+    "one-split-gqa4-fp32": ([17, 16, 1], 4, 1, 96, None, torch.float32, 1, 16, None, 0),
+    "padded-gqa1-fp32": ([20, 9], 2, 2, 64, None, torch.float32, 24, 16, None, 2),
+    "padded-one-split-bf16": ([33, 8], 8, 2, 24, 6, torch.bfloat16, 1, 16, None, 3),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED_STORE_CASES.values()), ids=list(FUSED_STORE_CASES))
+def test_decode_launch_stores_kv_as_store_kv_does(case):
+    """The fused store leaves the cache bit for bit as store_kv does, and the output is
+    today's (store_kv, then the same launch reading the new key from the cache), also
+    when the keys are split over programs and with padded rows (slot -1: nothing)."""
+    contexts, hq, hkv, head_dim, window, dtype, programs, min_keys, table_rows, padded = case
+    block_size = 8
+    metadata, positions, cache, q, k, v = _decode_case(
+        contexts, block_size, hq, hkv, head_dim, dtype, table_rows, random_cache=True
+    )
+    reference_cache = cache.clone()
+    expected = TORCH.forward(
+        q, k, v, reference_cache, TORCH.plan(metadata, positions, block_size), 0.125, window
+    )
+    launch = decode_launch(
+        len(contexts) + padded, hkv, 160, programs, block_n=16, min_keys_per_split=min_keys
+    )
+    assert (launch.num_splits > 1) == (programs > 1)
+    if padded:
+        metadata = _with_padded_rows(metadata, padded)
+        extra = torch.full((padded, max(hq, hkv), head_dim), 1e4, dtype=dtype)
+        q, k, v = (torch.cat([x, extra[:, : x.shape[1]]]) for x in (q, k, v))
+    device_metadata = _on(DEVICE, metadata)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+    args = (
+        device_metadata.query_start_loc,
+        device_metadata.seq_lens,
+        device_metadata.block_table,
+        0.125,
+        launch,
+    )
+    options = {"block_table_rows": device_metadata.block_table_rows, "sliding_window": window}
+    separate_cache = cache.to(DEVICE)
+    store_kv(k, v, separate_cache, device_metadata.slot_mapping)
+    separate = paged_attention(q, separate_cache, *args, **options)
+    fused_cache = cache.to(DEVICE)
+    fused = paged_attention(
+        q,
+        fused_cache,
+        *args,
+        **options,
+        k_new=k,
+        v_new=v,
+        slot_mapping=device_metadata.slot_mapping,
+    )
+    assert torch.equal(fused_cache, separate_cache), "the fused store differs from store_kv"
+    assert torch.equal(fused_cache.cpu(), reference_cache)
+    assert torch.equal(fused, separate), "the fused launch's output differs from today's"
+    real = len(contexts)
+    torch.testing.assert_close(fused[:real].cpu(), expected, **TOLERANCE[dtype])
+    assert torch.equal(fused[real:], torch.zeros_like(fused[real:]))  # padded rows
+
+
+def test_fused_store_reads_the_new_key_from_k_new():
+    """The launch attends to the new token's k / v as given, not to its cache slot (which
+    it writes): a stale slot of a separate launch would change the output."""
+    metadata, _, cache, q, k, v = _decode_case([20, 9], 8, 4, 2, 64, torch.float32)
+    launch = decode_launch(2, 2, 160, 8, block_n=16, min_keys_per_split=16)
+    device_metadata = _on(DEVICE, metadata)
+    q, k, v, cache = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cache.to(DEVICE)
+    args = (
+        device_metadata.query_start_loc,
+        device_metadata.seq_lens,
+        device_metadata.block_table,
+        0.125,
+        launch,
+    )
+    stale = paged_attention(q, cache.clone(), *args)  # the slots still hold zeros
+    store_kv(k, v, cache, device_metadata.slot_mapping)
+    expected = paged_attention(q, cache, *args)
+    out = paged_attention(
+        q, cache, *args, k_new=k, v_new=v, slot_mapping=device_metadata.slot_mapping
+    )
+    assert not torch.equal(stale, expected)
+    assert torch.equal(out, expected)
+
+
+def test_fused_store_needs_a_decode_launch_and_the_new_keys():
+    paging = PagedBatches(8, 8)
+    metadata, _ = paging.step([(0, 5)])
+    q = torch.zeros(5, 2, 64)
+    cache = torch.zeros(2, 8, 8, 2, 64)
+    args = (metadata.query_start_loc, metadata.seq_lens, metadata.block_table, 0.125)
+    slots = metadata.slot_mapping
+    with pytest.raises(ValueError, match="needs a decode-only launch"):
+        paged_attention(
+            q, cache, *args, AttentionLaunch(16, 16), k_new=q, v_new=q, slot_mapping=slots
+        )
+    decode = AttentionLaunch(16, 16, one_program_per_seq=True)
+    with pytest.raises(ValueError, match=r"slot_mapping \(the fused KV store\) needs this step's"):
+        paged_attention(q, cache, *args, decode, slot_mapping=slots)
+    k = torch.zeros(5, 2, 32)
+    with pytest.raises(ValueError, match=r"must both be \[5, Hkv, 64\]"):
+        paged_attention(q, cache, *args, decode, k_new=k, v_new=k, slot_mapping=slots)
+    with pytest.raises(ValueError, match=r"slot_mapping \(4,\) must be \[5\]"):
+        paged_attention(q, cache, *args, decode, k_new=q, v_new=q, slot_mapping=slots[:4])
+
+
+def test_backend_decode_step_launches_no_separate_store(monkeypatch):
+    """Through the backend: decode steps store inside the attention launch (store_kv is
+    not called), mixed steps still call it; every step's cache and output match torch."""
+    from ppruntime.model.backends import triton_backend
+
+    calls = []
+
+    def counted_store(*args):
+        calls.append(args[0].shape[0])
+        store_kv(*args)
+
+    monkeypatch.setattr(triton_backend, "store_kv", counted_store)
+    plans = _run_steps(4, 2, 64, 8, None, torch.bfloat16, steps=STEPS + [[(2, 1), (0, 1)]])
+    assert [plan.decode for plan in plans] == [False, False, True, True]
+    assert calls == [39, 15], "decode steps must not call store_kv"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU (the interpreter runs eagerly)")
+def test_fused_store_replays_from_a_cuda_graph():
+    """The fused decode launch captured once, replayed for two steps whose q / k / v,
+    slots, lengths and tables were copied into the captured buffers: cache and output as
+    store_kv + attention give them eagerly."""
+    hq, hkv, head_dim, block_size, dtype = 8, 2, 128, 16, torch.bfloat16
+    paging = PagedBatches(64, block_size, seed=4)
+    generator = torch.Generator().manual_seed(9)
+    cache = torch.randn(2, 64, block_size, hkv, head_dim, generator=generator).to(dtype)
+    contexts = [300, 37, 16, 1]
+    paging.step([(seq, length - 1) for seq, length in enumerate(contexts) if length > 1])
+    steps = [paging.step([(seq, 1) for seq in range(len(contexts))])[0] for _ in range(2)]
+    width = max(step.block_table.shape[1] for step in steps)
+    launch = decode_launch(len(contexts), hkv, width * block_size, 64, min_keys_per_split=64)
+    assert launch.num_splits > 1
+
+    def new_inputs():
+        return [
+            torch.randn(len(contexts), heads, head_dim, generator=generator).to(dtype).cuda()
+            for heads in (hq, hkv, hkv)
+        ]
+
+    def padded_table(step):
+        table = torch.zeros(len(contexts), width, dtype=torch.int32)
+        table[:, : step.block_table.shape[1]] = step.block_table
+        return table.cuda()
+
+    buffers = {
+        "q": torch.zeros(len(contexts), hq, head_dim, dtype=dtype, device="cuda"),
+        "k": torch.zeros(len(contexts), hkv, head_dim, dtype=dtype, device="cuda"),
+        "v": torch.zeros(len(contexts), hkv, head_dim, dtype=dtype, device="cuda"),
+        "query_start_loc": torch.arange(len(contexts) + 1, dtype=torch.int32, device="cuda"),
+        "seq_lens": torch.zeros(len(contexts), dtype=torch.int32, device="cuda"),
+        "block_table": torch.zeros(len(contexts), width, dtype=torch.int32, device="cuda"),
+        "slot_mapping": torch.full((len(contexts),), -1, dtype=torch.int64, device="cuda"),
+    }
+    graph_cache = cache.cuda()
+
+    def fused():
+        return paged_attention(
+            buffers["q"],
+            graph_cache,
+            buffers["query_start_loc"],
+            buffers["seq_lens"],
+            buffers["block_table"],
+            head_dim**-0.5,
+            launch,
+            k_new=buffers["k"],
+            v_new=buffers["v"],
+            slot_mapping=buffers["slot_mapping"],
+        )
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fused()  # compile outside the capture (slots -1, lengths 0: writes nothing)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = fused()
+    eager_cache = cache.cuda()
+    for step in steps:
+        q, k, v = new_inputs()
+        table = padded_table(step)
+        for name, value in (("q", q), ("k", k), ("v", v), ("block_table", table)):
+            buffers[name].copy_(value)
+        buffers["seq_lens"].copy_(step.seq_lens)
+        buffers["slot_mapping"].copy_(step.slot_mapping)
+        graph.replay()
+        store_kv(k, v, eager_cache, step.slot_mapping.cuda())
+        expected = paged_attention(
+            q,
+            eager_cache,
+            buffers["query_start_loc"],
+            step.seq_lens.cuda(),
+            table,
+            head_dim**-0.5,
+            launch,
+        )
+        assert torch.equal(graph_cache, eager_cache)
+        assert torch.equal(graph_out, expected)
 
 
 def test_backend_plan_splits_a_long_decode():

@@ -445,6 +445,142 @@ def _attend_prefix_then_new(
     return acc, running_max, running_sum
 
 
+@triton.jit
+def _store_new_kv(
+    k_new,
+    v_new,
+    token,
+    kv_head,
+    stride_k_new_token,
+    stride_k_new_head,
+    stride_v_new_token,
+    stride_v_new_head,
+    slot_mapping_ptr,
+    head_cache_ptr,  # the cache's K of this KV head; V is stride_cache_kv further
+    stride_cache_kv,
+    stride_cache_block,
+    stride_cache_offset,
+    owns_new,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+):
+    """Token `token`'s k and v of this KV head [DIM_PAD], in the cache's dtype (as store_kv
+    rounds them), loaded when owns_new (zeros otherwise), and written into the cache at
+    the token's slot when owns_new and the slot is not -1."""
+    dims = tl.arange(0, DIM_PAD)
+    # masks from scalar limits (the interpreter mistypes a tensor & a scalar)
+    limit = tl.where(owns_new, HEAD_DIM, 0)
+    valid = dims < limit
+    cache_type = head_cache_ptr.dtype.element_ty
+    k_row = k_new + token * stride_k_new_token + kv_head.to(tl.int64) * stride_k_new_head
+    v_row = v_new + token * stride_v_new_token + kv_head.to(tl.int64) * stride_v_new_head
+    new_k = tl.load(k_row + dims, mask=valid, other=0.0).to(cache_type)
+    new_v = tl.load(v_row + dims, mask=valid, other=0.0).to(cache_type)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    dest = (
+        head_cache_ptr
+        + (slot // BLOCK_SIZE) * stride_cache_block
+        + (slot % BLOCK_SIZE) * stride_cache_offset
+        + dims
+    )
+    stored = dims < tl.where(slot >= 0, limit, 0)
+    tl.store(dest, new_k, mask=stored)
+    tl.store(dest + stride_cache_kv, new_v, mask=stored)
+    return new_k, new_v
+
+
+@triton.jit
+def _decode_tile(
+    acc,
+    running_max,
+    running_sum,
+    q,
+    q_pos,
+    tile_start,
+    kv_low,
+    kv_high,
+    table_ptr,
+    k_ptr,  # the cache's K of this program's KV head; V is stride_cache_kv further
+    stride_cache_kv,
+    stride_cache_block,
+    stride_cache_offset,
+    scale_log2,
+    sliding_window,
+    new_pos,  # WITH_NEW: the key read from new_k / new_v instead of the cache (-1: none)
+    new_k,  # [DIM_PAD] in the cache's dtype
+    new_v,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SCALED_Q: tl.constexpr,
+    WITH_NEW: tl.constexpr,
+):
+    """One BLOCK_N-key tile of the decode loop (every key, causal and window mask), keys
+    looked up one by one through the block table. WITH_NEW: the key at new_pos comes
+    from new_k / new_v (the values the fused store writes; its slot is not read)."""
+    dims = tl.arange(0, DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    cache_type = k_ptr.dtype.element_ty
+    key_pos = tile_start + tl.arange(0, BLOCK_N)
+    key_valid = (key_pos >= kv_low) & (key_pos < kv_high)
+    block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+    key_offset = (
+        block_ids.to(tl.int64) * stride_cache_block + (key_pos % BLOCK_SIZE) * stride_cache_offset
+    )
+    if WITH_NEW:
+        is_new = key_pos == new_pos
+        cached = key_valid & (key_pos != new_pos)
+    else:
+        cached = key_valid
+    k = tl.load(
+        k_ptr + key_offset[None, :] + dims[:, None],
+        mask=cached[None, :] & dim_valid[:, None],
+        other=0.0,
+    )  # [DIM_PAD, BLOCK_N]
+    v = tl.load(
+        k_ptr + stride_cache_kv + key_offset[:, None] + dims[None, :],
+        mask=cached[:, None] & dim_valid[None, :],
+        other=0.0,
+    )  # [BLOCK_N, DIM_PAD]
+    if WITH_NEW:
+        k = tl.where(is_new[None, :], new_k[:, None], k)
+        v = tl.where(is_new[:, None], new_v[None, :], v)
+    probs_type = cache_type
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        probs_type = tl.float32
+    if IEEE:
+        scores = tl.dot(q, k, input_precision="ieee")
+    else:
+        scores = tl.dot(q, k)
+    if not SCALED_Q:
+        scores = scores * scale_log2
+    q_pos_2d = q_pos[:, None]
+    visible = key_valid[None, :] & (key_pos[None, :] <= q_pos_2d)
+    if USE_WINDOW:
+        visible = visible & (key_pos[None, :] > q_pos_2d - sliding_window)
+    scores = tl.where(visible, scores, float("-inf"))
+    new_max = tl.maximum(running_max, tl.max(scores, 1))
+    # a row that has seen no visible key yet keeps max -inf: shift by 0 instead
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    probs = tl.exp2(scores - shift[:, None])
+    rescale = tl.exp2(running_max - shift)
+    running_sum = running_sum * rescale + tl.sum(probs, 1)
+    probs = probs.to(cache_type)  # the rounding of a native bf16/fp16 dot
+    if IEEE:
+        update = tl.dot(probs.to(probs_type), v, input_precision="ieee")
+    else:
+        update = tl.dot(probs.to(probs_type), v)
+    acc = acc * rescale[:, None] + update
+    return acc, new_max, running_sum
+
+
 @triton.jit(do_not_specialize=["num_seqs", "sliding_window"])
 def _paged_attention_kernel(
     out_ptr,  # [T, Hq, D] (not SPLIT)
@@ -456,7 +592,8 @@ def _paged_attention_kernel(
     seq_lens_ptr,  # [B]
     block_table_ptr,  # [B or R, max_blocks]
     block_table_rows_ptr,  # [B] (HAS_ROWS)
-    k_new,  # NEW_KV 1: this step's k [T, Hkv, D]; NEW_KV 2: its [T, Hkv * D] descriptor
+    slot_mapping_ptr,  # [T] (STORE_NEW_KV): where each token's k / v goes; -1: nowhere
+    k_new,  # NEW_KV 1 / STORE_NEW_KV: this step's k [T, Hkv, D]; NEW_KV 2: a descriptor
     v_new,
     scale_log2,
     sliding_window,
@@ -496,6 +633,7 @@ def _paged_attention_kernel(
     EDGE_STAGES: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     CACHE_SOURCE: tl.constexpr,
+    STORE_NEW_KV: tl.constexpr,
 ):
     program = tl.program_id(0)
     if CAUSAL_TILING:
@@ -554,6 +692,22 @@ def _paged_attention_kernel(
         base, per_split, splits_used = _split_runs(
             kv_low, kv_high, tl.num_programs(2), BLOCK_N, MIN_SPLIT_KEYS
         )
+    if STORE_NEW_KV:
+        # decode: the sequence's one new token is its last key, position kv_high - 1. The
+        # split that holds that key (split 0 of a sequence with none) writes its k / v
+        # into the cache, and attends to it from registers: no program reads its slot
+        if SPLIT:
+            owns_new = split == tl.maximum(splits_used - 1, 0)
+        else:
+            owns_new = split == 0
+        new_pos = tl.where(owns_new, kv_high - 1, -1)
+        new_k, new_v = _store_new_kv(
+            k_new, v_new, first_token.to(tl.int64), kv_head, stride_k_new_token,
+            stride_k_new_head, stride_v_new_token, stride_v_new_head, slot_mapping_ptr,
+            cache_ptr + kv_head.to(tl.int64) * stride_cache_head, stride_cache_kv,
+            stride_cache_block, stride_cache_offset, owns_new, BLOCK_SIZE, HEAD_DIM, DIM_PAD,
+        )  # fmt: skip
+    if SPLIT:
         kv_low = tl.maximum(kv_low, base + split * per_split)
         kv_high = tl.minimum(kv_high, base + split * per_split + per_split)
         if kv_low >= kv_high:
@@ -613,53 +767,27 @@ def _paged_attention_kernel(
             SCALED_Q, LAZY_RESCALE, EDGE_STAGES, False,
         )  # fmt: skip
     else:
-        for tile_start in range((kv_low // BLOCK_N) * BLOCK_N, kv_high, BLOCK_N):
-            key_pos = tile_start + tl.arange(0, BLOCK_N)
-            key_valid = (key_pos >= kv_low) & (key_pos < kv_high)
-            block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
-            key_offset = (
-                block_ids.to(tl.int64) * stride_cache_block
-                + (key_pos % BLOCK_SIZE) * stride_cache_offset
-                + head_offset
-            )
-            k = tl.load(
-                cache_ptr + key_offset[None, :] + dims[:, None],
-                mask=key_valid[None, :] & dim_valid[:, None],
-                other=0.0,
-            )  # [DIM_PAD, BLOCK_N]
-            v = tl.load(
-                cache_ptr + stride_cache_kv + key_offset[:, None] + dims[None, :],
-                mask=key_valid[:, None] & dim_valid[None, :],
-                other=0.0,
-            )  # [BLOCK_N, DIM_PAD]
-            probs_type = cache_type
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-                probs_type = tl.float32
-            if IEEE:
-                scores = tl.dot(q, k, input_precision="ieee")
-            else:
-                scores = tl.dot(q, k)
-            if not SCALED_Q:
-                scores = scores * scale_log2
-            visible = key_valid[None, :] & (key_pos[None, :] <= q_pos[:, None])
-            if USE_WINDOW:
-                visible = visible & (key_pos[None, :] > q_pos[:, None] - sliding_window)
-            scores = tl.where(visible, scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, 1))
-            # a row that has seen no visible key yet keeps max -inf: shift by 0 instead
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            probs = tl.exp2(scores - shift[:, None])
-            rescale = tl.exp2(running_max - shift)
-            running_sum = running_sum * rescale + tl.sum(probs, 1)
-            probs = probs.to(cache_type)  # the rounding of a native bf16/fp16 dot
-            if IEEE:
-                update = tl.dot(probs.to(probs_type), v, input_precision="ieee")
-            else:
-                update = tl.dot(probs.to(probs_type), v)
-            acc = acc * rescale[:, None] + update
-            running_max = new_max
+        tiles_low = (kv_low // BLOCK_N) * BLOCK_N
+        if STORE_NEW_KV:  # the last tile (the new key's, in its owner) peeled off the loop
+            tiles_high = tl.maximum(tl.cdiv(kv_high, BLOCK_N) * BLOCK_N - BLOCK_N, tiles_low)
+        else:
+            tiles_high = kv_high
+        for tile_start in range(tiles_low, tiles_high, BLOCK_N):
+            acc, running_max, running_sum = _decode_tile(
+                acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
+                table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
+                stride_cache_offset, scale_log2, sliding_window, -1, q, q, BLOCK_SIZE,
+                HEAD_DIM, DIM_PAD, BLOCK_N, USE_WINDOW, IEEE, UPCAST, SCALED_Q, False,
+            )  # fmt: skip
+        if STORE_NEW_KV:  # noqa: SIM102 (a compile-time branch around a run-time one)
+            if kv_low < kv_high:  # (a padded row has no keys)
+                acc, running_max, running_sum = _decode_tile(
+                    acc, running_max, running_sum, q, q_pos, tiles_high, kv_low, kv_high,
+                    table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
+                    stride_cache_offset, scale_log2, sliding_window, new_pos, new_k, new_v,
+                    BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, USE_WINDOW, IEEE, UPCAST, SCALED_Q,
+                    True,
+                )  # fmt: skip
 
     if SPLIT:
         # one split held every key (a context up to MIN_SPLIT_KEYS): it writes the output
@@ -918,6 +1046,7 @@ def paged_attention(
     sliding_window: int | None = None,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] against the paged cache [2, NB, BS, Hkv, D] -> [T, Hq, D] in q's dtype.
 
@@ -928,6 +1057,10 @@ def paged_attention(
 
     k_new, v_new [T, Hkv, D]: this step's keys and values (already stored in the cache),
     read from there instead of the cache when launch.new_kv is not "cache".
+
+    slot_mapping [T] (decode-only launches): the launch itself stores k_new / v_new into
+    the cache at these slots (-1: nothing), bit for bit as `store_kv` would, instead of
+    a `store_kv` before it; each token's own key is then read from k_new / v_new.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = layer_cache.shape[3]
@@ -953,7 +1086,10 @@ def paged_attention(
         raise ValueError("causal_tiling is for mixed / prefill launches, not decode-only ones")
     if not launch.pack_group and launch.one_program_per_seq:
         raise ValueError("pack_group=False is for mixed / prefill launches, not decode-only ones")
-    k_source, v_source, new_strides = _new_kv_sources(launch, q, k_new, v_new, group)
+    if slot_mapping is not None:
+        k_source, v_source, new_strides = _stored_kv_sources(launch, q, k_new, v_new, slot_mapping)
+    else:
+        k_source, v_source, new_strides = _new_kv_sources(launch, q, k_new, v_new, group)
     if num_splits > 1:
         partial_out = torch.empty(
             (num_tokens, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
@@ -974,6 +1110,7 @@ def paged_attention(
         seq_lens,
         block_table,
         block_table_rows if block_table_rows is not None else seq_lens,
+        slot_mapping if slot_mapping is not None else seq_lens,
         k_source,
         v_source,
         scale * LOG2_E,
@@ -997,6 +1134,7 @@ def paged_attention(
             q.dtype,
             has_rows=block_table_rows is not None,
             has_window=sliding_window is not None,
+            stores_new_kv=slot_mapping is not None,
         ),
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
@@ -1030,17 +1168,8 @@ def _new_kv_sources(
         return q, q, (0, 0, 0, 0)
     if not launch.causal_tiling:
         raise ValueError(f"new_kv={launch.new_kv!r} needs causal_tiling")
-    if k_new is None or v_new is None:
-        raise ValueError(f"new_kv={launch.new_kv!r} needs this step's k_new and v_new")
+    strides = _new_kv_strides(f"new_kv={launch.new_kv!r}", q, k_new, v_new)
     num_tokens, num_kv_heads, head_dim = k_new.shape
-    if v_new.shape != k_new.shape or num_tokens != q.shape[0]:
-        raise ValueError(
-            f"k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} must both be "
-            f"[{q.shape[0]}, Hkv, {q.shape[2]}]"
-        )
-    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
-        raise ValueError("k_new and v_new must be contiguous in their last (head_dim) dimension")
-    strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1))
     if launch.new_kv == "pointer":
         return k_new, v_new, strides
     if TensorDescriptor is None:
@@ -1064,6 +1193,44 @@ def _new_kv_sources(
     return descriptors[0], descriptors[1], (0, 0, 0, 0)
 
 
+def _new_kv_strides(
+    what: str, q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor | None
+) -> tuple[int, int, int, int]:
+    """k_new / v_new's token and head strides, after checking their shapes; `what` names
+    the feature that needs them in the error."""
+    if k_new is None or v_new is None:
+        raise ValueError(f"{what} needs this step's k_new and v_new")
+    if v_new.shape != k_new.shape or k_new.shape[0] != q.shape[0] or k_new.shape[2] != q.shape[2]:
+        raise ValueError(
+            f"k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} must both be "
+            f"[{q.shape[0]}, Hkv, {q.shape[2]}]"
+        )
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+        raise ValueError("k_new and v_new must be contiguous in their last (head_dim) dimension")
+    return (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1))
+
+
+def _stored_kv_sources(
+    launch: AttentionLaunch,
+    q: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    slot_mapping: torch.Tensor,
+) -> tuple[object, object, tuple[int, int, int, int]]:
+    """The kernel's (k_new, v_new, their strides) when the launch stores them (decode)."""
+    if not launch.one_program_per_seq:
+        raise ValueError(
+            "slot_mapping (the fused KV store) needs a decode-only launch "
+            "(one_program_per_seq); store mixed batches with store_kv first"
+        )
+    strides = _new_kv_strides("slot_mapping (the fused KV store)", q, k_new, v_new)
+    if tuple(slot_mapping.shape) != (q.shape[0],):
+        raise ValueError(
+            f"slot_mapping {tuple(slot_mapping.shape)} must be [{q.shape[0]}], a slot a token"
+        )
+    return k_new, v_new, strides
+
+
 def attention_constants(
     launch: AttentionLaunch,
     group: int,
@@ -1072,8 +1239,10 @@ def attention_constants(
     dtype: torch.dtype,
     has_rows: bool,
     has_window: bool,
+    stores_new_kv: bool = False,
 ) -> dict[str, object]:
-    """The compile-time constants of `_paged_attention_kernel` for one launch."""
+    """The compile-time constants of `_paged_attention_kernel` for one launch
+    (stores_new_kv: the decode launch writes this step's k / v into the cache)."""
     block_m, block_q = _rows(group, launch.block_m, launch.pack_group)
     return {
         "BLOCK_SIZE": block_size,
@@ -1098,6 +1267,7 @@ def attention_constants(
         "EDGE_STAGES": launch.edge_stages,
         "WARP_SPECIALIZE": launch.warp_specialize,
         "CACHE_SOURCE": 3 if launch.table_per_block else 0,
+        "STORE_NEW_KV": stores_new_kv,
     }
 
 

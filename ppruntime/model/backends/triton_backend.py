@@ -1,5 +1,9 @@
 """The `triton` attention backend: a KV-store kernel and flash-style paged attention.
 
+A decode step launches the attention kernel alone: it writes the new token's k / v
+into the cache itself (`paged_attention(..., slot_mapping=...)`); prefill and mixed
+steps run `store_kv` first, then attention.
+
 plan() reads host values only, never tensor data:
 - attn.max_query_len == 1 together with num_tokens == num_seqs picks the decode path
   (one program per sequence x KV head x split, then a merge kernel);
@@ -123,7 +127,13 @@ class TritonAttentionBackend:
         sliding_window: int | None,
     ) -> torch.Tensor:
         attn = plan.attn
-        store_kv(k, v, layer_cache, attn.slot_mapping)
+        launch = plan.launch_for(
+            layer_cache.shape[3], q.shape[1] // layer_cache.shape[3], q.shape[2], q.dtype
+        )
+        # decode: the attention launch stores k / v itself (one kernel a layer fewer)
+        fused_store = launch.one_program_per_seq
+        if not fused_store:
+            store_kv(k, v, layer_cache, attn.slot_mapping)
         return paged_attention(
             q,
             layer_cache,
@@ -131,11 +141,10 @@ class TritonAttentionBackend:
             attn.seq_lens,
             attn.block_table,
             scale,
-            plan.launch_for(
-                layer_cache.shape[3], q.shape[1] // layer_cache.shape[3], q.shape[2], q.dtype
-            ),
+            launch,
             block_table_rows=attn.block_table_rows,
             sliding_window=sliding_window,
-            k_new=k,  # read from here when the launch's new_kv says so
+            k_new=k,  # read from here when the launch's new_kv says so, or stored (decode)
             v_new=v,
+            slot_mapping=attn.slot_mapping if fused_store else None,
         )
