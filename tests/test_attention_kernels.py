@@ -259,10 +259,10 @@ def test_decode_launch_stores_kv_as_store_kv_does(case):
         launch,
     )
     options = {"block_table_rows": device_metadata.block_table_rows, "sliding_window": window}
-    separate_cache = cache.to(DEVICE)
+    separate_cache = cache.clone().to(DEVICE)
     store_kv(k, v, separate_cache, device_metadata.slot_mapping)
     separate = paged_attention(q, separate_cache, *args, **options)
-    fused_cache = cache.to(DEVICE)
+    fused_cache = cache.clone().to(DEVICE)  # (.to of a CPU tensor is the tensor)
     fused = paged_attention(
         q,
         fused_cache,
@@ -280,13 +280,21 @@ def test_decode_launch_stores_kv_as_store_kv_does(case):
     assert torch.equal(fused[real:], torch.zeros_like(fused[real:]))  # padded rows
 
 
-def test_fused_store_reads_the_new_key_from_k_new():
-    """The launch attends to the new token's k / v as given, not to its cache slot (which
-    it writes): a stale slot of a separate launch would change the output."""
-    metadata, _, cache, q, k, v = _decode_case([20, 9], 8, 4, 2, 64, torch.float32)
-    launch = decode_launch(2, 2, 160, 8, block_n=16, min_keys_per_split=16)
+def test_fused_store_attends_to_k_new_not_to_the_slot_it_writes():
+    """Whatever the new key's cache position holds during the launch, the split that owns
+    it (not split 0: 70 keys fill 3 splits of 32, 20 keys 2 of 16) attends to k_new / v_new:
+    with the slots sent to a spare block, the real positions stale, the output is still
+    store_kv + attention's, and the spare slots hold what store_kv writes there."""
+    block_size = 8
+    metadata, _, cache, q, k, v = _decode_case(
+        [70, 20, 9], block_size, 4, 2, 64, torch.float32, random_cache=True
+    )
+    launch = decode_launch(3, 2, 160, 24, block_n=16, min_keys_per_split=16)
+    assert launch.num_splits == 4
+    spare = next(b for b in range(1, 64) if not (metadata.block_table == b).any())
+    spare_slots = spare * block_size + torch.arange(3)
     device_metadata = _on(DEVICE, metadata)
-    q, k, v, cache = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cache.to(DEVICE)
+    q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
     args = (
         device_metadata.query_start_loc,
         device_metadata.seq_lens,
@@ -294,14 +302,18 @@ def test_fused_store_reads_the_new_key_from_k_new():
         0.125,
         launch,
     )
-    stale = paged_attention(q, cache.clone(), *args)  # the slots still hold zeros
-    store_kv(k, v, cache, device_metadata.slot_mapping)
-    expected = paged_attention(q, cache, *args)
+    stored_cache = cache.clone().to(DEVICE)
+    store_kv(k, v, stored_cache, device_metadata.slot_mapping)
+    expected = paged_attention(q, stored_cache, *args)
+    assert not torch.equal(expected, paged_attention(q, cache.clone().to(DEVICE), *args))
+    expected_cache = cache.clone().to(DEVICE)
+    store_kv(k, v, expected_cache, spare_slots.to(DEVICE))
+    fused_cache = cache.clone().to(DEVICE)
     out = paged_attention(
-        q, cache, *args, k_new=k, v_new=v, slot_mapping=device_metadata.slot_mapping
+        q, fused_cache, *args, k_new=k, v_new=v, slot_mapping=spare_slots.to(DEVICE)
     )
-    assert not torch.equal(stale, expected)
     assert torch.equal(out, expected)
+    assert torch.equal(fused_cache, expected_cache)
 
 
 def test_fused_store_needs_a_decode_launch_and_the_new_keys():
