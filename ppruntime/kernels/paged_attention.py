@@ -491,6 +491,16 @@ def _store_new_kv(
 
 
 @triton.jit
+def _tile_block_ids(
+    table_ptr, tile_start, kv_low, kv_high, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Each key's block id of the tile at tile_start (0 outside [kv_low, kv_high))."""
+    key_pos = tile_start + tl.arange(0, BLOCK_N)
+    key_valid = (key_pos >= kv_low) & (key_pos < kv_high)
+    return tl.load(table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+
+
+@triton.jit
 def _decode_tile(
     acc,
     running_max,
@@ -500,7 +510,7 @@ def _decode_tile(
     tile_start,
     kv_low,
     kv_high,
-    table_ptr,
+    block_ids,  # _tile_block_ids of the tile
     k_ptr,  # the cache's K of this program's KV head; V is stride_cache_kv further
     stride_cache_kv,
     stride_cache_block,
@@ -528,7 +538,6 @@ def _decode_tile(
     cache_type = k_ptr.dtype.element_ty
     key_pos = tile_start + tl.arange(0, BLOCK_N)
     key_valid = (key_pos >= kv_low) & (key_pos < kv_high)
-    block_ids = tl.load(table_ptr + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
     key_offset = (
         block_ids.to(tl.int64) * stride_cache_block + (key_pos % BLOCK_SIZE) * stride_cache_offset
     )
@@ -768,14 +777,20 @@ def _paged_attention_kernel(
         )  # fmt: skip
     else:
         tiles_low = (kv_low // BLOCK_N) * BLOCK_N
-        if STORE_NEW_KV:  # the last tile (the new key's, in its owner) peeled off the loop
+        if STORE_NEW_KV:
+            # the last tile (the new key's, in its owner) peeled off the loop, which does
+            # not prefetch it: its block ids are looked up now, their latency hidden
             tiles_high = tl.maximum(tl.cdiv(kv_high, BLOCK_N) * BLOCK_N - BLOCK_N, tiles_low)
+            last_block_ids = _tile_block_ids(
+                table_ptr, tiles_high, kv_low, kv_high, BLOCK_SIZE, BLOCK_N
+            )
         else:
             tiles_high = kv_high
         for tile_start in range(tiles_low, tiles_high, BLOCK_N):
+            block_ids = _tile_block_ids(table_ptr, tile_start, kv_low, kv_high, BLOCK_SIZE, BLOCK_N)
             acc, running_max, running_sum = _decode_tile(
                 acc, running_max, running_sum, q, q_pos, tile_start, kv_low, kv_high,
-                table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
+                block_ids, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
                 stride_cache_offset, scale_log2, sliding_window, -1, q, q, BLOCK_SIZE,
                 HEAD_DIM, DIM_PAD, BLOCK_N, USE_WINDOW, IEEE, UPCAST, SCALED_Q, False,
             )  # fmt: skip
@@ -783,7 +798,7 @@ def _paged_attention_kernel(
             if kv_low < kv_high:  # (a padded row has no keys)
                 acc, running_max, running_sum = _decode_tile(
                     acc, running_max, running_sum, q, q_pos, tiles_high, kv_low, kv_high,
-                    table_ptr, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
+                    last_block_ids, cache_ptr + head_offset, stride_cache_kv, stride_cache_block,
                     stride_cache_offset, scale_log2, sliding_window, new_pos, new_k, new_v,
                     BLOCK_SIZE, HEAD_DIM, DIM_PAD, BLOCK_N, USE_WINDOW, IEEE, UPCAST, SCALED_Q,
                     True,
