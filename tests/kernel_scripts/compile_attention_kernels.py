@@ -54,7 +54,8 @@ def compile_kernel(kernel, pointers: dict[str, str], constants: dict, warps: int
     return triton.compile(source, target=TARGET, options={"num_warps": warps, "num_stages": stages})
 
 
-def attention(name, dtype, hq, hkv, head_dim, launch, window, block_size=16):
+def attention(name, dtype, hq, hkv, head_dim, launch, window, block_size=16, stores=False):
+    """stores: the decode launch that writes this step's k / v into the cache itself."""
     element = TRITON_TYPES[dtype]
     pointers = {
         "out_ptr": f"*{element}",
@@ -66,6 +67,7 @@ def attention(name, dtype, hq, hkv, head_dim, launch, window, block_size=16):
         "seq_lens_ptr": "*i64",
         "block_table_ptr": "*i32",
         "block_table_rows_ptr": "*i64",
+        "slot_mapping_ptr": "*i64",
         "k_new": f"*{element}",
         "v_new": f"*{element}",
     }
@@ -74,7 +76,14 @@ def attention(name, dtype, hq, hkv, head_dim, launch, window, block_size=16):
         pointers["k_new"] = pointers["v_new"] = f"tensordesc<{element}{box}>"
     group = hq // hkv
     constants = pa.attention_constants(
-        launch, group, head_dim, block_size, dtype, has_rows=True, has_window=window
+        launch,
+        group,
+        head_dim,
+        block_size,
+        dtype,
+        has_rows=True,
+        has_window=window,
+        stores_new_kv=stores,
     )
     compiled = compile_kernel(
         pa._paged_attention_kernel, pointers, constants, launch.num_warps, launch.num_stages
@@ -106,12 +115,23 @@ def steps() -> list:
         num_seqs=1, num_kv_heads=8, max_context_len=32768, target_programs=528
     )
     assert decode.num_splits > 1
+    # batch 64 on the H200 (2 programs an SM): one split, no merge
+    decode_64 = pa.decode_launch(
+        num_seqs=64, num_kv_heads=8, max_context_len=32768, target_programs=264
+    )
+    assert decode_64.num_splits == 1
     # the default prefill kernel reads the chunk's keys through TMA descriptors; the
     # candidate with plain new-key loads is compiled with a window
     tiled = pa.prefill_launch(torch.bfloat16, 512, 4)
     fp32_prefill = pa.prefill_launch(torch.float32, 512, 2)
     return [
-        lambda: attention("8B decode bf16", torch.bfloat16, 32, 8, 128, decode, window=False),
+        # the decode launches store this step's k / v (the triton backend's decode step)
+        lambda: attention(
+            "8B decode bf16", torch.bfloat16, 32, 8, 128, decode, window=False, stores=True
+        ),
+        lambda: attention(
+            "8B decode bf16 batch 64", torch.bfloat16, 32, 8, 128, decode_64, False, stores=True
+        ),
         lambda: attention(
             "8B prefill bf16",
             torch.bfloat16,
@@ -148,7 +168,9 @@ def steps() -> list:
             pa.prefill_launch(torch.float16, 8, 2),
             True,
         ),
-        lambda: attention("fp32 decode d96 window", torch.float32, 8, 4, 96, decode, window=True),
+        lambda: attention(
+            "fp32 decode d96 window", torch.float32, 8, 4, 96, decode, window=True, stores=True
+        ),
         lambda: attention(
             "fp32 prefill d96 window", torch.float32, 8, 4, 96, fp32_prefill, window=True
         ),
