@@ -28,10 +28,11 @@ with like:
   engine's default on CUDA at PP=1; --no-async-scheduling turns it off) the host's work
   of step k+1 overlaps the device's step k: the step time then approaches the larger of
   the two, not their sum;
-- attention alone, through `select_attention_backend` (torch vs triton): decode at
-  batch 64 over contexts 512..32k (fraction of the copy bandwidth its KV bytes need) and
-  a 4k-token prefill (fraction of the matmul throughput). "unavailable" when the
-  backends are not there.
+- attention alone, through `select_attention_backend` (torch vs triton), a backend's
+  whole per-layer forward (the KV store and attention; triton's decode is one launch
+  that does both): decode at batch 64 over contexts 512..32k (fraction of the copy
+  bandwidth its KV bytes need) and a 4k-token prefill (fraction of the matmul
+  throughput). "unavailable" when the backends are not there.
 
 The JSON goes to --out (and stdout with --json); a short table is printed last.
 """

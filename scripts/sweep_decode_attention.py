@@ -10,7 +10,9 @@ For each attention shape (the 1B and 8B models') and each decode batch it times
 fewest keys a split takes, BLOCK_N, warps, stages), each replayed from a CUDA graph of
 `--calls` back-to-back launches (no host launch cost in the time), and reports the KV
 bytes read over the device copy bandwidth measured in the same process. Every
-variant's output is checked against the default launch's.
+variant's output is checked against the default launch's. Each launch also stores the
+step's k / v (`slot_mapping`), as the triton backend's decode step runs it; the k / v
+are what the cache already holds at those slots, so every call reads the same cache.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ def decode_inputs(shape: AttentionShape, batch: int, context: int, block_size: i
     order = torch.randperm(num_blocks - 1, generator=generator).to(device)  # scattered
     table = order.view(batch, blocks_per_seq).to(torch.int32)
     q = torch.randn(batch, shape.q_heads, shape.head_dim, generator=generator)
+    last = context - 1  # the new token's position
+    slots = table[:, last // block_size].to(torch.int64) * block_size + last % block_size
+    flat = cache.view(2, num_blocks * block_size, shape.kv_heads, shape.head_dim)
     return {
         "q": q.to(device=device, dtype=dtype),
         "layer_cache": cache,
@@ -91,6 +96,9 @@ def decode_inputs(shape: AttentionShape, batch: int, context: int, block_size: i
         "seq_lens": torch.full((batch,), context, device=device, dtype=torch.int32),
         "block_table": table,
         "scale": shape.head_dim**-0.5,
+        "k_new": flat[0, slots].clone(),
+        "v_new": flat[1, slots].clone(),
+        "slot_mapping": slots,
     }
 
 
