@@ -13,6 +13,9 @@ bytes read over the device copy bandwidth measured in the same process. Every
 variant's output is checked against the default launch's. Each launch also stores the
 step's k / v (`slot_mapping`), as the triton backend's decode step runs it; the k / v
 are what the cache already holds at those slots, so every call reads the same cache.
+Beside the variants, two baselines of the default launch: "separate-store" (`store_kv`,
+then attention without the store: the two launches the fused store replaced) and
+"no-store" (attention alone: what the fused store adds to it).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu
 from _bench_models import replayed_seconds
 
+from ppruntime.kernels.kv_store import store_kv
 from ppruntime.kernels.paged_attention import (
     AttentionLaunch,
     decode_launch,
@@ -102,6 +106,26 @@ def decode_inputs(shape: AttentionShape, batch: int, context: int, block_size: i
     }
 
 
+def calls(default: AttentionLaunch, inputs: dict, small: bool) -> dict[str, object]:
+    """name -> a call to time: each launch variant (storing k / v), then the baselines."""
+    found = {
+        name: lambda launch=launch: paged_attention(launch=launch, **inputs)
+        for name, launch in variants(default, small).items()
+    }
+    unfused = {k: v for k, v in inputs.items() if k not in ("k_new", "v_new", "slot_mapping")}
+
+    def separate_store():
+        store_kv(inputs["k_new"], inputs["v_new"], inputs["layer_cache"], inputs["slot_mapping"])
+        return paged_attention(launch=default, **unfused)
+
+    found["separate-store"] = separate_store
+    found["no-store"] = lambda: paged_attention(launch=default, **unfused)
+    return found
+
+
+BASELINES = ("separate-store", "no-store")
+
+
 def sweep(args, device) -> dict:
     bandwidth = bench_gpu.copy_bandwidth(device, args.small)
     target = _target_programs(device)  # the triton backend's own
@@ -117,17 +141,11 @@ def sweep(args, device) -> dict:
             expected = paged_attention(launch=default, **inputs).float()
             kv_bytes = batch * context * 2 * shape.kv_heads * shape.head_dim * element
             case = {"default_launch": asdict(default)}
-            for name, launch in variants(default, args.small).items():
+            for name, call in calls(default, inputs, args.small).items():
                 try:
-                    out = paged_attention(launch=launch, **inputs).float()
+                    out = call().float()
                     diff = (out - expected).abs().max().item()
-                    seconds = replayed_seconds(
-                        lambda launch=launch, inputs=inputs: paged_attention(
-                            launch=launch, **inputs
-                        ),
-                        args.calls,
-                        device,
-                    )
+                    seconds = replayed_seconds(call, args.calls, device)
                 except Exception as exc:  # a variant that fails is reported, not fatal
                     case[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                     continue
@@ -137,15 +155,14 @@ def sweep(args, device) -> dict:
                     "max_abs_diff": diff,
                 }
             rows[f"b{batch}-ctx{context}"] = case
-            best = min(
-                (k for k in case if isinstance(case[k], dict) and "us" in case[k]),
-                key=lambda k: case[k]["us"],
-            )
+            timed = [k for k in case if isinstance(case[k], dict) and "us" in case[k]]
+            best = min((k for k in timed if k not in BASELINES), key=lambda k: case[k]["us"])
+            baselines = "".join(f", {k} {case[k]['us']:.1f} us" for k in BASELINES if k in timed)
             print(
                 f"{shape.name} b{batch} ctx{context}: default "
                 f"{case['default']['us']:.1f} us ({case['default']['kv_bandwidth_fraction']:.0%})"
                 f", best {best} {case[best]['us']:.1f} us "
-                f"({case[best]['kv_bandwidth_fraction']:.0%})",
+                f"({case[best]['kv_bandwidth_fraction']:.0%}){baselines}",
                 flush=True,
             )
         result["shapes"][shape.name] = rows

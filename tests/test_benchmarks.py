@@ -335,14 +335,15 @@ def _interpreted_sweep(
 
 def test_sweep_decode_attention_small_checks_every_variant(tmp_path):
     """scripts/sweep_decode_attention.py --small (interpreted triton): each variant of the
-    decode launch runs, agrees with the default launch and has a time."""
+    decode launch (storing k / v) and the two baselines (store_kv + attention, attention
+    alone) runs, agrees with the default launch and has a time."""
     out = tmp_path / "sweep.json"
     _, report = _interpreted_sweep("sweep_decode_attention.py", ["--small", "--out", str(out)], out)
     cases = report["shapes"]["small"]
     assert len(cases) == 2
     for case in cases.values():
         variants = {name: row for name, row in case.items() if name != "default_launch"}
-        assert {"default", "single-split", "floor0"} <= set(variants)
+        assert {"default", "single-split", "floor0", "separate-store", "no-store"} <= set(variants)
         for name, row in variants.items():
             assert "error" not in row, (name, row)
             assert row["us"] > 0 and row["max_abs_diff"] < 1e-4, (name, row)
