@@ -196,6 +196,11 @@ def test_split_kv_decode_matches_torch(
     assert torch.equal(cache.cpu(), reference_cache)
 
 
+def _attention_args(metadata: AttentionMetadata, launch: AttentionLaunch) -> tuple:
+    """paged_attention's positional arguments after q and the cache (scale 0.125)."""
+    return (metadata.query_start_loc, metadata.seq_lens, metadata.block_table, 0.125, launch)
+
+
 def _with_padded_rows(metadata: AttentionMetadata, count: int) -> AttentionMetadata:
     """A captured graph's padding: rows of seq_len 0 and slot -1, one query each."""
     num_seqs = metadata.num_seqs
@@ -251,13 +256,7 @@ def test_decode_launch_stores_kv_as_store_kv_does(case):
         q, k, v = (torch.cat([x, extra[:, : x.shape[1]]]) for x in (q, k, v))
     device_metadata = _on(DEVICE, metadata)
     q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
-    args = (
-        device_metadata.query_start_loc,
-        device_metadata.seq_lens,
-        device_metadata.block_table,
-        0.125,
-        launch,
-    )
+    args = _attention_args(device_metadata, launch)
     options = {"block_table_rows": device_metadata.block_table_rows, "sliding_window": window}
     separate_cache = cache.clone().to(DEVICE)
     store_kv(k, v, separate_cache, device_metadata.slot_mapping)
@@ -295,13 +294,7 @@ def test_fused_store_attends_to_k_new_not_to_the_slot_it_writes():
     spare_slots = spare * block_size + torch.arange(3)
     device_metadata = _on(DEVICE, metadata)
     q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
-    args = (
-        device_metadata.query_start_loc,
-        device_metadata.seq_lens,
-        device_metadata.block_table,
-        0.125,
-        launch,
-    )
+    args = _attention_args(device_metadata, launch)
     stored_cache = cache.clone().to(DEVICE)
     store_kv(k, v, stored_cache, device_metadata.slot_mapping)
     expected = paged_attention(q, stored_cache, *args)
