@@ -113,13 +113,14 @@ def calls(default: AttentionLaunch, inputs: dict, small: bool) -> dict[str, obje
         for name, launch in variants(default, small).items()
     }
     unfused = {k: v for k, v in inputs.items() if k not in ("k_new", "v_new", "slot_mapping")}
+    attention_only = replace(default, fused_store=False)
 
     def separate_store():
         store_kv(inputs["k_new"], inputs["v_new"], inputs["layer_cache"], inputs["slot_mapping"])
-        return paged_attention(launch=default, **unfused)
+        return paged_attention(launch=attention_only, **unfused)
 
     found["separate-store"] = separate_store
-    found["no-store"] = lambda: paged_attention(launch=default, **unfused)
+    found["no-store"] = lambda: paged_attention(launch=attention_only, **unfused)
     return found
 
 

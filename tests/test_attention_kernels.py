@@ -175,7 +175,13 @@ def test_split_kv_decode_matches_torch(
         q, k, v, reference_cache, TORCH.plan(metadata, positions, block_size), 0.125, window
     )
     launch = decode_launch(
-        len(contexts), hkv, 320, target_programs, block_n=16, min_keys_per_split=min_keys
+        len(contexts),
+        hkv,
+        320,
+        target_programs,
+        block_n=16,
+        min_keys_per_split=min_keys,
+        fused_store=False,  # store_kv first (test_decode_launch_stores_kv_... : fused)
     )
     assert launch.num_splits >= 4
     device_metadata = _on(DEVICE, metadata)
@@ -249,7 +255,7 @@ def test_decode_launch_stores_kv_as_store_kv_does(case):
     launch = decode_launch(
         len(contexts) + padded, hkv, 160, programs, block_n=16, min_keys_per_split=min_keys
     )
-    assert (launch.num_splits > 1) == (programs > 1)
+    assert launch.fused_store and (launch.num_splits > 1) == (programs > 1)
     if padded:
         metadata = _with_padded_rows(metadata, padded)
         extra = torch.full((padded, max(hq, hkv), head_dim), 1e4, dtype=dtype)
@@ -260,7 +266,8 @@ def test_decode_launch_stores_kv_as_store_kv_does(case):
     options = {"block_table_rows": device_metadata.block_table_rows, "sliding_window": window}
     separate_cache = cache.clone().to(DEVICE)
     store_kv(k, v, separate_cache, device_metadata.slot_mapping)
-    separate = paged_attention(q, separate_cache, *args, **options)
+    separate_args = _attention_args(device_metadata, replace(launch, fused_store=False))
+    separate = paged_attention(q, separate_cache, *separate_args, **options)
     fused_cache = cache.clone().to(DEVICE)  # (.to of a CPU tensor is the tensor)
     fused = paged_attention(
         q,
@@ -294,16 +301,22 @@ def test_fused_store_attends_to_k_new_not_to_the_slot_it_writes():
     spare_slots = spare * block_size + torch.arange(3)
     device_metadata = _on(DEVICE, metadata)
     q, k, v = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
-    args = _attention_args(device_metadata, launch)
+    separate_args = _attention_args(device_metadata, replace(launch, fused_store=False))
     stored_cache = cache.clone().to(DEVICE)
     store_kv(k, v, stored_cache, device_metadata.slot_mapping)
-    expected = paged_attention(q, stored_cache, *args)
-    assert not torch.equal(expected, paged_attention(q, cache.clone().to(DEVICE), *args))
+    expected = paged_attention(q, stored_cache, *separate_args)
+    stale = paged_attention(q, cache.clone().to(DEVICE), *separate_args)
+    assert not torch.equal(expected, stale)
     expected_cache = cache.clone().to(DEVICE)
     store_kv(k, v, expected_cache, spare_slots.to(DEVICE))
     fused_cache = cache.clone().to(DEVICE)
     out = paged_attention(
-        q, fused_cache, *args, k_new=k, v_new=v, slot_mapping=spare_slots.to(DEVICE)
+        q,
+        fused_cache,
+        *_attention_args(device_metadata, launch),
+        k_new=k,
+        v_new=v,
+        slot_mapping=spare_slots.to(DEVICE),
     )
     assert torch.equal(out, expected)
     assert torch.equal(fused_cache, expected_cache)
@@ -316,13 +329,16 @@ def test_fused_store_needs_a_decode_launch_and_the_new_keys():
     cache = torch.zeros(2, 8, 8, 2, 64)
     args = (metadata.query_start_loc, metadata.seq_lens, metadata.block_table, 0.125)
     slots = metadata.slot_mapping
-    with pytest.raises(ValueError, match="needs a decode-only launch"):
-        paged_attention(
-            q, cache, *args, AttentionLaunch(16, 16), k_new=q, v_new=q, slot_mapping=slots
-        )
-    decode = AttentionLaunch(16, 16, one_program_per_seq=True)
-    with pytest.raises(ValueError, match=r"slot_mapping \(the fused KV store\) needs this step's"):
+    mixed = AttentionLaunch(16, 16, fused_store=True)
+    with pytest.raises(ValueError, match="fused_store needs a decode-only launch"):
+        paged_attention(q, cache, *args, mixed, k_new=q, v_new=q, slot_mapping=slots)
+    decode = AttentionLaunch(16, 16, one_program_per_seq=True, fused_store=True)
+    with pytest.raises(ValueError, match="fused_store needs this step's k_new and v_new"):
         paged_attention(q, cache, *args, decode, slot_mapping=slots)
+    with pytest.raises(ValueError, match="fused_store needs this step's slot_mapping"):
+        paged_attention(q, cache, *args, decode, k_new=q, v_new=q)
+    with pytest.raises(ValueError, match="slot_mapping is for fused_store launches"):
+        paged_attention(q, cache, *args, replace(decode, fused_store=False), slot_mapping=slots)
     k = torch.zeros(5, 2, 32)
     with pytest.raises(ValueError, match=r"must both be \[5, Hkv, 64\]"):
         paged_attention(q, cache, *args, decode, k_new=k, v_new=k, slot_mapping=slots)
@@ -344,7 +360,21 @@ def test_backend_decode_step_launches_no_separate_store(monkeypatch):
     monkeypatch.setattr(triton_backend, "store_kv", counted_store)
     plans = _run_steps(4, 2, 64, 8, None, torch.bfloat16, steps=STEPS + [[(2, 1), (0, 1)]])
     assert [plan.decode for plan in plans] == [False, False, True, True]
+    assert all(plan.launch.fused_store == plan.decode for plan in plans)
     assert calls == [39, 15], "decode steps must not call store_kv"
+    # a decode launch without the fused store (a tuning choice): store_kv runs first
+    metadata, positions, cache, q, k, v = _decode_case([20, 9], 8, 4, 2, 64, torch.float32)
+    reference_cache = cache.clone()
+    expected = TORCH.forward(
+        q, k, v, reference_cache, TORCH.plan(metadata, positions, 8), 0.125, None
+    )
+    plan = TRITON.plan(_on(DEVICE, metadata), positions.to(DEVICE), 8)
+    plan.launch = replace(plan.launch_for(2, 2, 64, torch.float32), fused_store=False)
+    cache = cache.to(DEVICE)
+    out = TRITON.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cache, plan, 0.125, None)
+    assert calls == [39, 15, 2]
+    torch.testing.assert_close(out.cpu(), expected, **TOLERANCE[torch.float32])
+    assert torch.equal(cache.cpu(), reference_cache)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU (the interpreter runs eagerly)")
@@ -361,7 +391,7 @@ def test_fused_store_replays_from_a_cuda_graph():
     steps = [paging.step([(seq, 1) for seq in range(len(contexts))])[0] for _ in range(2)]
     width = max(step.block_table.shape[1] for step in steps)
     launch = decode_launch(len(contexts), hkv, width * block_size, 64, min_keys_per_split=64)
-    assert launch.num_splits > 1
+    assert launch.fused_store and launch.num_splits > 1
 
     def new_inputs():
         return [
@@ -424,7 +454,7 @@ def test_fused_store_replays_from_a_cuda_graph():
             step.seq_lens.cuda(),
             table,
             head_dim**-0.5,
-            launch,
+            replace(launch, fused_store=False),
         )
         assert torch.equal(graph_cache, eager_cache)
         assert torch.equal(graph_out, expected)

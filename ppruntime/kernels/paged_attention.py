@@ -912,6 +912,9 @@ class AttentionLaunch:
     warp_specialize: triton's warp specialisation of the unmasked loops.
     table_per_block: causal tiling's cache tiles that span whole blocks look each block up
         once (BLOCK_N // block_size loads) instead of once a key.
+    fused_store: decode-only launches: the launch writes this step's k / v into the cache
+        at `paged_attention`'s slot_mapping itself (no `store_kv` launch before it); the
+        new key is read from k_new / v_new, through the loop's last tile peeled off.
     """
 
     block_m: int
@@ -929,6 +932,7 @@ class AttentionLaunch:
     edge_stages: int = 0
     warp_specialize: bool = False
     table_per_block: bool = False
+    fused_store: bool = False
 
 
 NEW_KV_SOURCES = {"cache": 0, "pointer": 1, "descriptor": 2}
@@ -1022,9 +1026,11 @@ def decode_launch(
     min_keys_per_split: int = 256,
     max_splits: int = 128,
     head_dim: int = 128,
+    fused_store: bool = True,
 ) -> AttentionLaunch:
     """Split each sequence's keys so that about `target_programs` programs run at once,
     but no more splits than a `max_context_len` context fills with `min_keys_per_split`.
+    fused_store: the launch stores this step's k / v itself (AttentionLaunch.fused_store).
 
     Depends only on the batch shape and `max_context_len` (the block table's reach, not
     this step's longest context), so one launch serves every step of a captured graph.
@@ -1046,6 +1052,7 @@ def decode_launch(
         min_split_keys=min_keys_per_split,
         num_warps=4 if small_head else 2,
         num_stages=3,
+        fused_store=fused_store,
     )
 
 
@@ -1073,9 +1080,10 @@ def paged_attention(
     k_new, v_new [T, Hkv, D]: this step's keys and values (already stored in the cache),
     read from there instead of the cache when launch.new_kv is not "cache".
 
-    slot_mapping [T] (decode-only launches): the launch itself stores k_new / v_new into
-    the cache at these slots (-1: nothing), bit for bit as `store_kv` would, instead of
-    a `store_kv` before it; each token's own key is then read from k_new / v_new.
+    slot_mapping [T] (launch.fused_store, decode-only): the launch itself stores k_new /
+    v_new into the cache at these slots (-1: nothing), bit for bit as `store_kv` would,
+    instead of a `store_kv` before it; each token's own key is then read from k_new /
+    v_new. Other launches take no slot_mapping (the cache holds this step's keys).
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = layer_cache.shape[3]
@@ -1101,8 +1109,13 @@ def paged_attention(
         raise ValueError("causal_tiling is for mixed / prefill launches, not decode-only ones")
     if not launch.pack_group and launch.one_program_per_seq:
         raise ValueError("pack_group=False is for mixed / prefill launches, not decode-only ones")
-    if slot_mapping is not None:
+    if launch.fused_store:
         k_source, v_source, new_strides = _stored_kv_sources(launch, q, k_new, v_new, slot_mapping)
+    elif slot_mapping is not None:
+        raise ValueError(
+            "slot_mapping is for fused_store launches; this launch reads a cache that "
+            "store_kv has written"
+        )
     else:
         k_source, v_source, new_strides = _new_kv_sources(launch, q, k_new, v_new, group)
     if num_splits > 1:
@@ -1149,7 +1162,6 @@ def paged_attention(
             q.dtype,
             has_rows=block_table_rows is not None,
             has_window=sliding_window is not None,
-            stores_new_kv=slot_mapping is not None,
         ),
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
@@ -1230,15 +1242,17 @@ def _stored_kv_sources(
     q: torch.Tensor,
     k_new: torch.Tensor | None,
     v_new: torch.Tensor | None,
-    slot_mapping: torch.Tensor,
+    slot_mapping: torch.Tensor | None,
 ) -> tuple[object, object, tuple[int, int, int, int]]:
     """The kernel's (k_new, v_new, their strides) when the launch stores them (decode)."""
     if not launch.one_program_per_seq:
         raise ValueError(
-            "slot_mapping (the fused KV store) needs a decode-only launch "
-            "(one_program_per_seq); store mixed batches with store_kv first"
+            "fused_store needs a decode-only launch (one_program_per_seq); store mixed "
+            "batches with store_kv first"
         )
-    strides = _new_kv_strides("slot_mapping (the fused KV store)", q, k_new, v_new)
+    strides = _new_kv_strides("fused_store", q, k_new, v_new)
+    if slot_mapping is None:
+        raise ValueError("fused_store needs this step's slot_mapping")
     if tuple(slot_mapping.shape) != (q.shape[0],):
         raise ValueError(
             f"slot_mapping {tuple(slot_mapping.shape)} must be [{q.shape[0]}], a slot a token"
@@ -1254,10 +1268,8 @@ def attention_constants(
     dtype: torch.dtype,
     has_rows: bool,
     has_window: bool,
-    stores_new_kv: bool = False,
 ) -> dict[str, object]:
-    """The compile-time constants of `_paged_attention_kernel` for one launch
-    (stores_new_kv: the decode launch writes this step's k / v into the cache)."""
+    """The compile-time constants of `_paged_attention_kernel` for one launch."""
     block_m, block_q = _rows(group, launch.block_m, launch.pack_group)
     return {
         "BLOCK_SIZE": block_size,
@@ -1282,7 +1294,7 @@ def attention_constants(
         "EDGE_STAGES": launch.edge_stages,
         "WARP_SPECIALIZE": launch.warp_specialize,
         "CACHE_SOURCE": 3 if launch.table_per_block else 0,
-        "STORE_NEW_KV": stores_new_kv,
+        "STORE_NEW_KV": launch.fused_store,
     }
 
 

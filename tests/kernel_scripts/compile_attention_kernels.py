@@ -54,8 +54,7 @@ def compile_kernel(kernel, pointers: dict[str, str], constants: dict, warps: int
     return triton.compile(source, target=TARGET, options={"num_warps": warps, "num_stages": stages})
 
 
-def attention(name, dtype, hq, hkv, head_dim, launch, window, block_size=16, stores=False):
-    """stores: the decode launch that writes this step's k / v into the cache itself."""
+def attention(name, dtype, hq, hkv, head_dim, launch, window, block_size=16):
     element = TRITON_TYPES[dtype]
     pointers = {
         "out_ptr": f"*{element}",
@@ -83,7 +82,6 @@ def attention(name, dtype, hq, hkv, head_dim, launch, window, block_size=16, sto
         dtype,
         has_rows=True,
         has_window=window,
-        stores_new_kv=stores,
     )
     compiled = compile_kernel(
         pa._paged_attention_kernel, pointers, constants, launch.num_warps, launch.num_stages
@@ -125,13 +123,9 @@ def steps() -> list:
     tiled = pa.prefill_launch(torch.bfloat16, 512, 4)
     fp32_prefill = pa.prefill_launch(torch.float32, 512, 2)
     return [
-        # the decode launches store this step's k / v (the triton backend's decode step)
-        lambda: attention(
-            "8B decode bf16", torch.bfloat16, 32, 8, 128, decode, window=False, stores=True
-        ),
-        lambda: attention(
-            "8B decode bf16 batch 64", torch.bfloat16, 32, 8, 128, decode_64, False, stores=True
-        ),
+        # the decode launches store this step's k / v (fused_store, as decode_launch picks)
+        lambda: attention("8B decode bf16", torch.bfloat16, 32, 8, 128, decode, window=False),
+        lambda: attention("8B decode bf16 batch 64", torch.bfloat16, 32, 8, 128, decode_64, False),
         lambda: attention(
             "8B prefill bf16",
             torch.bfloat16,
@@ -168,9 +162,7 @@ def steps() -> list:
             pa.prefill_launch(torch.float16, 8, 2),
             True,
         ),
-        lambda: attention(
-            "fp32 decode d96 window", torch.float32, 8, 4, 96, decode, window=True, stores=True
-        ),
+        lambda: attention("fp32 decode d96 window", torch.float32, 8, 4, 96, decode, window=True),
         lambda: attention(
             "fp32 prefill d96 window", torch.float32, 8, 4, 96, fp32_prefill, window=True
         ),

@@ -1,7 +1,7 @@
 """The `triton` attention backend: a KV-store kernel and flash-style paged attention.
 
-A decode step launches the attention kernel alone: it writes the new token's k / v
-into the cache itself (`paged_attention(..., slot_mapping=...)`); prefill and mixed
+A decode step launches the attention kernel alone: its launch (`decode_launch`,
+fused_store) writes the new token's k / v into the cache itself; prefill and mixed
 steps run `store_kv` first, then attention.
 
 plan() reads host values only, never tensor data:
@@ -131,8 +131,7 @@ class TritonAttentionBackend:
             layer_cache.shape[3], q.shape[1] // layer_cache.shape[3], q.shape[2], q.dtype
         )
         # decode: the attention launch stores k / v itself (one kernel a layer fewer)
-        fused_store = launch.one_program_per_seq
-        if not fused_store:
+        if not launch.fused_store:
             store_kv(k, v, layer_cache, attn.slot_mapping)
         return paged_attention(
             q,
@@ -146,5 +145,5 @@ class TritonAttentionBackend:
             sliding_window=sliding_window,
             k_new=k,  # read from here when the launch's new_kv says so, or stored (decode)
             v_new=v,
-            slot_mapping=attn.slot_mapping if fused_store else None,
+            slot_mapping=attn.slot_mapping if launch.fused_store else None,
         )
