@@ -342,6 +342,9 @@ def test_fused_store_needs_a_decode_launch_and_the_new_keys():
     k = torch.zeros(5, 2, 32)
     with pytest.raises(ValueError, match=r"must both be \[5, Hkv, 64\]"):
         paged_attention(q, cache, *args, decode, k_new=k, v_new=k, slot_mapping=slots)
+    k = torch.zeros(5, 1, 64)
+    with pytest.raises(ValueError, match="k_new and v_new have 1 KV heads, the cache 2"):
+        paged_attention(q, cache, *args, decode, k_new=k, v_new=k, slot_mapping=slots)
     with pytest.raises(ValueError, match=r"slot_mapping \(4,\) must be \[5\]"):
         paged_attention(q, cache, *args, decode, k_new=q, v_new=q, slot_mapping=slots[:4])
 

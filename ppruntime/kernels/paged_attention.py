@@ -21,6 +21,10 @@ table, so any cache block size works.
   no host synchronisation, CUDA-graph friendly.
 
 A padded token (seq_len 0) sees no keys and gets zeros.
+
+A decode launch with fused_store also writes this step's k / v into the cache at their
+slots (no separate store_kv launch): the split that owns a sequence's last key stores
+it and attends to it from k / v, never from the slot it writes.
 """
 
 from __future__ import annotations
@@ -1110,7 +1114,9 @@ def paged_attention(
     if not launch.pack_group and launch.one_program_per_seq:
         raise ValueError("pack_group=False is for mixed / prefill launches, not decode-only ones")
     if launch.fused_store:
-        k_source, v_source, new_strides = _stored_kv_sources(launch, q, k_new, v_new, slot_mapping)
+        k_source, v_source, new_strides = _stored_kv_sources(
+            launch, q, k_new, v_new, slot_mapping, num_kv_heads
+        )
     elif slot_mapping is not None:
         raise ValueError(
             "slot_mapping is for fused_store launches; this launch reads a cache that "
@@ -1243,6 +1249,7 @@ def _stored_kv_sources(
     k_new: torch.Tensor | None,
     v_new: torch.Tensor | None,
     slot_mapping: torch.Tensor | None,
+    num_kv_heads: int,
 ) -> tuple[object, object, tuple[int, int, int, int]]:
     """The kernel's (k_new, v_new, their strides) when the launch stores them (decode)."""
     if not launch.one_program_per_seq:
@@ -1251,6 +1258,10 @@ def _stored_kv_sources(
             "batches with store_kv first"
         )
     strides = _new_kv_strides("fused_store", q, k_new, v_new)
+    if k_new.shape[1] != num_kv_heads:
+        raise ValueError(
+            f"k_new and v_new have {k_new.shape[1]} KV heads, the cache {num_kv_heads}"
+        )
     if slot_mapping is None:
         raise ValueError("fused_store needs this step's slot_mapping")
     if tuple(slot_mapping.shape) != (q.shape[0],):
