@@ -81,7 +81,9 @@ def _with_persistent_table(metadata: AttentionMetadata, num_rows: int) -> Attent
     return metadata
 
 
-def _run_steps(hq, hkv, head_dim, block_size, window, dtype, steps=STEPS, table_rows=None):
+def _run_steps(
+    hq, hkv, head_dim, block_size, window, dtype, steps=STEPS, table_rows=None, backend=TRITON
+):
     """Every step through both backends, each on its own cache; compare out and cache."""
     generator = torch.Generator().manual_seed(hq * 1000 + head_dim + block_size)
     num_blocks = 48
@@ -101,9 +103,9 @@ def _run_steps(hq, hkv, head_dim, block_size, window, dtype, steps=STEPS, table_
         plan = TORCH.plan(metadata, positions, block_size)
         expected = TORCH.forward(q, k, v, reference_cache, plan, scale, window)
         device_metadata = _on(DEVICE, metadata)
-        plan = TRITON.plan(device_metadata, positions.to(DEVICE), block_size)
+        plan = backend.plan(device_metadata, positions.to(DEVICE), block_size)
         plans.append(plan)
-        out = TRITON.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cache, plan, scale, window)
+        out = backend.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cache, plan, scale, window)
         assert out.dtype == dtype and out.shape == q.shape
         torch.testing.assert_close(out.cpu(), expected, **TOLERANCE[dtype])
         assert torch.equal(cache.cpu(), reference_cache), "the KV store wrote elsewhere"
@@ -350,8 +352,10 @@ def test_fused_store_needs_a_decode_launch_and_the_new_keys():
 
 
 def test_backend_decode_step_launches_no_separate_store(monkeypatch):
-    """Through the backend: decode steps store inside the attention launch (store_kv is
-    not called), mixed steps still call it; every step's cache and output match torch."""
+    """Through the backend with PPRUNTIME_FUSED_KV_STORE=1: decode steps store inside the
+    attention launch (store_kv is not called), mixed steps still call it; every step's
+    cache and output match torch. Unset (the default until timed on a GPU), decode steps
+    call store_kv too."""
     from ppruntime.model.backends import triton_backend
 
     calls = []
@@ -361,10 +365,21 @@ def test_backend_decode_step_launches_no_separate_store(monkeypatch):
         store_kv(*args)
 
     monkeypatch.setattr(triton_backend, "store_kv", counted_store)
-    plans = _run_steps(4, 2, 64, 8, None, torch.bfloat16, steps=STEPS + [[(2, 1), (0, 1)]])
+    decode_steps = STEPS + [[(2, 1), (0, 1)]]
+    monkeypatch.delenv("PPRUNTIME_FUSED_KV_STORE", raising=False)
+    plans = _run_steps(4, 2, 64, 8, None, torch.bfloat16, steps=decode_steps)
+    assert not any(plan.launch.fused_store for plan in plans)
+    assert calls == [39, 15, 3, 2], "by default a decode step calls store_kv"
+    calls.clear()
+    monkeypatch.setenv("PPRUNTIME_FUSED_KV_STORE", "1")
+    fused = select_attention_backend("triton", DEVICE)
+    plans = _run_steps(4, 2, 64, 8, None, torch.bfloat16, steps=decode_steps, backend=fused)
     assert [plan.decode for plan in plans] == [False, False, True, True]
     assert all(plan.launch.fused_store == plan.decode for plan in plans)
     assert calls == [39, 15], "decode steps must not call store_kv"
+    monkeypatch.setenv("PPRUNTIME_FUSED_KV_STORE", "sometimes")
+    with pytest.raises(ConfigError, match="PPRUNTIME_FUSED_KV_STORE='sometimes'"):
+        select_attention_backend("triton", DEVICE)
     # a decode launch without the fused store (a tuning choice): store_kv runs first
     metadata, positions, cache, q, k, v = _decode_case([20, 9], 8, 4, 2, 64, torch.float32)
     reference_cache = cache.clone()

@@ -11,9 +11,12 @@ import os
 
 import torch
 
-from ppruntime.config import ATTENTION_BACKENDS, ConfigError
+from ppruntime.config import ATTENTION_BACKENDS, ConfigError, env_flag
 from ppruntime.model.backends.base import AttentionBackend, LayerAttention
 from ppruntime.model.backends.torch_backend import TorchAttentionBackend
+
+# the triton backend's decode step stores k / v inside its attention launch (off until timed)
+FUSED_KV_STORE_ENV = "PPRUNTIME_FUSED_KV_STORE"
 
 
 def default_attention_backend(device: torch.device) -> str:
@@ -30,6 +33,7 @@ def select_attention_backend(name: str | None, device: torch.device | str) -> At
         raise ConfigError(
             f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
         )
+    fused_store = env_flag(FUSED_KV_STORE_ENV)  # checked whichever backend: a bad value is named
     if name == "torch":
         return TorchAttentionBackend()
     interpreted = os.environ.get("TRITON_INTERPRET", "") == "1"
@@ -53,7 +57,7 @@ def select_attention_backend(name: str | None, device: torch.device | str) -> At
         prefill_kernel_from_env()  # refused at start-up, not at the first prefill
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    return TritonAttentionBackend()
+    return TritonAttentionBackend(fused_decode_store=bool(fused_store))
 
 
 __all__ = [

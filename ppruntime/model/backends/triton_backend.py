@@ -1,8 +1,12 @@
 """The `triton` attention backend: a KV-store kernel and flash-style paged attention.
 
-A decode step launches the attention kernel alone: its launch (`decode_launch`,
-fused_store) writes the new token's k / v into the cache itself; prefill and mixed
-steps run `store_kv` first, then attention.
+Prefill and mixed steps run `store_kv` first, then attention. So do decode steps by
+default; with `fused_decode_store` (PPRUNTIME_FUSED_KV_STORE=1) a decode step launches the
+attention kernel alone, its launch (`decode_launch`, fused_store) writing the new token's
+k / v into the cache itself: one launch fewer a layer. It is off until it has been timed
+on a GPU against the two launches (scripts/sweep_decode_attention.py, "default" against
+"separate-store"): under the compiler it peels the last key tile off the pipelined loop
+and takes more registers (the 1B shape's decode kernel fits 2 programs an SM, not 3).
 
 plan() reads host values only, never tensor data:
 - attn.max_query_len == 1 together with num_tokens == num_seqs picks the decode path
@@ -47,6 +51,7 @@ class TritonAttentionPlan:
     decode: bool
     max_context_len: int  # caps the decode split count (a context this long fills it)
     target_programs: int
+    fused_store: bool = False  # a decode launch stores this step's k / v itself
     launch: AttentionLaunch | None = None  # fixed on first use (all layers share it)
 
     def launch_for(
@@ -60,6 +65,7 @@ class TritonAttentionPlan:
                     self.max_context_len,
                     self.target_programs,
                     head_dim=head_dim,
+                    fused_store=self.fused_store,
                 )
             else:
                 self.launch = prefill_launch(dtype, self.attn.max_query_len, group)
@@ -78,6 +84,9 @@ class TritonAttentionBackend:
     # decode plans read host values only and launch grids fixed per batch size; padded
     # rows (slot -1, seq_len 0) write nothing: ppruntime/stage/graphs.py captures it
     supports_cuda_graphs = True
+
+    def __init__(self, fused_decode_store: bool = False) -> None:
+        self.fused_decode_store = fused_decode_store
 
     def plan(
         self,
@@ -114,6 +123,7 @@ class TritonAttentionBackend:
             decode,
             min(max_context_len or reach, reach),
             _target_programs(attn.seq_lens.device),
+            fused_store=self.fused_decode_store,
         )
 
     def forward(
