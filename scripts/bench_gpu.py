@@ -31,8 +31,9 @@ with like:
 - attention alone, through `select_attention_backend` (torch vs triton), a backend's
   whole per-layer forward (the KV store and attention; triton's decode is one launch
   that does both with PPRUNTIME_FUSED_KV_STORE=1, two by default): decode at batch 64
-  over contexts 512..32k (fraction of the copy bandwidth its KV bytes need) and a 4k-token prefill (fraction of the matmul
-  throughput). "unavailable" when the backends are not there.
+  over contexts 512..32k (fraction of the copy bandwidth its KV bytes need) and a
+  4k-token prefill (fraction of the matmul throughput). "unavailable" when the backends
+  are not there.
 
 The JSON goes to --out (and stdout with --json); a short table is printed last.
 """
