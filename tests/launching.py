@@ -132,6 +132,15 @@ def run_mpi(
     return wait_mpi(proc, timeout)
 
 
+def has_exited(pid: int) -> bool:
+    """The process is gone, or a zombie no one has reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def kill_job(proc: subprocess.Popen[str]) -> tuple[str, str]:
     """SIGTERM the job's process group, then SIGKILL its whole session; return output."""
     _signal_group(proc.pid, signal.SIGTERM)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 import time
 
 import pytest
-from launching import _session_members, python_cmd, run_mpi, start_mpi, wait_mpi
+from launching import _session_members, has_exited, python_cmd, run_mpi, start_mpi, wait_mpi
 
 
 def test_timeout_kills_the_whole_job() -> None:
@@ -22,7 +21,7 @@ def test_timeout_kills_the_whole_job() -> None:
     pids = [int(pid) for pid in re.findall(r"^pid (\d+)$", str(raised.value), re.MULTILINE)]
     assert len(pids) == 2, raised.value
     for pid in pids:  # the ranks printed their pids before sleeping
-        assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), f"rank {pid} survived"
+        assert has_exited(pid), f"rank {pid} survived"
 
 
 def test_run_mpi_returns_output_and_status() -> None:
@@ -31,11 +30,3 @@ def test_run_mpi_returns_output_and_status() -> None:
     )
     assert result.returncode == 0, result
     assert result.stdout.split() == ["1", "1"]
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True

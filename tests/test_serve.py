@@ -16,7 +16,7 @@ import time
 
 import httpx
 import pytest
-from launching import REPO_ROOT, kill_job, mpi_command, mpi_env
+from launching import REPO_ROOT, has_exited, kill_job, mpi_command, mpi_env
 from model_fixtures import make_tiny_checkpoint
 
 from ppruntime import LLM, SamplingParams
@@ -52,6 +52,7 @@ class Server:
         self.lines: list[str] = []
         self.listening = threading.Event()
         self.url = ""
+        self.http_pid = 0  # the HTTP process (rank 0 starts it)
         threading.Thread(target=self._read, daemon=True).start()
         if not self.listening.wait(START_TIMEOUT_S):
             output = self.output()
@@ -63,6 +64,7 @@ class Server:
             self.lines.append(line)
             if "listening on http://" in line:
                 self.url = line.split("listening on ")[1].split()[0]
+                self.http_pid = int(line.split("HTTP process pid ")[1].split(")")[0])
                 self.listening.set()
 
     def output(self) -> str:
@@ -367,6 +369,37 @@ def test_preset_without_template_refuses_chat(pipeline_server):
         timeout=30,
     )
     assert response.status_code == 400 and "no chat template" in response.text
+
+
+def test_the_http_process_dying_ends_every_rank_naming_the_cause():
+    server = Server(["--preset", "tiny", "--max-batch-size", "4"], ranks=2)
+    try:
+        body = {"prompt": "hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", f"{server.url}/v1/completions", json=body) as response,
+        ):
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # a request runs
+            os.kill(server.http_pid, signal.SIGKILL)
+            code = server.proc.wait(STOP_TIMEOUT_S)  # every rank ends, or this times out
+    except BaseException:
+        kill_job(server.proc)
+        raise
+    output = server.output()
+    assert code != 0, output
+    assert "the HTTP process exited (killed by SIGKILL" in output, output
+
+
+def test_the_engine_process_dying_ends_the_http_process():
+    server = Server(["--preset", "tiny"])
+    assert not has_exited(server.http_pid)
+    os.kill(server.proc.pid, signal.SIGKILL)  # no mpirun: this is rank 0 itself
+    server.proc.wait(STOP_TIMEOUT_S)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while not has_exited(server.http_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert has_exited(server.http_pid)
 
 
 def test_sigterm_finishes_running_requests_and_ends_every_rank(pipeline_server, chat_server):

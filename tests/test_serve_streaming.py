@@ -1,12 +1,14 @@
-"""The streaming path's pure parts: the engine-to-loop outbox (one wake-up per batch,
-paced by the HTTP time share), the per-request streams that coalesce deltas, and the
-pre-encoded SSE chunks (the same JSON as building the chunk as a dict); the pacing
-flags' range checks."""
+"""The serving path's pure parts: the link's frames (in pieces, malformed, a HTTP process
+that does not read), what crosses it (sampling parameters, deltas), the HTTP process's
+routing of deltas to the streams that coalesce them and its waiting-queue count, the
+pre-encoded SSE chunks (the same JSON as building the chunk as a dict); serve's flag
+range checks."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 
@@ -15,109 +17,113 @@ from launching import REPO_ROOT, mpi_env
 
 pytest.importorskip("fastapi", reason="the serve extras install fastapi")
 
-from ppruntime.api import serving
+from ppruntime.api.http_link import (
+    HEADER,
+    MAX_FRAME_BYTES,
+    Delta,
+    EngineLink,
+    FrameReader,
+    LinkError,
+    delta_from_wire,
+    delta_to_wire,
+    encode_frame,
+    params_from_wire,
+    params_to_wire,
+)
 from ppruntime.api.openai_protocol import StreamChunks
-from ppruntime.api.server import _Router
-from ppruntime.api.serving import DeltaOutbox
+from ppruntime.api.server import EngineClient, ModelFacts
 from ppruntime.engine.outputs import RequestOutput
+from ppruntime.engine.sampling_params import SamplingParams
 
 
-class _RecordingLoop:
-    """Stands in for an event loop: call_soon_threadsafe only records."""
+def _delta(request_id: str, token: int, finished: bool = False) -> Delta:
+    return Delta(request_id, [token], f"<{token}>", finished, "length" if finished else None)
+
+
+def test_frames_arriving_in_pieces_are_decoded_whole_and_in_order():
+    data = encode_frame([["a", 1], ["b"]]) + encode_frame([["c", "\u00e9 \U0001f600"]])
+    reader = FrameReader()
+    got = []
+    for index in range(0, len(data), 3):  # three bytes at a time
+        got.extend(reader.feed(data[index : index + 3]))
+    assert got == [["a", 1], ["b"], ["c", "\u00e9 \U0001f600"]]
+    assert reader.feed(b"") == []
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        HEADER.pack(5) + b"[1, 2",  # not JSON (cut short)
+        HEADER.pack(2) + b"{}",  # not a list
+        HEADER.pack(4) + b"[[]]",  # a message without a kind
+        HEADER.pack(MAX_FRAME_BYTES + 1),  # too large
+    ],
+)
+def test_a_malformed_frame_is_a_link_error(frame):
+    with pytest.raises(LinkError):
+        FrameReader().feed(frame)
+
+
+def test_the_engine_end_never_waits_for_a_http_process_that_does_not_read():
+    ours, theirs = socket.socketpair()
+    link = EngineLink(ours)
+    big = [["deltas", [["r", [1] * 1000, "x" * 1000, False, None, None, None]] * 100]]
+    for _ in range(12):  # far more than a socket buffer holds; returns at once
+        link.send(big)
+    assert link.receive(0.01) == []  # nothing came; what is queued stays queued
+    theirs.setblocking(True)
+    reader, got = FrameReader(), []
+    while len(got) < 12:
+        got.extend(reader.feed(theirs.recv(2**20)))
+        link.receive(0.0)  # the rest goes out as the other side reads
+    assert got == big * 12
+    theirs.sendall(encode_frame([["stats"]]))
+    assert link.receive(1.0) == [["stats"]]
+    theirs.close()
+    assert link.receive(1.0) is None and link.closed  # the HTTP process has gone
+
+
+def test_sampling_params_and_deltas_cross_the_link_unchanged():
+    params = SamplingParams(
+        max_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=["a", "b"], logprobs=2
+    )
+    wire = json.loads(json.dumps(params_to_wire(params)))
+    assert params_from_wire(wire) == params
+    single = SamplingParams(stop="x", stop_token_ids=[5])
+    assert params_from_wire(json.loads(json.dumps(params_to_wire(single)))) == single
+    with pytest.raises(LinkError, match="__class__"):
+        params_from_wire({"__class__": "os.system"})
+    output = RequestOutput("r-1", [], [4, 5], "ab", finish_reason="stop", finished=True)
+    output.logprobs = [{4: -0.5, 9: -1.5}, {5: -0.25}]
+    delta = delta_from_wire(json.loads(json.dumps(delta_to_wire(output))))
+    assert delta == Delta("r-1", [4, 5], "ab", True, "stop", None, output.logprobs)
+
+
+class _Writer:
+    """Stands in for the link's asyncio writer: records what is written."""
 
     def __init__(self) -> None:
-        self.scheduled: list = []
+        self.frames: list[bytes] = []
 
-    def call_soon_threadsafe(self, callback) -> None:
-        self.scheduled.append(callback)
-
-    def run_scheduled(self) -> None:
-        callbacks, self.scheduled = self.scheduled, []
-        for callback in callbacks:
-            callback()
+    def write(self, data: bytes) -> None:
+        self.frames.append(data)
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _delta(request_id: str, token: int, finished: bool = False) -> RequestOutput:
-    output = RequestOutput(request_id, [], [token], f"<{token}>")
-    output.finished = finished
-    return output
-
-
-@pytest.fixture
-def clock(monkeypatch) -> _Clock:
-    fake = _Clock()
-    monkeypatch.setattr(serving.time, "monotonic", fake)
-    return fake
-
-
-def test_outbox_wakes_the_loop_once_until_it_drains(clock):
-    loop, delivered = _RecordingLoop(), []
-    outbox = DeltaOutbox(loop, delivered.append, share=1.0)
-    for token in range(5):  # five engine steps before the loop runs
-        outbox.put([_delta("a", token), _delta("b", token)])
-    assert len(loop.scheduled) == 1 and outbox.wakeups == 1
-    loop.run_scheduled()
-    assert len(delivered) == 1
-    assert [(d.request_id, d.token_ids[0]) for d in delivered[0]] == [
-        (request_id, token) for token in range(5) for request_id in ("a", "b")
-    ]
-    outbox.put([_delta("a", 5)])
-    assert len(loop.scheduled) == 1  # drained: the next step wakes it again
-
-
-def test_outbox_rests_after_a_costly_burst_except_for_urgent_deltas(clock):
-    loop, delivered = _RecordingLoop(), []
-    outbox = DeltaOutbox(loop, delivered.append, share=0.2)
-    outbox.put([_delta("a", 0)], urgent={"a"})
-    loop.run_scheduled()
-    outbox.burst_ended(0.01)  # HTTP took 10 ms: rest 40 ms (share 0.2)
-    clock.now += 0.039
-    outbox.put([_delta("a", 1), _delta("b", 0)])
-    outbox.flush_due()
-    assert loop.scheduled == []  # resting: the tokens wait
-    outbox.put([_delta("c", 0), _delta("b", 1, finished=True)], urgent={"c", "b"})
-    assert len(loop.scheduled) == 1  # a first token (c) or a finish (b) does not
-    loop.run_scheduled()
-    # during the rest only the urgent requests' deltas go, each request's in order
-    assert [(d.request_id, d.token_ids[0]) for d in delivered[-1]] == [
-        ("b", 0),
-        ("c", 0),
-        ("b", 1),
-    ]
-    outbox.burst_ended(0.002)  # its cost adds to the rest: 40 + 8 ms from the start
-    clock.now += 0.0085
-    outbox.flush_due()
-    assert loop.scheduled == []
-    clock.now += 0.001
-    outbox.flush_due()  # the rest is over: what waited goes out
-    assert len(loop.scheduled) == 1
-    loop.run_scheduled()
-    assert [(d.request_id, d.token_ids[0]) for d in delivered[-1]] == [("a", 1)]
-
-
-def test_outbox_refuses_a_share_out_of_range():
-    with pytest.raises(ValueError, match="share"):
-        DeltaOutbox(_RecordingLoop(), print, share=0.0)
+def _client(capacity: int = 2, max_waiting: int = 1) -> EngineClient:
+    facts = ModelFacts("tiny", "tiny", 256, 64, capacity=capacity, max_waiting=max_waiting)
+    return EngineClient(facts, _Writer())
 
 
 def test_a_stream_behind_takes_every_delta_in_one_batch():
     async def scenario():
-        loop = asyncio.get_running_loop()
-        router = _Router(loop, http_share=1.0)
-        stream = router.open(["r-1", "r-2"])
-        other = router.open(["r-3"])
+        engine = _client(capacity=8)
+        assert engine.reserve(3)
+        stream = engine.submit(["r-1", "r-2"], [1, 2], [SamplingParams()] * 2)
+        other = engine.submit(["r-3"], [1], [SamplingParams()])
         # three engine steps land before the handler runs
-        router._deliver([_delta("r-1", 0), _delta("r-3", 0), _delta("r-2", 0)])
-        router._deliver([_delta("r-1", 1), _delta("r-2", 1, finished=True)])
-        router._deliver([_delta("r-1", 2, finished=True), _delta("r-9", 0)])  # r-9: gone
+        engine.route([_delta("r-1", 0), _delta("r-3", 0), _delta("r-2", 0)])
+        engine.route([_delta("r-1", 1), _delta("r-2", 1, finished=True)])
+        engine.route([_delta("r-1", 2, finished=True), _delta("r-9", 0)])  # r-9: gone
         taken = await stream.take(request=None)
         assert [(d.request_id, d.token_ids[0]) for d in taken] == [
             ("r-1", 0),
@@ -127,8 +133,37 @@ def test_a_stream_behind_takes_every_delta_in_one_batch():
             ("r-1", 2),
         ]
         assert [d.request_id for d in await other.take(request=None)] == ["r-3"]
-        router._deliver([_delta("r-1", 3)])  # finished ids are no longer routed
+        engine.route([_delta("r-1", 3)])  # finished ids are no longer routed
         assert stream._pending == []
+        await asyncio.sleep(0)  # the submits of one pass of the loop go out as one frame
+        (frame,) = engine._writer.frames
+        sent = FrameReader().feed(frame)
+        assert [(kind, request_id) for kind, request_id, *_ in sent] == [
+            ("submit", "r-1"),
+            ("submit", "r-2"),
+            ("submit", "r-3"),
+        ]
+
+    asyncio.run(scenario())
+
+
+def test_the_waiting_queue_counts_until_the_engine_says_finished():
+    async def scenario():
+        engine = _client(capacity=2, max_waiting=1)
+        assert engine.reserve(2) and engine.reserve(1)  # two run, one waits
+        assert not engine.reserve(1)  # full: 503
+        engine.submit(["a", "b"], [1], [SamplingParams()] * 2)
+        engine.submit(["c"], [1], [SamplingParams()])
+        engine.abandon(["a"])  # a client gone: aborted, but it holds room until it ends
+        assert not engine.reserve(1)
+        engine.route([_delta("a", 0, finished=True)])
+        assert engine.reserve(1)
+        engine.handle([["stopping"]])
+        assert not engine.accepting and not engine.reserve(1)
+        left = engine.submit(["d"], [1], [SamplingParams()])
+        engine.close()  # the engine process has gone: what is open ends as aborted
+        taken = await left.take(request=None)
+        assert [(d.request_id, d.finish_reason) for d in taken] == [("d", "abort")]
 
     asyncio.run(scenario())
 
@@ -173,12 +208,16 @@ def test_pre_encoded_chunks_are_the_openai_chunk_json(chat, include_usage):
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--http-time-share", "0"), ("--gil-switch-interval-ms", "0")]
+    ("flag", "value", "message"),
+    [
+        ("--max-waiting", "-1", "--max-waiting must be >= 0, got -1"),
+        ("--shutdown-grace", "-1", "--shutdown-grace must be >= 0, got -1.0"),
+    ],
 )
-def test_serve_refuses_a_pacing_flag_out_of_range_naming_it(flag, value):
+def test_serve_refuses_a_flag_out_of_range_naming_it(flag, value, message):
     command = [sys.executable, "-m", "ppruntime", "serve", "--preset", "null", flag, value]
     result = subprocess.run(
         command, cwd=str(REPO_ROOT), env=mpi_env(), capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2, result.stderr
-    assert f"{flag} must be in" in result.stderr and f"got {float(value)}" in result.stderr
+    assert message in result.stderr

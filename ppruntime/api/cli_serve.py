@@ -1,18 +1,21 @@
 """`ppruntime serve`: an OpenAI-compatible HTTP server on the pipeline.
 
 Every rank builds the engine (collective); ranks > 0 serve the pipeline as they do
-for `generate`. Rank 0 runs uvicorn in a thread and steps the engine in its main
-thread. SIGTERM (or Ctrl-C) stops accepting requests (503), gives running ones
+for `generate`. Rank 0 steps the engine in its main thread and starts one HTTP process
+(`http_process.py`: uvicorn + FastAPI) linked to it by a socket pair (`http_link.py`).
+SIGTERM (or Ctrl-C) stops accepting requests (503), gives running ones
 `--shutdown-grace` seconds, aborts the rest, shuts every rank down and exits 0; a
-second signal aborts the job at once.
+second signal aborts the job at once. The HTTP process exiting ends the job with exit
+status 1 and a message saying so; the engine process exiting ends the HTTP process.
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
+import socket
+import subprocess
 import sys
-import threading
 import time
 
 from ppruntime.api.cli_generate import (
@@ -22,7 +25,9 @@ from ppruntime.api.cli_generate import (
     start_engine,
 )
 
-STARTUP_WAIT_S = 30.0
+STARTUP_WAIT_S = 120.0  # the HTTP process imports torch, fastapi and the tokenizer
+HTTP_EXIT_WAIT_S = 15.0
+EXIT_HTTP_PROCESS_FAILED = 1
 
 
 def add_serve_parser(sub, add_common) -> None:
@@ -41,21 +46,6 @@ def add_serve_parser(sub, add_common) -> None:
     )
     http.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
     http.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds, on SIGTERM")
-    http.add_argument(
-        "--http-time-share",
-        type=float,
-        default=0.2,
-        help="at most about this share of rank 0's time goes to streaming responses (it "
-        "shares the GIL with the engine); when streaming costs more, chunks carry several "
-        "tokens (default 0.2; 1 = a chunk per engine step)",
-    )
-    http.add_argument(
-        "--gil-switch-interval-ms",
-        type=float,
-        default=None,
-        help="sys.setswitchinterval for rank 0 (default: Python's 5 ms): how long the engine "
-        "thread may wait for the GIL while the HTTP thread holds it",
-    )
     http.add_argument("--trace", default=None, help="write a Chrome trace of all ranks here")
     add_engine_arguments(parser)
     add_common(parser)
@@ -71,11 +61,6 @@ def _check_http_flags(args: argparse.Namespace) -> str | None:
         return f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}"
     if not args.shutdown_grace >= 0:
         return f"--shutdown-grace must be >= 0, got {args.shutdown_grace}"
-    if not 0 < args.http_time_share <= 1:
-        return f"--http-time-share must be in (0, 1], got {args.http_time_share}"
-    interval = args.gil_switch_interval_ms
-    if interval is not None and not 0.01 <= interval <= 100:
-        return f"--gil-switch-interval-ms must be in [0.01, 100], got {interval}"
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -110,59 +95,99 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, llm) -> int:
-    import uvicorn
-
-    from ppruntime.api.chat_template import ChatTemplateError, load_chat_template
-    from ppruntime.api.server import build_app
-    from ppruntime.api.server_metrics import ServerMetrics
     from ppruntime.api.serving import EngineDriver
     from ppruntime.comm.failure import report_and_abort
-    from ppruntime.model import is_preset
 
-    model = llm.config.model
-    try:
-        template = None if is_preset(model) else load_chat_template(model)
-    except (ChatTemplateError, OSError, ValueError) as error:
+    name = args.served_model_name or llm.config.model
+    link, http = _start_http_process(args, llm, name)
+    port = _wait_until_listening(link, http)
+    if not isinstance(port, int):
+        _end_http_process(link, http)
         llm.shutdown()
-        print(f"ppruntime serve: error: {error}", file=sys.stderr)
+        print(f"ppruntime serve: error: {port}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.gil_switch_interval_ms is not None:
-        sys.setswitchinterval(args.gil_switch_interval_ms / 1000)
-    driver = EngineDriver(llm, args.max_waiting)
-    name = args.served_model_name or model
-    app = build_app(
-        driver, name, template, args.max_body_bytes, ServerMetrics(), args.http_time_share
+    print(
+        f"ppruntime serve: listening on http://{args.host}:{port} "
+        f"(model {name}; HTTP process pid {http.pid})",
+        flush=True,
     )
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="warning", lifespan="off", access_log=False
-    )
-    server = uvicorn.Server(config)
-    http = threading.Thread(target=server.run, name="http", daemon=True)
-    http.start()
-    started = time.monotonic()
-    while not server.started and http.is_alive() and time.monotonic() - started < STARTUP_WAIT_S:
-        time.sleep(0.02)
-    if not server.started:
-        llm.shutdown()
-        print(
-            f"ppruntime serve: error: could not listen on {args.host}:{args.port} "
-            "(see the message above; is the port in use?)",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
-    port = server.servers[0].sockets[0].getsockname()[1]
-    print(f"ppruntime serve: listening on http://{args.host}:{port} (model {name})", flush=True)
+    driver = EngineDriver(llm, link)
 
     def on_signal(signum: int, frame: object) -> None:
-        if driver.stop_requested.is_set():
+        if driver.stop_requested:
             report_and_abort(llm.info, f"second signal {signum} received, aborting", 143)
-        driver.stop_requested.set()
+        driver.stop_requested = True
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    driver.run(grace_s=args.shutdown_grace)
-    server.should_exit = True
-    http.join(timeout=10.0)
+    failure = driver.run(grace_s=args.shutdown_grace)
+    _end_http_process(link, http)
     llm.shutdown()
+    if failure is not None:
+        print(
+            f"ppruntime serve: error: {failure} ({_exit_status(http.returncode)}, pid "
+            f"{http.pid}); the running requests were aborted and every rank stopped",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_HTTP_PROCESS_FAILED
     print("ppruntime serve: stopped", flush=True)
     return 0
+
+
+def _start_http_process(args: argparse.Namespace, llm, name: str):
+    from ppruntime.api.http_link import EngineLink
+
+    ours, theirs = socket.socketpair()
+    command = [sys.executable, "-m", "ppruntime.api.http_process", "--fd", str(theirs.fileno())]
+    http = subprocess.Popen(command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+    theirs.close()
+    config = llm.config
+    settings = {
+        "model": config.model,
+        "served_name": name,
+        "vocab_size": llm.vocab_size,
+        "max_model_len": llm.max_model_len,
+        "capacity": config.max_batch_size * config.parallel.microbatch_slots,
+        "max_waiting": args.max_waiting,
+        "max_body_bytes": args.max_body_bytes,
+        "host": args.host,
+        "port": args.port,
+    }
+    link = EngineLink(ours)
+    link.send([["hello", settings]])
+    return link, http
+
+
+def _wait_until_listening(link, http: subprocess.Popen) -> int | str:
+    """The port the HTTP process listens on, or why it does not."""
+    deadline = time.monotonic() + STARTUP_WAIT_S
+    while time.monotonic() < deadline:
+        messages = link.receive(0.1)
+        if messages is None:
+            http.wait()
+            return f"the HTTP process exited while starting ({_exit_status(http.returncode)})"
+        for message in messages:
+            if message[0] == "listening":
+                return int(message[1])
+            if message[0] == "failed":
+                return str(message[1])
+    return f"the HTTP process did not listen within {STARTUP_WAIT_S:.0f} s"
+
+
+def _end_http_process(link, http: subprocess.Popen) -> None:
+    """Close the link (the HTTP process then exits) and wait for it; kill it if it does not."""
+    link.close()
+    try:
+        http.wait(HTTP_EXIT_WAIT_S)
+    except subprocess.TimeoutExpired:
+        http.kill()
+        http.wait()
+
+
+def _exit_status(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from ppruntime.api.progress import ProgressBar
+from ppruntime.api.request_checks import encode_prompt, validate_request
 from ppruntime.bootstrap import bootstrap
 from ppruntime.comm.failure import format_exception, report_and_abort
 from ppruntime.config import (
@@ -36,14 +37,9 @@ from ppruntime.config import (
 from ppruntime.engine.engine import PipelineEngine, RankReport
 from ppruntime.engine.errors import InvalidRequestError
 from ppruntime.engine.outputs import RequestOutput
-from ppruntime.engine.sampling_params import (
-    SamplingParams,
-    check_unicode,
-    validate_prompt_token_ids,
-)
+from ppruntime.engine.sampling_params import SamplingParams
 from ppruntime.engine.trace import write_chrome_trace
 from ppruntime.model import DEFAULT_PRESET, is_preset, parse_layer_partition, preset_names
-from ppruntime.model.tokenizer import require_tokenizer
 
 Prompt = str | Sequence[int] | np.ndarray
 
@@ -214,26 +210,14 @@ class LLM:
     # -- requests --------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt) -> np.ndarray:
         """Text or token ids -> validated contiguous int32 token ids (converted once)."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt must not be empty")
-            check_unicode("prompt", prompt)
-            ids = require_tokenizer(self.tokenizer, self.config.model).encode(prompt)
-        else:
-            ids = prompt
-        return validate_prompt_token_ids(ids, self.vocab_size, self.max_model_len)
+        return encode_prompt(
+            prompt, self.tokenizer, self.config.model, self.vocab_size, self.max_model_len
+        )
 
     def validate_request(self, prompt_ids: np.ndarray, params: SamplingParams) -> None:
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(
-                f"sampling_params must be a SamplingParams, got {type(params).__name__}"
-            )
-        params.__post_init__()  # again: fields may have been changed after construction
-        params.validate_for_model(self.vocab_size, self.max_model_len, prompt_ids.shape[0])
-        if params.stop and self.tokenizer is None:
-            raise InvalidRequestError(
-                f"SamplingParams.stop={params.stop!r} needs a tokenizer; this model has none"
-            )
+        validate_request(
+            prompt_ids, params, self.vocab_size, self.max_model_len, self.tokenizer is not None
+        )
 
     def add_request(
         self,

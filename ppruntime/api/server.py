@@ -1,15 +1,15 @@
-"""The OpenAI-compatible HTTP front end (FastAPI): runs on rank 0's event loop thread.
+"""The OpenAI-compatible HTTP front end (FastAPI): runs in the HTTP process.
 
-Handlers parse and validate a request (400 naming the field), reserve room in the
-bounded waiting queue (503 with Retry-After when full), hand the request to the
-`EngineDriver` and await its deltas. A client that disconnects aborts its requests
-(their KV blocks are freed on every rank). Bodies are JSON only, read with a size
-limit before parsing.
+Handlers parse and validate a request (400 naming the field), tokenize it, reserve room
+in the bounded waiting queue (503 with Retry-After when full), send it to the engine
+process through the `EngineClient` and await its deltas. A client that disconnects
+aborts its requests (their KV blocks are freed on every rank). Bodies are JSON only,
+read with a size limit before parsing.
 
-Deltas arrive in batches (one `DeltaOutbox` drain per engine step at most, see
-serving.py) and are routed to each request's `_DeltaStream`; a stream takes all it
-has when its handler runs again, so a client (or a loop) that is behind gets one
-chunk carrying several tokens instead of falling further behind one chunk a token.
+Deltas arrive in frames (one per engine step at most, see serving.py) and are routed to
+each request's `_DeltaStream`; a stream takes all it has when its handler runs again, so
+a client (or a loop) that is behind gets one chunk carrying several tokens instead of
+falling further behind one chunk a token.
 """
 
 from __future__ import annotations
@@ -18,11 +18,21 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ppruntime.api.chat_template import ChatTemplate, ChatTemplateError
+from ppruntime.api.http_link import (
+    HEADER,
+    Delta,
+    LinkError,
+    decode_body,
+    delta_from_wire,
+    encode_frame,
+    params_to_wire,
+)
 from ppruntime.api.openai_protocol import (
     ParsedRequest,
     ProtocolError,
@@ -33,19 +43,34 @@ from ppruntime.api.openai_protocol import (
     parse_completion_request,
     usage,
 )
-from ppruntime.api.server_metrics import ServerMetrics
-from ppruntime.api.serving import DeltaOutbox, EngineDriver
+from ppruntime.api.request_checks import encode_prompt, validate_request
+from ppruntime.api.server_metrics import ServerMetrics, ServingStats
 from ppruntime.engine.errors import InvalidRequestError
-from ppruntime.engine.outputs import RequestOutput
+from ppruntime.logs import get_logger
+
+log = get_logger("serve")
 
 DISCONNECT_POLL_S = 0.5
 RETRY_AFTER_S = "1"
+STATS_WAIT_S = 5.0
 
 
 class _HTTPError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
+
+
+@dataclass
+class ModelFacts:
+    """What the HTTP process knows of the model and the engine (the "hello" settings)."""
+
+    model: str  # the --model / --preset argument (the tokenizer and the chat template)
+    served_name: str
+    vocab_size: int
+    max_model_len: int
+    capacity: int  # sequences the engine runs at once
+    max_waiting: int
 
 
 class _Choice:
@@ -60,7 +85,7 @@ class _Choice:
         self.finish_reason: str | None = None
         self.error: str | None = None
 
-    def add(self, delta: RequestOutput) -> None:
+    def add(self, delta: Delta) -> None:
         self.token_ids.extend(delta.token_ids)
         self.text += delta.text
         if delta.logprobs:
@@ -79,18 +104,17 @@ def _wake(waiter: asyncio.Future) -> None:
 class _DeltaStream:
     """The deltas of one HTTP request (all its choices) not yet taken by its handler."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, router: _Router) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self.router = router
-        self._pending: list[RequestOutput] = []
+        self._pending: list[Delta] = []
         self._waiter: asyncio.Future | None = None
 
-    def push(self, delta: RequestOutput) -> None:
+    def push(self, delta: Delta) -> None:
         self._pending.append(delta)
         if self._waiter is not None:
             _wake(self._waiter)
 
-    async def take(self, request: Request) -> list[RequestOutput]:
+    async def take(self, request: Request) -> list[Delta]:
         """Everything that arrived since the last take (waits for at least one delta);
         raises ConnectionAbortedError when the client has gone while waiting."""
         while not self._pending:
@@ -107,59 +131,145 @@ class _DeltaStream:
         return batch
 
 
-class _Router:
-    """The event loop's end of the engine: one outbox, deltas routed by request id."""
+class EngineClient:
+    """The HTTP process's end of the link: requests out, deltas routed in by request id.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, http_share: float) -> None:
-        self.loop = loop
-        self.outbox = DeltaOutbox(loop, self._deliver, http_share)
+    It also keeps the bounded waiting queue's count (requests sent and not finished),
+    so a 503 needs no round trip to the engine. Messages sent during one pass of the
+    event loop go out as one frame.
+    """
+
+    def __init__(self, facts: ModelFacts, writer: asyncio.StreamWriter | None = None) -> None:
+        self.facts = facts
+        self.accepting = True
+        self.engine_gone = False
+        self._writer = writer
+        self._outgoing: list[list] = []
         self._streams: dict[str, _DeltaStream] = {}
+        self._live: set[str] = set()  # sent to the engine, not finished
+        self._reserved = 0
+        self._ids = 0
+        self._stats_waiters: list[asyncio.Future] = []
+        self._last_stats = ServingStats()
 
-    def open(self, request_ids: list[str]) -> _DeltaStream:
-        stream = _DeltaStream(self.loop, self)
-        for request_id in request_ids:
+    # -- handlers' side ---------------------------------------------------------------
+    def reserve(self, count: int) -> bool:
+        """Room for `count` more requests in the bounded waiting queue (then counted)."""
+        outstanding = self._reserved + count
+        waiting = max(outstanding - self.facts.capacity, 0)
+        if waiting > self.facts.max_waiting or not self.accepting or self.engine_gone:
+            return False
+        self._reserved = outstanding
+        return True
+
+    def new_request_id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}-{self._ids}"
+
+    def submit(self, request_ids: list[str], prompt_ids, params_list) -> _DeltaStream:
+        """Send one engine request per id (room reserved); their deltas land on the stream."""
+        stream = _DeltaStream(asyncio.get_running_loop())
+        prompt = [int(token) for token in prompt_ids]
+        for request_id, params in zip(request_ids, params_list):
             self._streams[request_id] = stream
+            self._live.add(request_id)
+            self._send(["submit", request_id, prompt, params_to_wire(params)])
         return stream
 
-    def close(self, request_ids: list[str]) -> None:
+    def abandon(self, request_ids: list[str]) -> None:
+        """Their handler has ended (client gone): abort them, stop routing to it."""
         for request_id in request_ids:
             self._streams.pop(request_id, None)
+            if request_id in self._live:
+                self._send(["abort", request_id])
 
-    def _deliver(self, deltas: list[RequestOutput]) -> None:
-        began = time.perf_counter()
+    async def stats(self) -> ServingStats:
+        """The engine's latest figures (asked for now; the last ones if it does not answer)."""
+        if self.engine_gone:
+            return self._last_stats
+        waiter = asyncio.get_running_loop().create_future()
+        if not self._stats_waiters:
+            self._send(["stats"])
+        self._stats_waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), STATS_WAIT_S)
+        except asyncio.TimeoutError:
+            return self._last_stats
+
+    def _send(self, message: list) -> None:
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(message)
+
+    def _flush(self) -> None:
+        messages, self._outgoing = self._outgoing, []
+        if messages and self._writer is not None and not self.engine_gone:
+            self._writer.write(encode_frame(messages))
+
+    # -- the engine's side --------------------------------------------------------------
+    async def read_from(self, reader: asyncio.StreamReader) -> None:
+        """Route what the engine sends until it closes the link."""
+        try:
+            while True:
+                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+                self.handle(decode_body(await reader.readexactly(size)))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except LinkError as error:
+            log.error("the engine process sent %s; stopping", error)
+        self.close()
+
+    def handle(self, messages: list) -> None:
+        for message in messages:
+            kind = message[0]
+            if kind == "deltas":
+                self.route([delta_from_wire(entry) for entry in message[1]])
+            elif kind == "stats":
+                self._last_stats = stats = ServingStats.from_wire(message[1])
+                waiters, self._stats_waiters = self._stats_waiters, []
+                for waiter in waiters:  # the first render moves the latencies out
+                    if not waiter.done():
+                        waiter.set_result(stats)
+            elif kind == "stopping":
+                self.accepting = False
+
+    def route(self, deltas: list[Delta]) -> None:
         streams = self._streams
         for delta in deltas:
             stream = streams.get(delta.request_id)
-            if stream is None:  # its handler has gone (client disconnected)
-                continue
-            stream.push(delta)
+            if stream is not None:  # else its handler has gone (client disconnected)
+                stream.push(delta)
             if delta.finished:
-                del streams[delta.request_id]
-        # the handlers woken above run before this: their chunks are part of the burst
-        self.loop.call_soon(self._burst_done, began)
+                streams.pop(delta.request_id, None)
+                if delta.request_id in self._live:
+                    self._live.discard(delta.request_id)
+                    self._reserved -= 1
 
-    def _burst_done(self, began: float) -> None:
-        self.outbox.burst_ended(time.perf_counter() - began)
+    def close(self) -> None:
+        """The engine has stopped: what is still open ends with finish_reason "abort"."""
+        self.engine_gone = True
+        self.accepting = False
+        gone = [
+            Delta(request_id, [], "", finished=True, finish_reason="abort")
+            for request_id in list(self._live)
+        ]
+        self.route(gone)
+        for waiter in self._stats_waiters:
+            if not waiter.done():
+                waiter.set_result(self._last_stats)
+        self._stats_waiters = []
 
 
 def build_app(
-    driver: EngineDriver,
-    model_name: str,
+    engine: EngineClient,
+    tokenizer,
     chat_template: ChatTemplate | None,
     max_body_bytes: int,
     metrics: ServerMetrics,
-    http_share: float = 0.2,
 ):
     app = FastAPI(title="ppruntime", docs_url=None, redoc_url=None)
-    llm = driver.llm
-    routers: dict[int, _Router] = {}  # by id(loop): in practice the one server loop
-
-    def router() -> _Router:
-        loop = asyncio.get_running_loop()
-        found = routers.get(id(loop))
-        if found is None or found.loop is not loop:
-            found = routers[id(loop)] = _Router(loop, http_share)
-        return found
+    facts = engine.facts
+    model_name = facts.served_name
 
     def error_response(error: _HTTPError) -> JSONResponse:
         headers = {"Retry-After": RETRY_AFTER_S} if error.status == 503 else None
@@ -200,37 +310,35 @@ def build_app(
             except ChatTemplateError as error:
                 raise _HTTPError(400, str(error)) from None
         try:
-            prompt_ids = llm.encode_prompt(prompt)
+            prompt_ids = encode_prompt(
+                prompt, tokenizer, facts.model, facts.vocab_size, facts.max_model_len
+            )
             for params in parsed.params:
-                llm.validate_request(prompt_ids, params)
+                validate_request(
+                    prompt_ids, params, facts.vocab_size, facts.max_model_len, tokenizer is not None
+                )
         except (InvalidRequestError, ValueError) as error:
             raise _HTTPError(400, str(error).replace("SamplingParams.", "")) from None
         return prompt_ids
 
     def start(parsed: ParsedRequest, prompt_ids, prefix: str):
         """Submit one engine request per choice; their deltas land on the stream."""
-        if not driver.reserve(len(parsed.params)):
-            if not driver.accepting:
+        if not engine.reserve(len(parsed.params)):
+            if not engine.accepting:
                 raise _HTTPError(503, "the server is shutting down", "unavailable")
             raise _HTTPError(503, "too many requests waiting; retry later", "overloaded")
         choices = [
-            _Choice(index, driver.new_request_id(prefix)) for index in range(len(parsed.params))
+            _Choice(index, engine.new_request_id(prefix)) for index in range(len(parsed.params))
         ]
-        route = router()
-        stream = route.open([choice.request_id for choice in choices])
-        for choice, params in zip(choices, parsed.params):
-            driver.submit(choice.request_id, prompt_ids, params, route.outbox)
+        stream = engine.submit([choice.request_id for choice in choices], prompt_ids, parsed.params)
         return choices, stream
 
-    def abandon(choices: list[_Choice], stream: _DeltaStream) -> None:
-        """The handler ends before its choices did: abort them, stop routing to it."""
-        unfinished = [choice.request_id for choice in choices if choice.finish_reason is None]
-        for request_id in unfinished:
-            driver.abort(request_id)
-        stream.router.close(unfinished)
+    def abandon(choices: list[_Choice]) -> None:
+        """The handler ends before its choices did: abort them."""
+        engine.abandon([choice.request_id for choice in choices if choice.finish_reason is None])
 
     def token_text(token: int) -> str:
-        return llm.tokenizer.decode([token]) if llm.tokenizer is not None else str(token)
+        return tokenizer.decode([token]) if tokenizer is not None else str(token)
 
     async def handle(request: Request, chat: bool):
         metrics.requests_total.labels("chat" if chat else "completions").inc()
@@ -260,7 +368,7 @@ def build_app(
                 for delta in await stream.take(request):
                     by_id[delta.request_id].add(delta)
         except (ConnectionAbortedError, asyncio.CancelledError):
-            abandon(choices, stream)
+            abandon(choices)
             raise
         failed = [c.error for c in choices if c.error]
         if failed:
@@ -318,7 +426,7 @@ def build_app(
                 )
             while any(c.finish_reason is None for c in choices):
                 # one entry per choice per chunk, however many deltas arrived for it
-                arrived: dict[str, list[RequestOutput]] = {}
+                arrived: dict[str, list[Delta]] = {}
                 for delta in await stream.take(request):
                     by_id[delta.request_id].add(delta)
                     arrived.setdefault(delta.request_id, []).append(delta)
@@ -335,7 +443,7 @@ def build_app(
             yield "data: [DONE]\n\n"
         finally:
             if not done:  # the client went away (or the server stops): free the blocks
-                abandon(choices, stream)
+                abandon(choices)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -352,18 +460,19 @@ def build_app(
             "object": "model",
             "created": 0,
             "owned_by": "ppruntime",
-            "max_model_len": llm.max_model_len,
+            "max_model_len": facts.max_model_len,
         }
         return {"object": "list", "data": [entry]}
 
     @app.get("/health")
     async def health():
-        if not driver.accepting:
+        if not engine.accepting:
             return error_response(_HTTPError(503, "the server is shutting down", "unavailable"))
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        return PlainTextResponse(metrics.render(driver.stats), media_type=metrics.content_type)
+        stats = await engine.stats()
+        return PlainTextResponse(metrics.render(stats), media_type=metrics.content_type)
 
     return app

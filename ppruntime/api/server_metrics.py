@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
-from ppruntime.api.serving import ServingStats
 from ppruntime.engine.rank_stats import BusyReport, busy_fraction
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class ServingStats:
+    """The engine's figures for /metrics, as of one "stats" message from the engine process."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    generated_tokens: int = 0
+    requests_finished: int = 0
+    busy_s: float = 0.0
+    rank_busy: dict = field(default_factory=dict)  # rank -> engine.rank_stats.BusyReport
+    # latencies measured by the engine since the previous message (moved into the histograms)
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_wire(cls, figures: dict) -> ServingStats:
+        values = dict(figures)
+        values["rank_busy"] = {
+            int(rank): BusyReport(*report) for rank, report in values["rank_busy"].items()
+        }
+        return cls(**values)
 
 
 class ServerMetrics:
@@ -94,12 +119,10 @@ class ServerMetrics:
         self._other_ranks_busy(stats.rank_busy)
         self.finished.inc(stats.requests_finished - self._finished_seen)
         self._finished_seen = stats.requests_finished
-        # the engine thread appends; take what is there now (list ops are atomic)
         for values, histogram in ((stats.ttft_s, self.ttft), (stats.itl_s, self.itl)):
-            count = len(values)
-            for value in values[:count]:
+            for value in values:
                 histogram.observe(value)
-            del values[:count]
+            values.clear()
         self._last = (now, stats.generated_tokens, stats.busy_s)
         return generate_latest(self.registry)
 

@@ -1,291 +1,155 @@
-"""Drives one engine for an HTTP server: requests in from the event loop, deltas out.
+"""Drives rank 0's engine for the HTTP process: requests in, deltas out, over one link.
 
-The engine is stepped by one thread (the process's main thread; MPI and the signal
-handlers live there). The server's event loop hands it requests and cancellations
-through a queue. Deltas go back through one `DeltaOutbox` per event loop: an engine
-step appends every request's new tokens to it and wakes the loop once, and not at
-all while the loop has not drained the previous wake-up (a loop that is behind gets
-the later steps' tokens in the same drain). The engine thread thus pays one list
-append per step, not one cross-thread call per request per token. When nothing is
-running, the engine thread blocks on the queue instead of spinning.
+The engine is stepped by the process's main thread (MPI and the signal handlers live
+there); HTTP runs in its own process (`http_process.py`), so nothing here shares a GIL
+with a request handler. Each iteration reads what the HTTP process sent (submits,
+aborts, a request for the figures of /metrics) without waiting while requests run, steps
+the engine once and sends that step's deltas as one frame. When nothing runs it waits on
+the link instead of spinning. A HTTP process that is behind simply finds several steps'
+frames when it next reads; the engine never waits for it (see `EngineLink`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import queue
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import numpy as np
-
+from ppruntime.api.http_link import EngineLink, LinkError, delta_to_wire, params_from_wire
 from ppruntime.engine.outputs import RequestOutput
-from ppruntime.engine.sampling_params import SamplingParams
 from ppruntime.logs import get_logger
 
 log = get_logger("serve")
 
 IDLE_WAIT_S = 0.05
 
-Deliver = Callable[[list[RequestOutput]], None]  # runs on the server's event loop
-
-
-class DeltaOutbox:
-    """Deltas from the engine thread to one event loop, batched per wake-up and paced.
-
-    `put` (engine thread) appends, and schedules one `deliver` call on the loop unless
-    one is already scheduled, or the loop is resting: each batch the loop handles for
-    `burst` seconds adds `burst * (1 - share) / share` seconds of rest, so the HTTP
-    side (which shares the GIL with the engine thread) takes at most about `share` of
-    the process's time however many streams there are; the tokens of the steps in
-    between go out in the next batch, several to a chunk. A request with a first token
-    or a finish (its id in `urgent`) wakes the loop at once, so time to first token and
-    the next request's admission do not wait; during a rest such a wake-up delivers
-    only those requests' deltas. Each request's deltas are delivered in order.
-    `flush_due` (engine thread, every iteration) sends what waited once the rest is over.
-    """
-
-    def __init__(self, loop, deliver: Deliver, share: float = 0.2) -> None:
-        if not 0 < share <= 1:
-            raise ValueError(f"the HTTP time share must be in (0, 1], got {share}")
-        self._loop = loop
-        self._deliver = deliver
-        self._rest_factor = (1 - share) / share
-        self._lock = threading.Lock()
-        self._pending: list[RequestOutput] = []
-        self._urgent: set[str] = set()
-        self._scheduled = False
-        self._resting_until = 0.0  # monotonic; written by the loop, read by the engine
-        self.wakeups = 0  # loop wake-ups asked for (statistics, tests)
-
-    def put(self, deltas: list[RequestOutput], urgent: set[str] | None = None) -> None:
-        with self._lock:
-            self._pending.extend(deltas)
-            if urgent:
-                self._urgent |= urgent
-        self._wake(bool(urgent))
-
-    def flush_due(self) -> None:
-        if self._pending and not self._scheduled and time.monotonic() >= self._resting_until:
-            self._wake(False)
-
-    def burst_ended(self, seconds: float) -> None:
-        """The loop spent `seconds` on the last batch (called on the loop)."""
-        now = time.monotonic()
-        self._resting_until = max(self._resting_until, now) + seconds * self._rest_factor
-
-    def _wake(self, urgent: bool) -> None:
-        with self._lock:
-            if self._scheduled or not self._pending:
-                return
-            if not urgent and time.monotonic() < self._resting_until:
-                return
-            self._scheduled = True
-            self.wakeups += 1
-        with contextlib.suppress(RuntimeError):  # a closed loop (server stopping)
-            self._loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        with self._lock:
-            urgent, self._urgent = self._urgent, set()
-            self._scheduled = False
-            if urgent and time.monotonic() < self._resting_until:
-                batch = [delta for delta in self._pending if delta.request_id in urgent]
-                self._pending = [d for d in self._pending if d.request_id not in urgent]
-            else:
-                batch, self._pending = self._pending, []
-        if batch:
-            self._deliver(batch)
-
-
-@dataclass
-class _Submit:
-    request_id: str
-    prompt_ids: np.ndarray
-    params: SamplingParams
-    outbox: DeltaOutbox
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
-class ServingStats:
-    """Live figures for /metrics, written by the engine thread (plain reads elsewhere)."""
-
-    running: int = 0
-    waiting: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 0
-    generated_tokens: int = 0
-    requests_finished: int = 0
-    busy_s: float = 0.0
-    rank_busy: dict = field(default_factory=dict)  # rank -> engine.rank_stats.BusyReport
-    started: float = field(default_factory=time.monotonic)
-    # finished-request latencies not yet moved into the histograms
-    ttft_s: list[float] = field(default_factory=list)
-    itl_s: list[float] = field(default_factory=list)
-
 
 class EngineDriver:
     """Rank 0's engine, driven from the thread that calls `run()`."""
 
-    def __init__(self, llm, max_waiting: int) -> None:
+    def __init__(self, llm, link: EngineLink) -> None:
         self.llm = llm
-        self.max_waiting = max_waiting
-        self.capacity = llm.config.max_batch_size * llm.config.parallel.microbatch_slots
-        self.stats = ServingStats()
-        self.stop_requested = threading.Event()
-        self.stopped = threading.Event()
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._outstanding = 0  # accepted and not finished (any thread)
-        self._routes: dict[str, DeltaOutbox] = {}  # engine thread only
-        self._outboxes: dict[int, DeltaOutbox] = {}  # every one seen (one per server loop)
+        self.link = link
+        self.stop_requested = False  # set by the signal handler
+        self._running: set[str] = set()  # submitted and not finished
         self._last_token_time: dict[str, float] = {}
         self._submitted_at: dict[str, float] = {}
-        self._ids = 0
+        self._aborted_all = False
+        self._generated_tokens = 0
+        self._finished = 0
+        # latencies not yet sent to the HTTP process (it keeps the histograms)
+        self._ttft_s: list[float] = []
+        self._itl_s: list[float] = []
 
-    # -- the event loop's side ------------------------------------------------------------
-    @property
-    def accepting(self) -> bool:
-        return not self.stop_requested.is_set()
-
-    def reserve(self, count: int) -> bool:
-        """Room for `count` more requests in the bounded waiting queue (then counted)."""
-        with self._lock:
-            waiting = max(self._outstanding + count - self.capacity, 0)
-            if waiting > self.max_waiting or not self.accepting:
-                return False
-            self._outstanding += count
-            return True
-
-    def release(self, count: int) -> None:
-        """Give back reserved room that was not used (a request refused after reserve)."""
-        with self._lock:
-            self._outstanding -= count
-
-    def new_request_id(self, prefix: str) -> str:
-        with self._lock:
-            self._ids += 1
-            return f"{prefix}-{self._ids}"
-
-    def submit(self, request_id: str, prompt_ids, params, outbox: DeltaOutbox) -> None:
-        """Queue a request; its deltas (then one with `finished`) go to `outbox`."""
-        self._commands.put(_Submit(request_id, prompt_ids, params, outbox))
-
-    def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
-
-    # -- the engine thread --------------------------------------------------------------------
-    def run(self, grace_s: float) -> None:
+    def run(self, grace_s: float) -> str | None:
         """Step the engine until a stop is requested and what runs has ended.
 
         After a stop request, running requests get `grace_s` seconds to finish; the rest
-        are aborted (their clients get finish_reason "abort").
+        are aborted (their clients get finish_reason "abort"). Returns None, or why the
+        serving ended early (the HTTP process went away: what ran is aborted first).
         """
-        llm = self.llm
+        llm, link = self.llm, self.link
         deadline = None
+        failure = None
         while True:
-            self._apply_commands(block=not llm.has_unfinished() and deadline is None)
-            if self.stop_requested.is_set() and deadline is None:
+            idle = not llm.has_unfinished() and deadline is None and failure is None
+            messages = link.receive(IDLE_WAIT_S if idle else 0.0)
+            if messages is None and failure is None:
+                failure = "the HTTP process exited"
+                self._abort_all()
+            for message in messages or ():
+                self._apply(message)
+            if self.stop_requested and deadline is None:
                 deadline = time.monotonic() + grace_s
-                log.info("stopping: %d request(s) get %.1f s to finish", len(self._routes), grace_s)
+                link.send([["stopping"]])
+                running = len(self._running)
+                log.info("stopping: %d request(s) get %.1f s to finish", running, grace_s)
             if deadline is not None and time.monotonic() >= deadline:
-                for request_id in list(self._routes):
-                    llm.abort(request_id)
+                self._abort_all()
                 deadline = float("inf")  # aborted once; drain what is left
             if llm.has_unfinished():
                 _, deltas = llm.step()
-                self._dispatch(deltas)
-            elif deadline is not None:
-                break
-            for outbox in self._outboxes.values():
-                outbox.flush_due()
-            self._update_stats()  # idle too: the other ranks' reports keep coming
-        self.stopped.set()
+                self._send(deltas)
+            elif deadline is not None or failure is not None:
+                return failure
 
-    def _apply_commands(self, block: bool) -> None:
-        try:
-            command = self._commands.get(timeout=IDLE_WAIT_S) if block else None
-        except queue.Empty:
-            return
-        while True:
-            if command is None:
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    return
-            self._apply(command)
-            command = None
+    def _abort_all(self) -> None:
+        self._aborted_all = True
+        for request_id in list(self._running):
+            self.llm.abort(request_id)
 
-    def _apply(self, command) -> None:
-        if isinstance(command, _Abort):
-            if command.request_id in self._routes:
-                self.llm.abort(command.request_id)
-            return
+    def _apply(self, message: list) -> None:
+        kind = message[0]
+        if kind == "submit":
+            self._submit(message)
+        elif kind == "abort":
+            if message[1] in self._running:
+                self.llm.abort(message[1])
+        elif kind == "stats":
+            self.link.send([["stats", self._figures()]])
+        else:
+            log.warning("ignoring a message from the HTTP process: %.200r", message)
+
+    def _submit(self, message: list) -> None:
+        request_id = message[1]
         try:
-            self.llm.add_request(
-                command.prompt_ids, command.params, request_id=command.request_id, stream=True
-            )
-        except Exception as error:  # validated in the handler already; report, go on
-            self.release(1)
-            failure = RequestOutput(command.request_id, [], [], "", finish_reason="error")
+            if len(message) != 4 or not isinstance(request_id, str):
+                raise LinkError(f"a malformed submit message: {message!r:.200}")
+            if self._aborted_all:
+                raise RuntimeError("the server is shutting down")
+            params = params_from_wire(message[3])
+            self.llm.add_request(message[2], params, request_id=request_id, stream=True)
+        except Exception as error:  # validated in the HTTP process already; report, go on
+            failure = RequestOutput(str(request_id), [], [], "", finish_reason="error")
             failure.finished = True
             failure.error = str(error)
-            command.outbox.put([failure], urgent={command.request_id})
+            self.link.send([["deltas", [delta_to_wire(failure)]]])
             return
-        self._routes[command.request_id] = command.outbox
-        self._outboxes[id(command.outbox)] = command.outbox
-        self._submitted_at[command.request_id] = time.monotonic()
+        self._running.add(request_id)
+        self._submitted_at[request_id] = time.monotonic()
 
-    def _dispatch(self, deltas: list[RequestOutput]) -> None:
+    def _send(self, deltas: list[RequestOutput]) -> None:
         if not deltas:
             return
         now = time.monotonic()
-        by_outbox: dict[int, tuple[DeltaOutbox, list[RequestOutput], set[str]]] = {}
-        stats = self.stats
-        finished = 0
+        running = self._running
+        wire = []
         for delta in deltas:
-            outbox = self._routes.get(delta.request_id)
-            if outbox is None:
+            request_id = delta.request_id
+            if request_id not in running:
                 continue
-            key = id(outbox)
-            if key not in by_outbox:
-                by_outbox[key] = (outbox, [], set())
-            entry = by_outbox[key]
-            entry[1].append(delta)
+            wire.append(delta_to_wire(delta))
             if delta.token_ids:
-                stats.generated_tokens += len(delta.token_ids)
-                last = self._last_token_time.get(delta.request_id)
+                self._generated_tokens += len(delta.token_ids)
+                last = self._last_token_time.get(request_id)
                 if last is None:
-                    stats.ttft_s.append(now - self._submitted_at[delta.request_id])
-                    entry[2].add(delta.request_id)  # a first token: no pacing
+                    self._ttft_s.append(now - self._submitted_at[request_id])
                 else:
-                    stats.itl_s.append((now - last) / len(delta.token_ids))
-                self._last_token_time[delta.request_id] = now
+                    self._itl_s.append((now - last) / len(delta.token_ids))
+                self._last_token_time[request_id] = now
             if delta.finished:
-                entry[2].add(delta.request_id)
-                finished += 1
-                del self._routes[delta.request_id]
-                self._last_token_time.pop(delta.request_id, None)
-                self._submitted_at.pop(delta.request_id, None)
-        if finished:
-            stats.requests_finished += finished
-            self.release(finished)
-        for outbox, batch, urgent in by_outbox.values():
-            outbox.put(batch, urgent)
+                self._finished += 1
+                running.discard(request_id)
+                self._last_token_time.pop(request_id, None)
+                self._submitted_at.pop(request_id, None)
+        if wire:
+            self.link.send([["deltas", wire]])
 
-    def _update_stats(self) -> None:
+    def _figures(self) -> dict:
+        """The figures of /metrics (`server_metrics.ServingStats`); latencies since the last."""
         state = self.llm.engine_state()
-        stats = self.stats
-        stats.running = state["running"]
-        stats.waiting = state["waiting"]
-        stats.kv_blocks_used = state["kv_blocks_used"]
-        stats.kv_blocks_total = state["kv_blocks_total"]
-        stats.busy_s = state["busy_s"]
-        stats.rank_busy = state["rank_busy"]
+        ttft, self._ttft_s = self._ttft_s, []
+        itl, self._itl_s = self._itl_s, []
+        return {
+            "running": state["running"],
+            "waiting": state["waiting"],
+            "kv_blocks_used": state["kv_blocks_used"],
+            "kv_blocks_total": state["kv_blocks_total"],
+            "busy_s": state["busy_s"],
+            "rank_busy": {
+                str(rank): [report.started, report.now, report.busy_s]
+                for rank, report in state["rank_busy"].items()
+            },
+            "generated_tokens": self._generated_tokens,
+            "requests_finished": self._finished,
+            "ttft_s": ttft,
+            "itl_s": itl,
+        }

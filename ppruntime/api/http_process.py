@@ -1,0 +1,115 @@
+"""The HTTP process of `ppruntime serve`: uvicorn + FastAPI, apart from the engine.
+
+Started by rank 0's engine process (`cli_serve.py`) with one end of a socket pair as
+`--fd`; it never joins MPI. It reads the "hello" settings, loads the tokenizer and the
+chat template, listens, says "listening" (or "failed" with the reason) and then serves
+until the engine process closes the link: SIGTERM and Ctrl-C are the engine process's
+to handle (it answers them with "stopping", the grace period, and closing the link), so
+this process ignores them; the engine process dying closes the link too.
+
+    python -m ppruntime.api.http_process --fd N     (only as started by `ppruntime serve`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+
+import mpi4py
+
+# this process must not start MPI: importing the engine's modules would (rank_stats)
+mpi4py.rc.initialize = False
+mpi4py.rc.finalize = False
+
+GRACEFUL_EXIT_S = 10.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ppruntime.api.http_process")
+    parser.add_argument("--fd", type=int, required=True, help="this end of the engine's link")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sock = socket.socket(fileno=args.fd)
+    return asyncio.run(_serve(sock))
+
+
+async def _serve(sock: socket.socket) -> int:
+    import uvicorn
+
+    from ppruntime.api.chat_template import load_chat_template
+    from ppruntime.api.http_link import HEADER, decode_body, encode_frame
+    from ppruntime.api.server import EngineClient, ModelFacts, build_app
+    from ppruntime.api.server_metrics import ServerMetrics
+    from ppruntime.model.presets import is_preset
+    from ppruntime.model.tokenizer import load_tokenizer
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # the engine process handles the signals
+            yield
+
+    reader, writer = await asyncio.open_connection(sock=sock)
+
+    async def say(message: list) -> None:
+        writer.write(encode_frame([message]))
+        await writer.drain()
+
+    try:
+        (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+        hello = decode_body(await reader.readexactly(size))[0]
+    except asyncio.IncompleteReadError:
+        return 1  # the engine process went away before it said hello
+    settings = hello[1]
+    model = settings["model"]
+    try:
+        tokenizer = load_tokenizer(model)
+        template = None if is_preset(model) else load_chat_template(model)
+    except Exception as error:  # reported by the engine process, which exits 2
+        await say(["failed", f"{type(error).__name__}: {error}"])
+        return 2
+    facts = ModelFacts(
+        model=model,
+        served_name=settings["served_name"],
+        vocab_size=settings["vocab_size"],
+        max_model_len=settings["max_model_len"],
+        capacity=settings["capacity"],
+        max_waiting=settings["max_waiting"],
+    )
+    engine = EngineClient(facts, writer)
+    app = build_app(engine, tokenizer, template, settings["max_body_bytes"], ServerMetrics())
+    config = uvicorn.Config(
+        app,
+        host=settings["host"],
+        port=settings["port"],
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_EXIT_S,
+    )
+    server = Server(config)
+
+    async def run_server() -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot listen
+            await server.serve()
+
+    serving = asyncio.create_task(run_server())
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.02)
+    if not server.started:
+        host, port = settings["host"], settings["port"]
+        await say(["failed", f"could not listen on {host}:{port} (is the port in use?)"])
+        return 2
+    await say(["listening", server.servers[0].sockets[0].getsockname()[1]])
+    await engine.read_from(reader)  # until the engine process closes the link
+    server.should_exit = True
+    await serving
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
