@@ -21,8 +21,9 @@ Every phase is bounded (`--time-limit`: what finished by then is reported, with
 `timed_out`). Reported: output tokens/s of both paths, the ratio (and each round's), the
 offline clients-at-a-time / all-at-once ratio and serve against that, TTFT and
 inter-token (inter-chunk) latency percentiles, tokens a streamed chunk (> 1 when the
-server paces its chunks, serve --http-time-share), the server job's CPU a token, the load
-average, and where the wall time went.
+server's HTTP process is behind the engine and takes several steps' tokens at once), the
+server job's CPU a token (every process of the job: the ranks and the HTTP process), the
+load average, and where the wall time went.
 
 The streams are read by `_sse_client.py` (`--client lean`, default): an asyncio HTTP/1.1
 + server-sent-events reader that checks every stream ends with `[DONE]` after its finish
@@ -144,12 +145,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="lean: the asyncio HTTP/1.1 + SSE reader of _sse_client.py (the clients share "
         "the server's cores: the cheaper they are, the less they take from it); httpx: "
         "httpx with a json.loads a chunk, as a typical Python client",
-    )
-    parser.add_argument(
-        "--http-time-share", type=float, default=None, help="passed to serve (its default)"
-    )
-    parser.add_argument(
-        "--gil-switch-interval-ms", type=float, default=None, help="passed to serve (Python's)"
     )
     parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds per job start")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
@@ -375,10 +370,6 @@ class _Server:
         serve = [sys.executable, "-m", "ppruntime", "serve", *_model_flags(args)]
         serve += ["--port", "0", "--max-waiting", "100000", "--shutdown-grace", "5"]
         serve += _as_flags(engine_options(args))
-        if args.http_time_share is not None:
-            serve += ["--http-time-share", str(args.http_time_share)]
-        if args.gil_switch_interval_ms is not None:
-            serve += ["--gil-switch-interval-ms", str(args.gil_switch_interval_ms)]
         self.proc = _start_job(args.pp, serve)
         self.url = None
         self.ready = threading.Event()
@@ -594,7 +585,7 @@ def _summary(parts: list[dict], clients: int, args) -> dict:
         "ttft_p99_s": common.percentile(ttft, 99),
         "itl_p50_s": common.percentile(itl, 50),
         "itl_p99_s": common.percentile(itl, 99),
-        # > 1 when the server paced its chunks (--http-time-share); ITL is per chunk
+        # > 1 when the HTTP process took several steps' tokens at once; ITL is per chunk
         "tokens_per_chunk": tokens / chunks if chunks else None,
         # every rank's process, whole job
         "server_cpu_s_per_token": sum(cpu) / tokens if tokens and None not in cpu else None,

@@ -163,15 +163,19 @@ def params_from_wire(fields: object) -> SamplingParams:
 
 def delta_to_wire(delta) -> list:
     """A `RequestOutput` delta as [id, token ids, text, finished, finish reason, error,
-    logprobs as [[token, log-prob], ...] per token or None]."""
+    logprobs as [[token, log-prob], ...] per token or None]. Runs on the engine for every
+    request every step: the token list is the engine's own (Python ints) when it is one."""
+    tokens = delta.token_ids
+    if type(tokens) is not list:
+        tokens = [int(token) for token in tokens]
     logprobs = delta.logprobs
     if logprobs:
         logprobs = [[[int(t), float(value)] for t, value in step.items()] for step in logprobs]
     return [
         delta.request_id,
-        [int(token) for token in delta.token_ids],
+        tokens,
         delta.text,
-        bool(delta.finished),
+        delta.finished,
         delta.finish_reason,
         delta.error,
         logprobs or None,
