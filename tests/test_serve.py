@@ -391,9 +391,16 @@ def test_the_http_process_dying_ends_every_rank_naming_the_cause():
     assert "the HTTP process exited (killed by SIGKILL" in output, output
 
 
+def _nice(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[16])
+
+
 def test_the_engine_process_dying_ends_the_http_process():
     server = Server(["--preset", "tiny"])
     assert not has_exited(server.http_pid)
+    # the HTTP process runs below the engine's priority (--http-nice, default 10)
+    assert _nice(server.http_pid) - _nice(server.proc.pid) == 10
     os.kill(server.proc.pid, signal.SIGKILL)  # no mpirun: this is rank 0 itself
     server.proc.wait(STOP_TIMEOUT_S)
     deadline = time.monotonic() + STOP_TIMEOUT_S

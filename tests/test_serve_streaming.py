@@ -212,6 +212,7 @@ def test_pre_encoded_chunks_are_the_openai_chunk_json(chat, include_usage):
     [
         ("--max-waiting", "-1", "--max-waiting must be >= 0, got -1"),
         ("--shutdown-grace", "-1", "--shutdown-grace must be >= 0, got -1.0"),
+        ("--http-nice", "20", "--http-nice must be in [0, 19], got 20"),
     ],
 )
 def test_serve_refuses_a_flag_out_of_range_naming_it(flag, value, message):

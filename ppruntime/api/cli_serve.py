@@ -46,6 +46,14 @@ def add_serve_parser(sub, add_common) -> None:
     )
     http.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
     http.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds, on SIGTERM")
+    http.add_argument(
+        "--http-nice",
+        type=int,
+        default=10,
+        help="the HTTP process's nice value above rank 0's (0-19, default 10): on cores it "
+        "shares with the ranks, the engine runs first and streaming takes the gaps (a "
+        "HTTP process that is behind writes several steps' tokens in one chunk)",
+    )
     http.add_argument("--trace", default=None, help="write a Chrome trace of all ranks here")
     add_engine_arguments(parser)
     add_common(parser)
@@ -61,6 +69,8 @@ def _check_http_flags(args: argparse.Namespace) -> str | None:
         return f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}"
     if not args.shutdown_grace >= 0:
         return f"--shutdown-grace must be >= 0, got {args.shutdown_grace}"
+    if not 0 <= args.http_nice <= 19:
+        return f"--http-nice must be in [0, 19], got {args.http_nice}"
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -140,6 +150,7 @@ def _start_http_process(args: argparse.Namespace, llm, name: str):
 
     ours, theirs = socket.socketpair()
     command = [sys.executable, "-m", "ppruntime.api.http_process", "--fd", str(theirs.fileno())]
+    command += ["--nice", str(args.http_nice)]
     http = subprocess.Popen(command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
     theirs.close()
     config = llm.config

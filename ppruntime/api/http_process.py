@@ -7,7 +7,7 @@ until the engine process closes the link: SIGTERM and Ctrl-C are the engine proc
 to handle (it answers them with "stopping", the grace period, and closing the link), so
 this process ignores them; the engine process dying closes the link too.
 
-    python -m ppruntime.api.http_process --fd N     (only as started by `ppruntime serve`)
+    python -m ppruntime.api.http_process --fd N --nice K   (only as `ppruntime serve` starts it)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -31,9 +32,11 @@ GRACEFUL_EXIT_S = 10.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ppruntime.api.http_process")
     parser.add_argument("--fd", type=int, required=True, help="this end of the engine's link")
+    parser.add_argument("--nice", type=int, default=0, help="add this to the nice value")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.nice(args.nice)  # below the engine ranks: they get a contended core first
     sock = socket.socket(fileno=args.fd)
     return asyncio.run(_serve(sock))
 

@@ -25,10 +25,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ppruntime.api.chat_template import ChatTemplate, ChatTemplateError
 from ppruntime.api.http_link import (
-    HEADER,
+    RECEIVE_BYTES,
     Delta,
+    FrameReader,
     LinkError,
-    decode_body,
     delta_from_wire,
     encode_frame,
     params_to_wire,
@@ -209,11 +209,17 @@ class EngineClient:
     # -- the engine's side --------------------------------------------------------------
     async def read_from(self, reader: asyncio.StreamReader) -> None:
         """Route what the engine sends until it closes the link."""
+        frames = FrameReader()
         try:
             while True:
-                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-                self.handle(decode_body(await reader.readexactly(size)))
-        except (asyncio.IncompleteReadError, ConnectionError):
+                # every frame that has arrived: a process that was behind (or waiting for
+                # a core) routes several steps at once, and its handlers write one chunk
+                # a choice for all of them
+                data = await reader.read(RECEIVE_BYTES)
+                if not data:
+                    break
+                self.handle(frames.feed(data))
+        except ConnectionError:
             pass
         except LinkError as error:
             log.error("the engine process sent %s; stopping", error)
