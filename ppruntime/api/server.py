@@ -198,7 +198,10 @@ class EngineClient:
 
     def _send(self, message: list) -> None:
         if not self._outgoing:
-            asyncio.get_running_loop().call_soon(self._flush)
+            try:
+                asyncio.get_running_loop().call_soon(self._flush)
+            except RuntimeError:  # no loop runs (a generator closed at exit): nothing to do
+                return
         self._outgoing.append(message)
 
     def _flush(self) -> None:
