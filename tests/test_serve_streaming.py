@@ -222,3 +222,41 @@ def test_serve_refuses_a_flag_out_of_range_naming_it(flag, value, message):
     )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
+
+
+def test_latency_counts_stay_bounded_and_render_as_prometheus_histograms():
+    """The engine keeps latencies as bucket counts (not a list that grows until the next
+    scrape); the HTTP process renders them as histograms that parse, with cumulative
+    buckets (value <= bound), the count and the sum."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ppruntime.api.server_metrics import (
+        LATENCY_BUCKETS,
+        LatencyCounts,
+        ServerMetrics,
+        ServingStats,
+    )
+
+    ttft = LatencyCounts()
+    for seconds in [0.001, 0.002, 0.03, 20.0] + [0.004] * 10_000:
+        ttft.observe(seconds)
+    wire = ttft.to_wire()
+    assert len(wire[0]) == len(LATENCY_BUCKETS) + 1  # the same size after 10004 values
+    stats = ServingStats(ttft=LatencyCounts.from_wire(wire), itl=LatencyCounts())
+    text = ServerMetrics().render(stats).decode()
+    samples = {
+        (sample.name, sample.labels.get("le")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    name = "ppruntime_time_to_first_token_seconds"
+    assert samples[(f"{name}_bucket", "0.001")] == 1  # le: 0.001 itself is in
+    assert samples[(f"{name}_bucket", "0.0025")] == 2
+    assert samples[(f"{name}_bucket", "0.005")] == 10_002
+    assert samples[(f"{name}_bucket", "0.05")] == 10_003
+    assert samples[(f"{name}_bucket", "10.0")] == 10_003
+    assert samples[(f"{name}_bucket", "+Inf")] == samples[(f"{name}_count", None)] == 10_004
+    assert abs(samples[(f"{name}_sum", None)] - (0.033 + 20.0 + 40.0)) < 1e-6
+    assert samples[("ppruntime_inter_token_latency_seconds_count", None)] == 0
+    with pytest.raises(ValueError, match="needs 14 counts, got 2"):
+        LatencyCounts.from_wire([[1, 2], 0.0])

@@ -236,7 +236,7 @@ class EngineClient:
             elif kind == "stats":
                 self._last_stats = stats = ServingStats.from_wire(message[1])
                 waiters, self._stats_waiters = self._stats_waiters, []
-                for waiter in waiters:  # the first render moves the latencies out
+                for waiter in waiters:
                     if not waiter.done():
                         waiter.set_result(stats)
             elif kind == "stopping":

@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
 from ppruntime.engine.rank_stats import BusyReport, busy_fraction
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class LatencyCounts:
+    """A latency histogram in bounded memory, kept by the engine since start-up: how many
+    values fell in each LATENCY_BUCKETS bucket (value <= bound; the last count: above
+    every bound) and their sum. The whole state crosses the link with each "stats"
+    message, so nothing grows between scrapes, however rare they are."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum_s += seconds
+
+    def to_wire(self) -> list:
+        return [list(self.counts), self.sum_s]
+
+    @classmethod
+    def from_wire(cls, wire: list) -> LatencyCounts:
+        counts, sum_s = wire
+        if len(counts) != len(LATENCY_BUCKETS) + 1:
+            raise ValueError(
+                f"a latency histogram needs {len(LATENCY_BUCKETS) + 1} counts, got {len(counts)}"
+            )
+        latency = cls()
+        latency.counts = [int(count) for count in counts]
+        latency.sum_s = float(sum_s)
+        return latency
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Prometheus's buckets: (upper bound, values <= it), "+Inf" last."""
+        running, buckets = 0, []
+        for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), self.counts):
+            running += count
+            buckets.append((bound, running))
+        return buckets
 
 
 @dataclass
@@ -22,9 +61,9 @@ class ServingStats:
     requests_finished: int = 0
     busy_s: float = 0.0
     rank_busy: dict = field(default_factory=dict)  # rank -> engine.rank_stats.BusyReport
-    # latencies measured by the engine since the previous message (moved into the histograms)
-    ttft_s: list[float] = field(default_factory=list)
-    itl_s: list[float] = field(default_factory=list)
+    # latencies measured by the engine, since start-up
+    ttft: LatencyCounts = field(default_factory=LatencyCounts)
+    itl: LatencyCounts = field(default_factory=LatencyCounts)
 
     @classmethod
     def from_wire(cls, figures: dict) -> ServingStats:
@@ -32,17 +71,14 @@ class ServingStats:
         values["rank_busy"] = {
             int(rank): BusyReport(*report) for rank, report in values["rank_busy"].items()
         }
+        values["ttft"] = LatencyCounts.from_wire(values["ttft"])
+        values["itl"] = LatencyCounts.from_wire(values["itl"])
         return cls(**values)
 
 
 class ServerMetrics:
     def __init__(self) -> None:
-        from prometheus_client import (
-            CollectorRegistry,
-            Counter,
-            Gauge,
-            Histogram,
-        )
+        from prometheus_client import CollectorRegistry, Counter, Gauge
         from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
         self.content_type = CONTENT_TYPE_LATEST
@@ -85,18 +121,8 @@ class ServerMetrics:
             ["rank"],
             registry=registry,
         )
-        self.ttft = Histogram(
-            "ppruntime_time_to_first_token_seconds",
-            "time to first token",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.itl = Histogram(
-            "ppruntime_inter_token_latency_seconds",
-            "time between tokens",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
+        self._latencies = _LatencyCollector()
+        registry.register(self._latencies)
         self._last = (time.monotonic(), 0, 0.0)  # (when, tokens, busy seconds)
         self._finished_seen = 0
         self._reports_seen: dict[int, BusyReport] = {}  # ranks > 0: report of the last scrape
@@ -119,10 +145,7 @@ class ServerMetrics:
         self._other_ranks_busy(stats.rank_busy)
         self.finished.inc(stats.requests_finished - self._finished_seen)
         self._finished_seen = stats.requests_finished
-        for values, histogram in ((stats.ttft_s, self.ttft), (stats.itl_s, self.itl)):
-            for value in values:
-                histogram.observe(value)
-            values.clear()
+        self._latencies.stats = stats
         self._last = (now, stats.generated_tokens, stats.busy_s)
         return generate_latest(self.registry)
 
@@ -143,3 +166,22 @@ class ServerMetrics:
                 max(report.busy_s - (previous.busy_s if previous else 0.0), 0.0)
             )
             self._reports_seen[rank] = report
+
+
+class _LatencyCollector:
+    """The engine's latency histograms as Prometheus histograms (rendered as they are: the
+    engine keeps the counts)."""
+
+    def __init__(self) -> None:
+        self.stats = ServingStats()
+
+    def collect(self):
+        from prometheus_client.core import HistogramMetricFamily
+
+        for name, documentation, latency in (
+            ("ppruntime_time_to_first_token_seconds", "time to first token", self.stats.ttft),
+            ("ppruntime_inter_token_latency_seconds", "time between tokens", self.stats.itl),
+        ):
+            yield HistogramMetricFamily(
+                name, documentation, buckets=latency.cumulative(), sum_value=latency.sum_s
+            )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 
 from ppruntime.api.http_link import EngineLink, LinkError, delta_to_wire, params_from_wire
+from ppruntime.api.server_metrics import LatencyCounts
 from ppruntime.engine.outputs import RequestOutput
 from ppruntime.logs import get_logger
 
@@ -35,9 +36,8 @@ class EngineDriver:
         self._aborted_all = False
         self._generated_tokens = 0
         self._finished = 0
-        # latencies not yet sent to the HTTP process (it keeps the histograms)
-        self._ttft_s: list[float] = []
-        self._itl_s: list[float] = []
+        self._ttft = LatencyCounts()  # since start-up; bounded (bucket counts)
+        self._itl = LatencyCounts()
 
     def run(self, grace_s: float) -> str | None:
         """Step the engine until a stop is requested and what runs has ended.
@@ -121,9 +121,9 @@ class EngineDriver:
                 self._generated_tokens += len(delta.token_ids)
                 last = self._last_token_time.get(request_id)
                 if last is None:
-                    self._ttft_s.append(now - self._submitted_at[request_id])
+                    self._ttft.observe(now - self._submitted_at[request_id])
                 else:
-                    self._itl_s.append((now - last) / len(delta.token_ids))
+                    self._itl.observe((now - last) / len(delta.token_ids))
                 self._last_token_time[request_id] = now
             if delta.finished:
                 self._finished += 1
@@ -134,10 +134,8 @@ class EngineDriver:
             self.link.send([["deltas", wire]])
 
     def _figures(self) -> dict:
-        """The figures of /metrics (`server_metrics.ServingStats`); latencies since the last."""
+        """The figures of /metrics (`server_metrics.ServingStats`)."""
         state = self.llm.engine_state()
-        ttft, self._ttft_s = self._ttft_s, []
-        itl, self._itl_s = self._itl_s, []
         return {
             "running": state["running"],
             "waiting": state["waiting"],
@@ -150,6 +148,6 @@ class EngineDriver:
             },
             "generated_tokens": self._generated_tokens,
             "requests_finished": self._finished,
-            "ttft_s": ttft,
-            "itl_s": itl,
+            "ttft": self._ttft.to_wire(),
+            "itl": self._itl.to_wire(),
         }
