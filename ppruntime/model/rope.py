@@ -48,14 +48,15 @@ def rope_angles(inv_freq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
 def rope_cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [T, head_dim] for absolute `positions` [T], computed in float32."""
+    """cos, sin: [T, 1, head_dim] for absolute `positions` [T], computed in float32 (the
+    head axis of 1 broadcasts over the heads of `apply_rope`'s x)."""
     freqs = rope_angles(inv_freq, positions)  # [T, D/2]
-    angles = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, D]."""
+    """x: [T, heads, D]; cos/sin: [T, 1, D] (from `rope_cos_sin`)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return x * cos + rotated * sin

@@ -94,11 +94,14 @@ class StageModel(nn.Module):
         kv_cache: torch.Tensor,  # [num_layers_in_stage, 2, NB, BS, Hkv, D]
     ) -> torch.Tensor:
         """Hidden states [T, H]; on the last stage, after the final norm."""
+        # (no-op casts skipped: each is a torch call, which costs more than tiny math)
         if self.embed_tokens is not None:
-            hidden = F.embedding(inputs.to(torch.int64), self.embed_tokens)
+            token_ids = inputs if inputs.dtype == torch.int64 else inputs.to(torch.int64)
+            hidden = F.embedding(token_ids, self.embed_tokens)
         else:
-            hidden = inputs.to(self.dtype)
-        positions = positions.to(torch.int64)
+            hidden = inputs if inputs.dtype == self.dtype else inputs.to(self.dtype)
+        if positions.dtype != torch.int64:
+            positions = positions.to(torch.int64)
         rope = self.layer_ops.rope_tables(self.rope_inv_freq, positions, self.dtype)
         backend = self.attention_backend
         attention = LayerAttention(backend, backend.plan(attn, positions, kv_cache.shape[3]))

@@ -20,39 +20,46 @@ def write_kv(
     """Store k, v [T, Hkv, D] at flat slots of layer_cache [2, NB, BS, Hkv, D]."""
     num_blocks, block_size = layer_cache.shape[1], layer_cache.shape[2]
     flat = layer_cache.view(2, num_blocks * block_size, *layer_cache.shape[3:])
-    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+    flat[0].index_copy_(0, slot_mapping, _as(k, flat.dtype))
+    flat[1].index_copy_(0, slot_mapping, _as(v, flat.dtype))
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`; no torch call when it already is (this backend runs tiny tensors on
+    the CPU, where each call's dispatch costs more than the math)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 @dataclass
 class BatchLayout:
-    """Where each flat token sits in the padded [B, max_q] query grid, plus masks.
+    """Where each flat token sits in the padded [B, max_q] query grid, where each key sits
+    in the cache, and the masks: what every layer of a stage forward shares (the metadata
+    and positions alone decide it), built once per forward."""
 
-    Depends only on the metadata and positions, so a stage builds it once per forward
-    and shares it across its layers.
-    """
-
-    seq_of_token: torch.Tensor  # [T] int64
-    index_in_seq: torch.Tensor  # [T] int64
     query_pos: torch.Tensor  # [B, max_q] int64, padding rows at position 0
     context_len: int  # padded keys per sequence (whole blocks)
-    # [B, context_len, 1, 1] bool: padded keys past the sequence's length. They are read
-    # from whatever the block table points at (free blocks, other sequences' blocks);
-    # their weight is 0, but 0 * NaN is NaN, so their values are zeroed: a request whose
-    # activations went NaN must not spread them to the others.
-    beyond_length: torch.Tensor
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+    # [B * context_len] int64: the flat cache row (block * block_size + offset) of key j of
+    # sequence b. A key past the sequence's length reads the sequence's own key 0 instead:
+    # its weight is 0, and it must not be read from whatever the block table points at
+    # there (free blocks, other sequences' blocks: 0 * NaN is NaN, so a request whose
+    # activations went NaN would spread them to the others).
+    key_rows: torch.Tensor
+    # (seq_of_token [T], index_in_seq [T]) int64; None when every sequence has exactly one
+    # new token (decode): then the query grid is the flat tokens themselves
+    tokens: tuple[torch.Tensor, torch.Tensor] | None
+    _hidden: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def visible(self, sliding_window: int | None) -> torch.Tensor:
-        """[B, max_q, S] bool: key j is visible to the query at p when j <= p (within window)."""
-        if sliding_window not in self._masks:
+    def hidden(self, sliding_window: int | None) -> torch.Tensor:
+        """[B, 1, 1, max_q, S] bool: key j is hidden from the query at p when j > p (or
+        outside the window), shaped for the [B, Hkv, G, max_q, S] scores."""
+        if sliding_window not in self._hidden:
             key_pos = torch.arange(self.context_len, device=self.query_pos.device)[None, None, :]
             query_pos = self.query_pos[:, :, None]
-            mask = key_pos <= query_pos
+            mask = key_pos > query_pos
             if sliding_window is not None:
-                mask &= key_pos > query_pos - sliding_window
-            self._masks[sliding_window] = mask
-        return self._masks[sliding_window]
+                mask |= key_pos <= query_pos - sliding_window
+            self._hidden[sliding_window] = mask[:, None, None, :, :]
+        return self._hidden[sliding_window]
 
 
 def batch_layout(
@@ -60,18 +67,43 @@ def batch_layout(
 ) -> BatchLayout:
     """The layout of a batch; `positions` [T] default to seq_lens - q_len + index."""
     num_tokens = int(attn.slot_mapping.shape[0])
-    seq_of_token, index_in_seq = _token_coordinates(attn.query_start_loc, num_tokens)
-    if positions is None:
-        q_lens = attn.query_start_loc[1:] - attn.query_start_loc[:-1]
-        positions = (attn.seq_lens - q_lens).to(torch.int64)[seq_of_token] + index_in_seq
-    query_pos = positions.new_zeros((attn.num_seqs, attn.max_query_len), dtype=torch.int64)
-    query_pos[seq_of_token, index_in_seq] = positions.to(torch.int64)
+    num_seqs = attn.num_seqs
     context_len = -(-attn.max_seq_len // block_size) * block_size
-    key_pos = torch.arange(context_len, device=query_pos.device)
-    beyond_length = key_pos[None, :] >= attn.seq_lens.to(query_pos.device)[:, None]
-    return BatchLayout(
-        seq_of_token, index_in_seq, query_pos, context_len, beyond_length[:, :, None, None]
-    )
+    table = _block_table(attn, context_len, block_size)  # [B, nblk] int64
+    if attn.max_query_len == 1 and num_tokens == num_seqs:
+        tokens = None  # token b is sequence b's one new token
+        if positions is None:
+            positions = attn.seq_lens - 1
+        query_pos = positions.to(torch.int64).view(num_seqs, 1)
+    else:
+        seq_of_token, index_in_seq = _token_coordinates(attn.query_start_loc, num_tokens)
+        tokens = (seq_of_token, index_in_seq)
+        if positions is None:
+            q_lens = attn.query_start_loc[1:] - attn.query_start_loc[:-1]
+            positions = (attn.seq_lens - q_lens).to(torch.int64)[seq_of_token] + index_in_seq
+        query_pos = positions.new_zeros((num_seqs, attn.max_query_len), dtype=torch.int64)
+        query_pos[tokens] = positions.to(torch.int64)
+    device = query_pos.device
+    offsets = torch.arange(block_size, device=device)
+    key_rows = ((table * block_size)[:, :, None] + offsets).view(num_seqs, context_len)
+    key_pos = torch.arange(context_len, device=device)
+    beyond_length = key_pos[None, :] >= attn.seq_lens.to(device)[:, None]
+    key_rows = torch.where(beyond_length, key_rows[:, :1], key_rows)
+    return BatchLayout(query_pos, context_len, key_rows.view(-1), tokens)
+
+
+def _block_table(attn: AttentionMetadata, context_len: int, block_size: int) -> torch.Tensor:
+    """The block ids of each sequence's first `context_len` keys: [B, nblk] int64."""
+    blocks_needed = context_len // block_size
+    if attn.block_table.shape[1] < blocks_needed:
+        raise ValueError(
+            f"block_table has {attn.block_table.shape[1]} columns but max_seq_len="
+            f"{attn.max_seq_len} needs {blocks_needed} blocks of {block_size}"
+        )
+    table = attn.block_table[:, :blocks_needed]
+    if attn.block_table_rows is not None:
+        table = table.index_select(0, attn.block_table_rows)
+    return table.to(torch.int64)
 
 
 def paged_attention(
@@ -99,24 +131,28 @@ def paged_attention(
     write_kv(k, v, layer_cache, slot_mapping)
     if layout is None:
         layout = batch_layout(attn, layer_cache.shape[2], positions)
-    _, num_q_heads, head_dim = q.shape
+    num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = layer_cache.shape[3]
     group = num_q_heads // num_kv_heads
     num_seqs, max_q = layout.query_pos.shape
-    tokens = (layout.seq_of_token, layout.index_in_seq)
+    grid = (num_seqs, max_q, num_kv_heads, group, head_dim)
 
-    keys, values = _gather_context(layer_cache, attn, layout.context_len)  # [B, S, Hkv, D]
-    values.masked_fill_(layout.beyond_length, 0.0)
-    padded_q = q.new_zeros((num_seqs, max_q, num_q_heads, head_dim), dtype=torch.float32)
-    padded_q[tokens] = q.to(torch.float32)
-    padded_q = padded_q.view(num_seqs, max_q, num_kv_heads, group, head_dim)
+    keys, values = _gather_context(layer_cache, layout)  # [B, S, Hkv, D]
+    tokens = layout.tokens
+    if tokens is None:  # one token per sequence: the grid is q, as one contiguous tensor
+        padded_q = _as(q, torch.float32).contiguous().view(grid)
+    else:
+        padded_q = q.new_zeros((num_seqs, max_q, num_q_heads, head_dim), dtype=torch.float32)
+        padded_q[tokens] = _as(q, torch.float32)
+        padded_q = padded_q.view(grid)
 
     scores = torch.einsum("bqhgd,bshd->bhgqs", padded_q, keys) * scale  # [B, Hkv, G, max_q, S]
-    visible = layout.visible(sliding_window)[:, None, None, :, :]
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    probs = torch.softmax(scores.masked_fill(layout.hidden(sliding_window), float("-inf")), dim=-1)
     out = torch.einsum("bhgqs,bshd->bqhgd", probs, values)  # [B, max_q, Hkv, G, D]
+    if tokens is None:
+        return _as(out.reshape(num_tokens, num_q_heads, head_dim), q.dtype)
     out = out.reshape(num_seqs, max_q, num_q_heads, head_dim)
-    return out[tokens].to(q.dtype)
+    return _as(out[tokens], q.dtype)
 
 
 def _redirect_padded_rows(
@@ -143,22 +179,14 @@ def _token_coordinates(
 
 
 def _gather_context(
-    layer_cache: torch.Tensor, attn: AttentionMetadata, context_len: int
+    layer_cache: torch.Tensor, layout: BatchLayout
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's cached K and V laid out by position: [B, context_len, Hkv, D] float32."""
-    block_size = layer_cache.shape[2]
-    blocks_needed = context_len // block_size
-    if attn.block_table.shape[1] < blocks_needed:
-        raise ValueError(
-            f"block_table has {attn.block_table.shape[1]} columns but max_seq_len="
-            f"{attn.max_seq_len} needs {blocks_needed} blocks of {block_size}"
-        )
-    table = attn.block_table[:, :blocks_needed]
-    if attn.block_table_rows is not None:
-        table = table.index_select(0, attn.block_table_rows)
-    table = table.to(torch.int64)  # [B, nblk]
-    kv = layer_cache[:, table]  # [2, B, nblk, BS, Hkv, D]
-    kv = kv.reshape(2, table.shape[0], context_len, *layer_cache.shape[3:]).to(torch.float32)
+    _, num_blocks, block_size, num_kv_heads, head_dim = layer_cache.shape
+    rows = layer_cache.view(2, num_blocks * block_size, num_kv_heads * head_dim)
+    num_seqs = layout.query_pos.shape[0]
+    kv = rows.index_select(1, layout.key_rows)  # one row of Hkv * D values a key
+    kv = _as(kv.view(2, num_seqs, layout.context_len, num_kv_heads, head_dim), torch.float32)
     return kv[0], kv[1]
 
 
