@@ -27,10 +27,14 @@ def naive_attention(q, k, v, window):
 
 
 @pytest.mark.parametrize("window", [None, 3])
-def test_mixed_batch_matches_naive_attention(window):
+@pytest.mark.parametrize("unwritten", [0.0, float("nan")])
+def test_mixed_batch_matches_naive_attention(window, unwritten):
+    """Prefill chunks and decode steps; with `unwritten` NaN, every cache slot no sequence
+    wrote (the rest of their last blocks, the free blocks the table padding points at)
+    is NaN: keys past a sequence's length must not reach its output."""
     generator = torch.Generator().manual_seed(0)
     paging = PagedBatches(NUM_BLOCKS, BLOCK_SIZE, seed=3)
-    cache = torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, HKV, D)
+    cache = torch.full((2, NUM_BLOCKS, BLOCK_SIZE, HKV, D), unwritten)
     history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for step in [[(0, 6), (1, 3)], [(1, 5), (0, 1), (2, 2)], [(2, 1), (0, 1), (1, 1)]]:
         metadata, _ = paging.step(step)
