@@ -99,6 +99,7 @@ def worker(args) -> None:
                 "host_us_per_iteration": own / max(report.iterations, 1) * 1e6,
                 "cpu_us_per_iteration": cpu / max(report.iterations, 1) * 1e6,
                 "busy_s": report.busy_s,
+                "busy_cpu_s": report.busy_cpu_s,
             }
         )
     best = min(windows)
@@ -233,6 +234,14 @@ def drive(args) -> int:
                 {
                     span: seconds / max(rank["iterations"], 1) * 1e6
                     for span, seconds in sorted(rank["busy_s"].items())
+                }
+                for rank in first["ranks"]
+            ]
+            # ...and the CPU time of its compute spans (forward, sample)
+            entry[name]["cpu_spans_us_per_iteration"] = [
+                {
+                    span: seconds / max(rank["iterations"], 1) * 1e6
+                    for span, seconds in sorted(rank["busy_cpu_s"].items())
                 }
                 for rank in first["ranks"]
             ]
