@@ -173,10 +173,11 @@ def _metric(run: dict, name: str) -> float:
     return _busiest(run, name) if name.endswith("per_iteration") else run[name]
 
 
-def _profile_lines(args, batch: int) -> list[str]:
+def _profile(args, batch: int) -> list[list[dict]]:
+    """Per rank, the `--profile` functions with the most own time, per iteration."""
     import pstats
 
-    lines = []
+    profiles = []
     with tempfile.TemporaryDirectory() as directory:
         run = _run(args, batch, profile_dir=directory)
         for rank in run["ranks"]:
@@ -189,13 +190,18 @@ def _profile_lines(args, batch: int) -> list[str]:
                 ),
                 reverse=True,
             )
-            lines.append(f"batch {batch}, rank {rank['rank']}: us per iteration (profiled)")
-            for own, cumulative, calls, where in rows[: args.profile]:
-                lines.append(
-                    f"    {own / iterations * 1e6:8.1f} own {cumulative / iterations * 1e6:8.1f}"
-                    f" cum {calls / iterations:6.1f} calls  {where}"
-                )
-    return lines
+            profiles.append(
+                [
+                    {
+                        "function": where,
+                        "own_us": own / iterations * 1e6,
+                        "cumulative_us": cumulative / iterations * 1e6,
+                        "calls": calls / iterations,
+                    }
+                    for own, cumulative, calls, where in rows[: args.profile]
+                ]
+            )
+    return profiles
 
 
 def drive(args) -> int:
@@ -266,7 +272,15 @@ def drive(args) -> int:
             result[f"{name}_cpu_b32_over_b64"] = cpu[32] / cpu[64]
             lines.append(f"{name}: CPU us/iteration at 32 over at 64 = {cpu[32] / cpu[64]:.3f}")
     for batch in batches if args.profile else []:
-        lines += _profile_lines(args, batch)
+        profiles = _profile(args, batch)
+        result.setdefault("profile_us_per_iteration", {})[str(batch)] = profiles
+        for rank, rows in enumerate(profiles):
+            lines.append(f"batch {batch}, rank {rank}: us per iteration (profiled)")
+            lines += [
+                f"    {row['own_us']:8.1f} own {row['cumulative_us']:8.1f} cum "
+                f"{row['calls']:6.1f} calls  {row['function']}"
+                for row in rows
+            ]
     common.emit(lines, result, args.json)
     return 0
 

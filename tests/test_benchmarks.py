@@ -213,6 +213,23 @@ def test_bench_overhead_pp1_async_reports_host_work_per_step():
     assert len(functions) == 5 and any("executor.py" in name for name in functions), functions
 
 
+def test_bench_step_cost_compares_two_trees_and_profiles_each_rank():
+    """scripts/bench_step_cost.py with this checkout as its own baseline: both trees' CPU
+    per iteration on both ranks, their ratio, and a profile of each rank."""
+    args = [sys.executable, str(SCRIPTS / "bench_step_cost.py"), "--batches", "4"]
+    args += ["--input-len", "4", "--output-len", "6", "--repeats", "1"]
+    result = _run([*args, "--baseline", str(REPO_ROOT), "--profile", "3"])
+    _positive_numbers(result, ["cpu_ratio_b4", "tokens_ratio_b4"])
+    (entry,) = result["batches"]
+    for tree in ("this", "baseline"):
+        _positive_numbers(entry[tree], ["cpu_us_per_iteration", "host_us_per_iteration"])
+        assert len(entry[tree]["spans_us_per_iteration"]) == 2, entry  # one per rank
+        assert entry[tree]["cpu_spans_us_per_iteration"][1]["sample"] > 0, entry
+    assert entry["baseline"]["package"] == str(REPO_ROOT / "ppruntime"), entry
+    profiles = result["profile_us_per_iteration"]["4"]
+    assert [len(rows) for rows in profiles] == [3, 3], profiles
+
+
 def test_bench_inputs_counts_no_allocations_and_no_copies_off_boundary():
     args = [sys.executable, str(SCRIPTS / "bench_inputs.py"), "--preset", "tiny"]
     result = _run([*args, "--num-requests", "6", "--output-len", "40"])
