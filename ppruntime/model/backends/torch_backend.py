@@ -74,7 +74,7 @@ def batch_layout(
         tokens = None  # token b is sequence b's one new token
         if positions is None:
             positions = attn.seq_lens - 1
-        query_pos = positions.to(torch.int64).view(num_seqs, 1)
+        query_pos = positions.to(torch.int64).reshape(num_seqs, 1)
     else:
         seq_of_token, index_in_seq = _token_coordinates(attn.query_start_loc, num_tokens)
         tokens = (seq_of_token, index_in_seq)
