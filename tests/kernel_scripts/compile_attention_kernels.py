@@ -123,9 +123,20 @@ def steps() -> list:
     tiled = pa.prefill_launch(torch.bfloat16, 512, 4)
     fp32_prefill = pa.prefill_launch(torch.float32, 512, 2)
     return [
-        # the decode launches store this step's k / v (fused_store, as decode_launch picks)
+        # decode launches storing this step's k / v (fused_store, as decode_launch picks and
+        # the backend runs with PPRUNTIME_FUSED_KV_STORE=1), and the backend's default: the
+        # batch-64 launch after store_kv, reading the new key from the cache
         lambda: attention("8B decode bf16", torch.bfloat16, 32, 8, 128, decode, window=False),
         lambda: attention("8B decode bf16 batch 64", torch.bfloat16, 32, 8, 128, decode_64, False),
+        lambda: attention(
+            "8B decode bf16 batch 64 store_kv first",
+            torch.bfloat16,
+            32,
+            8,
+            128,
+            replace(decode_64, fused_store=False),
+            False,
+        ),
         lambda: attention(
             "8B prefill bf16",
             torch.bfloat16,
