@@ -346,6 +346,8 @@ def usable_base(args, device_name: str) -> Path | None:
     device's launches under this one's name); otherwise its launches are not used."""
     path = Path(args.base or sg.table_path())
     if not path.is_file():
+        if args.base and args.fused_only and args.out:  # --out would keep none of its entries
+            raise SystemExit(f"--base {path} does not exist: pass an existing table")
         print(f"no base table at {path}", flush=True)
         return None
     measured_on = sg.table_device(str(path))

@@ -405,7 +405,8 @@ def test_sweep_decode_gemm_fused_only_merges_into_the_base_table(tmp_path):
     """--small --fused-only (interpreted triton): every candidate of the fused SiLU-and-mul
     down projection agrees with torch, is timed beside silu_and_mul + cuBLAS and + the base
     table's plain launch for the down shape; --out is the base table with that batch's
-    fused entry replaced and its other entries kept. A base of another device is refused."""
+    fused entry replaced and its other entries kept. A base of another device, or a named
+    base that does not exist, is refused."""
     plain = {"block_m": 16, "block_n": 32, "block_k": 32, "split_k": 2}
     down = {"dtype": "float32", "n": 64, "k": 128}  # the small shape's down projection
     fused = {**down, "op": "silu_mul_linear"}
@@ -446,6 +447,15 @@ def test_sweep_decode_gemm_fused_only_merges_into_the_base_table(tmp_path):
         text=True, timeout=TIMEOUT_S,
     )  # fmt: skip
     assert refused.returncode != 0 and "measured on 'NVIDIA H200'" in refused.stderr, refused
+    assert not (tmp_path / "refused.json").exists()
+    # a --base named but missing: refused too (--out would lose the plain entries it meant)
+    missing = subprocess.run(
+        [sys.executable, str(SCRIPTS / "sweep_decode_gemm.py"), *args[:2], "--base",
+         str(tmp_path / "missing.json"), "--out", str(tmp_path / "refused.json")],
+        cwd=str(REPO_ROOT), env=mpi_env({"TRITON_INTERPRET": "1"}), capture_output=True,
+        text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert missing.returncode != 0 and "missing.json does not exist" in missing.stderr, missing
     assert not (tmp_path / "refused.json").exists()
 
 
