@@ -28,7 +28,8 @@ else --base's entry); the fused launch wins only if faster than both by --margin
 also reports the two-kernel time with the fused winner's own tiles (what the fusion alone
 saves). --fused-only sweeps only these cases and, with --out, writes --base (default: the
 table the engine reads) with its fused entries for the measured batches replaced, its other
-entries kept (refused if --base was measured on another device).
+entries kept (refused if --base was measured on another device, or is named and
+missing).
 
 --out writes the table `skinny_config` reads: one entry per (op, dtype, M, N, K) with the
 best launch, or null where it does not beat the alternative by --margin; plus each case's
@@ -343,7 +344,8 @@ def sweep(args, device: torch.device) -> dict:
 def usable_base(args, device_name: str) -> Path | None:
     """--base (default: the table the engine reads) if it exists and was measured on a
     device of this name. --fused-only --out refuses another device's (it would write that
-    device's launches under this one's name); otherwise its launches are not used."""
+    device's launches under this one's name) and a named one that is missing; otherwise
+    its launches are not used."""
     path = Path(args.base or sg.table_path())
     if not path.is_file():
         if args.base and args.fused_only and args.out:  # --out would keep none of its entries
