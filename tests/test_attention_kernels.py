@@ -734,11 +734,14 @@ MAX_NEW_TOKENS = 6
 # llama: llama3 rope; mistral: a sliding window of 6; qwen2: biases, tied embeddings;
 # qwen3: head_dim 24, q/k norms
 CLI_ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3"]
+# runs whose decode steps store k / v inside the attention launch (off by default)
+FUSED_KV_STORE_ARCHITECTURES = {"qwen3"}
 
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
-    """arch -> (CompletedProcess of `ppruntime generate`, GreedyReference); run at once."""
+    """arch -> (CompletedProcess of `ppruntime generate`, GreedyReference); run at once,
+    those of FUSED_KV_STORE_ARCHITECTURES with PPRUNTIME_FUSED_KV_STORE=1."""
     jobs = {}
     for arch in CLI_ARCHITECTURES:
         directory = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch, num_hidden_layers=2)
@@ -755,6 +758,8 @@ def generated(tmp_path_factory):
             *("--attention-backend", "triton", "--log-level", "INFO"),
         ]
         env = mpi_env({} if HAS_CUDA else {"TRITON_INTERPRET": "1"})
+        if arch in FUSED_KV_STORE_ARCHITECTURES:
+            env["PPRUNTIME_FUSED_KV_STORE"] = "1"
         process = subprocess.Popen(
             args,
             cwd=str(REPO_ROOT),
