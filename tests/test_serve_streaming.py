@@ -11,6 +11,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from launching import REPO_ROOT, mpi_env
@@ -81,6 +82,31 @@ def test_the_engine_end_never_waits_for_a_http_process_that_does_not_read():
     assert link.receive(1.0) == [["stats"]]
     theirs.close()
     assert link.receive(1.0) is None and link.closed  # the HTTP process has gone
+
+
+def test_closing_the_engine_end_delivers_what_it_still_held():
+    """At shutdown the engine closes the link after the last steps' deltas (a request that
+    finished in the grace period); a HTTP process that was behind must still get them, or
+    it ends those requests as aborted with their last tokens missing."""
+    ours, theirs = socket.socketpair()
+    link = EngineLink(ours)
+    big = [["deltas", [["r", [1] * 1000, "x" * 1000, False, None, None, None]] * 100]]
+    for _ in range(12):  # more than the socket buffer holds: some stays queued
+        link.send(big)
+    assert link._out, "the test needs bytes left in the engine end's buffer"
+    got: list = []
+
+    def read_all() -> None:
+        reader = FrameReader()
+        theirs.setblocking(True)
+        while data := theirs.recv(2**20):
+            got.extend(reader.feed(data))
+
+    reading = threading.Thread(target=read_all)
+    reading.start()  # the HTTP process reads on (it was only behind)
+    link.close()
+    reading.join(30)
+    assert got == big * 12
 
 
 def test_sampling_params_and_deltas_cross_the_link_unchanged():

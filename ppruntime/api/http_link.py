@@ -26,12 +26,14 @@ import json
 import select
 import socket
 import struct
+import time
 
 from ppruntime.engine.sampling_params import SamplingParams
 
 HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 256 * 2**20
 RECEIVE_BYTES = 2**20
+CLOSE_FLUSH_S = 10.0  # at close, how long a HTTP process that is behind gets to read the rest
 _PARAM_FIELDS = tuple(field.name for field in dataclasses.fields(SamplingParams))
 _SEQUENCE_FIELDS = ("stop", "stop_token_ids")
 
@@ -136,7 +138,14 @@ class EngineLink:
                 return messages
 
     def close(self) -> None:
+        """Send what is still queued (the last steps' deltas: a HTTP process that is behind
+        would otherwise end those requests as aborted), waiting up to CLOSE_FLUSH_S for it
+        to read, then close."""
+        deadline = time.monotonic() + CLOSE_FLUSH_S
         self._flush()
+        while self._out and not self.closed and time.monotonic() < deadline:
+            select.select([], [self.sock], [], max(deadline - time.monotonic(), 0.0))
+            self._flush()
         self.closed = True
         self.sock.close()
 
