@@ -173,6 +173,29 @@ def test_a_stream_behind_takes_every_delta_in_one_batch():
     asyncio.run(scenario())
 
 
+def test_submits_of_one_pass_larger_than_a_frame_go_out_as_several(monkeypatch):
+    """n choices repeat the prompt; many long prompts in one event-loop pass must not make
+    a frame the engine end refuses (a LinkError there ends the whole server)."""
+    import ppruntime.api.http_link as http_link
+
+    monkeypatch.setattr(http_link, "MAX_FRAME_BYTES", 64 * 1024)
+
+    async def scenario():
+        engine = _client(capacity=64)
+        prompt = list(range(1, 4001))  # ~20 kB a submit
+        ids = [f"r-{index}" for index in range(12)]
+        engine.submit(ids, prompt, [SamplingParams()] * len(ids))
+        await asyncio.sleep(0)
+        frames = b"".join(engine._writer.frames)
+        sent = FrameReader().feed(frames)  # raised LinkError: a frame over the limit
+        assert [(kind, request_id) for kind, request_id, *_ in sent] == [
+            ("submit", request_id) for request_id in ids
+        ]
+        assert all(message[2] == prompt for message in sent)
+
+    asyncio.run(scenario())
+
+
 def test_the_waiting_queue_counts_until_the_engine_says_finished():
     async def scenario():
         engine = _client(capacity=2, max_waiting=1)

@@ -3,7 +3,8 @@
 A frame is a 4-byte big-endian length and that many bytes of UTF-8 JSON: a list of
 messages, each a list whose first item names it. Nothing else crosses the link (no
 pickle: request bodies come from clients). One frame carries everything one side has
-to say at that moment (an engine step's deltas, the submits of one event-loop pass).
+to say at that moment (an engine step's deltas, the submits of one event-loop pass),
+or several in order where one would exceed MAX_FRAME_BYTES.
 
 HTTP process -> engine:
     ["submit", request_id, prompt_ids, sampling_params_fields]
@@ -43,7 +44,24 @@ class LinkError(RuntimeError):
 
 
 def encode_frame(messages: list) -> bytes:
+    """The messages as one frame, or as several in order when one would exceed
+    MAX_FRAME_BYTES (the submits of many long prompts, n choices each, in one pass)."""
     body = json.dumps(messages, separators=(",", ":")).encode()
+    if len(body) <= MAX_FRAME_BYTES or len(messages) < 2:
+        return HEADER.pack(len(body)) + body
+    frames, group, size = bytearray(), [], 2
+    for message in messages:
+        part = json.dumps(message, separators=(",", ":")).encode()
+        if group and size + len(part) + 1 > MAX_FRAME_BYTES:
+            frames += _frame_of_parts(group)
+            group, size = [], 2
+        group.append(part)
+        size += len(part) + 1
+    return bytes(frames + _frame_of_parts(group))
+
+
+def _frame_of_parts(parts: list[bytes]) -> bytes:
+    body = b"[" + b",".join(parts) + b"]"
     return HEADER.pack(len(body)) + body
 
 
