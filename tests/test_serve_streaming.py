@@ -18,6 +18,7 @@ from launching import REPO_ROOT, mpi_env
 
 pytest.importorskip("fastapi", reason="the serve extras install fastapi")
 
+from ppruntime.api import server
 from ppruntime.api.http_link import (
     HEADER,
     MAX_FRAME_BYTES,
@@ -135,6 +136,16 @@ class _Writer:
         self.frames.append(data)
 
 
+class _Connected:
+    """Stands in for a request whose client stays (the streams poll it now and then)."""
+
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+_CONNECTED = _Connected()
+
+
 def _client(capacity: int = 2, max_waiting: int = 1) -> EngineClient:
     facts = ModelFacts("tiny", "tiny", 256, 64, capacity=capacity, max_waiting=max_waiting)
     return EngineClient(facts, _Writer())
@@ -150,7 +161,7 @@ def test_a_stream_behind_takes_every_delta_in_one_batch():
         engine.route([_delta("r-1", 0), _delta("r-3", 0), _delta("r-2", 0)])
         engine.route([_delta("r-1", 1), _delta("r-2", 1, finished=True)])
         engine.route([_delta("r-1", 2, finished=True), _delta("r-9", 0)])  # r-9: gone
-        taken = await stream.take(request=None)
+        taken = await stream.take(_CONNECTED)
         assert [(d.request_id, d.token_ids[0]) for d in taken] == [
             ("r-1", 0),
             ("r-2", 0),
@@ -158,7 +169,7 @@ def test_a_stream_behind_takes_every_delta_in_one_batch():
             ("r-2", 1),
             ("r-1", 2),
         ]
-        assert [d.request_id for d in await other.take(request=None)] == ["r-3"]
+        assert [d.request_id for d in await other.take(_CONNECTED)] == ["r-3"]
         engine.route([_delta("r-1", 3)])  # finished ids are no longer routed
         assert stream._pending == []
         await asyncio.sleep(0)  # the submits of one pass of the loop go out as one frame
@@ -196,6 +207,32 @@ def test_submits_of_one_pass_larger_than_a_frame_go_out_as_several(monkeypatch):
     asyncio.run(scenario())
 
 
+def test_a_client_gone_is_noticed_while_its_tokens_still_flow():
+    """A non-streamed request writes nothing until it ends, so only the disconnect poll can
+    see its client go; tokens arriving every step must not keep it from polling (or the
+    request runs to max_tokens, holding its KV blocks, for no one)."""
+
+    class GoneClient:
+        async def is_disconnected(self) -> bool:
+            return True
+
+    async def scenario():
+        engine = _client(capacity=8)
+        assert engine.reserve(1)
+        stream = engine.submit(["r-1"], [1], [SamplingParams()])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10 * server.DISCONNECT_POLL_S
+        token = 0
+        with pytest.raises(ConnectionAbortedError):
+            while loop.time() < deadline:
+                token += 1
+                engine.route([_delta("r-1", token)])  # an engine step's token
+                await stream.take(GoneClient())
+                await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+
+
 def test_the_waiting_queue_counts_until_the_engine_says_finished():
     async def scenario():
         engine = _client(capacity=2, max_waiting=1)
@@ -211,7 +248,7 @@ def test_the_waiting_queue_counts_until_the_engine_says_finished():
         assert not engine.accepting and not engine.reserve(1)
         left = engine.submit(["d"], [1], [SamplingParams()])
         engine.close()  # the engine process has gone: what is open ends as aborted
-        taken = await left.take(request=None)
+        taken = await left.take(_CONNECTED)
         assert [(d.request_id, d.finish_reason) for d in taken] == [("d", "abort")]
 
     asyncio.run(scenario())

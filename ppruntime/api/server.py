@@ -108,6 +108,7 @@ class _DeltaStream:
         self._loop = loop
         self._pending: list[Delta] = []
         self._waiter: asyncio.Future | None = None
+        self._next_poll = loop.time() + DISCONNECT_POLL_S
 
     def push(self, delta: Delta) -> None:
         self._pending.append(delta)
@@ -116,7 +117,9 @@ class _DeltaStream:
 
     async def take(self, request: Request) -> list[Delta]:
         """Everything that arrived since the last take (waits for at least one delta);
-        raises ConnectionAbortedError when the client has gone while waiting."""
+        raises ConnectionAbortedError when the client has gone: asked every
+        DISCONNECT_POLL_S while waiting, and as often while deltas keep arriving (a
+        non-streamed response writes nothing before it ends, so nothing else notices)."""
         while not self._pending:
             self._waiter = self._loop.create_future()
             timer = self._loop.call_later(DISCONNECT_POLL_S, _wake, self._waiter)
@@ -125,10 +128,17 @@ class _DeltaStream:
             finally:
                 timer.cancel()
                 self._waiter = None
-            if not self._pending and await request.is_disconnected():
-                raise ConnectionAbortedError
+            if not self._pending:
+                await self._raise_if_gone(request)
+        if self._loop.time() >= self._next_poll:
+            await self._raise_if_gone(request)
         batch, self._pending = self._pending, []
         return batch
+
+    async def _raise_if_gone(self, request: Request) -> None:
+        self._next_poll = self._loop.time() + DISCONNECT_POLL_S
+        if await request.is_disconnected():
+            raise ConnectionAbortedError
 
 
 class EngineClient:
