@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ppruntime.api.chat_template import ChatTemplate, ChatTemplateError
 from ppruntime.api.http_link import (
@@ -53,6 +53,7 @@ log = get_logger("serve")
 DISCONNECT_POLL_S = 0.5
 RETRY_AFTER_S = "1"
 STATS_WAIT_S = 5.0
+CLIENT_GONE_STATUS = 499  # "client closed request": the answer to a client that has gone
 
 
 class _HTTPError(Exception):
@@ -386,9 +387,12 @@ def build_app(
             while any(c.finish_reason is None for c in choices):
                 for delta in await stream.take(request):
                     by_id[delta.request_id].add(delta)
-        except (ConnectionAbortedError, asyncio.CancelledError):
+        except asyncio.CancelledError:
             abandon(choices)
             raise
+        except ConnectionAbortedError:  # the client has gone: no one reads an answer
+            abandon(choices)
+            return Response(status_code=CLIENT_GONE_STATUS)
         failed = [c.error for c in choices if c.error]
         if failed:
             return error_response(_HTTPError(500, failed[0], "engine_error"))
@@ -456,6 +460,9 @@ def build_app(
                 if entries:
                     yield chunks.chunk(entries)
             done = True
+        except ConnectionAbortedError:  # the client has gone (the finally aborts)
+            return
+        else:
             if parsed.include_usage:
                 completion_tokens = sum(len(c.token_ids) for c in choices)
                 yield chunks.usage_chunk(usage(prompt_tokens, completion_tokens))
