@@ -352,6 +352,15 @@ def test_full_queue_answers_503_with_retry_after(chat_server):
     assert refused.headers["Retry-After"] == "1"
 
 
+def test_more_choices_than_the_server_holds_is_a_400_naming_n(chat_server):
+    """One runs and one may wait: n=3 can never be admitted, so a 503 (retry later) would
+    have the client retry for ever."""
+    body = {"prompt": "w3 w4", "max_tokens": 2, "n": 3}
+    response = httpx.post(f"{chat_server.url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert "n=3" in response.json()["error"]["message"], response.text
+
+
 def test_oversized_body_is_refused_before_parsing(chat_server):
     response = httpx.post(
         f"{chat_server.url}/v1/completions",

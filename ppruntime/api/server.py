@@ -343,6 +343,13 @@ def build_app(
 
     def start(parsed: ParsedRequest, prompt_ids, prefix: str):
         """Submit one engine request per choice; their deltas land on the stream."""
+        most = facts.capacity + facts.max_waiting
+        if len(parsed.params) > most:  # never admitted: a 503 would be retried for ever
+            raise _HTTPError(
+                400,
+                f"n={len(parsed.params)} exceeds the {most} requests this server holds at "
+                "once (the engine's batch slots plus --max-waiting)",
+            )
         if not engine.reserve(len(parsed.params)):
             if not engine.accepting:
                 raise _HTTPError(503, "the server is shutting down", "unavailable")
