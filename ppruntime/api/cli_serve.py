@@ -116,11 +116,6 @@ def _serve(args: argparse.Namespace, llm) -> int:
         llm.shutdown()
         print(f"ppruntime serve: error: {port}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(
-        f"ppruntime serve: listening on http://{args.host}:{port} "
-        f"(model {name}; HTTP process pid {http.pid})",
-        flush=True,
-    )
     driver = EngineDriver(llm, link)
 
     def on_signal(signum: int, frame: object) -> None:
@@ -128,8 +123,14 @@ def _serve(args: argparse.Namespace, llm) -> int:
             report_and_abort(llm.info, f"second signal {signum} received, aborting", 143)
         driver.stop_requested = True
 
+    # before the line that says it listens: a SIGTERM sent on reading it gets the grace
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    print(
+        f"ppruntime serve: listening on http://{args.host}:{port} "
+        f"(model {name}; HTTP process pid {http.pid})",
+        flush=True,
+    )
     failure = driver.run(grace_s=args.shutdown_grace)
     _end_http_process(link, http)
     llm.shutdown()
