@@ -110,6 +110,21 @@ def test_closing_the_engine_end_delivers_what_it_still_held():
     assert got == big * 12
 
 
+def test_what_the_http_process_sends_while_starting_reaches_the_engine():
+    """uvicorn accepts clients before the HTTP process says "listening": a /metrics scrape
+    or a submit of that moment arrives with or before it and must not be dropped (a lost
+    "stats" kept every later scrape from asking; a lost submit never ends)."""
+    from ppruntime.api.cli_serve import _wait_until_listening
+
+    ours, theirs = socket.socketpair()
+    link = EngineLink(ours)
+    submit = ["submit", "cmpl-1", [1, 2], params_to_wire(SamplingParams())]
+    theirs.sendall(encode_frame([["stats"]]) + encode_frame([["listening", 1234], submit]))
+    assert _wait_until_listening(link, http=None) == 1234
+    assert link.receive(1.0) == [["stats"], submit]
+    theirs.close()
+
+
 def test_sampling_params_and_deltas_cross_the_link_unchanged():
     params = SamplingParams(
         max_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=["a", "b"], logprobs=2

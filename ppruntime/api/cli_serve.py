@@ -179,11 +179,13 @@ def _wait_until_listening(link, http: subprocess.Popen) -> int | str:
         if messages is None:
             http.wait()
             return f"the HTTP process exited while starting ({_exit_status(http.returncode)})"
-        for message in messages:
-            if message[0] == "listening":
-                return int(message[1])
-            if message[0] == "failed":
-                return str(message[1])
+        early = []  # a scrape or a request of the moment uvicorn listened before saying so
+        for index, message in enumerate(messages):
+            if message[0] in ("listening", "failed"):
+                link.hold(early + messages[index + 1 :])
+                return int(message[1]) if message[0] == "listening" else str(message[1])
+            early.append(message)
+        link.hold(early)
     return f"the HTTP process did not listen within {STARTUP_WAIT_S:.0f} s"
 
 

@@ -115,6 +115,7 @@ class EngineLink:
         self.sock = sock
         self._reader = FrameReader()
         self._out = bytearray()
+        self._held: list = []
         self.closed = False
 
     def send(self, messages: list) -> None:
@@ -133,14 +134,19 @@ class EngineLink:
                 return
             del self._out[:sent]
 
+    def hold(self, messages: list) -> None:
+        """Give messages back: the next `receive` returns them first (start-up reads up to
+        "listening"; what came with it is the engine loop's)."""
+        self._held = messages + self._held
+
     def receive(self, timeout: float = 0.0) -> list | None:
         if self.closed:
             return None
-        if timeout > 0:
+        messages, self._held = self._held, []
+        if timeout > 0 and not messages:
             writers = [self.sock] if self._out else []
             select.select([self.sock], writers, [], timeout)  # a signal: back within timeout
         self._flush()
-        messages: list = []
         while True:
             try:
                 data = self.sock.recv(RECEIVE_BYTES)
