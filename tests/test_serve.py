@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import time
 
 import httpx
 import pytest
-from launching import REPO_ROOT, has_exited, kill_job, mpi_command, mpi_env
+from launching import REPO_ROOT, _session_members, has_exited, kill_job, mpi_command, mpi_env
 from model_fixtures import make_tiny_checkpoint
 
 from ppruntime import LLM, SamplingParams
@@ -398,6 +399,32 @@ def test_the_http_process_dying_ends_every_rank_naming_the_cause():
     output = server.output()
     assert code != 0, output
     assert "the HTTP process exited (killed by SIGKILL" in output, output
+
+
+def test_a_port_in_use_ends_the_job_naming_it_with_no_process_left():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "ppruntime", "serve", "--preset", "tiny"]
+        proc = subprocess.Popen(
+            [*command, "--port", str(port)],
+            cwd=str(REPO_ROOT),
+            env=mpi_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            output, _ = proc.communicate(timeout=START_TIMEOUT_S)
+        except BaseException:
+            kill_job(proc)
+            raise
+    assert proc.returncode != 0, output
+    assert f"could not listen on 127.0.0.1:{port}" in output, output
+    assert _session_members(proc.pid) == [], output  # the HTTP process has gone too
 
 
 def _nice(pid: int) -> int:
