@@ -125,6 +125,24 @@ def test_what_the_http_process_sends_while_starting_reaches_the_engine():
     theirs.close()
 
 
+def test_the_http_process_runs_this_interpreter_with_its_flags():
+    """-s (no user site-packages), -E (no PYTHON* variables), ...: the HTTP process must find
+    the same modules as the engine process, not the ones those flags kept out."""
+    show = "import json; from ppruntime.api.cli_serve import _http_process_command as c; "
+    show += "print(json.dumps(c(5, 10)))"
+    result = subprocess.run(
+        [sys.executable, "-s", "-E", "-c", show],
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    command = json.loads(result.stdout)
+    assert command[0] == sys.executable and {"-s", "-E"} <= set(command[1:-6]), command
+    assert command[-6:] == ["-m", "ppruntime.api.http_process", "--fd", "5", "--nice", "10"]
+
+
 def test_sampling_params_and_deltas_cross_the_link_unchanged():
     params = SamplingParams(
         max_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=["a", "b"], logprobs=2

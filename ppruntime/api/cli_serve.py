@@ -150,8 +150,7 @@ def _start_http_process(args: argparse.Namespace, llm, name: str):
     from ppruntime.api.http_link import EngineLink
 
     ours, theirs = socket.socketpair()
-    command = [sys.executable, "-m", "ppruntime.api.http_process", "--fd", str(theirs.fileno())]
-    command += ["--nice", str(args.http_nice)]
+    command = _http_process_command(theirs.fileno(), args.http_nice)
     http = subprocess.Popen(command, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
     theirs.close()
     config = llm.config
@@ -169,6 +168,13 @@ def _start_http_process(args: argparse.Namespace, llm, name: str):
     link = EngineLink(ours)
     link.send([["hello", settings]])
     return link, http
+
+
+def _http_process_command(fd: int, nice: int) -> list[str]:
+    """This interpreter with this process's flags (-E, -s, -I, -X ...: the same modules
+    found the same way), as multiprocessing starts its children."""
+    interpreter = [sys.executable, *subprocess._args_from_interpreter_flags()]
+    return [*interpreter, "-m", "ppruntime.api.http_process", "--fd", str(fd), "--nice", str(nice)]
 
 
 def _wait_until_listening(link, http: subprocess.Popen) -> int | str:
