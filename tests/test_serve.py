@@ -17,7 +17,15 @@ import time
 
 import httpx
 import pytest
-from launching import REPO_ROOT, _session_members, has_exited, kill_job, mpi_command, mpi_env
+from launching import (
+    REPO_ROOT,
+    _session_members,
+    has_exited,
+    kill_job,
+    mpi_command,
+    mpi_env,
+    start_process,
+)
 from model_fixtures import make_tiny_checkpoint
 
 from ppruntime import LLM, SamplingParams
@@ -33,23 +41,19 @@ CHAT_TEMPLATE = (
 )
 
 
+def start_serve(args: list[str], ranks: int = 1) -> subprocess.Popen:
+    """`ppruntime serve ARGS` in a session of its own, output (both streams) on stdout."""
+    command = [sys.executable, "-m", "ppruntime", "serve", *args]
+    if ranks > 1:
+        command = mpi_command(ranks, command)
+    return start_process(command, mpi_env(), merge_stderr=True)
+
+
 class Server:
     """A `ppruntime serve` job on a free port; stop() sends SIGTERM and waits."""
 
     def __init__(self, args: list[str], ranks: int = 1) -> None:
-        command = [sys.executable, "-m", "ppruntime", "serve", "--port", "0", *args]
-        if ranks > 1:
-            command = mpi_command(ranks, command)
-        self.proc = subprocess.Popen(
-            command,
-            cwd=str(REPO_ROOT),
-            env=mpi_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        self.proc = start_serve(["--port", "0", *args], ranks)
         self.lines: list[str] = []
         self.listening = threading.Event()
         self.url = ""
@@ -406,17 +410,7 @@ def test_a_port_in_use_ends_the_job_naming_it_with_no_process_left():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        command = [sys.executable, "-m", "ppruntime", "serve", "--preset", "tiny"]
-        proc = subprocess.Popen(
-            [*command, "--port", str(port)],
-            cwd=str(REPO_ROOT),
-            env=mpi_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        proc = start_serve(["--preset", "tiny", "--port", str(port)])
         try:
             output, _ = proc.communicate(timeout=START_TIMEOUT_S)
         except BaseException:
