@@ -262,6 +262,23 @@ def test_disconnect_mid_stream_frees_the_blocks(pipeline_server):
     assert metrics["ppruntime_generated_tokens_total"] < 64 * 12 + 400 + 200
 
 
+def test_a_non_streamed_request_whose_client_left_is_aborted(pipeline_server):
+    """Its tokens keep arriving, yet the handler notices the client has gone (a timeout)
+    and aborts: far fewer than max_tokens are generated, and the blocks are freed."""
+    tokens = "ppruntime_generated_tokens_total"
+    before = pipeline_server.metrics()[tokens]
+    body = {"prompt": "hi", "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{pipeline_server.url}/v1/completions", json=body, timeout=1.0)
+    deadline = time.monotonic() + 60
+    metrics = pipeline_server.metrics()
+    while metrics["ppruntime_requests_running"] > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        metrics = pipeline_server.metrics()
+    assert metrics["ppruntime_kv_blocks_used"] == 0, metrics
+    assert metrics[tokens] - before < 2000, metrics  # all 2000: it ran on for no one
+
+
 def test_bad_requests_are_400_naming_the_problem(pipeline_server):
     client = pipeline_server.client()
     cases = [
