@@ -266,6 +266,22 @@ def test_a_client_gone_is_noticed_while_its_tokens_still_flow():
     asyncio.run(scenario())
 
 
+def test_a_scrape_asks_again_when_the_last_ask_went_unanswered(monkeypatch):
+    """One "stats" the engine never answered (lost, or a step longer than the wait) must not
+    keep later scrapes from asking: /metrics would show the same figures for good."""
+    monkeypatch.setattr(server, "STATS_WAIT_S", 0.05)
+
+    async def scenario():
+        engine = _client()
+        await engine.stats()  # no answer: the last figures
+        await engine.stats()
+        sent = FrameReader().feed(b"".join(engine._writer.frames))
+        assert sent == [["stats"], ["stats"]]
+        assert engine._stats_waiters == []  # the scrapes that gave up are not kept
+
+    asyncio.run(scenario())
+
+
 def test_the_waiting_queue_counts_until_the_engine_says_finished():
     async def scenario():
         engine = _client(capacity=2, max_waiting=1)

@@ -161,6 +161,7 @@ class EngineClient:
         self._reserved = 0
         self._ids = 0
         self._stats_waiters: list[asyncio.Future] = []
+        self._stats_asked_at = 0.0  # the event loop's clock
         self._last_stats = ServingStats()
 
     # -- handlers' side ---------------------------------------------------------------
@@ -198,13 +199,18 @@ class EngineClient:
         """The engine's latest figures (asked for now; the last ones if it does not answer)."""
         if self.engine_gone:
             return self._last_stats
-        waiter = asyncio.get_running_loop().create_future()
-        if not self._stats_waiters:
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        # one ask for the scrapes of a moment; again once an ask has waited STATS_WAIT_S
+        if not self._stats_waiters or loop.time() - self._stats_asked_at >= STATS_WAIT_S:
+            self._stats_asked_at = loop.time()
             self._send(["stats"])
         self._stats_waiters.append(waiter)
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), STATS_WAIT_S)
         except asyncio.TimeoutError:
+            if waiter in self._stats_waiters:  # no list of dead waiters grows meanwhile
+                self._stats_waiters.remove(waiter)
             return self._last_stats
 
     def _send(self, message: list) -> None:
