@@ -395,3 +395,31 @@ def test_latency_counts_stay_bounded_and_render_as_prometheus_histograms():
     assert samples[("ppruntime_inter_token_latency_seconds_count", None)] == 0
     with pytest.raises(ValueError, match="needs 14 counts, got 2"):
         LatencyCounts.from_wire([[1, 2], 0.0])
+    itl = LatencyCounts()  # a delta of 3 tokens 0.03 s after the last: 3 gaps of 0.01 s
+    itl.observe(0.01, 3)
+    assert sum(itl.counts) == 3 and itl.counts[LATENCY_BUCKETS.index(0.01)] == 3
+    assert abs(itl.sum_s - 0.03) < 1e-12
+
+
+def test_the_engine_counts_one_inter_token_gap_a_token():
+    """EngineDriver._send: the first delta of a request gives its time to first token, a
+    later delta of k tokens k inter-token gaps (its wait shared), and /metrics gets them."""
+    from ppruntime.api.serving import EngineDriver
+    from ppruntime.engine.outputs import RequestOutput
+
+    class Link:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, messages):
+            self.sent.extend(messages)
+
+    driver = EngineDriver(llm=None, link=Link())
+    driver._running.add("r")
+    driver._submitted_at["r"] = 0.0
+    driver._send([RequestOutput("r", [1], [7], "a")])
+    driver._send([RequestOutput("r", [1], [8, 9, 10], "bcd")])
+    assert sum(driver._ttft.counts) == 1
+    assert sum(driver._itl.counts) == 3
+    assert driver._generated_tokens == 4
+    assert [message[0] for message in driver.link.sent] == ["deltas", "deltas"]

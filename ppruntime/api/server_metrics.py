@@ -21,9 +21,10 @@ class LatencyCounts:
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.sum_s = 0.0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.sum_s += seconds
+    def observe(self, seconds: float, count: int = 1) -> None:
+        """`count` values of `seconds` each (a delta of several tokens: its gap shared)."""
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += count
+        self.sum_s += seconds * count
 
     def to_wire(self) -> list:
         return [list(self.counts), self.sum_s]

@@ -123,7 +123,8 @@ class EngineDriver:
                 if last is None:
                     self._ttft.observe(now - self._submitted_at[request_id])
                 else:
-                    self._itl.observe((now - last) / len(delta.token_ids))
+                    tokens = len(delta.token_ids)  # one inter-token gap a token
+                    self._itl.observe((now - last) / tokens, tokens)
                 self._last_token_time[request_id] = now
             if delta.finished:
                 self._finished += 1
