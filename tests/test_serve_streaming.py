@@ -122,6 +122,16 @@ def test_what_the_http_process_sends_while_starting_reaches_the_engine():
     theirs.sendall(encode_frame([["stats"]]) + encode_frame([["listening", 1234], submit]))
     assert _wait_until_listening(link, http=None) == 1234
     assert link.receive(1.0) == [["stats"], submit]
+    # an early message, and "listening" only 0.3 s later: the wait sleeps in between
+    # (holding the early one back between reads made every read return at once: a spin)
+    calls = []
+    receive = link.receive
+    link.receive = lambda timeout=0.0: calls.append(timeout) or receive(timeout)
+    theirs.sendall(encode_frame([["stats"]]))
+    threading.Timer(0.3, theirs.sendall, [encode_frame([["listening", 99]])]).start()
+    assert _wait_until_listening(link, http=None) == 99
+    assert len(calls) <= 10, f"{len(calls)} reads in 0.3 s"
+    assert receive(1.0) == [["stats"]]
     theirs.close()
 
 

@@ -180,18 +180,17 @@ def _http_process_command(fd: int, nice: int) -> list[str]:
 def _wait_until_listening(link, http: subprocess.Popen) -> int | str:
     """The port the HTTP process listens on, or why it does not."""
     deadline = time.monotonic() + STARTUP_WAIT_S
+    early = []  # a scrape or a request of the moment uvicorn listened before saying so
     while time.monotonic() < deadline:
-        messages = link.receive(0.1)
+        messages = link.receive(0.1)  # (held messages would make it return at once)
         if messages is None:
             http.wait()
             return f"the HTTP process exited while starting ({_exit_status(http.returncode)})"
-        early = []  # a scrape or a request of the moment uvicorn listened before saying so
         for index, message in enumerate(messages):
             if message[0] in ("listening", "failed"):
                 link.hold(early + messages[index + 1 :])
                 return int(message[1]) if message[0] == "listening" else str(message[1])
             early.append(message)
-        link.hold(early)
     return f"the HTTP process did not listen within {STARTUP_WAIT_S:.0f} s"
 
 
