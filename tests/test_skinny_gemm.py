@@ -291,7 +291,7 @@ PRESET_ROWS = {"cuda": None, "cpu": 64}
 PRESET_BATCHES = {"cuda": list(range(1, 65)), "cpu": [3, 64]}
 PRESET_CONFIGS = {
     # small enough for an H200's shared memory with the fused A tiles (gate and up)
-    "swap-split2": SkinnyConfig(block_m=64, block_n=64, block_k=128, split_k=2, num_stages=2),
+    "swap-split2": SkinnyConfig(block_m=64, block_n=64, block_k=128, split_k=2),
     "no-swap-split4-atomic": SkinnyConfig(
         block_m=64,
         block_n=128,
