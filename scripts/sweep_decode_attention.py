@@ -1,6 +1,7 @@
 """Sweep the Triton decode-attention launch: split floor and tiles, as a graph replays it.
 
-    python scripts/sweep_decode_attention.py --out sweep_decode.json     # CUDA, ~1-2 min
+    python scripts/sweep_decode_attention.py --out sweep_decode.json     # CUDA, ~5 min
+    python scripts/sweep_decode_attention.py --shapes 8b --out 8b.json   # one shape
     TRITON_INTERPRET=1 python scripts/sweep_decode_attention.py --small  # the flow, CPU
 
 A decode launch is fixed when a CUDA graph is captured, for the longest context the
@@ -13,9 +14,16 @@ bytes read over the device copy bandwidth measured in the same process. Every
 variant's output is checked against the default launch's. Each launch also stores the
 step's k / v (`slot_mapping`), as the triton backend's decode step runs it; the k / v
 are what the cache already holds at those slots, so every call reads the same cache.
-Beside the variants, two baselines of the default launch: "separate-store" (`store_kv`,
-then attention without the store: the two launches the fused store replaced) and
-"no-store" (attention alone: what the fused store adds to it).
+The variants store k / v as the triton backend does by default (`store_kv`, then the
+attention launch); with `--fused-store` they are fused-store launches (the attention
+launch writes k / v itself, as with PPRUNTIME_FUSED_KV_STORE=1). Beside the variants,
+two baselines of the default launch: "other-store" (the other way of storing: fused when
+the variants are not, store_kv + attention when they are) and "no-store" (attention
+alone: what storing adds). The JSON is rewritten after every case, so a run cut short
+keeps what it measured (`"complete": false` until the last case).
+
+On the H200 (2026-12-01) the fused store measured 7-33 % slower than store_kv + attention
+at 1B (docs/benchmarks.md, "Late runs on the H200").
 """
 
 from __future__ import annotations
@@ -49,7 +57,10 @@ class AttentionShape:
     head_dim: int
 
 
-SHAPES = [AttentionShape("1b", 32, 8, 64), AttentionShape("8b", 32, 8, 128)]
+SHAPES = {
+    shape.name: shape
+    for shape in (AttentionShape("1b", 32, 8, 64), AttentionShape("8b", 32, 8, 128))
+}
 SMALL_SHAPES = [AttentionShape("small", 4, 2, 16)]
 # (batch, context): the bench_gpu cases' contexts, then long ones
 CASES = [(64, 192), (64, 288), (64, 512), (64, 1024), (64, 4096), (16, 4032), (1, 4096)]
@@ -107,42 +118,61 @@ def decode_inputs(shape: AttentionShape, batch: int, context: int, block_size: i
 
 
 def calls(default: AttentionLaunch, inputs: dict, small: bool) -> dict[str, object]:
-    """name -> a call to time: each launch variant (storing k / v), then the baselines."""
-    found = {
-        name: lambda launch=launch: paged_attention(launch=launch, **inputs)
-        for name, launch in variants(default, small).items()
-    }
+    """name -> a call to time: each launch variant (storing k / v as the launch says: fused,
+    or store_kv first), then the baselines."""
     unfused = {k: v for k, v in inputs.items() if k not in ("k_new", "v_new", "slot_mapping")}
+
+    def storing(launch: AttentionLaunch):
+        if launch.fused_store:
+            return lambda: paged_attention(launch=launch, **inputs)
+
+        def store_then_attend():
+            store_kv(
+                inputs["k_new"], inputs["v_new"], inputs["layer_cache"], inputs["slot_mapping"]
+            )
+            return paged_attention(launch=launch, **unfused)
+
+        return store_then_attend
+
+    found = {name: storing(launch) for name, launch in variants(default, small).items()}
+    found["other-store"] = storing(replace(default, fused_store=not default.fused_store))
     attention_only = replace(default, fused_store=False)
-
-    def separate_store():
-        store_kv(inputs["k_new"], inputs["v_new"], inputs["layer_cache"], inputs["slot_mapping"])
-        return paged_attention(launch=attention_only, **unfused)
-
-    found["separate-store"] = separate_store
     found["no-store"] = lambda: paged_attention(launch=attention_only, **unfused)
     return found
 
 
-BASELINES = ("separate-store", "no-store")
+BASELINES = ("other-store", "no-store")
 
 
 def sweep(args, device) -> dict:
     bandwidth = bench_gpu.copy_bandwidth(device, args.small)
     target = _target_programs(device)  # the triton backend's own
-    result = {"copy_bandwidth": bandwidth, "max_context": args.max_context, "shapes": {}}
+    result = {
+        "copy_bandwidth": bandwidth,
+        "max_context": args.max_context,
+        "fused_store": args.fused_store,
+        "complete": False,
+        "shapes": {},
+    }
     element = 2 if device.type == "cuda" else 4
-    for shape in SMALL_SHAPES if args.small else SHAPES:
-        rows = {}
+    shapes = SMALL_SHAPES if args.small else [SHAPES[name] for name in args.shapes.split(",")]
+    for shape in shapes:
+        rows = result["shapes"].setdefault(shape.name, {})
         for batch, context in SMALL_CASES if args.small else CASES:
             inputs = decode_inputs(shape, batch, context, args.block_size, device)
             default = decode_launch(
-                batch, shape.kv_heads, args.max_context, target, head_dim=shape.head_dim
+                batch,
+                shape.kv_heads,
+                args.max_context,
+                target,
+                head_dim=shape.head_dim,
+                fused_store=args.fused_store,
             )
-            expected = paged_attention(launch=default, **inputs).float()
+            timed_calls = calls(default, inputs, args.small)
+            expected = timed_calls["default"]().float()
             kv_bytes = batch * context * 2 * shape.kv_heads * shape.head_dim * element
             case = {"default_launch": asdict(default)}
-            for name, call in calls(default, inputs, args.small).items():
+            for name, call in timed_calls.items():
                 try:
                     out = call().float()
                     diff = (out - expected).abs().max().item()
@@ -166,7 +196,9 @@ def sweep(args, device) -> dict:
                 f"({case[best]['kv_bandwidth_fraction']:.0%}){baselines}",
                 flush=True,
             )
-        result["shapes"][shape.name] = rows
+            if args.out:
+                Path(args.out).write_text(json.dumps(result, indent=1))
+    result["complete"] = True
     return result
 
 
@@ -178,7 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-context", type=int, default=8192)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma list of 1b, 8b")
+    parser.add_argument(
+        "--fused-store",
+        action="store_true",
+        help="the variants store k / v inside the attention launch (default: store_kv "
+        "first, as the triton backend does by default)",
+    )
     args = parser.parse_args(argv)
+    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    if unknown:
+        parser.error(f"--shapes: unknown {sorted(unknown)}; choose from {', '.join(SHAPES)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.small:
         args.max_context = min(args.max_context, 128)

@@ -352,15 +352,18 @@ def _interpreted_sweep(
 
 def test_sweep_decode_attention_small_checks_every_variant(tmp_path):
     """scripts/sweep_decode_attention.py --small (interpreted triton): each variant of the
-    decode launch (storing k / v) and the two baselines (store_kv + attention, attention
-    alone) runs, agrees with the default launch and has a time."""
+    decode launch (store_kv + attention, as the backend runs by default) and the two
+    baselines (the fused-store launch, attention alone) runs, agrees with the default
+    launch and has a time."""
     out = tmp_path / "sweep.json"
     _, report = _interpreted_sweep("sweep_decode_attention.py", ["--small", "--out", str(out)], out)
+    assert report["complete"] and report["fused_store"] is False
     cases = report["shapes"]["small"]
     assert len(cases) == 2
     for case in cases.values():
+        assert case["default_launch"]["fused_store"] is False
         variants = {name: row for name, row in case.items() if name != "default_launch"}
-        assert {"default", "single-split", "floor0", "separate-store", "no-store"} <= set(variants)
+        assert {"default", "single-split", "floor0", "other-store", "no-store"} <= set(variants)
         for name, row in variants.items():
             assert "error" not in row, (name, row)
             assert row["us"] > 0 and row["max_abs_diff"] < 1e-4, (name, row)
