@@ -46,6 +46,7 @@ import json
 import math
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -287,6 +288,49 @@ def _start_job(pp: int, command: list[str]) -> subprocess.Popen:
     )
 
 
+def _job_cpu_seconds(session: int, named: dict, parts: dict[int, str]) -> dict | None:
+    """CPU time so far of every process of the MPI job whose session is `session`, by
+    part: a name from `named` (pid -> name: the HTTP process), "rank N"
+    (OMPI_COMM_WORLD_RANK), "other" (mpirun's own); `parts` caches each pid's. None off
+    Linux. User + system time from /proc/PID/stat: what a process cost, however long it
+    waited for a core on a loaded machine."""
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds: dict[str, float] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) != session:  # not the job's (started with start_new_session)
+            continue
+        if int(pid) not in parts:
+            parts[int(pid)] = named.get(int(pid)) or _rank_of(int(pid))
+        part = parts[int(pid)]
+        seconds[part] = seconds.get(part, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+def _rank_of(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            variables = environ.read().split(b"\0")
+    except OSError:
+        return "other"
+    rank = [v.split(b"=", 1)[1] for v in variables if v.startswith(b"OMPI_COMM_WORLD_RANK=")]
+    return f"rank {int(rank[0])}" if rank else "other"
+
+
+def _cpu_spent(before: dict | None, after: dict | None) -> dict | None:
+    if before is None or after is None:
+        return None
+    return {part: seconds - before.get(part, 0.0) for part, seconds in after.items()}
+
+
 class _OfflineJob:
     """The offline worker under mpirun: a round of `LLM.generate` per `run_round()`."""
 
@@ -294,6 +338,7 @@ class _OfflineJob:
         command = [sys.executable, os.path.abspath(__file__), "--worker", *worker_args]
         command += ["--rounds-fifo", fifo]
         self.proc = _start_job(args.pp, command)
+        self._parts: dict[int, str] = {}  # pid -> its part in _job_cpu_seconds
         self.output: list[str] = []
         self.lines: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -343,10 +388,14 @@ class _OfflineJob:
             self._fifo = os.fdopen(fd, "w")
 
     def run_round(self, timeout_s: float) -> dict:
+        """A round's figures, with the job's CPU seconds by process ("cpu_s")."""
         self._open_fifo(timeout_s)
+        cpu_before = _job_cpu_seconds(self.proc.pid, {}, self._parts)
         self._fifo.write("round\n")
         self._fifo.flush()
-        return json.loads(self._expect(ROUND_PREFIX, timeout_s))
+        result = json.loads(self._expect(ROUND_PREFIX, timeout_s))
+        result["cpu_s"] = _cpu_spent(cpu_before, _job_cpu_seconds(self.proc.pid, {}, self._parts))
+        return result
 
     def finish(self, timeout_s: float) -> dict:
         """End the rounds; the worker's result (start-up and warm-up seconds)."""
@@ -372,6 +421,8 @@ class _Server:
         serve += _as_flags(engine_options(args))
         self.proc = _start_job(args.pp, serve)
         self.url = None
+        self.http_pid: int | None = None
+        self._parts: dict[int, str] = {}  # pid -> its part in cpu_seconds()
         self.ready = threading.Event()
         self.output: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -390,25 +441,13 @@ class _Server:
             self.output.append(line)
             if "listening on http://" in line:
                 self.url = line.split("listening on ")[1].split()[0]
+                pid = re.search(r"HTTP process pid (\d+)", line)
+                self.http_pid = int(pid.group(1)) if pid else None
                 self.ready.set()
 
-    def cpu_seconds(self) -> float | None:
-        """CPU time of every process of the job so far (Linux /proc; None elsewhere)."""
-        if not os.path.isdir("/proc/self/task"):
-            return None
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0.0
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == self.proc.pid:  # the job's session (start_new_session)
-                total += (int(fields[11]) + int(fields[12])) / ticks
-        return total
+    def cpu_seconds(self) -> dict[str, float] | None:
+        """CPU seconds so far of every process of the job, by part (`_job_cpu_seconds`)."""
+        return _job_cpu_seconds(self.proc.pid, {self.http_pid: "http"}, self._parts)
 
     def stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -503,12 +542,23 @@ async def _finish(tasks, start: float, time_limit: float, record: list, close=No
     return record, window, bool(pending)
 
 
+def _event_loop(kind: str):
+    """How a client process runs its streams: the lean clients on uvloop when installed."""
+    if kind != "lean":
+        return asyncio.run
+    from _sse_client import run
+
+    return run
+
+
 def _client_group(url, prompts, clients, max_tokens, time_limit, start_at, kind) -> tuple:
-    """One client process's share of a phase (runs in a spawned process)."""
-    record, window, timed_out = asyncio.run(
+    """One client process's share of a phase (runs in a spawned process), and the CPU
+    seconds it took (this process, all its threads: user + system)."""
+    cpu_before = time.process_time()
+    record, window, timed_out = _event_loop(kind)(
         _clients(url, prompts, clients, max_tokens, time_limit, start_at, kind)
     )
-    return record, start_at + window, timed_out
+    return record, start_at + window, timed_out, time.process_time() - cpu_before
 
 
 def _run_clients(url: str, prompts: list, clients: int, max_tokens: int, args) -> tuple:
@@ -516,9 +566,11 @@ def _run_clients(url: str, prompts: list, clients: int, max_tokens: int, args) -
     every chunk of 64 streams caps what it can measure), started together."""
     processes = max(1, min(args.client_processes, clients))
     if processes == 1:
-        return asyncio.run(
+        cpu_before = time.process_time()
+        record, window, timed_out = _event_loop(args.client)(
             _clients(url, prompts, clients, max_tokens, args.time_limit, kind=args.client)
         )
+        return record, window, timed_out, time.process_time() - cpu_before
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -541,27 +593,30 @@ def _run_clients(url: str, prompts: list, clients: int, max_tokens: int, args) -
         groups = [future.result() for future in futures]
     record = [entry for group in groups for entry in group[0]]
     window = max(group[1] for group in groups) - start_at
-    return record, window, any(group[2] for group in groups)
+    client_cpu = sum(group[3] for group in groups)
+    return record, window, any(group[2] for group in groups), client_cpu
 
 
 def _phase_part(server: _Server, prompts: list, clients: int, max_tokens: int, args) -> dict:
     """One run of the clients over `prompts`: what it recorded, its window, its CPU."""
     cpu_before = server.cpu_seconds()
-    record, window, timed_out = _run_clients(server.url, prompts, clients, max_tokens, args)
+    record, window, timed_out, client_cpu = _run_clients(
+        server.url, prompts, clients, max_tokens, args
+    )
     cpu_after = server.cpu_seconds()
     # every finished stream's usage chunk; ignore_eos: each must carry all max_tokens
     counts = [count for _, _, count in record]
     if any(count != max_tokens for count in counts):
         raise RuntimeError(f"streams reported {sorted(set(counts))} tokens, not {max_tokens}")
-    server_cpu = None
-    if cpu_before is not None and cpu_after is not None:
-        server_cpu = cpu_after - cpu_before
+    cpu_by_part = _cpu_spent(cpu_before, cpu_after)
     return {
         "record": record,
         "window_s": window,
         "timed_out": timed_out,
         "tokens": sum(counts),
-        "server_cpu_s": server_cpu,
+        "server_cpu_s": sum(cpu_by_part.values()) if cpu_by_part is not None else None,
+        "server_cpu_by_part_s": cpu_by_part,
+        "client_cpu_s": client_cpu,
     }
 
 
@@ -574,6 +629,14 @@ def _summary(parts: list[dict], clients: int, args) -> dict:
     itl = [b - a for _, arrivals, _ in record for a, b in zip(arrivals, arrivals[1:])]
     chunks = sum(len(arrivals) for _, arrivals, _ in record)
     cpu = [part["server_cpu_s"] for part in parts]
+    per_token_us: dict[str, float] | None = None  # CPU a token, by process
+    if tokens and None not in cpu:
+        totals: dict[str, float] = {}
+        for part in parts:
+            for name, seconds in part["server_cpu_by_part_s"].items():
+                totals[name] = totals.get(name, 0.0) + seconds
+        totals["client"] = sum(part["client_cpu_s"] for part in parts)
+        per_token_us = {name: totals[name] / tokens * 1e6 for name in sorted(totals)}
     return {
         "clients": clients,
         "client_processes": max(1, min(args.client_processes, clients)),
@@ -591,6 +654,10 @@ def _summary(parts: list[dict], clients: int, args) -> dict:
         "server_cpu_s_per_token": sum(cpu) / tokens if tokens and None not in cpu else None,
         # the same in microseconds (the JSON rounds to 4 digits)
         "server_cpu_us_per_token": sum(cpu) / tokens * 1e6 if tokens and None not in cpu else None,
+        # by process: "http", "rank N", "other" (mpirun), and "client" (the benchmark's
+        # client processes, all together): CPU seconds, not wall time, so a loaded
+        # machine slows them but hardly moves these
+        "cpu_us_per_token": per_token_us,
     }
 
 
@@ -776,10 +843,22 @@ def _measure(args, seconds: dict) -> dict:
                 "tokens_per_chunk",
                 "server_cpu_s_per_token",
                 "server_cpu_us_per_token",
+                "cpu_us_per_token",
                 "client_processes",
             )
         },
     }
+    used = offline_rounds[: len(serve_rounds)]
+    if used and all(r["cpu_s"] is not None for r in used):
+        # both of a round's passes (all at once, then `clients` at a time), by process
+        tokens = sum(r["output_tokens"] + r["matched_output_tokens"] for r in used)
+        totals: dict[str, float] = {}
+        for r in used:
+            for part, seconds in r["cpu_s"].items():
+                totals[part] = totals.get(part, 0.0) + seconds
+        result["offline_cpu_us_per_token"] = {
+            part: totals[part] / tokens * 1e6 for part in sorted(totals)
+        }
     if ttft is not None:
         result["ttft_phase"] = ttft
     return result
@@ -826,6 +905,17 @@ def _table(args, result: dict) -> list[str]:
             f"serve: {result['tokens_per_chunk']:.2f} tokens a streamed chunk, clients in "
             f"{result['client_processes']} process(es)"
             + (f", server CPU {cpu * 1e6:.1f} us a token (all ranks)" if cpu is not None else "")
+        )
+    if result["cpu_us_per_token"] is not None:
+        by_part = result["cpu_us_per_token"]
+        lines.append(
+            "serve's CPU a token (us, user + system): "
+            + ", ".join(f"{name} {value:.1f}" for name, value in by_part.items())
+        )
+    if result.get("offline_cpu_us_per_token") is not None:
+        lines.append(
+            "offline's CPU a token (us): "
+            + ", ".join(f"{n} {v:.1f}" for n, v in result["offline_cpu_us_per_token"].items())
         )
     if ttft is not None:
         lines.append(

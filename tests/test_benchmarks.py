@@ -187,6 +187,14 @@ def test_bench_serve_reports_both_paths_and_the_ttft_phase():
     _positive_numbers(result, ["serve_over_offline", "ttft_p50_s", "itl_p50_s"])
     _positive_numbers(result, ["offline_matched_over_offline", "serve_over_offline_matched"])
     _positive_numbers(result, ["server_cpu_s_per_token"])
+    # CPU a token by process: the HTTP process, each rank, the client processes; offline's
+    for name, parts in (
+        ("serve", result["cpu_us_per_token"]),
+        ("offline", result["offline_cpu_us_per_token"]),
+    ):
+        expected = {"rank 0", "rank 1"} | ({"http", "client"} if name == "serve" else set())
+        assert expected <= set(parts) and min(parts.values()) >= 0, (name, parts)
+    assert result["cpu_us_per_token"]["client"] > 0, result["cpu_us_per_token"]
     # every token arrives in some chunk, a chunk carrying at least one
     assert 1 <= result["tokens_per_chunk"] <= 6, result
     ttft = result["ttft_phase"]
