@@ -39,6 +39,16 @@ def stream_request(prompt, max_tokens: int) -> dict:
     }
 
 
+def run(coroutine):
+    """`asyncio.run`, on uvloop's event loop when it is installed (it costs the clients
+    less a chunk: they share the server's cores)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
 class StreamError(RuntimeError):
     """A streamed response that did not end as an OpenAI stream must."""
 
