@@ -153,6 +153,40 @@ def test_the_http_process_runs_this_interpreter_with_its_flags():
     assert command[-6:] == ["-m", "ppruntime.api.http_process", "--fd", "5", "--nice", "10"]
 
 
+def test_the_http_process_falls_back_to_asyncio_and_h11_saying_so_once():
+    """With uvloop and httptools the HTTP process says nothing of them; made unimportable,
+    it runs on asyncio's loop and h11 and says so once. (Each run's engine end is closed
+    before the hello: the process's main returns 1 at once.)"""
+    pytest.importorskip("uvloop", reason="the serve extras install uvloop")
+    pytest.importorskip("httptools", reason="the serve extras install httptools")
+    links = [socket.socketpair() for _ in range(2)]
+    fds = [theirs.fileno() for _, theirs in links]
+    code = (
+        "import sys; from ppruntime.api import http_process as h\n"
+        f"print(h.fast_stack(), h.main(['--fd', '{fds[0]}']), flush=True)\n"
+        "print('blocked', file=sys.stderr, flush=True)\n"
+        "sys.modules['uvloop'] = sys.modules['httptools'] = None\n"
+        f"print(h.fast_stack(), h.main(['--fd', '{fds[1]}']))\n"
+    )
+    for ours, _ in links:
+        ours.close()
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        pass_fds=fds,
+        cwd=str(REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    for _, theirs in links:
+        theirs.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["('uvloop', 'httptools') 1", "('asyncio', 'h11') 1"]
+    before, _, after = result.stderr.partition("blocked\n")
+    said = [line for line in after.splitlines() if "asyncio's event loop and h11" in line]
+    assert "event loop" not in before and len(said) == 1, result.stderr
+
+
 def test_sampling_params_and_deltas_cross_the_link_unchanged():
     params = SamplingParams(
         max_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=["a", "b"], logprobs=2

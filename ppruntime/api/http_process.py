@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import os
 import signal
 import socket
@@ -38,13 +39,42 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.nice(args.nice)  # below the engine ranks: they get a contended core first
     sock = socket.socket(fileno=args.fd)
-    return asyncio.run(_serve(sock))
+    loop_name, http_name = fast_stack()
+    if (loop_name, http_name) != ("uvloop", "httptools"):
+        print(
+            f"ppruntime serve: the HTTP process runs on {loop_name}'s event loop and {http_name} "
+            "(uvloop or httptools not installed: pip install 'ppruntime[serve]' for a "
+            "cheaper streamed token)",
+            file=sys.stderr,
+            flush=True,
+        )
+    if loop_name == "uvloop":
+        import uvloop
+
+        return uvloop.run(_serve(sock, http_name))
+    return asyncio.run(_serve(sock, http_name))
 
 
-async def _serve(sock: socket.socket) -> int:
+def fast_stack() -> tuple[str, str]:
+    """The event loop and the HTTP parser this process uses: uvloop and httptools when
+    they import (a streamed token costs this process about a third less on them), else
+    asyncio's own loop and h11."""
+    names = []
+    for fast, fallback in (("uvloop", "asyncio"), ("httptools", "h11")):
+        try:
+            importlib.import_module(fast)
+        except ImportError:
+            names.append(fallback)
+        else:
+            names.append(fast)
+    return names[0], names[1]
+
+
+async def _serve(sock: socket.socket, http_name: str) -> int:
     import uvicorn
 
     from ppruntime.api.chat_template import load_chat_template
+    from ppruntime.api.event_stream import streams_outside
     from ppruntime.api.http_link import HEADER, decode_body, encode_frame
     from ppruntime.api.server import EngineClient, ModelFacts, build_app
     from ppruntime.api.server_metrics import ServerMetrics
@@ -86,9 +116,11 @@ async def _serve(sock: socket.socket) -> int:
     engine = EngineClient(facts, writer)
     app = build_app(engine, tokenizer, template, settings["max_body_bytes"], ServerMetrics())
     config = uvicorn.Config(
-        app,
+        streams_outside(app),
         host=settings["host"],
         port=settings["port"],
+        http=http_name,
+        proxy_headers=False,  # nothing here reads the client's address
         log_level="warning",
         lifespan="off",
         access_log=False,
