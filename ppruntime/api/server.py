@@ -21,9 +21,10 @@ import uuid
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ppruntime.api.chat_template import ChatTemplate, ChatTemplateError
+from ppruntime.api.event_stream import EventStreamResponse
 from ppruntime.api.http_link import (
     RECEIVE_BYTES,
     Delta,
@@ -394,7 +395,7 @@ def build_app(
             events = _stream(
                 request, parsed, choices, stream, response_id, created, chat, len(prompt_ids)
             )
-            return StreamingResponse(events, media_type="text/event-stream")
+            return EventStreamResponse(events)
         by_id = {choice.request_id: choice for choice in choices}
         try:
             while any(c.finish_reason is None for c in choices):
@@ -459,7 +460,7 @@ def build_app(
             if chat:
                 yield chunks.chunk(
                     [chunks.entry(c.index, "", None, role="assistant") for c in choices]
-                )
+                ).encode()
             while any(c.finish_reason is None for c in choices):
                 # one entry per choice per chunk, however many deltas arrived for it
                 arrived: dict[str, list[Delta]] = {}
@@ -471,15 +472,15 @@ def build_app(
                     for request_id, deltas in arrived.items()
                 ]
                 if entries:
-                    yield chunks.chunk(entries)
+                    yield chunks.chunk(entries).encode()
             done = True
         except ConnectionAbortedError:  # the client has gone (the finally aborts)
             return
         else:
             if parsed.include_usage:
                 completion_tokens = sum(len(c.token_ids) for c in choices)
-                yield chunks.usage_chunk(usage(prompt_tokens, completion_tokens))
-            yield "data: [DONE]\n\n"
+                yield chunks.usage_chunk(usage(prompt_tokens, completion_tokens)).encode()
+            yield b"data: [DONE]\n\n"
         finally:
             if not done:  # the client went away (or the server stops): free the blocks
                 abandon(choices)

@@ -1,0 +1,79 @@
+"""A streamed response of server-sent events: encoded chunks in, ASGI messages out, sent
+from outside the framework's middleware.
+
+A streamed token costs its chunk's `send` and a wake-up of the handler that makes it,
+and both go through every layer between uvicorn and the route: FastAPI's and
+starlette's middleware wrap `send` six deep, and a handler's coroutine is resumed through
+some twenty frames. starlette's StreamingResponse adds a task group per response (a task
+waiting for the disconnect) and checks and encodes every chunk. On a CPU-bound machine
+that is most of what the HTTP process spends a token.
+
+So the handler returns an `EventStreamResponse`; called by the framework, it only hands
+itself to `streams_outside`'s wrapper around the app (the outermost ASGI layer), which
+streams it once the framework has returned: from the connection's own task, through
+uvicorn's own `send`. The handler's `_DeltaStream.take` polls notice a client that has
+gone; closing the chunk iterator when the stream ends early (the server stopping) runs
+its clean-up (aborting the requests). Without the wrapper (the app served as it is) the
+response streams where it is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+EVENT_STREAM_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")]
+DEFERRED_KEY = "ppruntime.deferred_streams"  # in the ASGI scope: where responses wait
+
+
+class EventStreamResponse(Response):
+    """200, `text/event-stream`, chunked: each item of `chunks` is one body message."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
+        self.chunks = chunks
+        self.status_code = 200
+        self.background = None  # FastAPI may set its BackgroundTasks; run after the body
+        self.raw_headers = list(EVENT_STREAM_HEADERS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        deferred = scope.get(DEFERRED_KEY)
+        if deferred is not None and not deferred:
+            deferred.append(self)  # streamed by `streams_outside`, after the framework returns
+            return
+        await self.stream(send)
+
+    async def stream(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        try:
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        finally:
+            await self.chunks.aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self.background is not None:
+            await self.background()
+
+
+def streams_outside(app: ASGIApp) -> ASGIApp:
+    """`app` with its EventStreamResponses streamed outside it (see the module's notes)."""
+
+    async def outermost(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        deferred: list[EventStreamResponse] = []
+        scope[DEFERRED_KEY] = deferred
+        try:
+            await app(scope, receive, send)
+        except BaseException:
+            for response in deferred:  # never started: its requests are aborted
+                await response.chunks.aclose()
+            raise
+        for response in deferred:
+            await response.stream(send)
+
+    return outermost
