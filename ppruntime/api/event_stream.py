@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 EVENT_STREAM_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8")]
 DEFERRED_KEY = "ppruntime.deferred_streams"  # in the ASGI scope: where responses wait
+STREAM_END = b"data: [DONE]\n\n"  # an OpenAI stream's last event
 
 
 class EventStreamResponse(Response):
@@ -47,13 +48,28 @@ class EventStreamResponse(Response):
         await self.stream(send)
 
     async def stream(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        """The head with the first chunk, then each chunk as it comes; a chunk ending in
+        STREAM_END is the last and goes out with the body's end. (The head waits for the
+        first chunk, so that the client is woken once for both: its two writes follow
+        each other. A stream ended otherwise, the client gone, ends with an empty last
+        chunk.)"""
+        start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+        ended = False
         try:
             async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if start is not None:
+                    await send(start)
+                    start = None
+                ended = chunk.endswith(STREAM_END)
+                await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+                if ended:
+                    break
         finally:
             await self.chunks.aclose()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if start is not None:
+            await send(start)
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         if self.background is not None:
             await self.background()
 

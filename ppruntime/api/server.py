@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ppruntime.api.chat_template import ChatTemplate, ChatTemplateError
-from ppruntime.api.event_stream import EventStreamResponse
+from ppruntime.api.event_stream import STREAM_END, EventStreamResponse
 from ppruntime.api.http_link import (
     RECEIVE_BYTES,
     Delta,
@@ -461,7 +461,11 @@ def build_app(
                 yield chunks.chunk(
                     [chunks.entry(c.index, "", None, role="assistant") for c in choices]
                 ).encode()
-            while any(c.finish_reason is None for c in choices):
+            # the chunk that finishes the last choice goes out with the usage and [DONE]:
+            # one write (and one wake-up of the client) for the stream's end
+            end = b""
+            unfinished = len(choices)
+            while unfinished:
                 # one entry per choice per chunk, however many deltas arrived for it
                 arrived: dict[str, list[Delta]] = {}
                 for delta in await stream.take(request):
@@ -471,16 +475,19 @@ def build_app(
                     _stream_entry(by_id[request_id], deltas, parsed, chunks, top_n)
                     for request_id, deltas in arrived.items()
                 ]
-                if entries:
+                unfinished = sum(c.finish_reason is None for c in choices)
+                if entries and unfinished:
                     yield chunks.chunk(entries).encode()
+                elif entries:
+                    end = chunks.chunk(entries).encode()
             done = True
         except ConnectionAbortedError:  # the client has gone (the finally aborts)
             return
         else:
             if parsed.include_usage:
                 completion_tokens = sum(len(c.token_ids) for c in choices)
-                yield chunks.usage_chunk(usage(prompt_tokens, completion_tokens)).encode()
-            yield b"data: [DONE]\n\n"
+                end += chunks.usage_chunk(usage(prompt_tokens, completion_tokens)).encode()
+            yield end + STREAM_END
         finally:
             if not done:  # the client went away (or the server stops): free the blocks
                 abandon(choices)
