@@ -310,6 +310,101 @@ def test_a_client_gone_is_noticed_while_its_tokens_still_flow():
     asyncio.run(scenario())
 
 
+def test_a_streamed_response_is_sent_outside_the_middleware_in_few_writes():
+    """The route's EventStreamResponse streams after the framework returned, through the
+    outermost `send` (a middleware's wrapped send sees none of it): the head with the
+    first chunk, each chunk a message, the last (ending in [DONE]) with the body's end.
+    A stream the framework never got to start (an exception above it) is closed, which
+    runs its clean-up."""
+    from fastapi import FastAPI
+
+    from ppruntime.api.event_stream import STREAM_END, EventStreamResponse, streams_outside
+
+    closed, dropped, generators = [], [], []
+
+    async def chunks(parts):
+        try:
+            for part in parts:
+                await asyncio.sleep(0)
+                yield part
+        finally:
+            closed.append(parts[0])
+
+    class Watching:  # a pure ASGI middleware that counts what passes its send
+        def __init__(self, app) -> None:
+            self.app, self.seen = app, []
+
+        async def __call__(self, scope, receive, send):
+            async def counted(message):
+                self.seen.append(message["type"])
+                await send(message)
+
+            await self.app(scope, receive, counted)
+
+    app = FastAPI()
+    app.add_middleware(Watching)
+
+    @app.post("/stream")
+    async def stream():
+        generators.append(chunks([b"data: 1\n\n", b"data: 2\n\n" + STREAM_END]))
+        return EventStreamResponse(generators[-1], on_never_started=lambda: dropped.append(1))
+
+    async def call(asgi, path: str) -> list:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "headers": [],
+            "query_string": b"",
+            "root_path": "",
+            "scheme": "http",
+            "server": ("127.0.0.1", 80),
+            "client": ("127.0.0.1", 1),
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "raw_path": path.encode(),
+        }
+        await asgi(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(call(streams_outside(app), "/stream"))
+    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 2
+    assert sent[0]["status"] == 200
+    assert dict(sent[0]["headers"])[b"content-type"] == b"text/event-stream; charset=utf-8"
+    assert [(m["body"], m["more_body"]) for m in sent[1:]] == [
+        (b"data: 1\n\n", True),
+        (b"data: 2\n\n" + STREAM_END, False),
+    ]
+    assert app.middleware_stack is not None  # built on the first call
+    watching = app.middleware_stack
+    while not isinstance(watching, Watching):
+        watching = watching.app
+    assert watching.seen == [] and closed == [b"data: 1\n\n"]
+
+    # without the wrapper the response streams where the framework calls it (the same
+    # messages, through the middleware)
+    sent = asyncio.run(call(app, "/stream"))
+    assert len(sent) == 3 and sent[2]["more_body"] is False
+    assert watching.seen == [m["type"] for m in sent]
+
+    async def failing(scope, receive, send):  # the framework fails after the route ran
+        await app(scope, receive, send)
+        raise RuntimeError("after the route")
+
+    assert dropped == []
+    with pytest.raises(RuntimeError, match="after the route"):
+        asyncio.run(call(streams_outside(failing), "/stream"))
+    assert dropped == [1] and generators[-1].ag_frame is None  # cleaned up and closed
+
+
 def test_a_scrape_asks_again_when_the_last_ask_went_unanswered(monkeypatch):
     """One "stats" the engine never answered (lost, or a step longer than the wait) must not
     keep later scrapes from asking: /metrics would show the same figures for good."""

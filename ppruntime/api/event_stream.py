@@ -13,13 +13,14 @@ itself to `streams_outside`'s wrapper around the app (the outermost ASGI layer),
 streams it once the framework has returned: from the connection's own task, through
 uvicorn's own `send`. The handler's `_DeltaStream.take` polls notice a client that has
 gone; closing the chunk iterator when the stream ends early (the server stopping) runs
-its clean-up (aborting the requests). Without the wrapper (the app served as it is) the
+its clean-up (aborting the requests), and a stream dropped before it started calls
+its `on_never_started`. Without the wrapper (the app served as it is) the
 response streams where it is called.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -34,8 +35,15 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
+    def __init__(
+        self,
+        chunks: AsyncGenerator[bytes, None],
+        on_never_started: Callable[[], None] | None = None,
+    ) -> None:
+        """`on_never_started`: the clean-up when the stream is dropped before its first
+        chunk was asked for (closing a generator that never ran runs none of its code)."""
         self.chunks = chunks
+        self.on_never_started = on_never_started
         self.status_code = 200
         self.background = None  # FastAPI may set its BackgroundTasks; run after the body
         self.raw_headers = list(EVENT_STREAM_HEADERS)
@@ -86,7 +94,9 @@ def streams_outside(app: ASGIApp) -> ASGIApp:
         try:
             await app(scope, receive, send)
         except BaseException:
-            for response in deferred:  # never started: its requests are aborted
+            for response in deferred:  # never started: its clean-up runs here
+                if response.on_never_started is not None:
+                    response.on_never_started()
                 await response.chunks.aclose()
             raise
         for response in deferred:

@@ -395,7 +395,7 @@ def build_app(
             events = _stream(
                 request, parsed, choices, stream, response_id, created, chat, len(prompt_ids)
             )
-            return EventStreamResponse(events)
+            return EventStreamResponse(events, on_never_started=lambda: abandon(choices))
         by_id = {choice.request_id: choice for choice in choices}
         try:
             while any(c.finish_reason is None for c in choices):
@@ -465,6 +465,20 @@ def build_app(
             # one write (and one wake-up of the client) for the stream's end
             end = b""
             unfinished = len(choices)
+            if unfinished == 1:  # the common case, each chunk a few dict and list less
+                (choice,) = choices
+                while unfinished:
+                    deltas = await stream.take(request)
+                    for delta in deltas:
+                        choice.add(delta)
+                    chunk = chunks.chunk(
+                        [_stream_entry(choice, deltas, parsed, chunks, top_n)]
+                    ).encode()
+                    unfinished = choice.finish_reason is None
+                    if unfinished:
+                        yield chunk
+                    else:
+                        end = chunk
             while unfinished:
                 # one entry per choice per chunk, however many deltas arrived for it
                 arrived: dict[str, list[Delta]] = {}
