@@ -77,10 +77,14 @@ def _fail(name: str, requirement: str, value: Any) -> ProtocolError:
 
 
 def _is_int(value: Any) -> bool:
+    if type(value) is int:  # what JSON gives, without the ABC's slow isinstance
+        return True
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
+    if type(value) is float or type(value) is int:
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 

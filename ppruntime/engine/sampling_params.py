@@ -24,10 +24,14 @@ _PREFIX = "SamplingParams"
 
 def _is_int(value: Any) -> bool:
     """True for Python/numpy integers, False for bools (bool is not a count)."""
+    if type(value) is int:  # the common case, without the ABC's slow isinstance
+        return True
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_real(value: Any) -> bool:
+    if type(value) is float or type(value) is int:
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
