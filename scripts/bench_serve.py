@@ -23,7 +23,11 @@ offline clients-at-a-time / all-at-once ratio and serve against that, TTFT and
 inter-token (inter-chunk) latency percentiles, tokens a streamed chunk (> 1 when the
 server's HTTP process is behind the engine and takes several steps' tokens at once), the
 server job's CPU a token (every process of the job: the ranks and the HTTP process), the
-load average, and where the wall time went.
+same by process (`cpu_us_per_token`: "http", "rank N", "other" for mpirun, and "client"
+for the benchmark's client processes) and offline's (`offline_cpu_us_per_token`): CPU
+seconds from /proc and the clients' own process time, which a loaded machine slows but
+hardly moves, so two versions of the streaming path can be compared there; the load
+average, and where the wall time went.
 
 The streams are read by `_sse_client.py` (`--client lean`, default): an asyncio HTTP/1.1
 + server-sent-events reader that checks every stream ends with `[DONE]` after its finish
