@@ -18,7 +18,8 @@ makes its tokens cheaper), and the output tokens/s the engine side saw.
 
 Variants: "fast" (this tree, uvloop and httptools when installed), "plain" (this tree
 with uvloop and httptools made unimportable: the asyncio loop and h11), and with --base
-DIR "base" (the HTTP process of the tree at DIR, e.g. `git archive main | tar -x -C DIR`).
+DIR "base" and "base-plain" (the HTTP process of the tree at DIR, e.g. `git archive main
+| tar -x -C DIR`, as it is and without uvloop and httptools).
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ from ppruntime.api.http_link import EngineLink
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STARTUP_S = 60.0
-_BLOCKED = {"fast": (), "plain": ("uvloop", "httptools"), "base": ()}
+_BLOCKED = {
+    "fast": (),
+    "plain": ("uvloop", "httptools"),
+    "base": (),
+    "base-plain": ("uvloop", "httptools"),
+}
 
 
 class _HTTPProcess:
@@ -187,7 +193,7 @@ def _phase(http: _HTTPProcess, args, pool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="fast,plain", help="of fast, plain, base")
+    parser.add_argument("--variants", default="fast,plain", help="of fast, plain, base, base-plain")
     parser.add_argument("--base", default=None, help="a tree for the 'base' variant")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--requests", type=int, default=256, help="a round's, per variant")
@@ -200,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     names = args.variants.split(",")
-    if "base" in names and not args.base:
-        raise SystemExit("bench_http_process: the 'base' variant needs --base DIR")
+    if {"base", "base-plain"} & set(names) and not args.base:
+        raise SystemExit("bench_http_process: the 'base' variants need --base DIR")
     unknown = set(names) - set(_BLOCKED)
     if unknown:
         raise SystemExit(f"bench_http_process: unknown variants {sorted(unknown)}")
@@ -211,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     common.one_torch_thread()
     load_before = os.getloadavg()[0]
     servers = [
-        _HTTPProcess(name, args.base if name == "base" else REPO_ROOT, _BLOCKED[name], args.nice)
+        _HTTPProcess(
+            name, args.base if name.startswith("base") else REPO_ROOT, _BLOCKED[name], args.nice
+        )
         for name in names
     ]
     results: dict[str, list[dict]] = {name: [] for name in names}

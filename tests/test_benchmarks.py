@@ -203,6 +203,22 @@ def test_bench_serve_reports_both_paths_and_the_ttft_phase():
     assert {"checkpoint_write", "offline_start", "server_start", "rounds"} <= set(result["seconds"])
 
 
+def test_bench_http_process_reports_cpu_a_token_for_each_variant():
+    """The HTTP process against the fake engine, with and without uvloop/httptools: every
+    stream gets all its tokens (the driver checks them against what it sent) and each
+    variant's figures are reported."""
+    pytest.importorskip("fastapi", reason="the serve extras install fastapi")
+    args = [sys.executable, str(SCRIPTS / "bench_http_process.py"), "--variants", "fast,plain"]
+    args += ["--rounds", "1", "--requests", "16", "--clients", "8", "--output-len", "8"]
+    result = _run(args)
+    assert set(result["variants"]) == {"fast", "plain"}, result
+    for figures in result["variants"].values():
+        assert len(figures["rounds"]) == 1, figures
+        assert figures["http_cpu_us_per_token"] >= 0 and figures["client_cpu_us_per_token"] > 0
+        assert 1 <= figures["tokens_per_chunk"] <= 8, figures
+        _positive_numbers(figures, ["output_tokens_per_s"])
+
+
 def test_bench_overhead_reports_the_batch_sizes_named():
     args = [sys.executable, str(SCRIPTS / "bench_overhead.py"), "--batches", "1,32,256,512"]
     result = _run([*args, "--output-len", "8"])
