@@ -46,36 +46,17 @@ GOOD_PROMPTS = [FLAG_PROMPT, "hello", [256, 5, 6, 7], "once upon a time", [104, 
 JSON_FLAGS = ["--max-tokens", "12", "--quiet", "--json"]
 KEYS = {"request_id", "prompt_token_ids", "token_ids", "text", "finish_reason"}
 
-# bad input: (file contents or None, extra flags, substrings stderr must contain)
-BAD_CASES = {
-    "bad-json-line": ('{"prompt": "a"}\n{"prompt": \n', [], ["{file}:2", "JSON"]),
-    "missing-field": (
-        '{"prompt": "a"}\n{"prompt": "b"}\n{"text": "c"}\n',
-        [],
-        ["{file}:3", "'prompt'", "'prompt_token_ids'"],
-    ),
-    "non-int-ids": ('{"prompt_token_ids": [1, "2"]}\n', [], ["{file}:1", "prompt_token_ids"]),
-    "float-ids": (
-        '{"prompt": "a"}\n{"prompt_token_ids": [1, 2.5]}\n',
-        [],
-        ["{file}:2", "prompt_token_ids"],
-    ),
+# bad input under mpirun -n 2: (file contents or None, extra flags, substrings stderr must
+# contain). Each bad input to one process, and its message, is a case of CLI_CASES in
+# tests/test_hostile_inputs.py (these two among them).
+MPI_BAD_CASES = {
     "id-out-of-vocab": (
         '{"prompt": "a"}\n{"prompt_token_ids": [256, 9999]}\n',
         [],
         ["{file}:2", "prompt_token_ids", "9999"],
     ),
     "temperature": (None, ["--temperature", "-1"], ["temperature", "-1"]),
-    "top-p": (None, ["--top-p", "1.5"], ["top_p", "1.5"]),
-    "max-tokens-over-model-len": (
-        None,
-        ["--max-model-len", "32", "--max-tokens", "40"],
-        ["--prompt #1", "max_tokens", "40"],
-    ),
-    "stop-token-ids": (None, ["--stop-token-ids", "1,x"], ["--stop-token-ids", "1,x"]),
-    "missing-file": ("<missing>", [], ["--prompts-file", "missing.jsonl"]),
 }
-MPI_BAD_CASES = ["temperature", "id-out-of-vocab"]
 # an unseeded sampled request in deterministic mode: the same bits in every process
 UNSEEDED_PROMPTS = ["hello", "once upon a time"]
 UNSEEDED = [
@@ -118,15 +99,14 @@ def _wait(proc: subprocess.Popen[bytes]) -> subprocess.CompletedProcess[str]:
 
 
 def _bad_args(directory: Path, name: str) -> tuple[list[str], str]:
-    contents, flags, _ = BAD_CASES[name]
+    contents, flags, _ = MPI_BAD_CASES[name]
     args = [*CLI, "--quiet"]
     file = ""
     if contents is None:
         args += ["--prompt", "hello"]
     else:
-        file = str(directory / ("missing.jsonl" if contents == "<missing>" else f"{name}.jsonl"))
-        if contents != "<missing>":
-            Path(file).write_text(contents)
+        file = str(directory / f"{name}.jsonl")
+        Path(file).write_text(contents)
         args += ["--prompts-file", file]
     return [*args, *flags], file
 
@@ -153,10 +133,9 @@ def jobs(tmp_path_factory):
             str(good_file),
         ),
     }
-    single.update({name: _bad_args(directory, name) for name in BAD_CASES})
     started = {name: (_start(args), file) for name, (args, file) in single.items()}
     mpi = {"mpi-json-logprobs": single["json-logprobs"]}
-    mpi.update({f"mpi-{name}": single[name] for name in MPI_BAD_CASES})
+    mpi.update({f"mpi-{name}": _bad_args(directory, name) for name in MPI_BAD_CASES})
     mpi.update({f"mpi-unseeded-{run}": (UNSEEDED, "") for run in "ab"})
     started_mpi = {}
     try:
@@ -259,16 +238,6 @@ def test_json_one_object_per_request_in_input_order(jobs, api, name):
                     assert value == pytest.approx(expected[int(key)], rel=1e-5, abs=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(BAD_CASES))
-def test_bad_input_exits_2_naming_line_and_field(jobs, name):
-    result, file = jobs[name]
-    assert result.returncode == 2, describe(result)
-    assert result.stdout == "", "bad input must stop everything before generation"
-    for needle in BAD_CASES[name][2]:
-        needle = needle.format(file=file)
-        assert needle in result.stderr, f"{needle!r} not in stderr:\n{result.stderr}"
-
-
 def test_mpi_two_ranks_json_equals_single_process(jobs):
     """Same records; log-probs equal up to float rounding (PP=2 batches the requests
     differently, so a row's matmuls may round differently in the last bits)."""
@@ -309,7 +278,7 @@ def test_mpi_two_ranks_bad_input_exits_2(jobs, name):
     result, file = jobs[f"mpi-{name}"]
     assert result.returncode == 2, describe(result)
     assert result.stdout == ""
-    for needle in BAD_CASES[name][2]:
+    for needle in MPI_BAD_CASES[name][2]:
         assert needle.format(file=file) in result.stderr, describe(result)
 
 

@@ -673,7 +673,7 @@ CLI_CASES = [
     CliCase(
         "prompts-file-no-field",
         (),
-        ("prompts.jsonl:3", "'prompt'"),
+        ("prompts.jsonl:3", "'prompt'", "'prompt_token_ids'"),
         '{"prompt": "a"}\n\n{"text": "b"}\n',
     ),
     CliCase("prompts-file-empty-prompt", (), ("prompts.jsonl:1", "'prompt'"), '{"prompt": ""}\n'),
@@ -684,6 +684,12 @@ CLI_CASES = [
         '{"prompt_token_ids": [1, "two"]}\n',
     ),
     CliCase(
+        "prompts-file-token-float",
+        (),
+        ("prompts.jsonl:2", "prompt_token_ids"),
+        '{"prompt": "a"}\n{"prompt_token_ids": [1, 2.5]}\n',
+    ),
+    CliCase(
         "prompts-file-token-out-of-vocab",
         (),
         ("prompts.jsonl:2", "prompt_token_ids[1]", "9999"),
@@ -692,7 +698,7 @@ CLI_CASES = [
     CliCase(
         "prompts-file-missing",
         ("--prompts-file", "/nonexistent/p.jsonl"),
-        ("/nonexistent/p.jsonl",),
+        ("--prompts-file", "/nonexistent/p.jsonl"),
     ),
     CliCase(
         "temperature-negative", ("--prompt", "x", "--temperature", "-1"), ("temperature", "-1")
@@ -713,6 +719,11 @@ CLI_CASES = [
         "max-tokens-beyond-model",
         ("--prompt", "x", "--max-tokens", "5000"),
         ("--prompt #1", "max_tokens", "5000"),
+    ),
+    CliCase(
+        "max-tokens-beyond-max-model-len-flag",
+        ("--prompt", "x", "--max-model-len", "32", "--max-tokens", "40"),
+        ("--prompt #1", "max_tokens", "40"),
     ),
     CliCase(
         "stop-token-ids-not-ints",
