@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-from ppruntime.comm.failure import install_abort_on_error
-from ppruntime.comm.mpi_env import RankInfo, init_mpi
 from ppruntime.config import ConfigError, env_positive_int
-from ppruntime.logs import setup_logging
+
+if TYPE_CHECKING:  # MPI and torch are imported by bootstrap(), not by importing this
+    from ppruntime.comm.mpi_env import RankInfo
 
 
 def bootstrap(
@@ -21,6 +22,10 @@ def bootstrap(
     OMP_NUM_THREADS says otherwise: ranks share the machine's cores. A bad log level,
     log directory or thread count raises ConfigError (MPI is initialized by then).
     """
+    from ppruntime.comm.failure import install_abort_on_error
+    from ppruntime.comm.mpi_env import init_mpi
+    from ppruntime.logs import setup_logging
+
     info = init_mpi()
     if abort_on_error:
         install_abort_on_error(info)

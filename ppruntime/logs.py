@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from ppruntime.comm.mpi_env import RankInfo
 from ppruntime.config import ConfigError
+
+if TYPE_CHECKING:  # no MPI on import: the CLI checks the level before MPI starts
+    from ppruntime.comm.mpi_env import RankInfo
 
 LOGGER_NAME = "ppruntime"
 
@@ -21,10 +24,7 @@ LOGGER_NAME = "ppruntime"
 def setup_logging(info: RankInfo, level: str | None = None, log_dir: str | None = None) -> None:
     """Raises ConfigError naming the flag (or variable) when the level or directory
     cannot be used; nothing is changed then."""
-    level_source = "--log-level" if level else "PPRUNTIME_LOG_LEVEL"
-    level = level or os.environ.get("PPRUNTIME_LOG_LEVEL")
-    if level:
-        _parse_level(level, level_source)
+    level = check_log_level(level)
     dir_source = "--log-dir" if log_dir else "PPRUNTIME_LOG_DIR"
     log_dir = log_dir or os.environ.get("PPRUNTIME_LOG_DIR")
     log_file = _checked_log_file(log_dir, info.rank, dir_source) if log_dir else None
@@ -50,6 +50,16 @@ def setup_logging(info: RankInfo, level: str | None = None, log_dir: str | None 
         root.addHandler(file_handler)
         root.setLevel(min(root.level, file_handler.level))
     root.propagate = False
+
+
+def check_log_level(level: str | None) -> str | None:
+    """The level in use (--log-level, else PPRUNTIME_LOG_LEVEL), or ConfigError naming
+    the one that is not a logging level."""
+    source = "--log-level" if level else "PPRUNTIME_LOG_LEVEL"
+    level = level or os.environ.get("PPRUNTIME_LOG_LEVEL")
+    if level:
+        _parse_level(level, source)
+    return level
 
 
 def _parse_level(level: str, source: str = "--log-level") -> int:

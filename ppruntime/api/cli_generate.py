@@ -339,10 +339,33 @@ def _check_input(args: argparse.Namespace) -> tuple[SamplingParams, list[PromptS
     return params, prompts
 
 
+def _check_argv(args: argparse.Namespace) -> None:
+    """The part of `_check_input` that argv alone decides, in the same order: every
+    rank reaches the same verdict without MPI."""
+    sampling_params_from_args(args)
+    for i, text in enumerate(args.prompt):
+        _checked_text(f"--prompt #{i + 1}", text)
+    if not args.prompt and not args.prompts_file:
+        raise CliInputError("no prompts: give --prompt TEXT or --prompts-file FILE")
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    from ppruntime.api.early_errors import bootstrap_would_pass, report_early
+    from ppruntime.comm.launcher import started_alone
+    from ppruntime.config import ConfigError
+
+    checked = None  # rank 0's (params, prompts) when already checked before MPI
+    if bootstrap_would_pass(args.log_level, args.log_dir):
+        try:
+            if started_alone():  # no other rank to agree with: check the files too
+                checked = _check_input(args)
+            else:
+                _check_argv(args)
+        except (InvalidRequestError, CliInputError, ConfigError) as exc:
+            return report_early("generate", str(exc))
+
     from ppruntime.bootstrap import bootstrap
     from ppruntime.comm.mpi_env import init_mpi
-    from ppruntime.config import ConfigError
 
     error = None
     try:
@@ -354,7 +377,7 @@ def run_generate(args: argparse.Namespace) -> int:
     params = None
     if info.rank == 0 and error is None:
         try:
-            params, prompts = _check_input(args)
+            params, prompts = checked or _check_input(args)
         except (InvalidRequestError, CliInputError, ConfigError) as exc:
             error = str(exc)
     error = agree_on_error(error, info)

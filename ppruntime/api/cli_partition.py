@@ -11,22 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from mpi4py import MPI
-
-from ppruntime.comm.mpi_env import RankInfo
-from ppruntime.config import AUTO_PARTITION, ConfigError, EngineConfig, ParallelConfig
-from ppruntime.device import select_device
-from ppruntime.engine.partition_costs import (
-    describe_partition,
-    measure_costs_for,
-    measure_in_turns,
-    predicted_stage_times,
-    probe_key,
-    write_partition_costs,
-)
-from ppruntime.model import load_config, partition_layers, stage_extra_costs
-from ppruntime.model.partition import balance_by_cost
+if TYPE_CHECKING:  # the parser is built without MPI or torch: imported by the dry run
+    from ppruntime.comm.mpi_env import RankInfo
 
 EXIT_BAD_INPUT = 2
 
@@ -49,6 +37,21 @@ def add_partition_dry_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_partition_dry_run(args: argparse.Namespace, info: RankInfo) -> int:
+    from mpi4py import MPI
+
+    from ppruntime.config import AUTO_PARTITION, ConfigError, EngineConfig, ParallelConfig
+    from ppruntime.device import select_device
+    from ppruntime.engine.partition_costs import (
+        describe_partition,
+        measure_costs_for,
+        measure_in_turns,
+        predicted_stage_times,
+        probe_key,
+        write_partition_costs,
+    )
+    from ppruntime.model import load_config, partition_layers, stage_extra_costs
+    from ppruntime.model.partition import balance_by_cost
+
     comm = MPI.COMM_WORLD
     pp_size = args.pp_size or info.size
     result, error = None, None

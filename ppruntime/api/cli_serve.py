@@ -60,7 +60,8 @@ def add_serve_parser(sub, add_common) -> None:
     parser.set_defaults(run=run_serve)
 
 
-def _check_http_flags(args: argparse.Namespace) -> str | None:
+def _check_http_flag_values(args: argparse.Namespace) -> str | None:
+    """What argv alone decides (the same on every rank, so checked before MPI)."""
     if not 0 <= args.port <= 65535:
         return f"--port must be in [0, 65535], got {args.port}"
     if args.max_waiting < 0:
@@ -71,6 +72,13 @@ def _check_http_flags(args: argparse.Namespace) -> str | None:
         return f"--shutdown-grace must be >= 0, got {args.shutdown_grace}"
     if not 0 <= args.http_nice <= 19:
         return f"--http-nice must be in [0, 19], got {args.http_nice}"
+    return None
+
+
+def _check_http_flags(args: argparse.Namespace) -> str | None:
+    problem = _check_http_flag_values(args)
+    if problem is not None:
+        return problem
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -81,6 +89,13 @@ def _check_http_flags(args: argparse.Namespace) -> str | None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from ppruntime.api.early_errors import bootstrap_would_pass, report_early
+
+    if bootstrap_would_pass(args.log_level, args.log_dir):
+        problem = _check_http_flag_values(args)
+        if problem is not None:
+            return report_early("serve", problem)
+
     from ppruntime.bootstrap import bootstrap
     from ppruntime.comm.mpi_env import init_mpi
     from ppruntime.config import ConfigError

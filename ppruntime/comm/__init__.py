@@ -1,14 +1,36 @@
-"""Communication: MPI bootstrap, communicators by role, tags, waiting, failures."""
+"""Communication: MPI bootstrap, communicators by role, tags, waiting, failures.
 
-from ppruntime.comm.communicators import PipelineComms, current_thread_comm, thread_comm
-from ppruntime.comm.mpi_env import (
-    MPIConfigurationError,
-    RankInfo,
-    check_world_size,
-    init_mpi,
-    require_thread_multiple,
-)
-from ppruntime.comm.tags import Tag
+The names below are imported on first use: importing a submodule (e.g.
+`ppruntime.comm.launcher`, `ppruntime.comm.mpirun`) must not initialize MPI.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ppruntime.comm.communicators import PipelineComms, current_thread_comm, thread_comm
+    from ppruntime.comm.mpi_env import (
+        MPIConfigurationError,
+        RankInfo,
+        check_world_size,
+        init_mpi,
+        require_thread_multiple,
+    )
+    from ppruntime.comm.tags import Tag
+
+_LAZY = {
+    "MPIConfigurationError": "ppruntime.comm.mpi_env",
+    "PipelineComms": "ppruntime.comm.communicators",
+    "RankInfo": "ppruntime.comm.mpi_env",
+    "Tag": "ppruntime.comm.tags",
+    "check_world_size": "ppruntime.comm.mpi_env",
+    "current_thread_comm": "ppruntime.comm.communicators",
+    "init_mpi": "ppruntime.comm.mpi_env",
+    "require_thread_multiple": "ppruntime.comm.mpi_env",
+    "thread_comm": "ppruntime.comm.communicators",
+}
 
 __all__ = [
     "MPIConfigurationError",
@@ -21,3 +43,12 @@ __all__ = [
     "require_thread_multiple",
     "thread_comm",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ppruntime.comm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -7,7 +7,6 @@ cloudpickle, and describes this rank (rank, size, local rank, host).
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ mpi4py.rc.errors = "exception"
 
 from mpi4py import MPI  # noqa: E402
 
+from ppruntime.comm.launcher import LAUNCHER_SIZE_VARIABLES, launcher_world_size  # noqa: E402
 from ppruntime.comm.pickling import register_cloudpickle  # noqa: E402
 
 THREAD_LEVEL_NAMES = {
@@ -29,14 +29,7 @@ THREAD_LEVEL_NAMES = {
     MPI.THREAD_MULTIPLE: "MPI_THREAD_MULTIPLE",
 }
 
-# Launcher variables that announce how many ranks the job was meant to have.
-_LAUNCHER_SIZE_VARIABLES = (
-    "OMPI_COMM_WORLD_SIZE",
-    "PMI_SIZE",
-    "PMIX_SIZE",
-    "MPI_LOCALNRANKS",
-    "SLURM_NTASKS",
-)
+_LAUNCHER_SIZE_VARIABLES = LAUNCHER_SIZE_VARIABLES
 
 
 class MPIConfigurationError(RuntimeError):
@@ -114,11 +107,7 @@ def check_world_size(pp_size: int, world_size: int) -> None:
 
 def expected_world_size_from_launcher() -> int | None:
     """Ranks the launcher announced in its environment, if any."""
-    for name in _LAUNCHER_SIZE_VARIABLES:
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return None
+    return launcher_world_size()
 
 
 def launcher_mismatch_warning(info: RankInfo) -> str | None:

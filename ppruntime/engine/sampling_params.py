@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from ppruntime.config import SEED_LIMIT
 from ppruntime.engine.errors import InvalidRequestError
-from ppruntime.stage.sampler import SAMPLING_EPS
+from ppruntime.stage.greedy import SAMPLING_EPS
 
 MAX_LOGPROBS = 20
 INT32_MAX = 2**31 - 1  # counts travel between ranks as int32
@@ -200,7 +200,8 @@ def _as_numpy(ids: Any) -> np.ndarray:
     """Convert the prompt to numpy once, without a Python loop for array inputs."""
     if isinstance(ids, np.ndarray):
         return ids
-    if isinstance(ids, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor implies torch is imported: never import it here
+    if torch is not None and isinstance(ids, torch.Tensor):
         return ids.detach().cpu().numpy()
     if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)):
         raise InvalidRequestError(

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ppruntime.logs import get_logger
-from ppruntime.stage.sampler import SAMPLING_EPS
+from ppruntime.stage.greedy import SAMPLING_EPS
 
 _log = get_logger("sampler")
 

@@ -13,11 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SAMPLING_EPS = 1e-5
-"""Temperatures below this are greedy (vLLM's ``_SAMPLING_EPS``). Dividing float32
-logits by a smaller temperature overflows (1e-40 turns every logit above 3.4e-2 into
-inf, and softmax into NaN), and anything this sharp is an argmax anyway: a logit gap
-of 1e-3 already weighs ``exp(100)`` to one at 1e-5."""
+from ppruntime.stage.greedy import SAMPLING_EPS
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
