@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launching import REPO_ROOT, describe, mpi_env
+from launching import REPO_ROOT, describe, mpi_env, ppruntime_cmd, run_mpi
 
 from ppruntime.api import early_errors
 from ppruntime.comm import launcher
@@ -138,11 +138,31 @@ def test_files_are_checked_early_only_when_alone(monkeypatch: pytest.MonkeyPatch
     assert not launcher.started_alone()
 
 
+def test_under_mpirun_rank_0_reports_without_mpi() -> None:
+    """Every rank stops before MPI_Init; rank 0's message gets out once (the others wait
+    for it rather than let the launcher end the job first)."""
+    result = run_mpi(
+        2,
+        [*ppruntime_cmd(), "generate", "--prompt", "hi", "--max-tokens", "-1"],
+        timeout=TIMEOUT_S,
+        env={"PYTHONPROFILEIMPORTTIME": "1"},  # every rank's imports, on stderr
+    )
+    assert result.returncode == 2, describe(result)
+    message = "ppruntime generate: error: SamplingParams.max_tokens must be >= 1, got -1"
+    assert result.stderr.count(message) == 1, describe(result)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert "ppruntime.cli" in imported, describe(result)
+    assert not imported & set(HEAVY_MODULES), describe(result)
+
+
 def test_only_rank_0_prints(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     _clear_launcher(monkeypatch)
+    waits = []
+    monkeypatch.setattr(early_errors.time, "sleep", waits.append)
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
     assert early_errors.report_early("generate", "bad") == 2
     assert capsys.readouterr().err == ""
+    assert waits == [early_errors.OTHER_RANKS_LINGER_S]  # rank 0 prints and exits first
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
     assert early_errors.report_early("generate", "bad") == 2
     assert capsys.readouterr().err == "ppruntime generate: error: bad\n"

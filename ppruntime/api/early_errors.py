@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from ppruntime.bootstrap import torch_threads
 from ppruntime.comm.launcher import launcher_rank
@@ -22,6 +23,10 @@ from ppruntime.config import ConfigError
 from ppruntime.logs import check_log_level
 
 EXIT_BAD_INPUT = 2
+# Launchers end the job when its first rank exits non-zero, which could be before rank
+# 0's message is out: the other ranks wait this long for rank 0 to print and exit
+# (mpirun then ends them), and exit after it if the launcher does not.
+OTHER_RANKS_LINGER_S = 10.0
 
 
 def bootstrap_would_pass(log_level: str | None, log_dir: str | None) -> bool:
@@ -40,5 +45,7 @@ def bootstrap_would_pass(log_level: str | None, log_dir: str | None) -> bool:
 def report_early(command: str, error: str) -> int:
     """Print `error` (on rank 0) as the check after MPI would, and give the status."""
     if launcher_rank() == 0:
-        print(f"ppruntime {command}: error: {error}", file=sys.stderr)
+        print(f"ppruntime {command}: error: {error}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(OTHER_RANKS_LINGER_S)
     return EXIT_BAD_INPUT
