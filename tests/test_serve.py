@@ -6,6 +6,7 @@ limits, for chat, the 503 and 413 answers. Both servers end with SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -391,6 +392,37 @@ def test_oversized_body_is_refused_before_parsing(chat_server):
         timeout=30,
     )
     assert response.status_code == 413, response.text
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+def test_a_request_head_over_the_bound_is_refused_and_the_server_goes_on(chat_server):
+    """A request line and headers that do not end (a client sending header after header)
+    are refused once past the bound (16 KiB, h11's own) and the connection is closed, on
+    httptools as on h11: httptools alone kept every header line until the head ended, a
+    HTTP process growing without end (whose death stops the job)."""
+    with socket.create_connection(_host_port(chat_server.url), timeout=30) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n" + b"x-pad: " + b"a" * 20000 + b"\r\n")
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):  # closed with our bytes unread
+            while chunk := sock.recv(65536):  # until the server closes (a timeout fails)
+                answer += chunk
+    status = answer.split(b"\r\n", 1)[0]
+    assert answer == b"" or status in (
+        b"HTTP/1.1 431 Request Header Fields Too Large",
+        b"HTTP/1.1 400 Bad Request",  # h11's answer
+    ), answer
+    if status.endswith(b"431 Request Header Fields Too Large"):
+        assert b"exceed 16384 bytes" in answer, answer
+    # heads under the bound, one after another on a kept-alive connection: the bound is
+    # a head's, not the connection's
+    with httpx.Client(timeout=10) as client:
+        for _ in range(3):
+            response = client.get(f"{chat_server.url}/health", headers={"x-pad": "a" * 12000})
+            assert response.status_code == 200, response.text
 
 
 def test_preset_without_template_refuses_chat(pipeline_server):

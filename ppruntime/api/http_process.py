@@ -28,6 +28,7 @@ mpi4py.rc.initialize = False
 mpi4py.rc.finalize = False
 
 GRACEFUL_EXIT_S = 10.0
+MAX_REQUEST_HEAD_BYTES = 16 * 1024  # a request line and headers (h11's own default)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,12 +115,18 @@ async def _serve(sock: socket.socket, http_name: str) -> int:
         max_waiting=settings["max_waiting"],
     )
     engine = EngineClient(facts, writer)
+    protocol = "h11"
+    if http_name == "httptools":  # uvicorn's, with h11's bound on a request's head
+        from ppruntime.api.http_protocol import BoundedHeadHttpToolsProtocol
+
+        protocol = BoundedHeadHttpToolsProtocol
     app = build_app(engine, tokenizer, template, settings["max_body_bytes"], ServerMetrics())
     config = uvicorn.Config(
         streams_outside(app),
         host=settings["host"],
         port=settings["port"],
-        http=http_name,
+        http=protocol,
+        h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,  # both protocols' bound
         proxy_headers=False,  # nothing here reads the client's address
         log_level="warning",
         lifespan="off",
