@@ -175,6 +175,71 @@ def test_streamed_completion_concatenates_to_offline(pipeline_server, offline):
     assert chunks[-1].usage.completion_tokens == 12
 
 
+def test_a_streamed_n_2_with_logprobs_and_usage_is_two_greedy_choices(pipeline_server, offline):
+    """The n-choice streaming path (the last choice's chunk goes out with the usage and
+    [DONE]): each choice streams the greedy text and its log-probs, finishes once, last;
+    the usage chunk, after every choice finished, counts both."""
+    greedy, _ = offline
+    stream = pipeline_server.client().completions.create(
+        model="tiny",
+        prompt=PROMPTS[2],
+        max_tokens=12,
+        temperature=0,
+        n=2,
+        logprobs=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    expected = greedy[2]
+    chosen = [step[token] for step, token in zip(expected.logprobs, expected.token_ids)]
+    for index in (0, 1):
+        entries = [e for c in chunks for e in c.choices if e.index == index]
+        assert "".join(e.text for e in entries) == expected.text
+        logprobs = [value for e in entries for value in e.logprobs.token_logprobs]
+        assert logprobs == pytest.approx(chosen, abs=1e-5)
+        assert [e.finish_reason for e in entries][-1] == "length"
+        assert all(e.finish_reason is None for e in entries[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_a_raw_stream_is_server_sent_events_and_the_connection_is_kept_alive(
+    pipeline_server, offline
+):
+    """What a raw SSE reader sees: HTTP/1.1 200, text/event-stream, chunked; every event
+    `data: <json>\\n\\n`, the last `data: [DONE]\\n\\n` and then the chunked body's end; the
+    same connection then serves the next request."""
+    greedy, _ = offline
+    body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "stream": True})
+    request = (
+        f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    with socket.create_connection(_host_port(pipeline_server.url), timeout=60) as sock:
+        reader = sock.makefile("rb")
+        for _ in range(2):  # the second on the kept-alive connection
+            sock.sendall(request)
+            assert reader.readline() == b"HTTP/1.1 200 OK\r\n"
+            headers = {}
+            while (line := reader.readline()) != b"\r\n":
+                name, value = line.decode().rstrip("\r\n").split(": ", 1)
+                headers[name.lower()] = value
+            assert headers["content-type"] == "text/event-stream; charset=utf-8", headers
+            assert headers["transfer-encoding"] == "chunked" and "connection" not in headers
+            payload = b""
+            while size := int(reader.readline(), 16):  # until the last chunk, 0
+                payload += reader.read(size)
+                assert reader.read(2) == b"\r\n"
+            assert reader.read(2) == b"\r\n"  # the chunked body's end: no trailers
+            events = payload.decode().split("\n\n")
+            assert events[-2:] == ["data: [DONE]", ""], events[-3:]
+            assert all(event.startswith("data: {") for event in events[:-2]), events
+            parsed = [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+            assert "".join(e["choices"][0]["text"] for e in parsed) == greedy[0].text
+            assert [e["choices"][0]["finish_reason"] for e in parsed][-1] == "length"
+
+
 def test_n_choices_with_a_seed_are_the_seeded_requests(pipeline_server, offline):
     _, seeded = offline
     client = pipeline_server.client()
