@@ -32,7 +32,12 @@ from ppruntime.api.http_link import (
     params_from_wire,
     params_to_wire,
 )
-from ppruntime.api.openai_protocol import StreamChunks
+from ppruntime.api.openai_protocol import (
+    ProtocolError,
+    StreamChunks,
+    parse_chat_request,
+    parse_completion_request,
+)
 from ppruntime.api.server import EngineClient, ModelFacts
 from ppruntime.engine.outputs import RequestOutput
 from ppruntime.engine.sampling_params import SamplingParams
@@ -479,6 +484,46 @@ def test_pre_encoded_chunks_are_the_openai_chunk_json(chat, include_usage):
     usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     got = parse(chunks.usage_chunk(usage))
     assert got == {**expected([], usage), "usage": usage}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_tokens", True),  # bool is an int subclass: JSON's true is not a count
+        ("n", True),
+        ("seed", False),
+        ("top_k", True),
+        ("logprobs", True),
+        ("temperature", True),
+        ("top_p", False),
+        ("min_p", True),
+        ("prompt", [1, True]),
+        ("stop_token_ids", [True]),
+        ("max_tokens", 2.0),  # a float with an int's value is not an int
+        ("n", 1.0),
+        ("top_k", 1.0),
+        ("temperature", float("nan")),  # json.loads reads NaN and Infinity
+        ("top_p", float("inf")),
+    ],
+)
+def test_a_request_field_of_the_wrong_kind_is_refused_naming_it(field, value):
+    with pytest.raises(ProtocolError, match=field):
+        parse_completion_request({"prompt": "hi", field: value})
+
+
+def test_request_numbers_of_the_right_kind_pass_as_given():
+    parsed = parse_completion_request(
+        json.loads('{"prompt": [1, 2], "max_tokens": 3, "temperature": 1, "top_p": 0.5, "n": 2}')
+    )
+    assert parsed.prompt == [1, 2] and [p.max_tokens for p in parsed.params] == [3, 3]
+    assert parsed.params[0].temperature == 1 and parsed.params[0].top_p == 0.5
+    messages = [{"role": "user", "content": "x"}]
+    with pytest.raises(ProtocolError, match="top_logprobs"):
+        parse_chat_request({"messages": messages, "logprobs": True, "top_logprobs": True})
+    assert (
+        parse_chat_request({"messages": messages, "logprobs": True, "top_logprobs": 2}).num_logprobs
+        == 2
+    )
 
 
 @pytest.mark.parametrize(
