@@ -410,6 +410,39 @@ def test_a_streamed_response_is_sent_outside_the_middleware_in_few_writes():
     assert dropped == [1] and generators[-1].ag_frame is None  # cleaned up and closed
 
 
+def test_a_stream_failing_before_its_first_chunk_has_sent_nothing_and_after_it_no_end():
+    """An exception from the chunks before the first: no head went out (uvicorn can still
+    answer 500); after it: the head and the chunks so far, no end of the body (uvicorn
+    closes the connection: the client sees a cut stream, not a complete one). The
+    generator's clean-up runs either way."""
+    from ppruntime.api.event_stream import EventStreamResponse
+
+    cleaned = []
+
+    async def chunks(count: int):
+        try:
+            for index in range(count):
+                yield b"data: %d\n\n" % index
+            raise RuntimeError("the stream failed")
+        finally:
+            cleaned.append(count)
+
+    async def run(count: int) -> list:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        with pytest.raises(RuntimeError, match="the stream failed"):
+            await EventStreamResponse(chunks(count)).stream(send)
+        return sent
+
+    assert asyncio.run(run(0)) == [] and cleaned == [0]
+    sent = asyncio.run(run(2))
+    assert [m["type"] for m in sent] == ["http.response.start"] + ["http.response.body"] * 2
+    assert all(m["more_body"] for m in sent[1:]) and cleaned == [0, 2]
+
+
 def test_a_scrape_asks_again_when_the_last_ask_went_unanswered(monkeypatch):
     """One "stats" the engine never answered (lost, or a step longer than the wait) must not
     keep later scrapes from asking: /metrics would show the same figures for good."""
