@@ -640,3 +640,13 @@ def test_the_engine_counts_one_inter_token_gap_a_token():
     assert sum(driver._itl.counts) == 3
     assert driver._generated_tokens == 4
     assert [message[0] for message in driver.link.sent] == ["deltas", "deltas"]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**64, -(2**70)])
+def test_a_seed_outside_the_engines_range_is_refused_not_wrapped(seed):
+    """The engine takes seeds in [0, 2**63); the choices' seeds (seed + index) wrap only
+    inside that range, so a client's 2**64 is not silently seed 0."""
+    with pytest.raises(ProtocolError, match=rf"seed.*2\*\*63.*{seed}|seed.*{seed}.*2\*\*63"):
+        parse_completion_request({"prompt": "hi", "seed": seed})
+    parsed = parse_completion_request({"prompt": "hi", "seed": 2**63 - 1, "n": 2})
+    assert [p.seed for p in parsed.params] == [2**63 - 1, 0]

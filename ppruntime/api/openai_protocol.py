@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ppruntime.config import SEED_LIMIT
 from ppruntime.engine.errors import InvalidRequestError
 from ppruntime.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -131,6 +132,8 @@ def _sampling(body: dict, num_logprobs: int | None) -> list[SamplingParams]:
     if not _is_int(max_tokens) or max_tokens < 1:
         raise _fail("max_tokens", "must be a positive integer", max_tokens)
     seed = _optional(body, "seed", _is_int, "must be an integer", None)
+    if seed is not None and not 0 <= seed < SEED_LIMIT:  # the choices' seeds wrap in range
+        raise _fail("seed", "must be in [0, 2**63)", seed)
     stream = _optional(body, "stream", lambda v: isinstance(v, bool), "must be a boolean", False)
     del stream  # checked here, read by the caller
     kwargs = {
@@ -157,7 +160,7 @@ def _sampling(body: dict, num_logprobs: int | None) -> list[SamplingParams]:
     params = []
     for index in range(n):
         # n choices of one seeded request differ from each other, reproducibly
-        choice_seed = None if seed is None else (seed + index) % 2**63
+        choice_seed = None if seed is None else (seed + index) % SEED_LIMIT
         try:
             params.append(SamplingParams(seed=choice_seed, **kwargs))
         except InvalidRequestError as error:
