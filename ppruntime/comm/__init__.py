@@ -6,8 +6,9 @@ The names below are imported on first use: importing a submodule (e.g.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ppruntime.lazy_names import lazy_getattr
 
 if TYPE_CHECKING:
     from ppruntime.comm.communicators import PipelineComms, current_thread_comm, thread_comm
@@ -45,10 +46,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ppruntime.comm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
