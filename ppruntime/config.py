@@ -18,6 +18,8 @@ slot whose sends are still draining."""
 DEFAULT_WATCHDOG_TIMEOUT_S = 300.0
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
 AUTO_PARTITION = "auto"
+# programmatic dependent launch of the Triton kernels (kernels/dependent_launch.py)
+DEPENDENT_LAUNCH_ENV = "PPRUNTIME_PDL"
 
 ATTENTION_BACKENDS = ("torch", "triton")
 """Attention backends (ppruntime/model/backends); None picks triton on CUDA, torch on CPU."""

@@ -22,7 +22,9 @@ def compile_kernel(
     options: dict | None = None,
     aligned: tuple[str, ...] = (),
 ) -> None:
-    """`aligned`: the arguments the launcher would mark divisible by 16 (pointers, strides)."""
+    """`aligned`: the arguments the launcher would mark divisible by 16 (pointers, strides).
+    Compiled as the GPU launches them: with programmatic dependent launch's instructions."""
+    constexprs = {**constexprs, "PDL": True}
     for name in constexprs:
         signature[name] = "constexpr"
     attrs = {
@@ -36,6 +38,7 @@ def compile_kernel(
         options=options or {},
     )
     assert compiled.asm["cubin"], kernel.__name__
+    assert "griddepcontrol.wait" in compiled.asm["ptx"], kernel.__name__
     print(kernel.__name__, signature.get("x_ptr") or signature.get("qkv_ptr"), constexprs)
 
 

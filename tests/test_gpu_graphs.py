@@ -22,6 +22,7 @@ from launching import run_mpi
 from model_fixtures import make_tiny_checkpoint
 
 from ppruntime import LLM, SamplingParams
+from ppruntime.kernels.dependent_launch import PDL_ENV, pdl_enabled
 from ppruntime.model import load_config, load_stage_model, partition_layers
 from ppruntime.model.backends import select_attention_backend
 from ppruntime.model.layer_ops import select_layer_ops
@@ -181,6 +182,24 @@ def test_graphs_on_and_off_give_the_same_greedy_tokens(monkeypatch, capfd, check
     assert_same_greedy_tokens(
         graphed, eager, FP32_CLEAR_GAP if dtype == "float32" else BF16_CLEAR_GAP
     )
+
+
+def test_dependent_launch_on_and_off_give_bitwise_the_same_tokens(monkeypatch, checkpoints):
+    """Programmatic dependent launch only lets a kernel start early; every kernel waits for
+    its producers before touching memory, so graphs replayed with it give the same bits."""
+    model, dtype = checkpoints["small-bf16"]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert pdl_enabled(torch.device("cuda"))  # on by default where the GPU has it
+    monkeypatch.setenv(PDL_ENV, "0")
+    assert not pdl_enabled(torch.device("cuda"))
+    plain, _, plain_replays = _generate(monkeypatch, model, dtype, True, params)
+    monkeypatch.delenv(PDL_ENV)
+    dependent, _, replays = _generate(monkeypatch, model, dtype, True, params)
+    assert plain_replays > 0 and replays > 0
+    for got, want in zip(dependent, plain):
+        assert got.token_ids == want.token_ids
+        assert got.logprobs == want.logprobs
 
 
 def test_request_aborted_mid_decode_frees_its_blocks_with_graphs(monkeypatch, checkpoints):

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ppruntime.kernels.dependent_launch import begin_dependent, pdl_options
+
 _BLOCK = 1024
 
 
@@ -21,8 +23,15 @@ def silu_mul(gate, up):
 
 @triton.jit
 def _silu_and_mul_kernel(
-    gate_up_ptr, out_ptr, in_row_stride, out_row_stride, inner, BLOCK: tl.constexpr
+    gate_up_ptr,
+    out_ptr,
+    in_row_stride,
+    out_row_stride,
+    inner,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin_dependent(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inner
@@ -43,6 +52,13 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         block = min(_BLOCK, triton.next_power_of_2(inner))
         grid = (num_tokens, triton.cdiv(inner, block))
         _silu_and_mul_kernel[grid](
-            gate_up, out, gate_up.stride(0), out.stride(0), inner, BLOCK=block, num_warps=4
+            gate_up,
+            out,
+            gate_up.stride(0),
+            out.stride(0),
+            inner,
+            BLOCK=block,
+            num_warps=4,
+            **pdl_options(gate_up.device),
         )
     return out

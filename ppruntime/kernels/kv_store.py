@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ppruntime.kernels.dependent_launch import begin_dependent, pdl_options
+
 
 @triton.jit
 def _kv_store_kernel(
@@ -30,7 +32,9 @@ def _kv_store_kernel(
     HEAD_DIM: tl.constexpr,
     HEADS_PAD: tl.constexpr,
     DIM_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin_dependent(PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:
@@ -89,4 +93,5 @@ def store_kv(
         HEAD_DIM=head_dim,
         HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         DIM_PAD=triton.next_power_of_2(head_dim),
+        **pdl_options(k.device),
     )

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ppruntime.kernels.dependent_launch import begin_dependent, pdl_options
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # triton < 3.4: no TMA descriptors (new_kv="descriptor" is refused)
@@ -647,7 +649,9 @@ def _paged_attention_kernel(
     WARP_SPECIALIZE: tl.constexpr,
     CACHE_SOURCE: tl.constexpr,
     STORE_NEW_KV: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin_dependent(PDL)
     program = tl.program_id(0)
     if CAUSAL_TILING:
         # the last query blocks of a sequence see the most keys: start them first, so
@@ -852,7 +856,9 @@ def _merge_splits_kernel(
     MIN_SPLIT_KEYS: tl.constexpr,
     CHUNK: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin_dependent(PDL)
     token = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + token)
@@ -1171,6 +1177,7 @@ def paged_attention(
         ),
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
+        **pdl_options(q.device),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_q_heads)](
@@ -1183,6 +1190,7 @@ def paged_attention(
             out.stride(0),
             out.stride(1),
             **merge_constants(launch, head_dim, has_window=sliding_window is not None),
+            **pdl_options(q.device),
         )
     return out
 

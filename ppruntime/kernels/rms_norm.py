@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ppruntime.kernels.dependent_launch import begin_dependent, pdl_options
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -23,7 +25,9 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin_dependent(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -78,6 +82,7 @@ def _launch(
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             num_warps=min(max(block // 256, 1), 16),
+            **pdl_options(x.device),
         )
     out = out.view(x.shape)
     return out, (residual_out.view(x.shape) if residual_out is not None else None)

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ppruntime.kernels.dependent_launch import begin_dependent, pdl_options
+
 
 @triton.jit
 def _norm_rope_heads(
@@ -64,7 +66,9 @@ def _qk_norm_rope_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin_dependent(PDL)
     token = tl.program_id(0).to(tl.int64)
     offsets = tl.arange(0, BLOCK_HALF)
     in_half = offsets < HEAD_DIM // 2
@@ -146,4 +150,5 @@ def qk_norm_rope_(
         BLOCK_HKV=max(2, triton.next_power_of_2(num_kv_heads)),
         BLOCK_HALF=max(2, triton.next_power_of_2(head_dim // 2)),
         num_warps=4,
+        **pdl_options(qkv.device),
     )

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ppruntime.kernels.dependent_launch import begin_dependent, pdl_options
+
 VOCAB_BLOCK = 1024
 
 
@@ -47,7 +49,9 @@ def _gumbel_block_argmax_kernel(
     vocab,
     num_blocks,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin_dependent(PDL)
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     cols = block * BLOCK + tl.arange(0, BLOCK)
@@ -93,6 +97,7 @@ def gumbel_argmax(
             vocab,
             num_blocks,
             BLOCK=VOCAB_BLOCK,
+            **pdl_options(scores.device),
         )
     best_block = block_max.argmax(dim=1, keepdim=True)  # first maximum: lowest block
     return block_arg.gather(1, best_block).squeeze(1)
@@ -108,7 +113,9 @@ def _block_argmax_kernel(
     vocab,
     num_blocks,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin_dependent(PDL)
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     cols = block * BLOCK + tl.arange(0, BLOCK)
@@ -132,8 +139,10 @@ def _pick_block_kernel(
     num_rows,
     num_blocks,
     BLOCKS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # one program per row: the first block holding the row's maximum gives its token
+    begin_dependent(PDL)
     row = tl.program_id(0)
     offsets = tl.arange(0, BLOCKS)
     valid = offsets < num_blocks
@@ -170,6 +179,7 @@ def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
             vocab,
             num_blocks,
             BLOCK=VOCAB_BLOCK,
+            **pdl_options(device),
         )
         _pick_block_kernel[(num_rows,)](
             block_max,
@@ -179,5 +189,6 @@ def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
             num_rows,
             num_blocks,
             BLOCKS=triton.next_power_of_2(num_blocks),
+            **pdl_options(device),
         )
     return packed

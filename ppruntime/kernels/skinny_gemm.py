@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ppruntime.kernels.activation import silu_mul
+from ppruntime.kernels.dependent_launch import begin_dependent, pdl_options
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -141,7 +142,9 @@ def _skinny_gemm_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32, else "tf32" (unused)
     UPCAST: tl.constexpr,  # fp32 operands for the dot (the interpreter's bf16 dot is wrong)
     SILU_MUL: tl.constexpr,  # the A operand is silu(gate) * up, computed as it is loaded
+    PDL: tl.constexpr,
 ):
+    begin_dependent(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -227,8 +230,10 @@ def _reduce_splits_kernel(
     stride_om,
     HAS_BIAS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out = sum over splits (+ bias), cast to out's dtype; one split is the cast alone."""
+    begin_dependent(PDL)
     row = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = cols < N
@@ -370,6 +375,7 @@ def _launch(
         SILU_MUL=silu_mul,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_options(x.device),
     )
     if splits > 1:
         _reduce_splits_kernel[(triton.cdiv(n, REDUCE_BLOCK), m)](
@@ -384,6 +390,7 @@ def _launch(
             HAS_BIAS=bias is not None,
             BLOCK=REDUCE_BLOCK,
             num_warps=4,
+            **pdl_options(x.device),
         )
     return out
 

@@ -25,7 +25,7 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ppruntime.config import ATTENTION_BACKENDS, ConfigError, env_flag
+from ppruntime.config import ATTENTION_BACKENDS, DEPENDENT_LAUNCH_ENV, ConfigError, env_flag
 from ppruntime.model.rope import apply_rope, rope_angles, rope_cos_sin
 
 
@@ -296,6 +296,7 @@ def select_layer_ops(name: str | None, device: torch.device | str) -> LayerOps:
     """
     device = torch.device(device)
     skinny_gemm = env_flag(SKINNY_GEMM_ENV)  # checked whichever ops: a bad value is named
+    env_flag(DEPENDENT_LAUNCH_ENV)  # read at each kernel launch: refused here, at start-up
     if name is None:
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":

@@ -33,6 +33,8 @@ ALIGNED = ("_ptr", "stride_")
 
 
 def compile_kernel(kernel, pointers: dict[str, str], constants: dict, warps: int, stages: int):
+    # compiled as the GPU launches them: with programmatic dependent launch's instructions
+    constants = {**constants, "PDL": True}
     signature = {}
     attrs = {
         (index,): [["tt.divisibility", 16]]
@@ -51,7 +53,11 @@ def compile_kernel(kernel, pointers: dict[str, str], constants: dict, warps: int
         else:
             signature[name] = "i32"
     source = ASTSource(kernel, signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+    compiled = triton.compile(
+        source, target=TARGET, options={"num_warps": warps, "num_stages": stages}
+    )
+    assert "griddepcontrol.wait" in compiled.asm["ptx"], kernel.__name__
+    return compiled
 
 
 def attention(name, dtype, hq, hkv, head_dim, launch, window, block_size=16):
