@@ -92,10 +92,25 @@ def compare(runs: list[tuple[str, dict]]) -> dict:
         medians = {
             tree: statistics.median(run["decode_step_ms"] for run in row[tree])
             for tree in ("this", "base")
+            if row[tree]
         }
         row["median_step_ms"] = medians
-        row["this_over_base"] = medians["this"] / medians["base"]
+        if len(medians) == 2:  # a report written before both trees have run has no ratio
+            row["this_over_base"] = medians["this"] / medians["base"]
     return cases
+
+
+def run_summary(result: dict) -> str:
+    return ", ".join(
+        f"{name} {case['decode_step_ms']:.3f} ms ({case['decode_roofline_fraction']:.1%})"
+        for name, case in result["cases"].items()
+    )
+
+
+def write_report(out: Path, baseline: Path, rounds: int, runs: list[tuple[str, dict]]) -> None:
+    report = {"baseline": str(baseline), "rounds": rounds, "cases": compare(runs)}
+    report["runs"] = [{"tree": tree, "result": result} for tree, result in runs]
+    out.write_text(json.dumps(report, indent=1, default=float) + "\n")
 
 
 def print_comparison(cases: dict) -> None:
@@ -141,13 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             command = bench_command(args, Path(tmp) / f"run{index}.json")
             result = run_bench(trees[tree], command)
             runs.append((tree, result))
-            print(f"run {index + 1}: {tree} ({trees[tree]}) done", flush=True)
-    cases = compare(runs)
-    print_comparison(cases)
-    if args.out:
-        report = {"baseline": str(baseline), "rounds": args.rounds, "cases": cases}
-        report["runs"] = [{"tree": tree, "result": result} for tree, result in runs]
-        Path(args.out).write_text(json.dumps(report, indent=1, default=float) + "\n")
+            print(f"run {index + 1}: {tree} ({trees[tree]}): {run_summary(result)}", flush=True)
+            if args.out:  # after every run: a run cut short by a time limit keeps what ran
+                write_report(Path(args.out), baseline, args.rounds, runs)
+    print_comparison(compare(runs))
     return 0
 
 

@@ -69,7 +69,36 @@ def test_main_alternates_the_trees_and_writes_the_ratio(tmp_path, monkeypatch, c
     report = json.loads(out.read_text())
     assert report["cases"]["8b-decode"]["this_over_base"] == pytest.approx(5.0 / 6.0)
     assert len(report["runs"]) == 4
-    assert "this / base (median step): 0.833" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "this / base (median step): 0.833" in printed
+    assert "run 2: base" in printed and "8b-decode 6.000 ms" in printed  # each run as it ends
+
+
+def test_the_report_is_written_after_every_run(tmp_path, monkeypatch):
+    """A device call's time limit may kill the job between runs: what ran is kept."""
+    base = tmp_path / "base"
+    shutil.copytree(REPO_ROOT / "ppruntime", base / "ppruntime")
+    out = tmp_path / "ab.json"
+    seen = []
+
+    def fake_run(tree, command):
+        if len(seen) == 3:
+            raise KeyboardInterrupt  # the fourth run never ends
+        if out.exists():
+            seen.append(len(json.loads(out.read_text())["runs"]))
+        else:
+            seen.append(0)
+        return fake_result(5.0 if tree == ab.THIS_TREE else 6.0)
+
+    monkeypatch.setattr(ab, "run_bench", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        ab.main(["--baseline", str(base), "--rounds", "2", "--out", str(out)])
+    assert seen == [0, 1, 2]
+    report = json.loads(out.read_text())
+    assert len(report["runs"]) == 3
+    row = report["cases"]["8b-decode"]
+    assert row["median_step_ms"] == {"this": 5.0, "base": 6.0}
+    assert row["this_over_base"] == pytest.approx(5.0 / 6.0)
 
 
 def test_a_baseline_without_the_package_is_named(tmp_path, capsys):

@@ -374,6 +374,26 @@ def _interpreted_sweep(
     return result, json.loads(Path(out).read_text())
 
 
+def test_bench_pdl_chain_small_runs_every_choice_on_and_off(tmp_path):
+    """scripts/bench_pdl_chain.py --small (interpreted triton, CPU): each matmul choice
+    (cuBLAS, the engine's table, all skinny) runs the layer chain with PPRUNTIME_PDL off
+    and on, the two give the same bits, and PDL is reported inactive off a Hopper GPU."""
+    out = tmp_path / "pdl.json"
+    result, report = _interpreted_sweep(
+        "bench_pdl_chain.py",
+        ["--small", "--device", "cpu", "--batches", "3", "--rounds", "1", "--out", str(out)],
+        out,
+    )
+    assert [row["choice"] for row in report["cases"]] == ["cublas", "table", "skinny"]
+    for row in report["cases"]:
+        assert row["batch"] == 3 and row["same_bits"] is True and row["pdl_active"] is False
+        assert row["plain_us_per_layer"] > 0 and row["pdl_us_per_layer"] > 0
+        assert row["pdl_over_plain"] == pytest.approx(
+            row["pdl_us_per_layer"] / row["plain_us_per_layer"]
+        )
+    assert "PDL / plain" in result.stdout
+
+
 def test_sweep_decode_attention_small_checks_every_variant(tmp_path):
     """scripts/sweep_decode_attention.py --small (interpreted triton): each variant of the
     decode launch (store_kv + attention, as the backend runs by default) and the two
