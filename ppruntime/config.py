@@ -51,7 +51,11 @@ def check_seconds(name: str, flag: str, value: object) -> None:
 def env_flag(name: str) -> bool | None:
     """A boolean environment variable: None when unset or empty; anything but
     1/true/yes/on or 0/false/no/off (any case) is an error naming the variable."""
-    value = os.environ.get(name)
+    return parse_flag(name, os.environ.get(name))
+
+
+def parse_flag(name: str, value: str | None) -> bool | None:
+    """`value` of the boolean variable `name`, read as env_flag reads it."""
     if value is None or value.strip() == "":
         return None
     word = value.strip().lower()

@@ -108,9 +108,13 @@ def run_summary(result: dict) -> str:
 
 
 def write_report(out: Path, baseline: Path, rounds: int, runs: list[tuple[str, dict]]) -> None:
+    """The report so far, replacing the last one whole (a kill mid-write leaves the old)."""
     report = {"baseline": str(baseline), "rounds": rounds, "cases": compare(runs)}
+    report["complete"] = len(runs) == 2 * rounds  # a partial report's ratio rests on fewer runs
     report["runs"] = [{"tree": tree, "result": result} for tree, result in runs]
-    out.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    partial = out.with_name(out.name + ".tmp")
+    partial.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    os.replace(partial, out)
 
 
 def print_comparison(cases: dict) -> None:

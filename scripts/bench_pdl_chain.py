@@ -9,8 +9,10 @@ decode: RMSNorm -> qkv -> RMSNorm of its first `hidden` columns (standing in for
 attention, a small kernel) -> o -> residual add + RMSNorm -> gate_up -> SiLU-and-mul ->
 down, over --layers sets of distinct weights (more bytes than the L2 holds, as a model's
 layers are), captured in one CUDA graph and replayed, timed with events. The matmuls run
-as cuBLAS (`cublas`), as the engine chooses them (`table`: the skinny GEMM where the launch
-table has a launch, else cuBLAS) or all four as the skinny GEMM (`skinny`: the table's
+as cuBLAS (`cublas`), from the launch table (`table`: the skinny GEMM where the launch
+table has a launch, else cuBLAS, on any GPU: the engine itself uses the table only on the
+GPU model it was measured on, and runs the table's fused SiLU-and-down launches, which
+this chain does not) or all four as the skinny GEMM (`skinny`: the table's
 launch, else the heuristic's), each with PPRUNTIME_PDL=0 and =1 in turn, rounds
 alternating. Prints microseconds a layer, the weights' bytes over the copy bandwidth, and
 each choice's PDL-on over PDL-off time; checks that PDL on and off give the same bits.
@@ -32,9 +34,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_models import copy_bandwidth
 
+from ppruntime.config import DEPENDENT_LAUNCH_ENV
 from ppruntime.kernels import skinny_gemm as sg
 from ppruntime.kernels.activation import silu_and_mul
-from ppruntime.kernels.dependent_launch import PDL_ENV, pdl_enabled
+from ppruntime.kernels.dependent_launch import pdl_enabled
 from ppruntime.kernels.rms_norm import fused_add_rms_norm, rms_norm
 
 SHAPES = {"8b": (4096, 6144, 14336), "small": (64, 128, 192)}  # hidden, qkv width, inter
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     bandwidth = copy_bandwidth(device, small=False) if device.type == "cuda" else None
     report = {"device": str(device), "copy_bandwidth": bandwidth, "shape": shape, "cases": []}
-    before = os.environ.get(PDL_ENV)
+    before = os.environ.get(DEPENDENT_LAUNCH_ENV)
     try:
         for m in [int(b) for b in args.batches.split(",")]:
             chain = LayerChain(shape, m, layers, dtype, device)
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 for choice in CHOICES:
                     order = (False, True) if round_index % 2 == 0 else (True, False)
                     for pdl in order:
-                        os.environ[PDL_ENV] = "1" if pdl else "0"
+                        os.environ[DEPENDENT_LAUNCH_ENV] = "1" if pdl else "0"
                         ms, out = replayed_ms(
                             lambda c=choice, n=chain: n.forward(c), args.reps, device
                         )
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             for choice in CHOICES:
                 same_bits = torch.equal(outputs[(choice, True)], outputs[(choice, False)])
                 row = {"batch": m, "choice": choice, "same_bits": same_bits}
-                os.environ[PDL_ENV] = "1"
+                os.environ[DEPENDENT_LAUNCH_ENV] = "1"
                 row["pdl_active"] = pdl_enabled(device)  # False off Hopper: on = off there
                 for pdl in (False, True):
                     us = statistics.median(times[(choice, pdl)]) * 1000 / layers
@@ -177,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"batch {m} {choice}: PDL on and off differ")
     finally:
         if before is None:
-            os.environ.pop(PDL_ENV, None)
+            os.environ.pop(DEPENDENT_LAUNCH_ENV, None)
         else:
-            os.environ[PDL_ENV] = before
+            os.environ[DEPENDENT_LAUNCH_ENV] = before
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0

@@ -7,6 +7,7 @@ would not catch what only the compiler rejects. Prints one line per variant comp
 from __future__ import annotations
 
 import triton
+from kernel_scripts.ptx_order import assert_waits_before_memory
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -38,7 +39,7 @@ def compile_kernel(
         options=options or {},
     )
     assert compiled.asm["cubin"], kernel.__name__
-    assert "griddepcontrol.wait" in compiled.asm["ptx"], kernel.__name__
+    assert_waits_before_memory(compiled.asm["ptx"], kernel.__name__)
     print(kernel.__name__, signature.get("x_ptr") or signature.get("qkv_ptr"), constexprs)
 
 
@@ -105,7 +106,36 @@ def main() -> None:
                     "BLOCK_HALF": 64,
                 },
             )
-    # the greedy step's block reduction into the packed [2, N] result
+    # the sampling kernels: per-block maxima (greedy, and with Gumbel noise), then the
+    # greedy step's block reduction into the packed [2, N] result
+    compile_kernel(
+        sampling._block_argmax_kernel,
+        {
+            "logits_ptr": "*bf16",
+            "row_stride": "i32",
+            "block_max_ptr": "*fp32",
+            "block_arg_ptr": "*i64",
+            "block_bad_ptr": "*i32",
+            "vocab": "i32",
+            "num_blocks": "i32",
+        },
+        {"BLOCK": sampling.VOCAB_BLOCK},
+    )
+    compile_kernel(
+        sampling._gumbel_block_argmax_kernel,
+        {
+            "scores_ptr": "*fp32",
+            "score_row_stride": "i32",
+            "key_a_ptr": "*i64",
+            "key_b_ptr": "*i64",
+            "noisy_ptr": "*i32",
+            "block_max_ptr": "*fp32",
+            "block_arg_ptr": "*i64",
+            "vocab": "i32",
+            "num_blocks": "i32",
+        },
+        {"BLOCK": sampling.VOCAB_BLOCK},
+    )
     compile_kernel(
         sampling._pick_block_kernel,
         {

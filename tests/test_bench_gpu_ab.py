@@ -68,7 +68,7 @@ def test_main_alternates_the_trees_and_writes_the_ratio(tmp_path, monkeypatch, c
     assert command[command.index("--cases") + 1] == "1b-decode,8b-decode"
     report = json.loads(out.read_text())
     assert report["cases"]["8b-decode"]["this_over_base"] == pytest.approx(5.0 / 6.0)
-    assert len(report["runs"]) == 4
+    assert len(report["runs"]) == 4 and report["complete"] is True
     printed = capsys.readouterr().out
     assert "this / base (median step): 0.833" in printed
     assert "run 2: base" in printed and "8b-decode 6.000 ms" in printed  # each run as it ends
@@ -95,7 +95,8 @@ def test_the_report_is_written_after_every_run(tmp_path, monkeypatch):
         ab.main(["--baseline", str(base), "--rounds", "2", "--out", str(out)])
     assert seen == [0, 1, 2]
     report = json.loads(out.read_text())
-    assert len(report["runs"]) == 3
+    assert len(report["runs"]) == 3 and report["complete"] is False
+    assert not list(tmp_path.glob("*.tmp"))
     row = report["cases"]["8b-decode"]
     assert row["median_step_ms"] == {"this": 5.0, "base": 6.0}
     assert row["this_over_base"] == pytest.approx(5.0 / 6.0)

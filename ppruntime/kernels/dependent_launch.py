@@ -5,15 +5,14 @@ one's start-up and tail leave the GPU part-idle. Launched with PDL, a kernel may
 while the kernel before it in the stream is still running: every kernel here first lets
 its own dependent launch (`griddepcontrol.launch_dependents`, a scheduling hint), then
 waits (`griddepcontrol.wait`) until the kernels before it have finished and their writes
-are visible, before it reads or writes any tensor. Only reads of data no kernel writes
-(weights) may come before that wait (the skinny GEMM prefetches its first weight tiles
-there). Ordering is unchanged: a kernel launched without PDL (cuBLAS, torch) waits for
-the whole of the one before it as always, and a PDL kernel after one that never signals
-starts when that one ends. Results are bitwise the same with PDL on or off; CUDA graphs
-keep the programmatic edges.
+are visible, before it reads or writes any tensor (the compile checks assert that no
+memory instruction comes before the wait). Ordering is unchanged: a kernel launched
+without PDL (cuBLAS, torch) waits for the whole of the one before it as always, and a
+PDL kernel after one that never signals starts when that one ends. Results are bitwise
+the same with PDL on or off; CUDA graphs keep the programmatic edges.
 
 `pdl_options(device)` gives a launch's keyword arguments: the kernels' `PDL` constexpr,
-and triton's `launch_pdl` where PDL is on (a CUDA device of capability >= 9, a triton that
+and triton's `launch_pdl` where PDL is on (an NVIDIA GPU of capability >= 9, a triton that
 has the instructions, not interpreted, and $PPRUNTIME_PDL not false).
 """
 
@@ -26,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ppruntime.config import DEPENDENT_LAUNCH_ENV, env_flag
+from ppruntime.config import DEPENDENT_LAUNCH_ENV, parse_flag
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -44,24 +43,33 @@ except ImportError:  # a triton without the griddepcontrol wrappers: PDL stays o
         pass
 
 
-PDL_ENV = DEPENDENT_LAUNCH_ENV
 _OFF = {"PDL": False}
 _ON = {"PDL": True, "launch_pdl": True}
+_INTERPRET_WORDS = ("1", "true", "on", "yes")  # what triton reads TRITON_INTERPRET as
 
 
 @functools.cache
-def _supported(device_type: str, index: int | None, env_value: str | None) -> bool:
-    # env_value (the variable as it is now) keys the cache; env_flag parses it
-    if env_flag(PDL_ENV) is False or not HAVE_GDC or device_type != "cuda":
+def _supported(
+    device_type: str, index: int | None, switch: str | None, interpret: str | None
+) -> bool:
+    if parse_flag(DEPENDENT_LAUNCH_ENV, switch) is False or not HAVE_GDC:
         return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if device_type != "cuda" or torch.version.hip is not None:  # ROCm calls its GPUs cuda
+        return False
+    if (interpret or "").strip().lower() in _INTERPRET_WORDS:
         return False
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels launched on `device` use programmatic dependent launch."""
-    return _supported(device.type, device.index, os.environ.get(PDL_ENV))
+    environ = os.environ
+    return _supported(
+        device.type,
+        device.index,
+        environ.get(DEPENDENT_LAUNCH_ENV),
+        environ.get("TRITON_INTERPRET"),
+    )
 
 
 def pdl_options(device: torch.device) -> dict[str, bool]:

@@ -20,6 +20,8 @@ from triton.compiler import ASTSource
 
 assert os.environ.get("TRITON_INTERPRET", "") != "1", "run without TRITON_INTERPRET"
 
+from ptx_order import assert_waits_before_memory  # noqa: E402
+
 from ppruntime.kernels import kv_store  # noqa: E402
 from ppruntime.kernels import paged_attention as pa  # noqa: E402
 
@@ -56,7 +58,7 @@ def compile_kernel(kernel, pointers: dict[str, str], constants: dict, warps: int
     compiled = triton.compile(
         source, target=TARGET, options={"num_warps": warps, "num_stages": stages}
     )
-    assert "griddepcontrol.wait" in compiled.asm["ptx"], kernel.__name__
+    assert_waits_before_memory(compiled.asm["ptx"], kernel.__name__)
     return compiled
 
 
