@@ -62,6 +62,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _bench_common as common
+import _rank_counters as rank_counters
 
 BLOCK_SIZE = 16
 WARMUP_TOKENS = 4
@@ -127,6 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=None, help="default 32 (--h200: 128)")
     parser.add_argument("--output-len", type=int, default=None, help="default 64 (--h200: 128)")
     parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument(
+        "--http-nice", type=int, default=None, help="the server's --http-nice (its default)"
+    )
     parser.add_argument("--max-num-tokens", type=int, default=None, help="the engine's default")
     parser.add_argument(
         "--warmup",
@@ -150,6 +154,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="lean: the asyncio HTTP/1.1 + SSE reader of _sse_client.py (the clients share "
         "the server's cores: the cheaper they are, the less they take from it); httpx: "
         "httpx with a json.loads a chunk, as a typical Python client",
+    )
+    parser.add_argument(
+        "--rank-counters",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each rank's counters over each path's phases, side by side (iterations, "
+        "microbatches, sequences a decode microbatch, CPU by span): a snapshot after each "
+        "phase, taken once every rank has reported after it (up to ~2 s a phase, untimed)",
     )
     parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds per job start")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
@@ -231,6 +243,9 @@ def worker(args: argparse.Namespace) -> None:
         llm.generate(prompts[: args.clients], warmup, use_tqdm=False)
         warmup_s = time.perf_counter() - began
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    snapshot = None
+    if args.rank_counters:
+        snapshot = rank_counters.offline_snapshot(llm, time.monotonic(), args.pp)
     print(READY_LINE, flush=True)
     with open(args.rounds_fifo) as rounds:
         for _ in rounds:
@@ -247,6 +262,10 @@ def worker(args: argparse.Namespace) -> None:
                     tokens += sum(len(o.token_ids) for o in outputs)
                 result[name + "output_tokens"] = tokens
                 result[name + "window_s"] = time.perf_counter() - start
+                if snapshot is not None:  # untimed: after the window
+                    now = rank_counters.offline_snapshot(llm, time.monotonic(), args.pp)
+                    result[name + "ranks"] = rank_counters.difference(snapshot, now)
+                    snapshot = now
             print(ROUND_PREFIX + json.dumps(result), flush=True)
     llm.shutdown()
     common.emit_worker_result({"startup_s": startup_s, "warmup_s": warmup_s})
@@ -423,6 +442,8 @@ class _Server:
         serve = [sys.executable, "-m", "ppruntime", "serve", *_model_flags(args)]
         serve += ["--port", "0", "--max-waiting", "100000", "--shutdown-grace", "5"]
         serve += _as_flags(engine_options(args))
+        if args.http_nice is not None:
+            serve += ["--http-nice", str(args.http_nice)]
         self.proc = _start_job(args.pp, serve)
         self.url = None
         self.http_pid: int | None = None
@@ -738,6 +759,8 @@ def _worker_args(args) -> list[str]:
         worker_args += ["--device", args.device]
     if not args.warmup:
         worker_args.append("--no-warmup")
+    if not args.rank_counters:
+        worker_args.append("--no-rank-counters")
     return worker_args
 
 
@@ -762,6 +785,9 @@ def _measure(args, seconds: dict) -> dict:
             began = time.perf_counter()
             _phase(server, prompts[: args.clients], args.clients, WARMUP_TOKENS, args)
             seconds["server_warmup"] = time.perf_counter() - began
+        snapshot = None
+        if args.rank_counters:
+            snapshot = rank_counters.server_snapshot(server.url, time.monotonic(), args.pp)
         _signal_job(server.proc.pid, signal.SIGSTOP)
         offline_rounds, serve_rounds = [], []
         round_timeout = args.start_timeout + 2 * args.time_limit
@@ -775,6 +801,12 @@ def _measure(args, seconds: dict) -> dict:
                 else:
                     with _running(server):
                         part = _phase_part(server, prompts, args.clients, args.output_len, args)
+                        if snapshot is not None:  # untimed: after the window
+                            now = rank_counters.server_snapshot(
+                                server.url, time.monotonic(), args.pp
+                            )
+                            part["ranks"] = rank_counters.difference(snapshot, now)
+                            snapshot = now
                         serve_rounds.append(part)
             if serve_rounds[-1]["timed_out"]:
                 break  # a server that cannot finish a round in the limit: report that
@@ -863,9 +895,29 @@ def _measure(args, seconds: dict) -> dict:
         result["offline_cpu_us_per_token"] = {
             part: totals[part] / tokens * 1e6 for part in sorted(totals)
         }
+    if args.rank_counters and used:
+        result["rank_counters"] = _rank_figures(serve_rounds, used)
     if ttft is not None:
         result["ttft_phase"] = ttft
     return result
+
+
+def _rank_figures(serve_rounds: list[dict], offline_rounds: list[dict]) -> dict:
+    """Each path's per-rank counters over all its rounds (rank_counters.summarize)."""
+    paths = {}
+    for path, rounds, prefix in (
+        ("serve", serve_rounds, None),
+        ("offline", offline_rounds, ""),
+        ("offline_matched", offline_rounds, "matched_"),
+    ):
+        total: dict = {}
+        tokens = 0
+        for r in rounds:
+            rank_counters.add(total, r["ranks"] if prefix is None else r[prefix + "ranks"])
+            tokens += r["tokens"] if prefix is None else r[prefix + "output_tokens"]
+        if tokens:
+            paths[path] = rank_counters.summarize(total, tokens)
+    return paths
 
 
 def _ms(seconds: float) -> str:
@@ -921,6 +973,8 @@ def _table(args, result: dict) -> list[str]:
             "offline's CPU a token (us): "
             + ", ".join(f"{n} {v:.1f}" for n, v in result["offline_cpu_us_per_token"].items())
         )
+    if result.get("rank_counters"):
+        lines += rank_counters.table(result["rank_counters"])
     if ttft is not None:
         lines.append(
             f"TTFT p50 at {ttft['clients']} streams = {_ms(ttft['ttft_p50_s'])} ms "

@@ -47,16 +47,23 @@ class EngineDriver:
         serving ended early (the HTTP process went away: what ran is aborted first).
         """
         llm, link = self.llm, self.link
+        span = llm.tracer.span
         deadline = None
         failure = None
         while True:
             idle = not llm.has_unfinished() and deadline is None and failure is None
-            messages = link.receive(IDLE_WAIT_S if idle else 0.0)
+            if idle:
+                messages = link.receive(IDLE_WAIT_S)
+            else:
+                with span("link-in"):
+                    messages = link.receive(0.0)
             if messages is None and failure is None:
                 failure = "the HTTP process exited"
                 self._abort_all()
-            for message in messages or ():
-                self._apply(message)
+            if messages:
+                with span("link-in"):
+                    for message in messages:
+                        self._apply(message)
             if self.stop_requested and deadline is None:
                 deadline = time.monotonic() + grace_s
                 link.send([["stopping"]])
@@ -67,7 +74,8 @@ class EngineDriver:
                 deadline = float("inf")  # aborted once; drain what is left
             if llm.has_unfinished():
                 _, deltas = llm.step()
-                self._send(deltas)
+                with span("deltas-out"):
+                    self._send(deltas)
             elif deadline is not None or failure is not None:
                 return failure
 
@@ -144,7 +152,7 @@ class EngineDriver:
             "kv_blocks_total": state["kv_blocks_total"],
             "busy_s": state["busy_s"],
             "rank_busy": {
-                str(rank): [report.started, report.now, report.busy_s]
+                str(rank): [report.started, report.now, report.busy_s, report.counters]
                 for rank, report in state["rank_busy"].items()
             },
             "generated_tokens": self._generated_tokens,

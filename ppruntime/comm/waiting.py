@@ -27,6 +27,21 @@ BACKGROUND_FIRST_SLEEP_S = 200e-6
 BACKGROUND_MAX_SLEEP_S = float(os.environ.get("PPRUNTIME_BACKGROUND_POLL_MAX_US", "2000")) * 1e-6
 
 
+class SleepCounts:
+    """How often this process's polled waits slept (each sleep is a wake-up: ~15 us of CPU
+    on a small machine), for the per-rank counters (engine/rank_stats.py). Counted
+    without a lock: a diagnostic figure, where a lost increment does not matter."""
+
+    __slots__ = ("foreground", "background")
+
+    def __init__(self) -> None:
+        self.foreground = 0  # Backoff: a thread waiting for what it needs now
+        self.background = 0  # PacedBackoff's slow phase: the relay thread while nobody waits
+
+
+sleep_counts = SleepCounts()
+
+
 class WaitAborted(RuntimeError):
     """The wait was given up because its stop condition became true."""
 
@@ -44,6 +59,7 @@ class Backoff:
         self._next = 0.0
 
     def sleep(self) -> None:
+        sleep_counts.foreground += 1
         if self._next == 0.0:
             time.sleep(0)  # first miss: just yield the GIL and the core
             self._next = _FIRST_SLEEP_S
@@ -98,6 +114,7 @@ class PacedBackoff(Backoff):
             super().sleep()
             return
         self._next = 0.0  # the next urgent phase starts polling at once
+        sleep_counts.background += 1
         self._hurry.sleep(self._slow_next)
         self._slow_next = min(self._slow_next * 2.0, BACKGROUND_MAX_SLEEP_S)
 
