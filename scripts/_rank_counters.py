@@ -26,6 +26,7 @@ _METRIC_COUNTERS = {
     "ppruntime_rank_empty_iterations": "empty_iterations",
     "ppruntime_rank_idle_waits": "idle_waits",
     "ppruntime_rank_poll_sleeps": "poll_sleeps",
+    "ppruntime_rank_background_sleeps": "background_sleeps",
     "ppruntime_rank_voluntary_context_switches": "voluntary_switches",
     "ppruntime_rank_involuntary_context_switches": "involuntary_switches",
 }
@@ -134,6 +135,7 @@ def summarize(counters: dict[int, dict], tokens: int) -> dict[str, dict]:
             "empty_iterations_per_1k_tokens": c.get("empty_iterations", 0.0) / tokens * 1e3,
             "idle_waits_per_1k_tokens": c.get("idle_waits", 0.0) / tokens * 1e3,
             "poll_sleeps_per_1k_tokens": c.get("poll_sleeps", 0.0) / tokens * 1e3,
+            "background_sleeps_per_1k_tokens": c.get("background_sleeps", 0.0) / tokens * 1e3,
             "involuntary_switches_per_iteration": (
                 c.get("involuntary_switches", 0.0) / iterations if iterations else None
             ),
@@ -176,6 +178,7 @@ def table(paths: dict[str, dict]) -> list[str]:
         ("empty_iterations_per_1k_tokens", "empty iterations / 1k tokens"),
         ("idle_waits_per_1k_tokens", "idle waits / 1k tokens"),
         ("poll_sleeps_per_1k_tokens", "poll sleeps / 1k tokens"),
+        ("background_sleeps_per_1k_tokens", "relay thread's slow sleeps / 1k tokens"),
         ("involuntary_switches_per_iteration", "involuntary context switches / iteration"),
         ("voluntary_switches_per_iteration", "voluntary context switches / iteration"),
         ("forward_cpu_us_per_microbatch", "forward CPU us / microbatch"),

@@ -225,6 +225,10 @@ class _RankCounterCollector:
             ),
             "idle_waits": ("ppruntime_rank_idle_waits", "steps with nothing to do (rank 0)"),
             "poll_sleeps": ("ppruntime_rank_poll_sleeps", "sleeps of polled waits"),
+            "background_sleeps": (
+                "ppruntime_rank_background_sleeps",
+                "slow sleeps of the relay thread's polls while nobody waits for it",
+            ),
             "voluntary_switches": (
                 "ppruntime_rank_voluntary_context_switches",
                 "the executor thread's voluntary context switches (Linux)",
