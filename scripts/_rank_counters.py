@@ -87,6 +87,8 @@ def server_snapshot(url: str, after: float, pp: int) -> dict[int, dict]:
     while True:
         with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
             ranks = parse_metrics(response.read().decode())
+        if not ranks:
+            return {}  # a server without per-rank counters (an older tree, --variant-tree)
         fresh = {rank: c for rank, c in ranks.items() if c["now"] >= after}
         if len(fresh) == pp or time.monotonic() > deadline:
             return fresh

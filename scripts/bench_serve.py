@@ -326,16 +326,35 @@ def _start_job(
     process of it), stdout and stderr read as one stream; `tree`: import ppruntime from
     that directory instead of this checkout; `env_vars`: NAME=VALUE for every rank."""
     env = common.worker_env(dict(item.split("=", 1) for item in env_vars))
+    cwd = None
     if tree is not None:
-        env["PYTHONPATH"] = os.path.abspath(tree) + os.pathsep + env["PYTHONPATH"]
+        # `python -m` puts the working directory first on sys.path: run from the tree
+        cwd = os.path.abspath(tree)
+        env["PYTHONPATH"] = cwd + os.pathsep + env["PYTHONPATH"]
+        _check_tree(cwd, env)
     return subprocess.Popen(
         common.mpi_command(pp, command),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        cwd=cwd,
         start_new_session=True,
     )
+
+
+def _check_tree(tree: str, env: dict) -> None:
+    """--variant-tree: that tree's ppruntime is the one its server will import."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import ppruntime; print(ppruntime.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tree,
+        check=True,
+    ).stdout.strip()
+    if not found.startswith(os.path.join(tree, "ppruntime")):
+        raise SystemExit(f"bench_serve: --variant-tree {tree} would import ppruntime from {found}")
 
 
 def _job_cpu_seconds(session: int, named: dict, parts: dict[int, str]) -> dict | None:

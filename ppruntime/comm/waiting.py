@@ -22,8 +22,12 @@ from mpi4py.util import pkl5
 _FIRST_SLEEP_S = 20e-6
 MAX_SLEEP_S = float(os.environ.get("PPRUNTIME_POLL_MAX_US", "500")) * 1e-6
 # A thread that mostly waits (the relay receiver) polls less often while nobody waits
-# for what it receives: each wake-up takes the GIL and a core from the executor thread.
-BACKGROUND_FIRST_SLEEP_S = 200e-6
+# for what it receives: each wake-up takes the GIL and a core from the executor thread
+# (50-80 us of the process's CPU a wake-up on two shared cores, bench_serve.py's per-rank
+# table). Its consumer wakes it when it starts to wait (Hurry), so the slow polls only
+# drive MPI progress meanwhile: the first after 1 ms (it was 200 us: 4-6 wake-ups an
+# engine step of 2-3 ms instead of ~3, ~5 us of rank 0's CPU a token more).
+BACKGROUND_FIRST_SLEEP_S = 1e-3
 BACKGROUND_MAX_SLEEP_S = float(os.environ.get("PPRUNTIME_BACKGROUND_POLL_MAX_US", "2000")) * 1e-6
 
 
@@ -99,7 +103,7 @@ class Hurry:
 
 
 class PacedBackoff(Backoff):
-    """A background poller's backoff: slow (200 us doubling to the background cap)
+    """A background poller's backoff: slow (1 ms doubling to the background cap)
     while its consumer is busy, a foreground `Backoff` while the consumer waits."""
 
     __slots__ = ("_hurry", "_slow_next")
