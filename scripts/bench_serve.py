@@ -27,7 +27,14 @@ same by process (`cpu_us_per_token`: "http", "rank N", "other" for mpirun, and "
 for the benchmark's client processes) and offline's (`offline_cpu_us_per_token`): CPU
 seconds from /proc and the clients' own process time, which a loaded machine slows but
 hardly moves, so two versions of the streaming path can be compared there; the load
-average, and where the wall time went.
+average, and where the wall time went. Per rank and path (`rank_counters`, `--no-rank-counters`
+to skip; scripts/_rank_counters.py): iterations, microbatches and their sequences, poll
+sleeps, context switches and CPU a token by span, from every rank's counters as reported to
+rank 0 (a snapshot after each phase, once every rank has reported after it: up to ~2 s,
+untimed). `--variant-flags`, `--variant-tree DIR`, `--variant-env NAME=VALUE`: a second
+server (other flags, another checkout's ppruntime, other environment) whose rounds take
+turns with the first's: an A/B in one run (`variant`: its figures, its ratio to the first
+server round by round).
 
 The streams are read by `_sse_client.py` (`--client lean`, default): an asyncio HTTP/1.1
 + server-sent-events reader that checks every stream ends with `[DONE]` after its finish
