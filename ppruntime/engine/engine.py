@@ -453,7 +453,8 @@ class PipelineEngine:
         busy = self.tracer.busy_s
         # the thread building the engine is the one that runs the executor (rank 0 steps
         # it from there, the others serve there)
-        self._executor_clock = time.pthread_getcpuclockid(threading.get_ident())
+        clock = getattr(time, "pthread_getcpuclockid", None)  # not on every platform
+        self._executor_clock = None if clock is None else clock(threading.get_ident())
         self._executor_status = f"/proc/self/task/{threading.get_native_id()}/status"
         self.rank_stats = RankStatsExchange(
             self.comms.watchdog, lambda: busy.get("forward", 0.0), self.rank_counters
@@ -509,7 +510,9 @@ class PipelineEngine:
             "idle_waits": stats.idle_waits,
             "poll_sleeps": sleep_counts.foreground,
             "background_sleeps": sleep_counts.background,
-            "thread_cpu_s": time.clock_gettime(self._executor_clock),
+            "thread_cpu_s": (
+                0.0 if self._executor_clock is None else time.clock_gettime(self._executor_clock)
+            ),
             "process_cpu_s": time.process_time(),
             **self._context_switches(),
         }
