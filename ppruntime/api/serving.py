@@ -119,26 +119,29 @@ class EngineDriver:
             return
         now = time.monotonic()
         running = self._running
+        last_token_time = self._last_token_time
         wire = []
+        generated = 0
         for delta in deltas:
             request_id = delta.request_id
             if request_id not in running:
                 continue
             wire.append(delta_to_wire(delta))
-            if delta.token_ids:
-                self._generated_tokens += len(delta.token_ids)
-                last = self._last_token_time.get(request_id)
+            tokens = len(delta.token_ids)
+            if tokens:
+                generated += tokens
+                last = last_token_time.get(request_id)
                 if last is None:
                     self._ttft.observe(now - self._submitted_at[request_id])
-                else:
-                    tokens = len(delta.token_ids)  # one inter-token gap a token
+                else:  # one inter-token gap a token
                     self._itl.observe((now - last) / tokens, tokens)
-                self._last_token_time[request_id] = now
+                last_token_time[request_id] = now
             if delta.finished:
                 self._finished += 1
                 running.discard(request_id)
                 self._last_token_time.pop(request_id, None)
                 self._submitted_at.pop(request_id, None)
+        self._generated_tokens += generated
         if wire:
             self.link.send([["deltas", wire]])
 
