@@ -27,7 +27,14 @@ same by process (`cpu_us_per_token`: "http", "rank N", "other" for mpirun, and "
 for the benchmark's client processes) and offline's (`offline_cpu_us_per_token`): CPU
 seconds from /proc and the clients' own process time, which a loaded machine slows but
 hardly moves, so two versions of the streaming path can be compared there; the load
-average, and where the wall time went.
+average, and where the wall time went. Per rank and path (`rank_counters`, `--no-rank-counters`
+to skip; scripts/_rank_counters.py): iterations, microbatches and their sequences, poll
+sleeps, context switches and CPU a token by span, from every rank's counters as reported to
+rank 0 (a snapshot after each phase, once every rank has reported after it: up to ~2 s,
+untimed). `--variant-flags`, `--variant-tree DIR`, `--variant-env NAME=VALUE`: a second
+server (other flags, another checkout's ppruntime, other environment) whose rounds take
+turns with the first's: an A/B in one run (`variant`: its figures, its ratio to the first
+server round by round).
 
 The streams are read by `_sse_client.py` (`--client lean`, default): an asyncio HTTP/1.1
 + server-sent-events reader that checks every stream ends with `[DONE]` after its finish
@@ -51,6 +58,7 @@ import math
 import os
 import queue
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -62,6 +70,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _bench_common as common
+import _rank_counters as rank_counters
 
 BLOCK_SIZE = 16
 WARMUP_TOKENS = 4
@@ -127,6 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=None, help="default 32 (--h200: 128)")
     parser.add_argument("--output-len", type=int, default=None, help="default 64 (--h200: 128)")
     parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument(
+        "--http-nice", type=int, default=None, help="the server's --http-nice (its default)"
+    )
     parser.add_argument("--max-num-tokens", type=int, default=None, help="the engine's default")
     parser.add_argument(
         "--warmup",
@@ -150,6 +162,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="lean: the asyncio HTTP/1.1 + SSE reader of _sse_client.py (the clients share "
         "the server's cores: the cheaper they are, the less they take from it); httpx: "
         "httpx with a json.loads a chunk, as a typical Python client",
+    )
+    parser.add_argument(
+        "--rank-counters",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each rank's counters over each path's phases, side by side (iterations, "
+        "microbatches, sequences a decode microbatch, CPU by span): a snapshot after each "
+        "phase, taken once every rank has reported after it (up to ~2 s a phase, untimed)",
+    )
+    parser.add_argument(
+        "--variant-flags",
+        default=None,
+        help="A/B: a second server with these extra `ppruntime serve` flags (one string, "
+        "e.g. '--http-nice 0'), its rounds taking turns with the others'",
+    )
+    parser.add_argument(
+        "--variant-tree",
+        default=None,
+        help="A/B: a second server run from this checkout's ppruntime (a directory holding "
+        "ppruntime/, e.g. a `git worktree` of the code before a change)",
+    )
+    parser.add_argument(
+        "--variant-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="A/B: a second server with this environment variable set (repeatable), e.g. "
+        "PPRUNTIME_POLL_MAX_US=200",
     )
     parser.add_argument("--start-timeout", type=float, default=180.0, help="seconds per job start")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
@@ -231,6 +271,9 @@ def worker(args: argparse.Namespace) -> None:
         llm.generate(prompts[: args.clients], warmup, use_tqdm=False)
         warmup_s = time.perf_counter() - began
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    snapshot = None
+    if args.rank_counters:
+        snapshot = rank_counters.offline_snapshot(llm, time.monotonic(), args.pp)
     print(READY_LINE, flush=True)
     with open(args.rounds_fifo) as rounds:
         for _ in rounds:
@@ -247,6 +290,10 @@ def worker(args: argparse.Namespace) -> None:
                     tokens += sum(len(o.token_ids) for o in outputs)
                 result[name + "output_tokens"] = tokens
                 result[name + "window_s"] = time.perf_counter() - start
+                if snapshot is not None:  # untimed: after the window
+                    now = rank_counters.offline_snapshot(llm, time.monotonic(), args.pp)
+                    result[name + "ranks"] = rank_counters.difference(snapshot, now)
+                    snapshot = now
             print(ROUND_PREFIX + json.dumps(result), flush=True)
     llm.shutdown()
     common.emit_worker_result({"startup_s": startup_s, "warmup_s": warmup_s})
@@ -279,17 +326,42 @@ def _running(job) -> object:
         _signal_job(job.proc.pid, signal.SIGSTOP)
 
 
-def _start_job(pp: int, command: list[str]) -> subprocess.Popen:
+def _start_job(
+    pp: int, command: list[str], tree: str | None = None, env_vars: list[str] = ()
+) -> subprocess.Popen:
     """`mpirun -n pp command` in a session of its own (freezing and stopping reach every
-    process of it), stdout and stderr read as one stream."""
+    process of it), stdout and stderr read as one stream; `tree`: import ppruntime from
+    that directory instead of this checkout; `env_vars`: NAME=VALUE for every rank."""
+    env = common.worker_env(dict(item.split("=", 1) for item in env_vars))
+    cwd = None
+    if tree is not None:
+        # `python -m` puts the working directory first on sys.path: run from the tree
+        cwd = os.path.abspath(tree)
+        env["PYTHONPATH"] = cwd + os.pathsep + env["PYTHONPATH"]
+        _check_tree(cwd, env)
     return subprocess.Popen(
         common.mpi_command(pp, command),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=common.worker_env(),
+        env=env,
+        cwd=cwd,
         start_new_session=True,
     )
+
+
+def _check_tree(tree: str, env: dict) -> None:
+    """--variant-tree: that tree's ppruntime is the one its server will import."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import ppruntime; print(ppruntime.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tree,
+        check=True,
+    ).stdout.strip()
+    if not found.startswith(os.path.join(tree, "ppruntime")):
+        raise SystemExit(f"bench_serve: --variant-tree {tree} would import ppruntime from {found}")
 
 
 def _job_cpu_seconds(session: int, named: dict, parts: dict[int, str]) -> dict | None:
@@ -419,11 +491,17 @@ class _OfflineJob:
 class _Server:
     """One `ppruntime serve` job; ready when it prints the address it listens on."""
 
-    def __init__(self, args) -> None:
+    def __init__(
+        self, args, extra_flags: list[str] = (), tree: str | None = None, env_vars: list[str] = ()
+    ) -> None:
         serve = [sys.executable, "-m", "ppruntime", "serve", *_model_flags(args)]
         serve += ["--port", "0", "--max-waiting", "100000", "--shutdown-grace", "5"]
         serve += _as_flags(engine_options(args))
-        self.proc = _start_job(args.pp, serve)
+        if args.http_nice is not None:
+            serve += ["--http-nice", str(args.http_nice)]
+        serve += list(extra_flags)
+        # mpirun's environment reaches its ranks on this host
+        self.proc = _start_job(args.pp, serve, tree, env_vars)
         self.url = None
         self.http_pid: int | None = None
         self._parts: dict[int, str] = {}  # pid -> its part in cpu_seconds()
@@ -738,7 +816,13 @@ def _worker_args(args) -> list[str]:
         worker_args += ["--device", args.device]
     if not args.warmup:
         worker_args.append("--no-warmup")
+    if not args.rank_counters:
+        worker_args.append("--no-rank-counters")
     return worker_args
+
+
+def _seconds_name(server: str) -> str:
+    return "server" if server == "serve" else server
 
 
 def _measure(args, seconds: dict) -> dict:
@@ -753,33 +837,52 @@ def _measure(args, seconds: dict) -> dict:
     offline = _OfflineJob(args, _worker_args(args), fifo)
     seconds["offline_start"] = time.perf_counter() - began
     _signal_job(offline.proc.pid, signal.SIGSTOP)
-    server = None
+    servers: dict[str, _Server] = {}
     try:
-        server = _Server(args)
+        server = servers["serve"] = _Server(args)
         seconds["server_start"] = server.start_s
+        if args.variant_flags is not None or args.variant_tree is not None or args.variant_env:
+            flags = shlex.split(args.variant_flags or "")
+            servers["variant"] = _Server(args, flags, args.variant_tree, args.variant_env)
+            seconds["variant_start"] = servers["variant"].start_s
         prompts = throughput_prompts(args)
-        if args.warmup:
-            began = time.perf_counter()
-            _phase(server, prompts[: args.clients], args.clients, WARMUP_TOKENS, args)
-            seconds["server_warmup"] = time.perf_counter() - began
-        _signal_job(server.proc.pid, signal.SIGSTOP)
-        offline_rounds, serve_rounds = [], []
+        snapshots: dict[str, dict | None] = {}
+        for name, job in servers.items():
+            if args.warmup:
+                began = time.perf_counter()
+                _phase(job, prompts[: args.clients], args.clients, WARMUP_TOKENS, args)
+                seconds[f"{_seconds_name(name)}_warmup"] = time.perf_counter() - began
+            snapshots[name] = None
+            if args.rank_counters:
+                snapshots[name] = rank_counters.server_snapshot(job.url, time.monotonic(), args.pp)
+            _signal_job(job.proc.pid, signal.SIGSTOP)
+        offline_rounds: list[dict] = []
+        rounds: dict[str, list[dict]] = {name: [] for name in servers}
+        serve_rounds = rounds["serve"]
         round_timeout = args.start_timeout + 2 * args.time_limit
         began = time.perf_counter()
+        participants = ["offline", *servers]
         for index in range(args.rounds):
-            turns = ["offline", "serve"] if index % 2 == 0 else ["serve", "offline"]
-            for turn in turns:
+            # each round a different one first (two: the order alternates)
+            shift = index % len(participants)
+            for turn in participants[shift:] + participants[:shift]:
                 if turn == "offline":
                     with _running(offline):
                         offline_rounds.append(offline.run_round(round_timeout))
-                else:
-                    with _running(server):
-                        part = _phase_part(server, prompts, args.clients, args.output_len, args)
-                        serve_rounds.append(part)
-            if serve_rounds[-1]["timed_out"]:
+                    continue
+                job = servers[turn]
+                with _running(job):
+                    part = _phase_part(job, prompts, args.clients, args.output_len, args)
+                    if snapshots[turn] is not None:  # untimed: after the window
+                        now = rank_counters.server_snapshot(job.url, time.monotonic(), args.pp)
+                        part["ranks"] = rank_counters.difference(snapshots[turn], now)
+                        snapshots[turn] = now
+                    rounds[turn].append(part)
+            if any(parts[-1]["timed_out"] for parts in rounds.values()):
                 break  # a server that cannot finish a round in the limit: report that
         seconds["rounds"] = time.perf_counter() - began
-        _signal_job(server.proc.pid, signal.SIGCONT)
+        for job in servers.values():
+            _signal_job(job.proc.pid, signal.SIGCONT)
         _signal_job(offline.proc.pid, signal.SIGCONT)
         offline_result = offline.finish(args.start_timeout)
         seconds["offline_startup"] = offline_result["startup_s"]
@@ -792,11 +895,11 @@ def _measure(args, seconds: dict) -> dict:
     finally:
         if offline.proc.poll() is None and "offline_startup" not in seconds:
             offline.kill()
-        if server is not None:
-            _signal_job(server.proc.pid, signal.SIGCONT)
+        for name, job in servers.items():
+            _signal_job(job.proc.pid, signal.SIGCONT)
             began = time.perf_counter()
-            server.stop()
-            seconds["server_stop"] = time.perf_counter() - began
+            job.stop()
+            seconds[f"{_seconds_name(name)}_stop"] = time.perf_counter() - began
         fifo_dir.cleanup()
     offline_tokens = sum(r["output_tokens"] for r in offline_rounds[: len(serve_rounds)])
     offline_window = sum(r["window_s"] for r in offline_rounds[: len(serve_rounds)])
@@ -863,9 +966,64 @@ def _measure(args, seconds: dict) -> dict:
         result["offline_cpu_us_per_token"] = {
             part: totals[part] / tokens * 1e6 for part in sorted(totals)
         }
+    if "variant" in rounds:
+        result["variant"] = _variant_figures(rounds["variant"], serve_rounds, offline_rounds, args)
+    if args.rank_counters and used:
+        result["rank_counters"] = _rank_figures(serve_rounds, used)
+        if "variant" in rounds:
+            variant = _rank_figures(rounds["variant"], [])["serve"]
+            result["rank_counters"] = {"serve": result["rank_counters"].pop("serve")} | {
+                "variant": variant,
+                **result["rank_counters"],
+            }
     if ttft is not None:
         result["ttft_phase"] = ttft
     return result
+
+
+def _variant_figures(variant: list[dict], serve: list[dict], offline: list[dict], args) -> dict:
+    """The second server's figures, against offline and against the first server, round by
+    round (each a pair run back to back)."""
+    summary = _summary(variant, args.clients, args)
+
+    def rate(part: dict) -> float:
+        return part["tokens"] / part["window_s"]
+
+    return {
+        "flags": args.variant_flags,
+        "tree": args.variant_tree,
+        "env": args.variant_env,
+        "serve_output_tokens_per_s": summary["output_tokens_per_s"],
+        "serve_over_offline": common.percentile(
+            [rate(v) / (o["output_tokens"] / o["window_s"]) for v, o in zip(variant, offline)], 50
+        ),
+        "variant_over_serve": common.percentile(
+            [rate(v) / rate(s) for v, s in zip(variant, serve)], 50
+        ),
+        "variant_over_serve_rounds": [rate(v) / rate(s) for v, s in zip(variant, serve)],
+        **{
+            key: summary[key]
+            for key in ("ttft_p50_s", "itl_p50_s", "tokens_per_chunk", "cpu_us_per_token")
+        },
+    }
+
+
+def _rank_figures(serve_rounds: list[dict], offline_rounds: list[dict]) -> dict:
+    """Each path's per-rank counters over all its rounds (rank_counters.summarize)."""
+    paths = {}
+    for path, rounds, prefix in (
+        ("serve", serve_rounds, None),
+        ("offline", offline_rounds, ""),
+        ("offline_matched", offline_rounds, "matched_"),
+    ):
+        total: dict = {}
+        tokens = 0
+        for r in rounds:
+            rank_counters.add(total, r["ranks"] if prefix is None else r[prefix + "ranks"])
+            tokens += r["tokens"] if prefix is None else r[prefix + "output_tokens"]
+        if tokens:
+            paths[path] = rank_counters.summarize(total, tokens)
+    return paths
 
 
 def _ms(seconds: float) -> str:
@@ -921,6 +1079,20 @@ def _table(args, result: dict) -> list[str]:
             "offline's CPU a token (us): "
             + ", ".join(f"{n} {v:.1f}" for n, v in result["offline_cpu_us_per_token"].items())
         )
+    variant = result.get("variant")
+    if variant is not None:
+        rounds = ", ".join(f"{ratio:.2f}" for ratio in variant["variant_over_serve_rounds"])
+        lines.append(
+            f"variant ({variant['flags'] or ''} {variant['tree'] or ''} "
+            f"{' '.join(variant['env'])}): "
+            f"{variant['serve_output_tokens_per_s']:.1f} tok/s, / offline "
+            f"{variant['serve_over_offline']:.3f}, / serve {variant['variant_over_serve']:.3f} "
+            f"(median of the rounds' {rounds}); {variant['tokens_per_chunk']:.2f} tokens a "
+            "chunk; CPU a token (us): "
+            + ", ".join(f"{n} {v:.1f}" for n, v in (variant["cpu_us_per_token"] or {}).items())
+        )
+    if result.get("rank_counters"):
+        lines += rank_counters.table(result["rank_counters"])
     if ttft is not None:
         lines.append(
             f"TTFT p50 at {ttft['clients']} streams = {_ms(ttft['ttft_p50_s'])} ms "

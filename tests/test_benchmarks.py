@@ -177,6 +177,7 @@ def test_bench_serve_reports_both_paths_and_the_ttft_phase():
     the same server."""
     args = ["--shape", "small", "--device", "cpu", "--clients", "4", "--requests", "6"]
     args += ["--ttft-clients", "2", "--ttft-requests", "3", "--input-len", "8", "--output-len", "6"]
+    args += ["--variant-flags", "--http-nice 5", "--variant-env", "PPRUNTIME_POLL_MAX_US=400"]
     result = _run([sys.executable, str(SCRIPTS / "bench_serve.py"), *args, "--rounds", "2"])
     # two rounds of the 6 requests through each path, the streams read by the lean client
     assert result["model"] == "small" and result["requests"] == 12 and not result["timed_out"]
@@ -197,6 +198,27 @@ def test_bench_serve_reports_both_paths_and_the_ttft_phase():
     assert result["cpu_us_per_token"]["client"] > 0, result["cpu_us_per_token"]
     # every token arrives in some chunk, a chunk carrying at least one
     assert 1 <= result["tokens_per_chunk"] <= 6, result
+    # each path's per-rank counters over its rounds: both ranks ran the same microbatches,
+    # of at most the path's concurrency (4 streams; offline: the 6 prompts at once, or 4)
+    paths = result["rank_counters"]
+    assert set(paths) == {"serve", "variant", "offline", "offline_matched"}, paths
+    for path, most in (("serve", 4), ("variant", 4), ("offline", 6), ("offline_matched", 4)):
+        ranks = paths[path]
+        assert set(ranks) == {"rank 0", "rank 1"}, (path, ranks)
+        assert ranks["rank 0"]["microbatches_per_1k_tokens"] > 0, (path, ranks)
+        for key in ("microbatches_per_1k_tokens", "seqs_per_microbatch"):
+            assert ranks["rank 0"][key] == ranks["rank 1"][key], (path, key, ranks)
+        assert 1 <= ranks["rank 0"]["seqs_per_microbatch"] <= most, (path, ranks)
+        assert ranks["rank 1"]["cpu_us_per_token"]["forward"] > 0, (path, ranks)
+        assert ranks["rank 1"]["cpu_us_per_token"]["sample"] > 0, (path, ranks)
+    assert paths["serve"]["rank 0"]["cpu_us_per_token"]["deltas-out"] > 0, paths
+    # the A/B server (its flags and environment), its rounds paired with the first's
+    variant = result["variant"]
+    assert variant["flags"] == "--http-nice 5", variant
+    assert variant["env"] == ["PPRUNTIME_POLL_MAX_US=400"], variant
+    assert len(variant["variant_over_serve_rounds"]) == 2, variant
+    _positive_numbers(variant, ["serve_output_tokens_per_s", "serve_over_offline"])
+    assert {"http", "rank 0", "rank 1", "client"} <= set(variant["cpu_us_per_token"]), variant
     ttft = result["ttft_phase"]
     assert (ttft["clients"], ttft["requests"], ttft["timed_out"]) == (2, 3, False), ttft
     _positive_numbers(ttft, ["ttft_p50_s", "output_tokens_per_s"])

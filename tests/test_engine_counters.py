@@ -89,3 +89,27 @@ def test_step_bytes_are_proportional_to_tokens(measured):
     assert written["positions"] == written["slot_mapping"] == 8 * report.tokens_computed
     assert written["token_ids"] == 8 * report.tokens_computed  # first stage
     assert written["rows"] == written["seq_lens"]
+
+
+def test_rank_counters_count_microbatches_sequences_and_cpu_by_span(measured):
+    """The counters a rank reports (rank_stats.COUNTERS; /metrics and bench_serve.py read
+    them): the warm-up's 2 and the batch's 6 requests are each prefilled in one
+    microbatch of their own call, then decoded one token a step, so every generated
+    token but a request's first is one sequence of a decode microbatch."""
+    _, outputs, report = measured
+    counters = report.counters
+    assert counters["batches"] == report.batches and counters["iterations"] == report.iterations
+    assert counters["tokens_computed"] == report.tokens_computed
+    requests = 2 + len(PROMPTS)
+    assert counters["seqs"] == requests * NEW_TOKENS  # a sequence a computed step
+    assert counters["decode_seqs"] == requests * (NEW_TOKENS - 1)
+    assert counters["decode_batches"] == 2 * (NEW_TOKENS - 1)  # the two calls' decode steps
+    assert counters["batches"] - counters["decode_batches"] == 2  # their prefills
+    # CPU by span (every span is CPU-timed now), inside the executor thread's, inside the
+    # process's
+    spans = {key: value for key, value in counters.items() if key.startswith("cpu:")}
+    assert {"cpu:forward", "cpu:sample", "cpu:schedule", "cpu:handle"} <= set(spans), spans
+    assert min(spans.values()) >= 0 and spans["cpu:forward"] > 0, spans
+    assert report.busy_cpu_s["schedule"] == spans["cpu:schedule"]
+    assert sum(spans.values()) <= counters["thread_cpu_s"] <= counters["process_cpu_s"]
+    assert all(f"wall:{key[4:]}" in counters for key in spans)

@@ -403,6 +403,57 @@ def test_every_rank_reports_its_busy_fraction(pipeline_server):
     assert not any('"rank": "2"' in name for name in metrics), sorted(metrics)
 
 
+def test_every_rank_reports_its_counters(pipeline_server):
+    """Each rank's counters (microbatches, sequences, tokens, CPU by span) reach /metrics.
+    Between two reports of rank 1 taken while nothing ran, both ranks ran the same
+    microbatches: equal counts, and the work of the requests in them."""
+
+    def settled() -> dict[str, float]:
+        """/metrics once nothing runs and rank 1 has reported since (about a second)."""
+        when = 'ppruntime_rank_report_time_seconds{"rank": "1"}'
+        deadline = time.monotonic() + 30
+        metrics = pipeline_server.metrics()
+        while metrics["ppruntime_requests_running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+            metrics = pipeline_server.metrics()
+        idle_since = time.monotonic()
+        while metrics.get(when, 0.0) <= idle_since and time.monotonic() < deadline:
+            time.sleep(0.25)
+            metrics = pipeline_server.metrics()
+        assert metrics.get(when, 0.0) > idle_since, sorted(metrics)
+        return metrics
+
+    before = settled()
+    client = pipeline_server.client()
+    for prompt in PROMPTS:
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+    metrics = settled()
+
+    def grew(name: str, rank: int, **labels: str) -> float:
+        key = name + json.dumps({"rank": str(rank), **labels}, sort_keys=True)
+        return metrics[key] - before.get(key, 0.0)
+
+    for name in (
+        "ppruntime_rank_microbatches_total",
+        "ppruntime_rank_microbatch_sequences_total",
+        "ppruntime_rank_decode_microbatches_total",
+        "ppruntime_rank_tokens_computed_total",
+    ):
+        assert grew(name, 0) == grew(name, 1) > 0, name
+    # every prompt token and every generated token but the last went through the stages
+    assert grew("ppruntime_rank_tokens_computed_total", 1) >= len(PROMPTS) * 8
+    assert grew("ppruntime_rank_decode_sequences_total", 1) >= len(PROMPTS) * 6
+    cpu = "ppruntime_rank_cpu_seconds_total"
+    for rank in (0, 1):
+        assert grew(cpu, rank, part="forward") > 0, rank
+        assert (
+            metrics[cpu + json.dumps({"part": "thread", "rank": str(rank)})]
+            <= (metrics[cpu + json.dumps({"part": "process", "rank": str(rank)})])
+        )
+    assert grew(cpu, 1, part="sample") > 0  # the last stage samples
+    assert grew(cpu, 0, part="deltas-out") > 0  # rank 0's serving loop times its own part
+
+
 def test_chat_with_the_checkpoint_template(chat_server):
     client = chat_server.client()
     model = client.models.list().data[0].id

@@ -206,6 +206,12 @@ def test_sampling_params_and_deltas_cross_the_link_unchanged():
     output.logprobs = [{4: -0.5, 9: -1.5}, {5: -0.25}]
     delta = delta_from_wire(json.loads(json.dumps(delta_to_wire(output))))
     assert delta == Delta("r-1", [4, 5], "ab", True, "stop", None, output.logprobs)
+    # a plain delta (running, no log-probs) crosses as [id, tokens, text] and reads back whole
+    plain = RequestOutput("r-2", [], [6], "c")
+    assert delta_to_wire(plain) == ["r-2", [6], "c"]
+    assert delta_from_wire(json.loads(json.dumps(delta_to_wire(plain)))) == Delta("r-2", [6], "c")
+    running_with_logprobs = RequestOutput("r-3", [], [6], "c", logprobs=[{6: -0.1}])
+    assert delta_from_wire(delta_to_wire(running_with_logprobs)).logprobs == [{6: -0.1}]
 
 
 class _Writer:

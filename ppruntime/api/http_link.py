@@ -196,12 +196,16 @@ def params_from_wire(fields: object) -> SamplingParams:
 
 def delta_to_wire(delta) -> list:
     """A `RequestOutput` delta as [id, token ids, text, finished, finish reason, error,
-    logprobs as [[token, log-prob], ...] per token or None]. Runs on the engine for every
-    request every step: the token list is the engine's own (Python ints) when it is one."""
+    logprobs as [[token, log-prob], ...] per token or None], or a plain one (not finished,
+    no log-probs: nearly every delta) as just [id, token ids, text]. Runs on the engine for
+    every request every step: the token list is the engine's own (Python ints) when it is
+    one."""
     tokens = delta.token_ids
     if type(tokens) is not list:
         tokens = [int(token) for token in tokens]
     logprobs = delta.logprobs
+    if not delta.finished and not logprobs and delta.error is None:
+        return [delta.request_id, tokens, delta.text]
     if logprobs:
         logprobs = [[[int(t), float(value)] for t, value in step.items()] for step in logprobs]
     return [
@@ -229,6 +233,8 @@ class Delta:
 
 
 def delta_from_wire(entry: list) -> Delta:
+    if len(entry) == 3:  # a plain delta
+        return Delta(entry[0], entry[1], entry[2])
     request_id, token_ids, text, finished, finish_reason, error, logprobs = entry
     if logprobs is not None:
         logprobs = [{token: value for token, value in step} for step in logprobs]

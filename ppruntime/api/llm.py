@@ -192,6 +192,11 @@ class LLM:
         return self.info.rank == 0
 
     @property
+    def tracer(self):
+        """Rank 0's span timer (engine/trace.py): the serving loop times its own parts."""
+        return self._engine.tracer
+
+    @property
     def tokenizer(self):
         return self._engine.tokenizer
 
@@ -266,11 +271,12 @@ class LLM:
         """One engine iteration; its outputs go to the inboxes that claim them."""
         executor = self._executor
         executor.step()
-        claims, unclaimed = self._claims, self._step_inbox
-        for delta in executor.take_events():
-            claims.get(delta.request_id, unclaimed).events.append(delta)
-        for output in executor.take_finished():  # after the deltas: the claim ends here
-            claims.pop(output.request_id, unclaimed).finished.append(output)
+        with self._engine.tracer.span("outputs"):
+            claims, unclaimed = self._claims, self._step_inbox
+            for delta in executor.take_events():
+                claims.get(delta.request_id, unclaimed).events.append(delta)
+            for output in executor.take_finished():  # after the deltas: the claim ends here
+                claims.pop(output.request_id, unclaimed).finished.append(output)
 
     def _claim(self, request_ids: list[str]) -> _Inbox:
         inbox = _Inbox()

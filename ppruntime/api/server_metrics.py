@@ -124,6 +124,8 @@ class ServerMetrics:
         )
         self._latencies = _LatencyCollector()
         registry.register(self._latencies)
+        self._rank_counters = _RankCounterCollector()
+        registry.register(self._rank_counters)
         self._last = (time.monotonic(), 0, 0.0)  # (when, tokens, busy seconds)
         self._finished_seen = 0
         self._reports_seen: dict[int, BusyReport] = {}  # ranks > 0: report of the last scrape
@@ -147,6 +149,7 @@ class ServerMetrics:
         self.finished.inc(stats.requests_finished - self._finished_seen)
         self._finished_seen = stats.requests_finished
         self._latencies.stats = stats
+        self._rank_counters.reports = stats.rank_busy
         self._last = (now, stats.generated_tokens, stats.busy_s)
         return generate_latest(self.registry)
 
@@ -186,3 +189,83 @@ class _LatencyCollector:
             yield HistogramMetricFamily(
                 name, documentation, buckets=latency.cumulative(), sum_value=latency.sum_s
             )
+
+
+class _RankCounterCollector:
+    """Every rank's counters (engine/rank_stats.py COUNTERS) as last reported to rank 0:
+    cumulative since that rank started, so rendered as they are. Ranks > 0 report about
+    once a second; `ppruntime_rank_report_time_seconds` says when (the rank's monotonic
+    clock: on one host, the same clock as any other process's `time.monotonic()`)."""
+
+    def __init__(self) -> None:
+        self.reports: dict[int, BusyReport] = {}
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        plain = {
+            "iterations": ("ppruntime_rank_iterations", "executor iterations"),
+            "batches": ("ppruntime_rank_microbatches", "microbatches computed"),
+            "seqs": (
+                "ppruntime_rank_microbatch_sequences",
+                "sequences in the microbatches (over those: how full they were)",
+            ),
+            "decode_batches": (
+                "ppruntime_rank_decode_microbatches",
+                "microbatches of one new token a sequence",
+            ),
+            "decode_seqs": (
+                "ppruntime_rank_decode_sequences",
+                "sequences in decode microbatches (over those: how full they were)",
+            ),
+            "tokens_computed": ("ppruntime_rank_tokens_computed", "tokens through the stage"),
+            "empty_iterations": (
+                "ppruntime_rank_empty_iterations",
+                "iterations that computed no microbatch",
+            ),
+            "idle_waits": ("ppruntime_rank_idle_waits", "steps with nothing to do (rank 0)"),
+            "poll_sleeps": ("ppruntime_rank_poll_sleeps", "sleeps of polled waits"),
+            "background_sleeps": (
+                "ppruntime_rank_background_sleeps",
+                "slow sleeps of the relay thread's polls while nobody waits for it",
+            ),
+            "voluntary_switches": (
+                "ppruntime_rank_voluntary_context_switches",
+                "the executor thread's voluntary context switches (Linux)",
+            ),
+            "involuntary_switches": (
+                "ppruntime_rank_involuntary_context_switches",
+                "the executor thread's involuntary context switches: another process took "
+                "its core (Linux)",
+            ),
+        }
+        reports = sorted((rank, report) for rank, report in self.reports.items() if report.counters)
+        families = {
+            key: CounterMetricFamily(name, text, labels=["rank"])
+            for key, (name, text) in plain.items()
+        }
+        cpu = CounterMetricFamily(
+            "ppruntime_rank_cpu_seconds",
+            'CPU seconds of a rank: part="process" (every thread), "thread" (the executor\'s),'
+            " or an executor span",
+            labels=["rank", "part"],
+        )
+        when = GaugeMetricFamily(
+            "ppruntime_rank_report_time_seconds",
+            "when the rank took these counters (its time.monotonic())",
+            labels=["rank"],
+        )
+        for rank, report in reports:
+            label = str(rank)
+            counters = report.counters
+            for key, family in families.items():
+                family.add_metric([label], counters.get(key, 0.0))
+            cpu.add_metric([label, "process"], counters.get("process_cpu_s", 0.0))
+            cpu.add_metric([label, "thread"], counters.get("thread_cpu_s", 0.0))
+            for key, seconds in counters.items():
+                if key.startswith("cpu:"):
+                    cpu.add_metric([label, key[4:]], seconds)
+            when.add_metric([label], report.now)
+        yield from families.values()
+        yield cpu
+        yield when

@@ -47,16 +47,23 @@ class EngineDriver:
         serving ended early (the HTTP process went away: what ran is aborted first).
         """
         llm, link = self.llm, self.link
+        span = llm.tracer.span
         deadline = None
         failure = None
         while True:
             idle = not llm.has_unfinished() and deadline is None and failure is None
-            messages = link.receive(IDLE_WAIT_S if idle else 0.0)
+            if idle:
+                messages = link.receive(IDLE_WAIT_S)
+            else:
+                with span("link-in"):
+                    messages = link.receive(0.0)
             if messages is None and failure is None:
                 failure = "the HTTP process exited"
                 self._abort_all()
-            for message in messages or ():
-                self._apply(message)
+            if messages:
+                with span("link-in"):
+                    for message in messages:
+                        self._apply(message)
             if self.stop_requested and deadline is None:
                 deadline = time.monotonic() + grace_s
                 link.send([["stopping"]])
@@ -67,7 +74,8 @@ class EngineDriver:
                 deadline = float("inf")  # aborted once; drain what is left
             if llm.has_unfinished():
                 _, deltas = llm.step()
-                self._send(deltas)
+                with span("deltas-out"):
+                    self._send(deltas)
             elif deadline is not None or failure is not None:
                 return failure
 
@@ -111,26 +119,29 @@ class EngineDriver:
             return
         now = time.monotonic()
         running = self._running
+        last_token_time = self._last_token_time
         wire = []
+        generated = 0
         for delta in deltas:
             request_id = delta.request_id
             if request_id not in running:
                 continue
             wire.append(delta_to_wire(delta))
-            if delta.token_ids:
-                self._generated_tokens += len(delta.token_ids)
-                last = self._last_token_time.get(request_id)
+            tokens = len(delta.token_ids)
+            if tokens:
+                generated += tokens
+                last = last_token_time.get(request_id)
                 if last is None:
                     self._ttft.observe(now - self._submitted_at[request_id])
-                else:
-                    tokens = len(delta.token_ids)  # one inter-token gap a token
+                else:  # one inter-token gap a token
                     self._itl.observe((now - last) / tokens, tokens)
-                self._last_token_time[request_id] = now
+                last_token_time[request_id] = now
             if delta.finished:
                 self._finished += 1
                 running.discard(request_id)
                 self._last_token_time.pop(request_id, None)
                 self._submitted_at.pop(request_id, None)
+        self._generated_tokens += generated
         if wire:
             self.link.send([["deltas", wire]])
 
@@ -144,7 +155,7 @@ class EngineDriver:
             "kv_blocks_total": state["kv_blocks_total"],
             "busy_s": state["busy_s"],
             "rank_busy": {
-                str(rank): [report.started, report.now, report.busy_s]
+                str(rank): [report.started, report.now, report.busy_s, report.counters]
                 for rank, report in state["rank_busy"].items()
             },
             "generated_tokens": self._generated_tokens,

@@ -22,9 +22,28 @@ from mpi4py.util import pkl5
 _FIRST_SLEEP_S = 20e-6
 MAX_SLEEP_S = float(os.environ.get("PPRUNTIME_POLL_MAX_US", "500")) * 1e-6
 # A thread that mostly waits (the relay receiver) polls less often while nobody waits
-# for what it receives: each wake-up takes the GIL and a core from the executor thread.
-BACKGROUND_FIRST_SLEEP_S = 200e-6
+# for what it receives: each wake-up takes the GIL and a core from the executor thread
+# (50-80 us of the process's CPU a wake-up on two shared cores, bench_serve.py's per-rank
+# table). Its consumer wakes it when it starts to wait (Hurry), so the slow polls only
+# drive MPI progress meanwhile: the first after 1 ms (it was 200 us: 4-6 wake-ups an
+# engine step of 2-3 ms instead of ~3, ~5 us of rank 0's CPU a token more).
+BACKGROUND_FIRST_SLEEP_S = 1e-3
 BACKGROUND_MAX_SLEEP_S = float(os.environ.get("PPRUNTIME_BACKGROUND_POLL_MAX_US", "2000")) * 1e-6
+
+
+class SleepCounts:
+    """How often this process's polled waits slept (each sleep is a wake-up: ~15 us of CPU
+    on a small machine), for the per-rank counters (engine/rank_stats.py). Counted
+    without a lock: a diagnostic figure, where a lost increment does not matter."""
+
+    __slots__ = ("foreground", "background")
+
+    def __init__(self) -> None:
+        self.foreground = 0  # Backoff: a thread waiting for what it needs now
+        self.background = 0  # PacedBackoff's slow phase: the relay thread while nobody waits
+
+
+sleep_counts = SleepCounts()
 
 
 class WaitAborted(RuntimeError):
@@ -44,6 +63,7 @@ class Backoff:
         self._next = 0.0
 
     def sleep(self) -> None:
+        sleep_counts.foreground += 1
         if self._next == 0.0:
             time.sleep(0)  # first miss: just yield the GIL and the core
             self._next = _FIRST_SLEEP_S
@@ -83,7 +103,7 @@ class Hurry:
 
 
 class PacedBackoff(Backoff):
-    """A background poller's backoff: slow (200 us doubling to the background cap)
+    """A background poller's backoff: slow (1 ms doubling to the background cap)
     while its consumer is busy, a foreground `Backoff` while the consumer waits."""
 
     __slots__ = ("_hurry", "_slow_next")
@@ -98,6 +118,7 @@ class PacedBackoff(Backoff):
             super().sleep()
             return
         self._next = 0.0  # the next urgent phase starts polling at once
+        sleep_counts.background += 1
         self._hurry.sleep(self._slow_next)
         self._slow_next = min(self._slow_next * 2.0, BACKGROUND_MAX_SLEEP_S)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -36,7 +37,7 @@ from ppruntime.comm.mpi_env import (
     require_thread_multiple,
 )
 from ppruntime.comm.tags import Tag
-from ppruntime.comm.waiting import WaitTracker
+from ppruntime.comm.waiting import WaitTracker, sleep_counts
 from ppruntime.config import AUTO_PARTITION, ConfigError, EngineConfig, env_flag
 from ppruntime.device import available_memory_bytes, configure_determinism, select_device
 from ppruntime.engine.block_manager import BlockManager
@@ -101,6 +102,7 @@ class RankReport:
     events: list
     rows_continued: int = 0  # rows scheduled before their previous step landed (async)
     busy_cpu_s: dict = field(default_factory=dict)  # the rank's CPU time in each span
+    counters: dict = field(default_factory=dict)  # rank_stats.COUNTERS at shutdown
 
 
 class PipelineEngine:
@@ -449,7 +451,14 @@ class PipelineEngine:
             async_scheduling=config.async_scheduling_on(device.type),
         )
         busy = self.tracer.busy_s
-        self.rank_stats = RankStatsExchange(self.comms.watchdog, lambda: busy.get("forward", 0.0))
+        # the thread building the engine is the one that runs the executor (rank 0 steps
+        # it from there, the others serve there)
+        clock = getattr(time, "pthread_getcpuclockid", None)  # not on every platform
+        self._executor_clock = None if clock is None else clock(threading.get_ident())
+        self._executor_status = f"/proc/self/task/{threading.get_native_id()}/status"
+        self.rank_stats = RankStatsExchange(
+            self.comms.watchdog, lambda: busy.get("forward", 0.0), self.rank_counters
+        )
         self.watchdog = Watchdog(
             self.comms.watchdog,
             info,
@@ -486,6 +495,49 @@ class PipelineEngine:
                 f"{problem}, which could not be allocated ({error}): {remedy}"
             ) from None
 
+    def rank_counters(self) -> dict[str, float]:
+        """This rank's cumulative counters (rank_stats.COUNTERS), read from any thread."""
+        stats = self.executor.stats
+        tracer = self.tracer
+        counters = {
+            "iterations": stats.iterations,
+            "batches": stats.batches,
+            "tokens_computed": stats.tokens_computed,
+            "seqs": stats.seqs,
+            "decode_batches": stats.decode_batches,
+            "decode_seqs": stats.decode_seqs,
+            "empty_iterations": stats.empty_iterations,
+            "idle_waits": stats.idle_waits,
+            "poll_sleeps": sleep_counts.foreground,
+            "background_sleeps": sleep_counts.background,
+            "thread_cpu_s": (
+                0.0 if self._executor_clock is None else time.clock_gettime(self._executor_clock)
+            ),
+            "process_cpu_s": time.process_time(),
+            **self._context_switches(),
+        }
+        for name, seconds in dict(tracer.busy_cpu_s).items():  # a copy: others may insert
+            counters[f"cpu:{name}"] = seconds
+        for name, seconds in dict(tracer.busy_s).items():
+            counters[f"wall:{name}"] = seconds
+        return counters
+
+    def _context_switches(self) -> dict[str, float]:
+        """The executor thread's context switches so far (Linux; none elsewhere): the
+        involuntary ones are the times another process took its core."""
+        try:
+            with open(self._executor_status) as status:
+                lines = status.read().splitlines()
+        except OSError:
+            return {}
+        counts = {}
+        for line in lines:
+            if line.startswith("voluntary_ctxt_switches:"):
+                counts["voluntary_switches"] = float(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                counts["involuntary_switches"] = float(line.split()[1])
+        return counts
+
     def _has_work(self) -> bool:
         executor = self.executor
         return not executor.stopped and executor.table.num_in_flight_batches > 0
@@ -515,6 +567,7 @@ class PipelineEngine:
             events=self.tracer.events + self.device_spans.events(),
             rows_continued=executor.stats.rows_continued,
             busy_cpu_s=dict(self.tracer.busy_cpu_s),
+            counters=self.rank_counters(),
         )
         timeout_s = self.config.parallel.watchdog_timeout_s
         try:

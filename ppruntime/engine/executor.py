@@ -74,6 +74,11 @@ class ExecutorStats:
         self.batches = 0
         self.tokens_computed = 0
         self.rows_continued = 0  # async scheduling: rows whose input token was on the device
+        self.seqs = 0  # the sequences in the microbatches (over batches: how full)
+        self.decode_batches = 0  # microbatches of one new token a sequence
+        self.decode_seqs = 0  # the sequences in those (over decode_batches: how full)
+        self.empty_iterations = 0  # iterations that ran no microbatch on this rank
+        self.idle_waits = 0  # rank 0: steps with nothing to do, that waited for a result
 
 
 class PipelineExecutor:
@@ -256,6 +261,7 @@ class PipelineExecutor:
     def _idle_until_ready(self) -> None:
         """Nothing to schedule or handle: wait for a result instead of spinning."""
         self._post_all_sends()
+        self.stats.idle_waits += 1
         with self.tracer.span("idle"):
             if self.table.num_in_flight_batches and not self.deterministic:
                 if self.tracker.waiting_for is None:
@@ -322,6 +328,8 @@ class PipelineExecutor:
                     hidden_in = self.channel.wait_receive(self.tracker)
             self._compute(slot, batch, hidden_in)
             self.channel.progress()
+        else:
+            self.stats.empty_iterations += 1
         self.iteration = header.iteration + 1
         self.stats.iterations += 1
         self.tracker.progress()
@@ -383,6 +391,8 @@ class PipelineExecutor:
         if batch is not None:
             self._on_admitted(batch)
             self._compute(slot, batch, None)
+        else:
+            self.stats.empty_iterations += 1
         if self.overlap is not None:
             self._complete_overlapped(launched_now=batch is not None)
         self.iteration += 1
@@ -395,12 +405,17 @@ class PipelineExecutor:
         with self.tracer.span("forward", batch.batch_id):
             carried = None if overlap is None else overlap.carried_tokens(batch)
             hidden, inputs = self.runner.forward(batch, hidden_in, carried)
-        self.stats.batches += 1
-        self.stats.tokens_computed += inputs.num_tokens
-        self.stats.rows_continued += batch.continuing.shape[0]
+        stats = self.stats
+        stats.batches += 1
+        stats.seqs += batch.num_seqs
+        stats.tokens_computed += inputs.num_tokens
+        stats.rows_continued += batch.continuing.shape[0]
         if self.deterministic:
             slot.pending_batch = batch.batch_id
         kind = DECODE_SPAN if batch.num_tokens == batch.num_seqs else PREFILL_SPAN
+        if kind == DECODE_SPAN:
+            stats.decode_batches += 1
+            stats.decode_seqs += batch.num_seqs
         if overlap is not None:
             with self.tracer.span("launch", batch.batch_id):
                 overlap.launch(batch, hidden, inputs)

@@ -1,11 +1,13 @@
-"""Every rank's busy time, brought to rank 0 off the hot path (for `GET /metrics`).
+"""Every rank's busy time and counters, brought to rank 0 off the hot path (for `GET
+/metrics`, `LLM.rank_counters()` and bench_serve.py's per-rank table).
 
 Ranks > 0 send rank 0 a few float64 words, (final flag, start time, now, seconds in the
-stage's forward so far), once per tick of their watchdog thread (about a second), on the
-watchdog communicator with its own tag; rank 0's watchdog thread takes what has arrived
-on each of its ticks and keeps each rank's latest. No executor thread sends, receives or
-waits for these messages. The times are the sending rank's own clock: a busy fraction is
-a difference of two reports of one rank, so clocks of different hosts never mix.
+stage's forward so far, then the COUNTERS in their order), once per tick of their
+watchdog thread (about a second), on the watchdog communicator with its own tag; rank
+0's watchdog thread takes what has arrived on each of its ticks and keeps each rank's
+latest. No executor thread sends, receives or waits for these messages. The times are
+the sending rank's own clock: a busy fraction is a difference of two reports of one
+rank, so clocks of different hosts never mix.
 
 At shutdown (after the watchdog threads have stopped, so the main thread owns the
 communicator) each rank > 0 sends one final report and rank 0 receives until it has
@@ -17,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from mpi4py import MPI
@@ -28,28 +30,77 @@ from ppruntime.logs import get_logger
 
 log = get_logger("rank-stats")
 
-_WORDS = 4  # final flag, started, now, busy seconds
-_FINAL, _STARTED, _NOW, _BUSY = range(_WORDS)
+# The executor spans whose CPU and wall seconds travel (engine/executor.py names them)
+SPANS = (
+    "forward",
+    "sample",
+    "schedule",
+    "handle",
+    "relay",
+    "relay-wait",
+    "receive-wait",
+    "send",
+    "send-wait",
+    "idle",
+    "launch",
+    "complete",
+    "outputs",  # LLM: a step's outputs to the calls that wait for them
+    "link-in",  # ppruntime serve: the HTTP process's messages read and applied
+    "deltas-out",  # ppruntime serve: a step's deltas to the HTTP process
+)
+# A rank's cumulative counters, in the order they travel: the executor's (ExecutorStats),
+# its polled waits' sleeps (comm/waiting.py), the CPU seconds of the thread that runs the
+# executor and of the whole process, that thread's context switches (Linux), then each
+# span's CPU ("cpu:NAME") and wall ("wall:NAME") seconds.
+COUNTERS = (
+    "iterations",
+    "batches",
+    "tokens_computed",
+    "seqs",
+    "decode_batches",
+    "decode_seqs",
+    "empty_iterations",
+    "idle_waits",
+    "poll_sleeps",
+    "background_sleeps",
+    "thread_cpu_s",
+    "process_cpu_s",
+    "voluntary_switches",
+    "involuntary_switches",
+    *(f"cpu:{span}" for span in SPANS),
+    *(f"wall:{span}" for span in SPANS),
+)
+_HEAD = 4  # final flag, started, now, busy seconds
+_FINAL, _STARTED, _NOW, _BUSY = range(_HEAD)
+_WORDS = _HEAD + len(COUNTERS)
 
 
 @dataclass(frozen=True)
 class BusyReport:
-    """One rank's cumulative busy time at `now` (both on that rank's monotonic clock)."""
+    """One rank's cumulative busy time at `now` (both on that rank's monotonic clock), and
+    its COUNTERS as of then (empty where a sender gave none)."""
 
     started: float
     now: float
     busy_s: float
+    counters: dict = field(default_factory=dict)
 
 
 class RankStatsExchange:
     """One rank's side of the exchange. `tick()` runs on the watchdog thread only;
     `finish()` on the main thread after that thread has stopped; `latest()` anywhere."""
 
-    def __init__(self, comm: MPI.Comm, busy_seconds: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        busy_seconds: Callable[[], float],
+        counters: Callable[[], dict[str, float]] | None = None,
+    ) -> None:
         self.comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self._busy_seconds = busy_seconds  # read on the watchdog thread
+        self._counters = counters  # also (the names of COUNTERS; others are not sent)
         self._started = time.monotonic()
         self._latest: dict[int, BusyReport] = {}
         self._lock = threading.Lock()
@@ -58,7 +109,8 @@ class RankStatsExchange:
         self._finished_ranks: set[int] = set()
 
     def own_report(self) -> BusyReport:
-        return BusyReport(self._started, time.monotonic(), self._busy_seconds())
+        counters = {} if self._counters is None else self._counters()
+        return BusyReport(self._started, time.monotonic(), self._busy_seconds(), counters)
 
     def latest(self) -> dict[int, BusyReport]:
         """Rank 0: every rank's newest report, this rank's own taken now."""
@@ -103,7 +155,9 @@ class RankStatsExchange:
     def _send(self, final: bool) -> None:
         self._reap_sends()
         report = self.own_report()
-        message = np.array([float(final), report.started, report.now, report.busy_s])
+        message = np.zeros(_WORDS, dtype=np.float64)
+        message[:_HEAD] = (float(final), report.started, report.now, report.busy_s)
+        message[_HEAD:] = [float(report.counters.get(name, 0.0)) for name in COUNTERS]
         request = self.comm.Isend([message, MPI.DOUBLE], 0, Tag.RANK_STATS)
         self._sends.append((request, message))
 
@@ -123,7 +177,9 @@ class RankStatsExchange:
             words = self._inbox.tolist()
             source = status.Get_source()
             with self._lock:
-                self._latest[source] = BusyReport(words[_STARTED], words[_NOW], words[_BUSY])
+                counters = dict(zip(COUNTERS, words[_HEAD:]))
+                report = BusyReport(words[_STARTED], words[_NOW], words[_BUSY], counters)
+                self._latest[source] = report
             if words[_FINAL]:
                 self._finished_ranks.add(source)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import time
 
-# Spans whose CPU time is also kept (a thread-clock read costs about a microsecond: the
-# compute spans only, not the host bookkeeping ones)
-CPU_TIMED_SPANS = frozenset({"forward", "sample"})
+# Every span's CPU time is kept beside its wall time (a thread-clock read costs ~0.3 us,
+# a handful of spans an iteration): where a rank's CPU goes, by span, is what tells a
+# serving rank from an offline one (bench_serve.py's per-rank table)
 
 
 class Tracer:
@@ -20,8 +20,8 @@ class Tracer:
         self.enabled = enabled
         self.events: list[tuple[str, float, float, int]] = []  # name, start, end, microbatch
         self.busy_s: dict[str, float] = {}
-        # this thread's CPU time inside the compute spans: unlike wall time it does not grow
-        # while other processes share the cores (what the layer-partition probe times)
+        # this thread's CPU time inside each span: unlike wall time it does not grow while
+        # other processes share the cores (the layer-partition probe times "forward")
         self.busy_cpu_s: dict[str, float] = {}
         self.origin = time.time()
 
@@ -40,17 +40,16 @@ class _Span:
 
     def __enter__(self) -> None:
         self.start = time.time()
-        self.cpu_start = time.thread_time() if self.name in CPU_TIMED_SPANS else 0.0
+        self.cpu_start = time.thread_time()
 
     def __exit__(self, *exc_info: object) -> None:
         end = time.time()
         tracer = self.tracer
         busy = tracer.busy_s
         busy[self.name] = busy.get(self.name, 0.0) + (end - self.start)
-        if self.name in CPU_TIMED_SPANS:
-            busy_cpu = tracer.busy_cpu_s
-            cpu = time.thread_time() - self.cpu_start
-            busy_cpu[self.name] = busy_cpu.get(self.name, 0.0) + cpu
+        busy_cpu = tracer.busy_cpu_s
+        cpu = time.thread_time() - self.cpu_start
+        busy_cpu[self.name] = busy_cpu.get(self.name, 0.0) + cpu
         if tracer.enabled:
             tracer.events.append((self.name, self.start, end, self.microbatch))
 
