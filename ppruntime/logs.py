@@ -52,6 +52,38 @@ def setup_logging(info: RankInfo, level: str | None = None, log_dir: str | None 
     root.propagate = False
 
 
+HTTP_PROCESS_LOG = "http.log"  # `ppruntime serve`'s HTTP process, beside rank 0's file
+
+
+def setup_http_process_logging(prefix: str, level: str | None, log_dir: str | None) -> None:
+    """The HTTP process of `ppruntime serve`: its own lines (ppruntime.*) and uvicorn's at
+    `level` (--log-level as rank 0 resolved it; None: WARNING, as uvicorn's INFO lines are
+    one a connection), to stderr and, with `log_dir` (checked by rank 0), to
+    DIR/http.log, at `level` or INFO there, as the ranks' files are. Raises OSError when
+    the file cannot be opened."""
+    formatter = logging.Formatter(
+        f"{prefix} %(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+    )
+    console_level = _parse_level(level) if level else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers[0].setLevel(console_level)
+    if log_dir:
+        file_handler = logging.FileHandler(
+            os.path.join(log_dir, HTTP_PROCESS_LOG), encoding="utf-8"
+        )
+        file_handler.setLevel(_parse_level(level) if level else logging.INFO)
+        handlers.append(file_handler)
+    for name in (LOGGER_NAME, "uvicorn"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        for handler in handlers:
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+        logger.setLevel(min(handler.level for handler in handlers))
+        logger.propagate = False
+
+
 def check_log_level(level: str | None) -> str | None:
     """The level in use (--log-level, else PPRUNTIME_LOG_LEVEL), or ConfigError naming
     the one that is not a logging level."""

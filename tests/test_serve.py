@@ -132,7 +132,8 @@ def chat_server(tmp_path_factory):
     config_path.write_text(json.dumps(settings))
     args = ["--model", str(directory), "--max-batch-size", "1", "--num-microbatches", "1"]
     args += ["--max-waiting", "1", "--max-body-bytes", "2048", "--max-model-len", "64"]
-    server = Server(args)
+    server = Server([*args, "--log-dir", str(directory / "logs")])
+    server.log_dir = directory / "logs"
     yield server
     if server.proc.poll() is None:
         server.stop()
@@ -452,6 +453,17 @@ def test_every_rank_reports_its_counters(pipeline_server):
         )
     assert grew(cpu, 1, part="sample") > 0  # the last stage samples
     assert grew(cpu, 0, part="deltas-out") > 0  # rank 0's serving loop times its own part
+
+
+def test_the_http_process_logs_where_the_ranks_do(chat_server):
+    """--log-dir: the HTTP process writes DIR/http.log beside rank 0's file, at INFO there
+    as the ranks do (uvicorn's start-up line), each line naming the process."""
+    log = chat_server.log_dir / "http.log"
+    assert log.exists(), sorted(p.name for p in chat_server.log_dir.iterdir())
+    text = log.read_text()
+    assert "INFO uvicorn.error: Uvicorn running on http://127.0.0.1:" in text, text
+    assert all(line.startswith("[http of rank 0/1 ") for line in text.splitlines()), text
+    assert (chat_server.log_dir / "rank-0.log").exists()
 
 
 def test_chat_with_the_checkpoint_template(chat_server):

@@ -12,6 +12,7 @@ status 1 and a message saying so; the engine process exiting ends the HTTP proce
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from ppruntime.api.cli_generate import (
     agree_on_error,
     start_engine,
 )
+from ppruntime.logs import check_log_level
 
 STARTUP_WAIT_S = 120.0  # the HTTP process imports torch, fastapi and the tokenizer
 HTTP_EXIT_WAIT_S = 15.0
@@ -179,6 +181,10 @@ def _start_http_process(args: argparse.Namespace, llm, name: str):
         "max_body_bytes": args.max_body_bytes,
         "host": args.host,
         "port": args.port,
+        # rank 0's logging settings, as bootstrap checked them (flags, else the variables)
+        "log_prefix": f"[http of rank 0/{llm.info.size} {llm.info.host}]",
+        "log_level": check_log_level(args.log_level),
+        "log_dir": args.log_dir or os.environ.get("PPRUNTIME_LOG_DIR") or None,
     }
     link = EngineLink(ours)
     link.send([["hello", settings]])

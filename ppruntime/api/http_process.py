@@ -79,6 +79,7 @@ async def _serve(sock: socket.socket, http_name: str) -> int:
     from ppruntime.api.http_link import HEADER, decode_body, encode_frame
     from ppruntime.api.server import EngineClient, ModelFacts, build_app
     from ppruntime.api.server_metrics import ServerMetrics
+    from ppruntime.logs import setup_http_process_logging
     from ppruntime.model.presets import is_preset
     from ppruntime.model.tokenizer import load_tokenizer
 
@@ -101,6 +102,9 @@ async def _serve(sock: socket.socket, http_name: str) -> int:
     settings = hello[1]
     model = settings["model"]
     try:
+        setup_http_process_logging(
+            settings["log_prefix"], settings["log_level"], settings["log_dir"]
+        )
         tokenizer = load_tokenizer(model)
         template = None if is_preset(model) else load_chat_template(model)
     except Exception as error:  # reported by the engine process, which exits 2
@@ -128,7 +132,8 @@ async def _serve(sock: socket.socket, http_name: str) -> int:
         http=protocol,
         h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,  # both protocols' bound
         proxy_headers=False,  # nothing here reads the client's address
-        log_level="warning",
+        log_config=None,  # its loggers are set up above, with --log-level and --log-dir
+        log_level=None,
         lifespan="off",
         access_log=False,
         timeout_graceful_shutdown=GRACEFUL_EXIT_S,
