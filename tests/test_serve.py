@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -203,6 +204,20 @@ def test_a_streamed_n_2_with_logprobs_and_usage_is_two_greedy_choices(pipeline_s
         assert all(e.finish_reason is None for e in entries[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
     assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_the_http_process_runs_without_torch(pipeline_server):
+    """The HTTP process loads the tokenizer, the chat template and FastAPI, not torch (the
+    preset's byte tokenizer needs none): ~1.5 s of CPU and ~300 MB less on rank 0's node."""
+    maps = Path(f"/proc/{pipeline_server.http_pid}/maps").read_text()
+    assert "libtorch" not in maps
+    assert "libtorch" in Path(f"/proc/{_rank_zero_pid(pipeline_server)}/maps").read_text()
+
+
+def _rank_zero_pid(server: Server) -> int:
+    """The HTTP process's parent: rank 0's engine process."""
+    stat = Path(f"/proc/{server.http_pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def test_a_raw_stream_is_server_sent_events_and_the_connection_is_kept_alive(

@@ -12,12 +12,8 @@ from ppruntime.model.config import ModelConfig, load_model_config
 from ppruntime.model.errors import ModelLoadError
 from ppruntime.model.layer_ops import LayerOps
 from ppruntime.model.partition import StageSpec
-from ppruntime.model.presets import (
-    fill_preset_weights,
-    is_preset,
-    preset_config,
-    trained_preset_dir,
-)
+from ppruntime.model.preset_weights import fill_preset_weights
+from ppruntime.model.presets import is_preset, preset_config, trained_preset_dir
 from ppruntime.model.stage_model import EMBED_NAME, LM_HEAD_NAME, StageModel
 
 SUPPORTED_DTYPES = {

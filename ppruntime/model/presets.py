@@ -11,29 +11,20 @@ Two kinds:
   checkpoint shipped in the package (ppruntime/model/data/NAME: config.json and
   bfloat16 model.safetensors, written by scripts/train_tiny.py), computed in float32
   unless a dtype is given. Its text reads as words: what a first run shows.
-Preset tokenizers are byte-level: ids 0..255 are bytes, then BOS, then EOS.
+Preset tokenizers are byte-level: ids 0..255 are bytes, then BOS, then EOS. The random
+presets' weights are made by `preset_weights.py`; this module imports without torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import torch
 
 from ppruntime.model.config import ModelConfig, load_model_config
 
-if TYPE_CHECKING:
-    from ppruntime.model.stage_model import StageModel
-
 BYTE_BOS_ID = 256
 BYTE_EOS_ID = 257
-PRESET_SEED = 1234
-LOGIT_SCALE = 12.0  # std of the logits for a unit-RMS final hidden state
 
 
 def _llama_preset(**sizes: int) -> ModelConfig:
@@ -118,41 +109,3 @@ def trained_preset_dir(name: str) -> Path | None:
 def _trained_preset_config(name: str) -> ModelConfig:
     # stored in bfloat16 to stay small; computed in float32 like the random presets
     return dataclasses.replace(load_model_config(TRAINED_PRESETS[name]), torch_dtype="float32")
-
-
-def tensor_seed(preset_seed: int, tensor_name: str) -> int:
-    digest = hashlib.sha256(f"{preset_seed}/{tensor_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def preset_tensor(
-    config: ModelConfig, name: str, shape: tuple[int, ...], seed: int = PRESET_SEED
-) -> torch.Tensor:
-    """The float32 value of preset tensor `name` (independent of any partition)."""
-    if name.endswith("norm.weight"):
-        return torch.ones(shape)
-    generator = torch.Generator().manual_seed(tensor_seed(seed, name))
-    values = torch.randn(shape, generator=generator)
-    return values * _std(config, name, shape)
-
-
-def _std(config: ModelConfig, name: str, shape: tuple[int, ...]) -> float:
-    if name == "model.embed_tokens.weight":
-        return 1.0
-    if name == "lm_head.weight":
-        return LOGIT_SCALE / math.sqrt(config.hidden_size)
-    fan_in = shape[-1] if len(shape) > 1 else config.hidden_size
-    std = 1.0 / math.sqrt(fan_in)
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
-        std /= math.sqrt(2 * config.num_hidden_layers)  # residual branches stay small
-    return std
-
-
-def fill_preset_weights(model: StageModel, name: str) -> tuple[str, ...]:
-    """Fill `model`'s parameters with preset `name`'s weights; returns the tensor names."""
-    config = preset_config(name)
-    params = model.checkpoint_parameters()
-    with torch.no_grad():
-        for tensor_name, param in params.items():
-            param.copy_(preset_tensor(config, tensor_name, tuple(param.shape)))
-    return tuple(params)
