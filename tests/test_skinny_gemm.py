@@ -384,17 +384,22 @@ def test_stream_k_matches_torch(name):
 
 
 def test_stream_k_launches_leave_the_flags_zeroed():
-    """The flags are zeroed once per device and program count and never again: each launch
-    resets what it set, so the next launch (any shape) gives the same bits."""
+    """The flags are zeroed once per device and program count and never again (the
+    workspace is cached too): each launch resets what it set, so the next launch (any
+    shape) gives the same bits."""
     config = STREAM_K_CASES["three-programs-a-tile"][3]
     x, weight, bias = operands(5, 40, 72, torch.float32)
     first = skinny_gemm(x, weight, bias, config)
     flags = sg.stream_k_flags(x.device, config.programs)
     assert flags.shape == (7,) and not flags.any()
+    slot = config.block_n * config.block_m
+    partials = sg.stream_k_partials(x.device, config.programs, slot)
+    assert partials.shape == (7, slot)
     other_x, other_weight, _ = operands(3, 24, 40, torch.float32, seed=2)
     other = skinny_gemm(other_x, other_weight, None, config)  # another shape, same flags
     torch.testing.assert_close(other, F.linear(other_x, other_weight), rtol=1e-5, atol=1e-5)
     assert sg.stream_k_flags(x.device, config.programs) is flags and not flags.any()
+    assert sg.stream_k_partials(x.device, config.programs, slot) is partials  # no allocation
     assert torch.equal(skinny_gemm(x, weight, bias, config), first)
 
 

@@ -29,9 +29,10 @@ no atomics on the data). Each program walks its share from its end back to its s
 partial it leaves is its first piece of work and the wait is its last. Waits are only ever
 for lower ids: the interpreter runs programs in id order, and on the GPU the lower ids are
 dispatched first (the grid fits on the SMs at once). The int32 [P] flags are zeroed once per
-device and P and cached (`stream_k_flags`); every launch leaves them 0, so no launch needs a
-memset and it captures into a CUDA graph (run it once before the first capture). Launches
-sharing the flags must be stream-ordered, as a decode step's kernels are.
+device and P and cached (`stream_k_flags`), the workspace too (`stream_k_partials`); every
+launch leaves the flags 0, so no launch needs a memset or an allocation and it captures into
+a CUDA graph (run it once before the first capture). Launches sharing them must be
+stream-ordered, as a decode step's kernels are.
 
 `skinny_config(m, n, k, dtype)` picks the launch: the measured table
 (skinny_gemm_table.json beside this file, or $PPRUNTIME_SKINNY_GEMM_TABLE; written by
@@ -609,7 +610,20 @@ def _launch(
     return out
 
 
-_stream_k_flags: dict[tuple[str, int], torch.Tensor] = {}
+_stream_k_buffers: dict[tuple, torch.Tensor] = {}
+
+
+def _cached_buffer(key: tuple, device: torch.device, make) -> torch.Tensor:
+    buffer = _stream_k_buffers.get(key)
+    if buffer is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"the skinny GEMM's stream-K buffers ({key[0]} for programs={key[2]} on "
+                f"{device}) are made on the first launch outside a CUDA graph capture: run "
+                "the launch once before capturing it (a warm-up)"
+            )
+        buffer = _stream_k_buffers[key] = make()
+    return buffer
 
 
 def stream_k_flags(device: torch.device, programs: int) -> torch.Tensor:
@@ -618,17 +632,22 @@ def stream_k_flags(device: torch.device, programs: int) -> torch.Tensor:
     no launch needs a memset and launches capture into CUDA graphs. One buffer per device
     and program count: the launches that share it must run one after another (one stream
     at a time, as the decode step's kernels do)."""
-    key = (str(device), programs)
-    flags = _stream_k_flags.get(key)
-    if flags is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"the skinny GEMM's stream-K flags for programs={programs} on {device} are "
-                "made on the first launch outside a CUDA graph capture: run the launch "
-                "once before capturing it (a warm-up)"
-            )
-        flags = _stream_k_flags[key] = torch.zeros(programs, dtype=torch.int32, device=device)
-    return flags
+    return _cached_buffer(
+        ("flags", str(device), programs),
+        device,
+        lambda: torch.zeros(programs, dtype=torch.int32, device=device),
+    )
+
+
+def stream_k_partials(device: torch.device, programs: int, slot: int) -> torch.Tensor:
+    """Stream-K's fp32 [programs, slot] workspace (slot = BLOCK_N * BLOCK_M), cached as the
+    flags are (no allocation per launch, the same one-stream rule); never needs clearing:
+    a slot is read only after its flag says this launch wrote it."""
+    return _cached_buffer(
+        ("partials", str(device), programs, slot),
+        device,
+        lambda: torch.empty((programs, slot), dtype=torch.float32, device=device),
+    )
 
 
 def _launch_stream_k(
@@ -648,9 +667,7 @@ def _launch_stream_k(
     total_iters = n_tiles * triton.cdiv(m, config.block_m) * k_iters
     programs = min(config.programs, total_iters)
     flags = stream_k_flags(x.device, config.programs)
-    partials = torch.empty(
-        (programs, config.block_n * config.block_m), dtype=torch.float32, device=x.device
-    )
+    partials = stream_k_partials(x.device, config.programs, config.block_n * config.block_m)
     w_arg = _weight_descriptor(weight, config) if config.weights == "descriptor" else weight
     _stream_k_kernel[(programs,)](
         x,
