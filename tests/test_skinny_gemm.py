@@ -403,6 +403,16 @@ def test_stream_k_launches_leave_the_flags_zeroed():
     assert torch.equal(skinny_gemm(x, weight, bias, config), first)
 
 
+def test_stream_k_buffers_are_not_first_made_inside_a_graph_capture(monkeypatch):
+    """Made inside a capture, the zeroed flags would come from the graph's pool with a
+    memset in the graph: refused, naming the fix (a warm-up launch first)."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="run the launch once before capturing it"):
+        sg.stream_k_flags(torch.device("cuda", 0), 4093)
+    with pytest.raises(RuntimeError, match="partials for programs=4093"):
+        sg.stream_k_partials(torch.device("cuda", 0), 4093, 256)
+
+
 def test_stream_k_config_is_validated_and_round_trips_through_the_table(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="programs must be an integer from 0 .* got -1"):
         SkinnyConfig(programs=-1)
