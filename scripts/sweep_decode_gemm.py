@@ -15,9 +15,10 @@ launch cost) that cycle through enough copies of the weight to overflow the L2 c
 a model's layers do (each weight byte comes from HBM). Candidates, in three rounds: the
 tiles (BLOCK_N x BLOCK_K, plain loads, split-K from the program count, stages from the
 shared memory); for the two fastest tiles (--small: the fastest) split-K 1..16 by fp32
-partials; around the fastest split, atomics, TMA weights, unswapped tiles, 8 warps and a
-stage less and more. A candidate that fails
-(compile, launch, numerics) is reported and skipped. Per case it prints the best launch,
+partials, and stream-K on 1 and 2 persistent programs per SM (SkinnyConfig.programs; the
+SM count from the device; --small: 3 and 5 programs); around the fastest of those,
+atomics, TMA weights, unswapped tiles, 8 warps and a stage less and more. A candidate that
+fails (compile, launch, numerics) is reported and skipped. Per case it prints the best launch,
 its time, its fraction of the copy bandwidth and cuBLAS's time over it (> 1: faster).
 
 "silu_down" is the down projection with SiLU-and-multiply fused into its A-operand load
@@ -105,6 +106,38 @@ def split_candidates(tile: sg.SkinnyConfig, k: int, small: bool):
     for split in (1, 2) if small else (1, 2, 4, 8, 16):
         if split <= k_tiles:
             yield replace(tile, split_k=split, reduction="partials", weights="pointer")
+
+
+def stream_k_grids(device: torch.device, small: bool) -> tuple[tuple[int, int], ...]:
+    """Stream-K's persistent grids as (programs, programs per SM): 1 and 2 per SM of the
+    device (--small: 3 and 5 programs, so that the tiny shapes' tiles are split)."""
+    if small:
+        return ((3, 1), (5, 1))
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 132  # an H100 / H200
+    return ((sms, 1), (2 * sms, 2))
+
+
+def stream_k_candidates(
+    tile: sg.SkinnyConfig, grids: tuple[tuple[int, int], ...], element_bytes: int, x_tiles: int
+):
+    """Round 2, beside the splits: the same tile on stream-K's persistent grids (plain
+    loads). With 2 programs per SM each gets half its shared memory: the stages are cut to
+    fit, as the grid is meant to be resident at once."""
+    per_stage = stage_bytes(replace(tile, num_stages=1), element_bytes, x_tiles)
+    for programs, per_sm in grids:
+        stages = min(tile.num_stages, SMEM_BYTES // per_sm // per_stage)
+        if stages >= 2:
+            yield replace(
+                tile,
+                split_k=1,
+                reduction="partials",
+                weights="pointer",
+                programs=programs,
+                num_stages=stages,
+            )
 
 
 def variants(config: sg.SkinnyConfig, small: bool, element_bytes: int, x_tiles: int = 1):
@@ -228,8 +261,12 @@ def time_case(args, device, dtype, bandwidth, m, n, k, label, plain_config=None)
         measure(config) for config in tile_candidates(m, n, k, args.small, element_bytes, x_tiles)
     ]
     # --fused-only: round 2 for the fastest tile alone (the lead's run should take ~2 min)
+    grids = stream_k_grids(device, args.small)
     for tile in fastest(tiles, 1 if args.small or args.fused_only else 2):
         splits = [measure(config) for config in split_candidates(tile, k, args.small)]
+        splits += [
+            measure(config) for config in stream_k_candidates(tile, grids, element_bytes, x_tiles)
+        ]
         # --small: every split's variants, so that each reduction is checked
         for config in fastest(splits, len(splits) if args.small else 1):
             for variant in variants(config, args.small, element_bytes, x_tiles):

@@ -22,7 +22,7 @@ def compile_kernel(
     constexprs: dict[str, object],
     options: dict | None = None,
     aligned: tuple[str, ...] = (),
-) -> None:
+):
     """`aligned`: the arguments the launcher would mark divisible by 16 (pointers, strides).
     Compiled as the GPU launches them: with programmatic dependent launch's instructions."""
     constexprs = {**constexprs, "PDL": True}
@@ -41,6 +41,7 @@ def compile_kernel(
     assert compiled.asm["cubin"], kernel.__name__
     assert_waits_before_memory(compiled.asm["ptx"], kernel.__name__)
     print(kernel.__name__, signature.get("x_ptr") or signature.get("qkv_ptr"), constexprs)
+    return compiled
 
 
 def main() -> None:
@@ -150,6 +151,7 @@ def main() -> None:
     )
 
     compile_skinny_gemm()
+    compile_stream_k()
 
 
 def compile_skinny_gemm() -> None:
@@ -224,6 +226,83 @@ def compile_skinny_gemm() -> None:
         {"HAS_BIAS": True, "BLOCK": skinny_gemm.REDUCE_BLOCK},
         aligned=("partial_ptr", "out_ptr", "stride_pm", "stride_om"),
     )
+
+
+# stream-K (SkinnyConfig.programs > 0): (dtype, config, K % BLOCK_K == 0, N % BLOCK_N == 0,
+# bias); the first is the 8B qkv launch's tiles (M 64, N 6144, K 4096 on 132 SMs)
+STREAM_K_VARIANTS = [
+    ("bf16", skinny_gemm.SkinnyConfig(block_n=64, block_k=128, programs=132), True, True, True),
+    (
+        "bf16",
+        skinny_gemm.SkinnyConfig(block_n=128, block_k=128, programs=264, weights="descriptor"),
+        True,
+        True,
+        False,
+    ),
+    (
+        "fp32",
+        skinny_gemm.SkinnyConfig(block_m=16, block_n=32, block_k=64, programs=5, swap_ab=False),
+        False,
+        False,
+        True,
+    ),
+]
+
+
+def compile_stream_k_variant(dtype, config, even_k, even_n, bias, silu_mul):
+    weight = (
+        f"tensordesc<{dtype}[{config.block_n},{config.block_k}]>"
+        if config.weights == "descriptor"
+        else f"*{dtype}"
+    )
+    return compile_kernel(
+        skinny_gemm._stream_k_kernel,
+        {
+            "x_ptr": f"*{dtype}",
+            "w_ptr": weight,
+            "bias_ptr": f"*{dtype}",
+            "out_ptr": f"*{dtype}",
+            "partial_ptr": "*fp32",
+            "flag_ptr": "*i32",
+            **dict.fromkeys(
+                [
+                    "M",
+                    "N",
+                    "K",
+                    "stride_xm",
+                    "stride_wn",
+                    "stride_om",
+                    "up_offset",
+                    "n_tiles",
+                    "k_iters",
+                    "total_iters",
+                ],
+                "i32",
+            ),
+        },
+        {
+            "BLOCK_M": config.block_m,
+            "BLOCK_N": config.block_n,
+            "BLOCK_K": config.block_k,
+            "HAS_BIAS": bias,
+            "SWAP_AB": config.swap_ab,
+            "W_DESCRIPTOR": config.weights == "descriptor",
+            "EVEN_N": even_n,
+            "EVEN_K": even_k,
+            "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+            "UPCAST": False,
+            "SILU_MUL": silu_mul,
+        },
+        {"num_warps": config.num_warps, "num_stages": config.num_stages},
+        ("x_ptr", "w_ptr", "out_ptr", "partial_ptr", "stride_xm", "stride_wn", "stride_om"),
+    )
+
+
+def compile_stream_k() -> None:
+    """The stream-K kernel: every STREAM_K_VARIANTS entry, plain and with SiLU-and-mul."""
+    for silu_mul in (False, True):
+        for variant in STREAM_K_VARIANTS:
+            compile_stream_k_variant(*variant, silu_mul)
 
 
 if __name__ == "__main__":

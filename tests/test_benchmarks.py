@@ -437,8 +437,8 @@ def test_sweep_decode_attention_small_checks_every_variant(tmp_path):
 
 def test_sweep_decode_gemm_small_checks_every_candidate(tmp_path):
     """scripts/sweep_decode_gemm.py --small (interpreted triton): every candidate launch
-    (both split-K reductions, TMA weights, both tile orientations) agrees with torch and
-    has a time beside cuBLAS's, and --out is a table skinny_config reads."""
+    (both split-K reductions, stream-K, TMA weights, both tile orientations) agrees with
+    torch and has a time beside cuBLAS's, and --out is a table skinny_config reads."""
     out = tmp_path / "table.json"
     _, report = _interpreted_sweep("sweep_decode_gemm.py", ["--small", "--out", str(out)], out)
     assert [case["label"] for case in report["cases"]] == ["small qkv m5", "small down m5"]
@@ -452,8 +452,10 @@ def test_sweep_decode_gemm_small_checks_every_candidate(tmp_path):
             config = row["config"]
             kinds.add((config["split_k"] > 1 and config["reduction"], config["weights"]))
             kinds.add(("swap", config["swap_ab"]))
+            kinds.add(("programs", config["programs"]))
         assert {("partials", "pointer"), ("atomic", "descriptor"), (False, "descriptor")} <= kinds
         assert {("swap", True), ("swap", False)} <= kinds
+        assert {("programs", 0), ("programs", 3), ("programs", 5)} <= kinds  # stream-K too
     # interpreted triton never beats cuBLAS: every entry says "use cuBLAS", and the table
     # skinny_config reads from that file says so too
     assert [entry["config"] for entry in report["entries"]] == [None, None]

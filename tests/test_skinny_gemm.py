@@ -56,6 +56,12 @@ CONFIGS = {
     "descriptor-partials": SkinnyConfig(
         block_m=16, block_n=32, block_k=16, split_k=2, weights="descriptor"
     ),
+    # stream-K: 3 (m 5) or 6 (m 17) tiles x 5 K-iterations over 7 programs, tiles split
+    "stream-k": SkinnyConfig(block_m=16, block_n=16, block_k=16, programs=7),
+    "stream-k-no-swap": SkinnyConfig(block_m=16, block_n=32, block_k=32, swap_ab=False, programs=4),
+    "stream-k-descriptor": SkinnyConfig(
+        block_m=16, block_n=16, block_k=32, programs=5, weights="descriptor"
+    ),
 }
 
 
@@ -252,11 +258,12 @@ def test_unset_switch_uses_the_table_only_on_the_device_it_was_measured_on(tmp_p
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("name", ["swap", "partials", "atomic", "descriptor-partials"])
+@pytest.mark.parametrize("name", ["swap", "partials", "atomic", "descriptor-partials", "stream-k"])
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "silu_mul"])
 def test_replays_from_a_cuda_graph(name, fused):
-    """Both split-K reductions (their zeroed / partial buffers included) capture and replay,
-    plain and with SiLU-and-mul fused in (nothing in either syncs with the host)."""
+    """Both split-K reductions (their zeroed / partial buffers included) and stream-K (its
+    cached flags left zeroed by each launch) capture and replay, plain and with SiLU-and-mul
+    fused in (nothing in either syncs with the host)."""
     config = CONFIGS[name]
     if fused:
         x, weight, bias = gate_up_operands(17, 40, 72, torch.bfloat16)
@@ -277,6 +284,153 @@ def test_replays_from_a_cuda_graph(name, fused):
     else:
         exact = x.float() @ weight.float().T + bias.float()
         torch.testing.assert_close(out.float(), exact, rtol=1.6e-2, atol=1.6e-2)
+
+
+# --- stream-K (SkinnyConfig.programs) ----------------------------------------------------------
+
+
+def holders_per_tile(tiles: int, k_iters: int, programs: int) -> list[list[int]]:
+    """Per tile, the programs holding a segment of it (stream_k_segments' schedule)."""
+    holders = [[] for _ in range(tiles)]
+    for program, segments in enumerate(sg.stream_k_segments(tiles, k_iters, programs)):
+        for tile, _, _ in segments:
+            holders[tile].append(program)
+    return holders
+
+
+def test_stream_k_schedule_covers_each_iteration_once_and_waits_only_downwards():
+    for tiles, k_iters, programs in [(3, 5, 4), (3, 5, 7), (96, 32, 132), (64, 32, 264), (2, 3, 6)]:
+        schedule = sg.stream_k_segments(tiles, k_iters, programs)
+        covered = sorted(
+            (tile, k)
+            for segments in schedule
+            for tile, first, end in segments
+            for k in range(first, end)
+        )
+        assert covered == [(tile, k) for tile in range(tiles) for k in range(k_iters)]
+        shares = [sum(end - first for _, first, end in segments) for segments in schedule]
+        assert max(shares) - min(shares) <= 1 and shares == sorted(shares, reverse=True)
+        for segments in schedule:
+            # only the segment walked first may stop short of its tile's end (one slot each)
+            assert all(end == k_iters for _, _, end in segments[1:])
+            assert [tile for tile, _, _ in segments] == sorted(
+                {tile for tile, _, _ in segments}, reverse=True
+            )
+        for holders in holders_per_tile(tiles, k_iters, programs):
+            # the holder of the tile's end, which waits for the others, is the highest
+            assert holders == sorted(holders) and holders == list(
+                range(holders[0], holders[-1] + 1)
+            )
+    # the 8B qkv launch at BLOCK_N 64: 96 tiles x 32 K-iterations on 132 programs
+    assert max(len(h) for h in holders_per_tile(96, 32, 132)) == 3
+
+
+# (m, n, k, config, the most programs one tile is split across in that launch)
+STREAM_K_CASES = {
+    # 15 iterations over 4 programs (4, 4, 4, 3): no tile whole in one program
+    "p-not-dividing": (5, 40, 72, SkinnyConfig(block_m=16, block_n=16, block_k=16, programs=4), 2),
+    # 3 tiles on 7 programs: tile 1 in programs 2, 3 and 4; M 1
+    "three-programs-a-tile": (
+        1,
+        40,
+        72,
+        SkinnyConfig(block_m=16, block_n=16, block_k=16, programs=7),
+        3,
+    ),
+    # more programs than iterations: the grid is cut to 15, each tile split 5 ways
+    "more-programs-than-iterations": (
+        5,
+        40,
+        72,
+        SkinnyConfig(block_m=16, block_n=16, block_k=16, programs=100),
+        5,
+    ),
+    "no-swap-m1": (
+        1,
+        40,
+        72,
+        SkinnyConfig(block_m=16, block_n=16, block_k=32, swap_ab=False, programs=4),
+        2,
+    ),
+    "m64": (64, 40, 72, SkinnyConfig(block_m=64, block_n=32, block_k=32, programs=5), 3),
+    "m64-no-swap": (
+        64,
+        40,
+        72,
+        SkinnyConfig(block_m=64, block_n=32, block_k=32, swap_ab=False, programs=5),
+        3,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(STREAM_K_CASES))
+def test_stream_k_matches_torch(name):
+    """Tiles split unevenly across programs, N and K that the blocks do not fill: fp32
+    (IEEE dots) to fp32 rounding, bf16 within its tolerance, with and without bias."""
+    m, n, k, config, most_holders = STREAM_K_CASES[name]
+    tiles = -(-n // config.block_n) * -(-m // config.block_m)
+    k_iters = -(-k // config.block_k)
+    programs = min(config.programs, tiles * k_iters)
+    assert max(len(h) for h in holders_per_tile(tiles, k_iters, programs)) == most_holders
+    x, weight, bias = operands(m, n, k, torch.float32)
+    for b in (None, bias):
+        out = skinny_gemm(x, weight, b, config)
+        torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    x, weight, bias = operands(m, n, k, torch.bfloat16, seed=1)
+    out = skinny_gemm(x, weight, bias, config)
+    assert out.dtype == torch.bfloat16
+    exact = x.float() @ weight.float().T + bias.float()
+    torch.testing.assert_close(out.float(), exact, rtol=1.6e-2, atol=1.6e-2)
+
+
+def test_stream_k_launches_leave_the_flags_zeroed():
+    """The flags are zeroed once per device and program count and never again (the
+    workspace is cached too): each launch resets what it set, so the next launch (any
+    shape) gives the same bits."""
+    config = STREAM_K_CASES["three-programs-a-tile"][3]
+    x, weight, bias = operands(5, 40, 72, torch.float32)
+    first = skinny_gemm(x, weight, bias, config)
+    flags = sg.stream_k_flags(x.device, config.programs)
+    assert flags.shape == (7,) and not flags.any()
+    slot = config.block_n * config.block_m
+    partials = sg.stream_k_partials(x.device, config.programs, slot)
+    assert partials.shape == (7, slot)
+    other_x, other_weight, _ = operands(3, 24, 40, torch.float32, seed=2)
+    other = skinny_gemm(other_x, other_weight, None, config)  # another shape, same flags
+    torch.testing.assert_close(other, F.linear(other_x, other_weight), rtol=1e-5, atol=1e-5)
+    assert sg.stream_k_flags(x.device, config.programs) is flags and not flags.any()
+    assert sg.stream_k_partials(x.device, config.programs, slot) is partials  # no allocation
+    assert torch.equal(skinny_gemm(x, weight, bias, config), first)
+
+
+def test_stream_k_buffers_are_not_first_made_inside_a_graph_capture(monkeypatch):
+    """Made inside a capture, the zeroed flags would come from the graph's pool with a
+    memset in the graph: refused, naming the fix (a warm-up launch first)."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="run the launch once before capturing it"):
+        sg.stream_k_flags(torch.device("cuda", 0), 4093)
+    with pytest.raises(RuntimeError, match="partials for programs=4093"):
+        sg.stream_k_partials(torch.device("cuda", 0), 4093, 256)
+
+
+def test_stream_k_config_is_validated_and_round_trips_through_the_table(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="programs must be an integer from 0 .* got -1"):
+        SkinnyConfig(programs=-1)
+    with pytest.raises(ValueError, match="programs must be an integer .* got 1.5"):
+        SkinnyConfig(programs=1.5)
+    with pytest.raises(
+        ValueError, match="programs=132 \\(stream-K\\) splits K itself: set split_k"
+    ):
+        SkinnyConfig(programs=132, split_k=2)
+    config = SkinnyConfig(block_n=64, block_k=128, programs=264, weights="descriptor")
+    assert SkinnyConfig.from_dict(config.as_dict()) == config
+    assert config.describe().endswith(" streamk264")
+    assert SkinnyConfig.from_dict({"block_n": 64}).programs == 0  # older tables: tiles
+    table = tmp_path / "table.json"
+    entry = {"dtype": "bfloat16", "m": 64, "n": 6144, "k": 4096, "config": config.as_dict()}
+    table.write_text(json.dumps({"device": "GPU A", "entries": [entry]}))
+    monkeypatch.setenv(sg.TABLE_ENV, str(table))
+    assert skinny_config(64, 6144, 4096, torch.bfloat16) == config
 
 
 # --- SiLU-and-multiply fused into the down projection ------------------------------------------

@@ -15,6 +15,25 @@ or through a TMA tensor descriptor ("descriptor", sm_90+; zero-filled past N and
 the [M, 2K] gate_up tensor and each A tile is silu(gate) * up, computed as it is loaded
 (SILU_MUL), which saves the activation kernel's launch and its [M, K] round trip.
 
+Stream-K (SkinnyConfig.programs = P > 0; 0, the default, is the schedule above): N / BLOCK_N
+tiles on 132 SMs leave the last wave part-empty (8B qkv: 96 tiles; o: 64), and split-K only
+moves that and adds the reduce's launch. Instead a persistent grid of P programs (1 or 2 per
+SM) shares the iteration space tiles x K-iterations (BLOCK_K columns each) equally, each
+program a contiguous run of it (the first total % P one iteration more), so every SM streams
+the same number of weight bytes. A tile held whole by one program is stored as above. A tile
+split across programs is fixed up in the kernel: the holders of its first iterations (lower
+program ids) write their fp32 partial to their slot of a [P, BLOCK_N * BLOCK_M] workspace and
+release their flag; the holder of its last iterations waits for each flag (acquire), resets
+it to 0 and adds the partials in ascending program order, a fixed sum order (deterministic,
+no atomics on the data). Each program walks its share from its end back to its start, so the
+partial it leaves is its first piece of work and the wait is its last. Waits are only ever
+for lower ids: the interpreter runs programs in id order, and on the GPU the lower ids are
+dispatched first (the grid fits on the SMs at once). The int32 [P] flags are zeroed once per
+device and P and cached (`stream_k_flags`), the workspace too (`stream_k_partials`); every
+launch leaves the flags 0, so no launch needs a memset or an allocation and it captures into
+a CUDA graph (run it once before the first capture). Launches sharing them must be
+stream-ordered, as a decode step's kernels are.
+
 `skinny_config(m, n, k, dtype)` picks the launch: the measured table
 (skinny_gemm_table.json beside this file, or $PPRUNTIME_SKINNY_GEMM_TABLE; written by
 scripts/sweep_decode_gemm.py --out) for shapes it holds, a heuristic for others; None
@@ -48,6 +67,7 @@ OPS = (LINEAR, SILU_MUL_LINEAR)  # what a table entry launches: the GEMM, or SiL
 WEIGHT_SOURCES = ("pointer", "descriptor")
 MAX_M = 128  # the most rows a launch is meant for (one program column covers them)
 HEURISTIC_MAX_M = 64
+MAX_STREAM_K_PROGRAMS = 4096  # stream-K's programs must all be resident at once on the GPU
 TARGET_PROGRAMS = 2 * 132  # two programs per SM of an H100 / H200
 TABLE_ENV = "PPRUNTIME_SKINNY_GEMM_TABLE"
 DEFAULT_TABLE = Path(__file__).with_name("skinny_gemm_table.json")
@@ -72,6 +92,9 @@ class SkinnyConfig:
     num_stages: int = 4
     swap_ab: bool = True
     weights: str = "pointer"
+    # 0: one program per tile (and split), as above; P > 0: stream-K, a persistent grid of
+    # P programs sharing tiles x K-iterations equally (split tiles fixed up in-kernel)
+    programs: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -94,6 +117,20 @@ class SkinnyConfig:
             )
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"SkinnyConfig.num_stages must be >= 1, got {self.num_stages!r}")
+        if (
+            not isinstance(self.programs, int)
+            or isinstance(self.programs, bool)
+            or not 0 <= self.programs <= MAX_STREAM_K_PROGRAMS
+        ):
+            raise ValueError(
+                f"SkinnyConfig.programs must be an integer from 0 (one program per tile) to "
+                f"{MAX_STREAM_K_PROGRAMS} (stream-K's persistent programs), got {self.programs!r}"
+            )
+        if self.programs and self.split_k != 1:
+            raise ValueError(
+                f"SkinnyConfig.programs={self.programs} (stream-K) splits K itself: set "
+                f"split_k to 1, got split_k={self.split_k}"
+            )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -108,10 +145,74 @@ class SkinnyConfig:
 
     def describe(self) -> str:
         split = f" split{self.split_k}-{self.reduction}" if self.split_k > 1 else ""
+        stream_k = f" streamk{self.programs}" if self.programs else ""
         return (
             f"m{self.block_m} n{self.block_n} k{self.block_k} w{self.num_warps} "
             f"s{self.num_stages}{' swap' if self.swap_ab else ''} {self.weights}{split}"
+            f"{stream_k}"
         )
+
+
+@triton.jit
+def _accumulate(
+    acc,  # fp32 [BLOCK_N, BLOCK_M] (SWAP_AB) or [BLOCK_M, BLOCK_N]
+    x_rows,  # [BLOCK_M, 1] pointers to the rows of x (SILU_MUL: of gate_up)
+    w_ptr,
+    w_row_offsets,  # [BLOCK_N, 1] element offsets of the rows of W (unused with W_DESCRIPTOR)
+    w_first_row,  # the tile's first row of W (the descriptor's coordinate)
+    k_start,  # a multiple of BLOCK_K
+    k_end,  # a multiple of BLOCK_K, or K
+    m_valid,
+    n_valid,
+    up_offset,
+    BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    W_DESCRIPTOR: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+):
+    """acc + the tile's product over the K columns [k_start, k_end)."""
+    cols = tl.arange(0, BLOCK_K)
+    for k in range(k_start, k_end, BLOCK_K):
+        k_cols = k + cols
+        if EVEN_K:
+            x_mask = m_valid[:, None]
+        else:
+            x_mask = m_valid[:, None] & (k_cols < k_end)[None, :]
+        x = tl.load(x_rows + k_cols[None, :], mask=x_mask, other=0.0)
+        if SILU_MUL:  # x_ptr is gate_up: this tile's gate columns, its up columns up_offset on
+            up = tl.load(x_rows + up_offset + k_cols[None, :], mask=x_mask, other=0.0)
+            x = silu_mul(x, up)  # masked lanes: silu(0) * 0 = 0
+        if W_DESCRIPTOR:
+            # zeros past N and K; a box never crosses k_end inside K (k_start % BLOCK_K == 0)
+            w = w_ptr.load([w_first_row, k])
+        elif EVEN_N and EVEN_K:
+            w = tl.load(w_ptr + w_row_offsets + k_cols[None, :], eviction_policy="evict_first")
+        elif EVEN_K:
+            w = tl.load(
+                w_ptr + w_row_offsets + k_cols[None, :],
+                mask=n_valid[:, None],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
+        else:
+            w = tl.load(
+                w_ptr + w_row_offsets + k_cols[None, :],
+                mask=n_valid[:, None] & (k_cols < k_end)[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+    return acc
 
 
 @triton.jit
@@ -150,7 +251,6 @@ def _skinny_gemm_kernel(
     pid_k = tl.program_id(2)
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_K)
     m_valid = rows_m < M
     n_valid = rows_n < N
     k_start = pid_k * k_per_split
@@ -161,42 +261,26 @@ def _skinny_gemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(k_start, k_end, BLOCK_K):
-        k_cols = k + cols
-        if EVEN_K:
-            x_mask = m_valid[:, None]
-        else:
-            x_mask = m_valid[:, None] & (k_cols < k_end)[None, :]
-        x = tl.load(x_rows + k_cols[None, :], mask=x_mask, other=0.0)
-        if SILU_MUL:  # x_ptr is gate_up: this tile's gate columns, its up columns up_offset on
-            up = tl.load(x_rows + up_offset + k_cols[None, :], mask=x_mask, other=0.0)
-            x = silu_mul(x, up)  # masked lanes: silu(0) * 0 = 0
-        if W_DESCRIPTOR:
-            # zeros past N and K; a box never crosses k_end inside K (k_per_split % BLOCK_K == 0)
-            w = w_ptr.load([pid_n * BLOCK_N, k])
-        elif EVEN_N and EVEN_K:
-            w = tl.load(w_ptr + w_row_offsets + k_cols[None, :], eviction_policy="evict_first")
-        elif EVEN_K:
-            w = tl.load(
-                w_ptr + w_row_offsets + k_cols[None, :],
-                mask=n_valid[:, None],
-                other=0.0,
-                eviction_policy="evict_first",
-            )
-        else:
-            w = tl.load(
-                w_ptr + w_row_offsets + k_cols[None, :],
-                mask=n_valid[:, None] & (k_cols < k_end)[None, :],
-                other=0.0,
-                eviction_policy="evict_first",
-            )
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if SWAP_AB:
-            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+    acc = _accumulate(
+        acc,
+        x_rows,
+        w_ptr,
+        w_row_offsets,
+        pid_n * BLOCK_N,
+        k_start,
+        k_end,
+        m_valid,
+        n_valid,
+        up_offset,
+        BLOCK_K,
+        SWAP_AB,
+        W_DESCRIPTOR,
+        EVEN_N,
+        EVEN_K,
+        PRECISION,
+        UPCAST,
+        SILU_MUL,
+    )
     # the tile's offsets and mask in the layout of acc
     if SWAP_AB:
         offsets = rows_m[None, :].to(tl.int64) * stride_om + rows_n[:, None]
@@ -216,6 +300,135 @@ def _skinny_gemm_kernel(
         tl.atomic_add(out_ptr + offsets, acc, mask=valid, sem="relaxed")
     else:
         tl.store(out_ptr + pid_k.to(tl.int64) * stride_split + offsets, acc, mask=valid)
+
+
+@triton.jit
+def _owner(iteration, base, extra):
+    """The program whose share of the iteration space holds `iteration`: the first `extra`
+    programs hold base + 1 iterations each, the others base."""
+    longer = extra * (base + 1)
+    if iteration < longer:
+        owner = iteration // (base + 1)
+    else:
+        owner = extra + (iteration - longer) // tl.maximum(base, 1)
+    return owner
+
+
+@triton.jit
+def _stream_k_kernel(
+    x_ptr,  # [M, K], rows stride_xm apart; SILU_MUL: gate_up [M, 2K] ([gate | up])
+    w_ptr,  # [N, K] rows stride_wn apart; W_DESCRIPTOR: its TMA descriptor ([BLOCK_N, BLOCK_K])
+    bias_ptr,  # [N] (HAS_BIAS)
+    out_ptr,  # y [M, N]
+    partial_ptr,  # fp32 [programs, BLOCK_N * BLOCK_M]: one slot per program, acc's layout
+    flag_ptr,  # int32 [programs], 0 between launches; 1: that program's slot is written
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    up_offset,  # SILU_MUL: elements from a gate column to its up column (K); else unused
+    n_tiles,  # cdiv(N, BLOCK_N); tile t covers rows (t % n_tiles) and M block t // n_tiles
+    k_iters,  # cdiv(K, BLOCK_K): one K-iteration is BLOCK_K columns of one tile
+    total_iters,  # tiles x k_iters, shared out among the grid's programs
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    W_DESCRIPTOR: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Stream-K: program p holds the contiguous iterations [start, end) of the space tiles x
+    K-iterations and walks the tile segments of its share from the LAST to the first. Its
+    first segment walked (its share's end) may be a tile's beginning or middle: that fp32
+    partial goes to slot p, then flag p is released. Every other segment reaches its
+    tile's end: the program stores the tile (+ bias, cast), and where the segment does
+    not start at the tile's beginning, the lower programs that hold the rest have each
+    left their partial; it waits for each flag (acquire), resets it to 0 and adds the
+    partials in ascending program order (a fixed sum order). Waits are only ever for lower
+    programs, which made their partial first in their walk."""
+    begin_dependent(PDL)
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    base = total_iters // programs
+    extra = total_iters % programs
+    start = pid * base + tl.minimum(pid, extra)
+    end = start + base + (pid < extra).to(tl.int32)
+    slot = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    if not SWAP_AB:
+        slot = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    segment_end = end
+    while segment_end > start:
+        tile = (segment_end - 1) // k_iters
+        tile_start = tile * k_iters
+        segment_start = tl.maximum(start, tile_start)
+        tile_n = tile % n_tiles
+        rows_m = (tile // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_valid = rows_m < M
+        n_valid = rows_n < N
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _accumulate(
+            acc,
+            x_ptr + rows_m.to(tl.int64)[:, None] * stride_xm,
+            w_ptr,
+            rows_n.to(tl.int64)[:, None] * stride_wn,
+            tile_n * BLOCK_N,
+            (segment_start - tile_start) * BLOCK_K,
+            tl.minimum((segment_end - tile_start) * BLOCK_K, K),
+            m_valid,
+            n_valid,
+            up_offset,
+            BLOCK_K,
+            SWAP_AB,
+            W_DESCRIPTOR,
+            EVEN_N,
+            EVEN_K,
+            PRECISION,
+            UPCAST,
+            SILU_MUL,
+        )
+        if segment_end < tile_start + k_iters:  # the tile's end is a higher program's
+            tl.store(partial_ptr + pid.to(tl.int64) * (BLOCK_N * BLOCK_M) + slot, acc)
+            tl.debug_barrier()  # every thread's part of the slot before the release
+            tl.atomic_xchg(flag_ptr + pid, 1, sem="release")
+        else:
+            if segment_start > tile_start:  # lower programs hold the tile's first iterations
+                fixup = tl.zeros_like(acc)
+                for holder in range(_owner(tile_start, base, extra), pid):
+                    # consume and reset in one: 1 -> 0 once that holder has released it
+                    while tl.atomic_cas(flag_ptr + holder, 1, 0, sem="acquire") != 1:
+                        pass
+                    tl.debug_barrier()  # no thread reads the slot before the acquire
+                    fixup += tl.load(
+                        partial_ptr + tl.cast(holder, tl.int64) * (BLOCK_N * BLOCK_M) + slot,
+                        cache_modifier=".cg",  # from L2, where the holder's stores are
+                    )
+                acc = fixup + acc
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + rows_n, mask=n_valid, other=0.0).to(tl.float32)
+                if SWAP_AB:
+                    acc += bias[:, None]
+                else:
+                    acc += bias[None, :]
+            if SWAP_AB:
+                offsets = rows_m[None, :].to(tl.int64) * stride_om + rows_n[:, None]
+                valid = n_valid[:, None] & m_valid[None, :]
+            else:
+                offsets = rows_m[:, None].to(tl.int64) * stride_om + rows_n[None, :]
+                valid = m_valid[:, None] & n_valid[None, :]
+            tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=valid)
+        segment_end = segment_start
 
 
 @triton.jit
@@ -335,6 +548,8 @@ def _launch(
         return out
     if k == 0:
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
+    if config.programs:
+        return _launch_stream_k(x, weight, bias, config, silu_mul, out)
     split_range = k_per_split(k, config)
     splits = triton.cdiv(k, split_range)
     atomic = splits > 1 and reduction_of(config) == "atomic"
@@ -393,6 +608,121 @@ def _launch(
             **pdl_options(x.device),
         )
     return out
+
+
+_stream_k_buffers: dict[tuple, torch.Tensor] = {}
+
+
+def _cached_buffer(key: tuple, device: torch.device, make) -> torch.Tensor:
+    buffer = _stream_k_buffers.get(key)
+    if buffer is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"the skinny GEMM's stream-K buffers ({key[0]} for programs={key[2]} on "
+                f"{device}) are made on the first launch outside a CUDA graph capture: run "
+                "the launch once before capturing it (a warm-up)"
+            )
+        buffer = _stream_k_buffers[key] = make()
+    return buffer
+
+
+def stream_k_flags(device: torch.device, programs: int) -> torch.Tensor:
+    """Stream-K's int32 [programs] flags on `device`: zeroed once here, then cached; each
+    launch leaves them 0 again (the program that consumes a partial resets its flag), so
+    no launch needs a memset and launches capture into CUDA graphs. One buffer per device
+    and program count: the launches that share it must run one after another (one stream
+    at a time, as the decode step's kernels do)."""
+    return _cached_buffer(
+        ("flags", str(device), programs),
+        device,
+        lambda: torch.zeros(programs, dtype=torch.int32, device=device),
+    )
+
+
+def stream_k_partials(device: torch.device, programs: int, slot: int) -> torch.Tensor:
+    """Stream-K's fp32 [programs, slot] workspace (slot = BLOCK_N * BLOCK_M), cached as the
+    flags are (no allocation per launch, the same one-stream rule); never needs clearing:
+    a slot is read only after its flag says this launch wrote it."""
+    return _cached_buffer(
+        ("partials", str(device), programs, slot),
+        device,
+        lambda: torch.empty((programs, slot), dtype=torch.float32, device=device),
+    )
+
+
+def _launch_stream_k(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: SkinnyConfig,
+    silu_mul: bool,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """The stream-K schedule (config.programs > 0): min(programs, iterations) persistent
+    programs over tiles x K-iterations; see _stream_k_kernel."""
+    m = x.shape[0]
+    n, k = weight.shape
+    n_tiles = triton.cdiv(n, config.block_n)
+    k_iters = triton.cdiv(k, config.block_k)
+    total_iters = n_tiles * triton.cdiv(m, config.block_m) * k_iters
+    programs = min(config.programs, total_iters)
+    flags = stream_k_flags(x.device, config.programs)
+    partials = stream_k_partials(x.device, config.programs, config.block_n * config.block_m)
+    w_arg = _weight_descriptor(weight, config) if config.weights == "descriptor" else weight
+    _stream_k_kernel[(programs,)](
+        x,
+        w_arg,
+        bias if bias is not None else out,
+        out,
+        partials,
+        flags,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        k if silu_mul else 0,
+        n_tiles,
+        k_iters,
+        total_iters,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        HAS_BIAS=bias is not None,
+        SWAP_AB=config.swap_ab,
+        W_DESCRIPTOR=config.weights == "descriptor",
+        EVEN_N=n % config.block_n == 0,
+        EVEN_K=k % config.block_k == 0,
+        PRECISION="ieee" if x.dtype == torch.float32 or INTERPRETED else "tf32",
+        UPCAST=INTERPRETED,
+        SILU_MUL=silu_mul,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        **pdl_options(x.device),
+    )
+    return out
+
+
+def stream_k_segments(tiles: int, k_iters: int, programs: int) -> list[list[tuple[int, int, int]]]:
+    """The stream-K schedule `_stream_k_kernel` walks, in Python (for tests and reading):
+    per program, its (tile, first K-iteration, end K-iteration) segments in the order it
+    walks them (its share's last segment first). `programs` is the launched grid,
+    min(config.programs, tiles * k_iters)."""
+    total = tiles * k_iters
+    base, extra = divmod(total, programs)
+    schedule = []
+    for program in range(programs):
+        start = program * base + min(program, extra)
+        end = start + base + (program < extra)
+        segments = []
+        while end > start:
+            tile = (end - 1) // k_iters
+            first = max(start, tile * k_iters)
+            segments.append((tile, first - tile * k_iters, end - tile * k_iters))
+            end = first
+        schedule.append(segments)
+    return schedule
 
 
 # -- which launch for which shape ---------------------------------------------------------------
