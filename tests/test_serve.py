@@ -60,6 +60,7 @@ class Server:
         self.listening = threading.Event()
         self.url = ""
         self.http_pid = 0  # the HTTP process (rank 0 starts it)
+        self.rank_zero_pid = 0
         threading.Thread(target=self._read, daemon=True).start()
         if not self.listening.wait(START_TIMEOUT_S):
             output = self.output()
@@ -72,6 +73,7 @@ class Server:
             if "listening on http://" in line:
                 self.url = line.split("listening on ")[1].split()[0]
                 self.http_pid = int(line.split("HTTP process pid ")[1].split(")")[0])
+                self.rank_zero_pid = int(line.split("rank 0 pid ")[1].split(",")[0])
                 self.listening.set()
 
     def output(self) -> str:
@@ -211,13 +213,7 @@ def test_the_http_process_runs_without_torch(pipeline_server):
     preset's byte tokenizer needs none): ~1.5 s of CPU and ~300 MB less on rank 0's node."""
     maps = Path(f"/proc/{pipeline_server.http_pid}/maps").read_text()
     assert "libtorch" not in maps
-    assert "libtorch" in Path(f"/proc/{_rank_zero_pid(pipeline_server)}/maps").read_text()
-
-
-def _rank_zero_pid(server: Server) -> int:
-    """The HTTP process's parent: rank 0's engine process."""
-    stat = Path(f"/proc/{server.http_pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    assert "libtorch" in Path(f"/proc/{pipeline_server.rank_zero_pid}/maps").read_text()
 
 
 def test_a_raw_stream_is_server_sent_events_and_the_connection_is_kept_alive(
@@ -631,10 +627,16 @@ def test_the_engine_process_dying_ends_the_http_process():
     assert has_exited(server.http_pid)
 
 
-def test_sigterm_finishes_running_requests_and_ends_every_rank(pipeline_server, chat_server):
-    """Last in the module: both servers are stopped by SIGTERM within the bound."""
-    body = {"prompt": "hello", "max_tokens": 30, "temperature": 0, "stream": True}
-    finish = []
+def test_sigterm_to_rank_0_lets_a_running_request_finish_and_ends_every_rank(
+    pipeline_server, chat_server
+):
+    """Last in the module. SIGTERM to rank 0 (the pid the server prints; under mpirun the
+    signal must go there: Open MPI kills the ranks ~0.5 s after mpirun forwards one) gets
+    the grace period: a request running then streams to its end, and every rank exits 0."""
+    body = {"prompt": "hello", "max_tokens": 400, "temperature": 0, "stream": True}
+    body |= {"ignore_eos": True, "stream_options": {"include_usage": True}}
+    events: list[dict] = []
+    first = threading.Event()
 
     def stream() -> None:
         with httpx.stream(
@@ -642,14 +644,21 @@ def test_sigterm_finishes_running_requests_and_ends_every_rank(pipeline_server, 
         ) as response:
             for line in response.iter_lines():
                 if line.startswith("data: {"):
-                    finish.append(json.loads(line[6:])["choices"][0]["finish_reason"])
+                    events.append(json.loads(line[6:]))
+                    first.set()
 
     reader = threading.Thread(target=stream)
     reader.start()
-    time.sleep(0.5)
-    pipeline_server.stop()  # mpirun and both ranks end within the bound, or this fails
-    reader.join(30)
-    assert finish and finish[-1] in ("length", "abort"), finish
+    assert first.wait(30), pipeline_server.output()
+    os.kill(pipeline_server.rank_zero_pid, signal.SIGTERM)
+    signalled_at = len(events)
+    reader.join(60)
+    assert pipeline_server.proc.wait(STOP_TIMEOUT_S) == 0, pipeline_server.output()
+    finish = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+    assert finish == ["length"], (finish, pipeline_server.output())
+    assert events[-1]["usage"]["completion_tokens"] == 400
+    assert signalled_at < len(events) - 1  # it was still running when the signal came
+    assert "ppruntime serve: stopped" in pipeline_server.output()
     # (Open MPI forwards no output after mpirun got SIGTERM; the lone server prints)
     assert chat_server.stop() == 0
     assert "ppruntime serve: stopped" in chat_server.output()

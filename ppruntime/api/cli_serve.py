@@ -145,7 +145,7 @@ def _serve(args: argparse.Namespace, llm) -> int:
     signal.signal(signal.SIGINT, on_signal)
     print(
         f"ppruntime serve: listening on http://{args.host}:{port} "
-        f"(model {name}; HTTP process pid {http.pid})",
+        f"(model {name}; rank 0 pid {os.getpid()}, HTTP process pid {http.pid})",
         flush=True,
     )
     failure = driver.run(grace_s=args.shutdown_grace)
