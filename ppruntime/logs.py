@@ -77,6 +77,7 @@ def setup_http_process_logging(prefix: str, level: str | None, log_dir: str | No
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
+            handler.close()
         for handler in handlers:
             handler.setFormatter(formatter)
             logger.addHandler(handler)

@@ -113,3 +113,25 @@ def test_rank_counters_count_microbatches_sequences_and_cpu_by_span(measured):
     assert report.busy_cpu_s["schedule"] == spans["cpu:schedule"]
     assert sum(spans.values()) <= counters["thread_cpu_s"] <= counters["process_cpu_s"]
     assert all(f"wall:{key[4:]}" in counters for key in spans)
+
+
+def test_an_engine_built_in_a_thread_that_has_ended_still_reports():
+    """The executor thread's CPU clock belongs to the thread that built the engine: once
+    that thread has exited, the counters say 0 for it instead of raising (which, in the
+    watchdog thread of a rank > 0, would abort the job; on rank 0, fail /metrics and
+    shutdown)."""
+    import threading
+
+    built = []
+    builder = threading.Thread(target=lambda: built.append(LLM(preset="tiny", max_batch_size=2)))
+    builder.start()
+    builder.join()
+    llm = built[0]
+    try:
+        outputs = llm.generate([[256, 7, 8]], SamplingParams(max_tokens=3, temperature=0))
+        assert len(outputs[0].token_ids) == 3
+        counters = llm._engine.rank_counters()
+        assert counters["thread_cpu_s"] == 0.0 and counters["process_cpu_s"] > 0
+    finally:
+        reports = llm.shutdown()
+    assert reports[0].counters["thread_cpu_s"] == 0.0

@@ -209,7 +209,7 @@ def test_sigterm_aborts_running_requests_and_exits(n: int, tmp_path: Path, jobs)
     survivors = [rank for rank, pid in pids.items() if _alive(pid)]
     assert not survivors, f"rank(s) {survivors} outlived mpirun\n{job.tail()}"
     assert ended - signalled < SIGTERM_LIMIT_S, f"took {ended - signalled:.1f} s\n{job.tail()}"
-    # Open MPI stops forwarding output once mpirun got SIGTERM: the script's files tell
+    # the script's files tell what rank 0 did (as --log-dir and --output do for a real job)
     outputs_file = tmp_path / "outputs.jsonl"
     assert outputs_file.exists(), f"rank 0 did not finish its requests\n{job.tail()}"
     outputs = [json.loads(line) for line in outputs_file.read_text().splitlines()]

@@ -120,7 +120,9 @@ def offline():
 
 @pytest.fixture(scope="module")
 def pipeline_server():
-    server = Server(["--preset", "tiny", "--max-batch-size", "16"], ranks=2)
+    # the grace outlasts the SIGTERM test's 400-token request however loaded the machine
+    args = ["--preset", "tiny", "--max-batch-size", "16", "--shutdown-grace", "120"]
+    server = Server(args, ranks=2)
     yield server
     if server.proc.poll() is None:
         server.stop()
@@ -650,8 +652,8 @@ def test_sigterm_to_rank_0_lets_a_running_request_finish_and_ends_every_rank(
     reader = threading.Thread(target=stream)
     reader.start()
     assert first.wait(30), pipeline_server.output()
-    os.kill(pipeline_server.rank_zero_pid, signal.SIGTERM)
     signalled_at = len(events)
+    os.kill(pipeline_server.rank_zero_pid, signal.SIGTERM)
     reader.join(60)
     assert pipeline_server.proc.wait(STOP_TIMEOUT_S) == 0, pipeline_server.output()
     finish = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]

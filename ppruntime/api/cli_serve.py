@@ -3,10 +3,12 @@
 Every rank builds the engine (collective); ranks > 0 serve the pipeline as they do
 for `generate`. Rank 0 steps the engine in its main thread and starts one HTTP process
 (`http_process.py`: uvicorn + FastAPI) linked to it by a socket pair (`http_link.py`).
-SIGTERM (or Ctrl-C) stops accepting requests (503), gives running ones
+SIGTERM (or Ctrl-C) to rank 0 stops accepting requests (503), gives running ones
 `--shutdown-grace` seconds, aborts the rest, shuts every rank down and exits 0; a
-second signal aborts the job at once. The HTTP process exiting ends the job with exit
-status 1 and a message saying so; the engine process exiting ends the HTTP process.
+second signal aborts the job at once. (Signalled, Open MPI 5's mpirun kills the ranks
+about half a second after forwarding: rank 0 prints its pid for that reason.) The HTTP
+process exiting ends the job with exit status 1 and a message saying so; the engine
+process exiting ends the HTTP process.
 """
 
 from __future__ import annotations

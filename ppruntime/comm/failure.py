@@ -5,9 +5,11 @@ message that never comes. `install_abort_on_error()` makes any unhandled excepti
 in any thread, print the rank, host and traceback and then abort COMM_WORLD, which
 ends every rank with a non-zero status (the behaviour of `python -m mpi4py`).
 
-SIGTERM (what Slurm sends at the time limit, and mpirun forwards) sets
+SIGTERM (what Slurm sends every task at the time limit, and mpirun forwards) sets
 `termination_requested`; the engine checks it between iterations and stops in an
-orderly way. A second SIGTERM aborts at once.
+orderly way. A second SIGTERM aborts at once. (Open MPI 5's mpirun SIGKILLs every rank
+about half a second after forwarding a SIGTERM, so under mpirun only what is done by then
+survives; a signal sent to the ranks themselves, as srun does, gets the whole orderly stop.)
 """
 
 from __future__ import annotations

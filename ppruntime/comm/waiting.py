@@ -111,7 +111,7 @@ class PacedBackoff(Backoff):
     def __init__(self, hurry: Hurry) -> None:
         super().__init__(MAX_SLEEP_S)
         self._hurry = hurry
-        self._slow_next = BACKGROUND_FIRST_SLEEP_S
+        self._slow_next = min(BACKGROUND_FIRST_SLEEP_S, BACKGROUND_MAX_SLEEP_S)
 
     def sleep(self) -> None:
         if self._hurry.urgent:

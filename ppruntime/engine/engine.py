@@ -510,9 +510,7 @@ class PipelineEngine:
             "idle_waits": stats.idle_waits,
             "poll_sleeps": sleep_counts.foreground,
             "background_sleeps": sleep_counts.background,
-            "thread_cpu_s": (
-                0.0 if self._executor_clock is None else time.clock_gettime(self._executor_clock)
-            ),
+            "thread_cpu_s": self._executor_cpu_s(),
             "process_cpu_s": time.process_time(),
             **self._context_switches(),
         }
@@ -521,6 +519,17 @@ class PipelineEngine:
         for name, seconds in dict(tracer.busy_s).items():
             counters[f"wall:{name}"] = seconds
         return counters
+
+    def _executor_cpu_s(self) -> float:
+        """The executor thread's CPU seconds so far; 0 where the platform has no thread
+        clock, or once the thread that built the engine has exited (an engine built in
+        one worker thread and used from another): the clock id is invalid then."""
+        if self._executor_clock is None:
+            return 0.0
+        try:
+            return time.clock_gettime(self._executor_clock)
+        except OSError:
+            return 0.0
 
     def _context_switches(self) -> dict[str, float]:
         """The executor thread's context switches so far (Linux; none elsewhere): the

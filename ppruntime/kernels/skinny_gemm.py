@@ -27,8 +27,10 @@ release their flag; the holder of its last iterations waits for each flag (acqui
 it to 0 and adds the partials in ascending program order, a fixed sum order (deterministic,
 no atomics on the data). Each program walks its share from its end back to its start, so the
 partial it leaves is its first piece of work and the wait is its last. Waits are only ever
-for lower ids: the interpreter runs programs in id order, and on the GPU the lower ids are
-dispatched first (the grid fits on the SMs at once). The int32 [P] flags are zeroed once per
+for lower ids: the interpreter runs programs in id order, and a GPU dispatches a grid's
+programs in id order, so a waiting program's lower ids are running or done (the grid need
+not fit on the SMs at once; nothing else checks that it does, and CUDA does not promise the
+order: CUB's decoupled look-back relies on it the same way). The int32 [P] flags are zeroed once per
 device and P and cached (`stream_k_flags`), the workspace too (`stream_k_partials`); every
 launch leaves the flags 0, so no launch needs a memset or an allocation and it captures into
 a CUDA graph (run it once before the first capture). Launches sharing them must be
@@ -67,7 +69,7 @@ OPS = (LINEAR, SILU_MUL_LINEAR)  # what a table entry launches: the GEMM, or SiL
 WEIGHT_SOURCES = ("pointer", "descriptor")
 MAX_M = 128  # the most rows a launch is meant for (one program column covers them)
 HEURISTIC_MAX_M = 64
-MAX_STREAM_K_PROGRAMS = 4096  # stream-K's programs must all be resident at once on the GPU
+MAX_STREAM_K_PROGRAMS = 4096  # a bound on SkinnyConfig.programs (a few per SM is the use)
 TARGET_PROGRAMS = 2 * 132  # two programs per SM of an H100 / H200
 TABLE_ENV = "PPRUNTIME_SKINNY_GEMM_TABLE"
 DEFAULT_TABLE = Path(__file__).with_name("skinny_gemm_table.json")
