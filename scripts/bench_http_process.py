@@ -77,6 +77,9 @@ class _HTTPProcess:
             "max_body_bytes": 2**20,
             "host": "127.0.0.1",
             "port": 0,
+            "log_prefix": "[http process under bench_http_process]",
+            "log_level": None,  # WARNING to stderr, as `ppruntime serve` runs it by default
+            "log_dir": None,
         }
         self.link.send([["hello", settings]])
         deadline = time.monotonic() + STARTUP_S
