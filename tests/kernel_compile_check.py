@@ -2,9 +2,14 @@
 
 Run as a script (not under TRITON_INTERPRET): the interpreter runs the kernels' Python and
 would not catch what only the compiler rejects. Prints one line per variant compiled.
+`PART COUNT` arguments compile only every COUNT-th variant from the PART-th (the test runs
+two parts at once, one a core).
 """
 
 from __future__ import annotations
+
+import itertools
+import sys
 
 import triton
 from kernel_scripts.ptx_order import assert_waits_before_memory
@@ -14,6 +19,8 @@ from triton.compiler import ASTSource
 from ppruntime.kernels import activation, rms_norm, rotary, sampling, skinny_gemm
 
 TARGET = GPUTarget("cuda", 90, 32)
+PART, PARTS = (int(arg) for arg in sys.argv[1:3]) if len(sys.argv) > 2 else (0, 1)
+_variants = itertools.count()  # the variants in the order main() meets them
 
 
 def compile_kernel(
@@ -25,6 +32,9 @@ def compile_kernel(
 ):
     """`aligned`: the arguments the launcher would mark divisible by 16 (pointers, strides).
     Compiled as the GPU launches them: with programmatic dependent launch's instructions."""
+    index = next(_variants)
+    if index % PARTS != PART:
+        return
     constexprs = {**constexprs, "PDL": True}
     for name in constexprs:
         signature[name] = "constexpr"
@@ -40,7 +50,7 @@ def compile_kernel(
     )
     assert compiled.asm["cubin"], kernel.__name__
     assert_waits_before_memory(compiled.asm["ptx"], kernel.__name__)
-    print(kernel.__name__, signature.get("x_ptr") or signature.get("qkv_ptr"), constexprs)
+    print(index, kernel.__name__, signature.get("x_ptr") or signature.get("qkv_ptr"), constexprs)
     return compiled
 
 
