@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ppruntime.engine.rank_stats import BusyReport, busy_fraction
+from ppruntime.engine.busy_report import BusyReport, busy_fraction
 
 
 def test_first_report_counts_from_the_rank_start():

@@ -210,11 +210,13 @@ def test_a_streamed_n_2_with_logprobs_and_usage_is_two_greedy_choices(pipeline_s
     assert all(c.usage is None for c in chunks[:-1])
 
 
-def test_the_http_process_runs_without_torch(pipeline_server):
+def test_the_http_process_runs_without_torch_or_mpi(pipeline_server):
     """The HTTP process loads the tokenizer, the chat template and FastAPI, not torch (the
-    preset's byte tokenizer needs none): ~1.5 s of CPU and ~300 MB less on rank 0's node."""
+    preset's byte tokenizer needs none): ~1.5 s of CPU and ~300 MB less on rank 0's node;
+    nor the MPI library, which it must never start."""
     maps = Path(f"/proc/{pipeline_server.http_pid}/maps").read_text()
-    assert "libtorch" not in maps
+    assert "libtorch" not in maps and "libmpi" not in maps
+    assert "libmpi" in Path(f"/proc/{pipeline_server.rank_zero_pid}/maps").read_text()
     assert "libtorch" in Path(f"/proc/{pipeline_server.rank_zero_pid}/maps").read_text()
 
 

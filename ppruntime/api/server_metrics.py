@@ -6,7 +6,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from ppruntime.engine.rank_stats import BusyReport, busy_fraction
+from ppruntime.engine.busy_report import BusyReport, busy_fraction
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -61,7 +61,7 @@ class ServingStats:
     generated_tokens: int = 0
     requests_finished: int = 0
     busy_s: float = 0.0
-    rank_busy: dict = field(default_factory=dict)  # rank -> engine.rank_stats.BusyReport
+    rank_busy: dict = field(default_factory=dict)  # rank -> engine.busy_report.BusyReport
     # latencies measured by the engine, since start-up
     ttft: LatencyCounts = field(default_factory=LatencyCounts)
     itl: LatencyCounts = field(default_factory=LatencyCounts)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 from mpi4py import MPI
 
 from ppruntime.comm.tags import Tag
 from ppruntime.comm.waiting import Backoff
+from ppruntime.engine.busy_report import BusyReport
 from ppruntime.logs import get_logger
 
 log = get_logger("rank-stats")
@@ -73,17 +73,6 @@ COUNTERS = (
 _HEAD = 4  # final flag, started, now, busy seconds
 _FINAL, _STARTED, _NOW, _BUSY = range(_HEAD)
 _WORDS = _HEAD + len(COUNTERS)
-
-
-@dataclass(frozen=True)
-class BusyReport:
-    """One rank's cumulative busy time at `now` (both on that rank's monotonic clock), and
-    its COUNTERS as of then (empty where a sender gave none)."""
-
-    started: float
-    now: float
-    busy_s: float
-    counters: dict = field(default_factory=dict)
 
 
 class RankStatsExchange:
@@ -182,15 +171,3 @@ class RankStatsExchange:
                 self._latest[source] = report
             if words[_FINAL]:
                 self._finished_ranks.add(source)
-
-
-def busy_fraction(previous: BusyReport | None, current: BusyReport) -> float | None:
-    """Share of wall time between two reports of one rank spent busy, in [0, 1]; from the
-    rank's start when there is no previous one; None when no time passed."""
-    since, busy_before = (
-        (current.started, 0.0) if previous is None else (previous.now, previous.busy_s)
-    )
-    elapsed = current.now - since
-    if elapsed <= 0:
-        return None
-    return min(max((current.busy_s - busy_before) / elapsed, 0.0), 1.0)
