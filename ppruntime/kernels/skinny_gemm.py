@@ -218,6 +218,28 @@ def _accumulate(
 
 
 @triton.jit
+def _tile_offsets(rows_m, rows_n, m_valid, n_valid, stride_om, SWAP_AB: tl.constexpr):
+    """The output tile's element offsets in y [M, N] and its mask, in the layout of acc."""
+    if SWAP_AB:
+        offsets = rows_m[None, :].to(tl.int64) * stride_om + rows_n[:, None]
+        valid = n_valid[:, None] & m_valid[None, :]
+    else:
+        offsets = rows_m[:, None].to(tl.int64) * stride_om + rows_n[None, :]
+        valid = m_valid[:, None] & n_valid[None, :]
+    return offsets, valid
+
+
+@triton.jit
+def _add_bias(acc, bias_ptr, rows_n, n_valid, SWAP_AB: tl.constexpr):
+    bias = tl.load(bias_ptr + rows_n, mask=n_valid, other=0.0).to(tl.float32)
+    if SWAP_AB:
+        acc += bias[:, None]
+    else:
+        acc += bias[None, :]
+    return acc
+
+
+@triton.jit
 def _skinny_gemm_kernel(
     x_ptr,  # [M, K], rows stride_xm apart; SILU_MUL: gate_up [M, 2K] ([gate | up])
     w_ptr,  # [N, K] rows stride_wn apart; W_DESCRIPTOR: its TMA descriptor ([BLOCK_N, BLOCK_K])
@@ -283,20 +305,10 @@ def _skinny_gemm_kernel(
         UPCAST,
         SILU_MUL,
     )
-    # the tile's offsets and mask in the layout of acc
-    if SWAP_AB:
-        offsets = rows_m[None, :].to(tl.int64) * stride_om + rows_n[:, None]
-        valid = n_valid[:, None] & m_valid[None, :]
-    else:
-        offsets = rows_m[:, None].to(tl.int64) * stride_om + rows_n[None, :]
-        valid = m_valid[:, None] & n_valid[None, :]
+    offsets, valid = _tile_offsets(rows_m, rows_n, m_valid, n_valid, stride_om, SWAP_AB)
     if not SPLIT:
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + rows_n, mask=n_valid, other=0.0).to(tl.float32)
-            if SWAP_AB:
-                acc += bias[:, None]
-            else:
-                acc += bias[None, :]
+            acc = _add_bias(acc, bias_ptr, rows_n, n_valid, SWAP_AB)
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=valid)
     elif ATOMIC:
         tl.atomic_add(out_ptr + offsets, acc, mask=valid, sem="relaxed")
@@ -418,17 +430,8 @@ def _stream_k_kernel(
                     )
                 acc = fixup + acc
             if HAS_BIAS:
-                bias = tl.load(bias_ptr + rows_n, mask=n_valid, other=0.0).to(tl.float32)
-                if SWAP_AB:
-                    acc += bias[:, None]
-                else:
-                    acc += bias[None, :]
-            if SWAP_AB:
-                offsets = rows_m[None, :].to(tl.int64) * stride_om + rows_n[:, None]
-                valid = n_valid[:, None] & m_valid[None, :]
-            else:
-                offsets = rows_m[:, None].to(tl.int64) * stride_om + rows_n[None, :]
-                valid = m_valid[:, None] & n_valid[None, :]
+                acc = _add_bias(acc, bias_ptr, rows_n, n_valid, SWAP_AB)
+            offsets, valid = _tile_offsets(rows_m, rows_n, m_valid, n_valid, stride_om, SWAP_AB)
             tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=valid)
         segment_end = segment_start
 
